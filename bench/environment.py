@@ -1,0 +1,230 @@
+"""A private, throw-away environment for one benchmark: a temp dir with a SQLite file, storage roots and a private
+Redis on a unix socket, plus the worker processes a benchmark starts. Everything is stopped (by PID) and removed
+on exit, also on SIGTERM/SIGINT.
+
+Use it before Django is imported:
+
+    with PrivateEnvironment("roundtrip") as env:
+        env.setup_django()          # django.setup() + migrate on the private database
+        worker = env.start_process("worker", [...])
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not be run (as opposed to: it ran and missed its target)."""
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (from /proc), so a worker's work horse can be stopped too."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+class PrivateEnvironment:
+    def __init__(self, name: str, extra_env: dict[str, str] | None = None):
+        self.name = name
+        self.extra_env = extra_env or {}
+        self.root: Path | None = None
+        self.redis: subprocess.Popen | None = None
+        self.processes: list[tuple[subprocess.Popen, object]] = []
+        self._old_handlers = {}
+
+    # --- setting up ------------------------------------------------------------------------------------------
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[signum] = signal.signal(signum, _raise_system_exit)
+        self.root = Path(tempfile.mkdtemp(prefix=f"comfyhub-bench-{self.name}-"))
+        try:
+            self._configure()
+            self._start_redis()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.root / "redis.sock"
+
+    @property
+    def redis_url(self) -> str:
+        return f"unix://{self.redis_socket}?db=0"
+
+    def _configure(self):
+        if "django" in sys.modules and "django.conf" in sys.modules:
+            from django.conf import settings
+
+            if settings.configured:
+                raise BenchError("the private environment must be set up before Django's settings are loaded")
+        (self.root / "var").mkdir()
+        for variable in ("TEST_DATABASE_NAME", "SECRET_KEY_FILE"):
+            os.environ.pop(variable, None)
+        os.environ.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "comfyhub.settings",
+                "SECRET_KEY": "bench-only-" + secrets.token_urlsafe(40),
+                "DEBUG": "false",
+                "COMFYHUB_DATA_DIR": str(self.root / "var"),
+                "DATABASE_URL": self._database_url(),
+                "REDIS_URL": self.redis_url,
+                "COMFY_SHARED_PATH": str(self.root / "storage" / "shared"),
+                "COMFY_INSTANCES_PATH": str(self.root / "storage" / "instances"),
+                "COMFY_BACKUPS_PATH": str(self.root / "storage" / "backups"),
+                **self.extra_env,
+            }
+        )
+
+    def _database_url(self) -> str:
+        url = f"sqlite:///{self.root / 'var' / 'comfyhub.sqlite3'}"
+        # Investigation knob: extra SQLite statements per connection, e.g. "PRAGMA journal_mode=WAL", passed the
+        # way a deployment could (django-environ turns URL query parameters into DATABASES OPTIONS).
+        init_command = os.environ.get("BENCH_SQLITE_INIT_COMMAND", "")
+        if init_command:
+            url += "?" + urlencode({"init_command": init_command}, quote_via=quote)
+        return url
+
+    def _start_redis(self):
+        server = shutil.which("redis-server")
+        if not server:
+            raise BenchError("redis-server is missing: `make bench` installs it (apt-get install redis-server).")
+        self.redis = subprocess.Popen(
+            [server, "--port", "0", "--unixsocket", str(self.redis_socket), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while not self.redis_socket.exists():
+            if self.redis.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("the private Redis did not start")
+            time.sleep(0.02)
+
+    def setup_django(self):
+        """django.setup() against the private settings, then migrate the private database."""
+        import django
+        from django.core.management import call_command
+
+        django.setup()
+        call_command("migrate", interactive=False, verbosity=0)
+
+    def start_process(self, label: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a helper process (a worker) in its own session, logging to the temp dir; stopped on exit."""
+        log = open(self.root / f"{label}.log", "wb")
+        process = subprocess.Popen(
+            argv, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append((process, log))
+        return process
+
+    def log_tail(self, label: str, lines: int = 30) -> str:
+        try:
+            return "\n".join((self.root / f"{label}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    # --- tearing down ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _stop(process: subprocess.Popen, timeout: float = 15):
+        if process.poll() is None:
+            below = descendants(process.pid)
+            try:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+            for pid in below:  # e.g. a work horse left running in its own process group
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def close(self):
+        try:
+            # Workers first (they talk to Redis while shutting down), then Redis, then the files.
+            for process, log in reversed(self.processes):
+                self._stop(process)
+                log.close()
+            self.processes.clear()
+            if self.redis is not None:
+                self._stop(self.redis)
+                self.redis = None
+        finally:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            self._old_handlers.clear()
+
+
+# --- numbers -------------------------------------------------------------------------------------------------
+
+def median(values):
+    return statistics.median(values)
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile (p90 = percentile(values, 0.9))."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(round(fraction * len(ordered), 9))))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def save_result(name: str, data: dict):
+    """Keep the last run's numbers in bench/results/<name>.json (ignored by git)."""
+    import json
+
+    try:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    except OSError:
+        pass

@@ -1,0 +1,206 @@
+"""ComfyHub's one settings module: every knob comes from the environment (or `.env`).
+
+Defaults let a fresh checkout run (SQLite and a local Redis under `var/`); `.env.example` documents each variable.
+"""
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+# A `.env` beside manage.py is optional; real environment variables win over it.
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+
+def project_path(value: str) -> Path:
+    """Resolve a configured path against the project root and return it absolute."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = BASE_DIR / path
+    return path.resolve()
+
+
+def _secret_key() -> str:
+    key = env.str("SECRET_KEY", default="")
+    key_file = env.str("SECRET_KEY_FILE", default="")
+    if not key and key_file:
+        try:
+            key = project_path(key_file).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"SECRET_KEY_FILE={key_file} cannot be read: {exc.strerror}.") from exc
+    return key
+
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = _secret_key()
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set SECRET_KEY (or SECRET_KEY_FILE) in the environment or in .env, e.g. "
+            "SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))'). "
+            "`make run` creates one for you in var/secret_key."
+        )
+    SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# Data that belongs to ComfyHub itself: SQLite database, local Redis, collected static files, logs.
+DATA_DIR = project_path(env.str("COMFYHUB_DATA_DIR", default="var"))
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "django_rq",
+    "comfyhub",
+    "instances",
+    "storage_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "comfyhub.urls"
+WSGI_APPLICATION = "comfyhub.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "instances.context_processors.engine_banner",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'comfyhub.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Workers and the web server write concurrently: wait for locks instead of failing at once.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
+if env.str("TEST_DATABASE_NAME", default=""):
+    # Tests whose RQ workers run in other processes need the test database in a file, not in memory.
+    DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "django.contrib.staticfiles.storage.StaticFilesStorage"
+            if DEBUG
+            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        )
+    },
+}
+WHITENOISE_USE_FINDERS = DEBUG
+
+# --- HTTPS (turn on behind TLS; `manage.py check --deploy` is then clean) -------------------------------------
+HTTPS = env.bool("HTTPS", default=False)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=HTTPS)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=HTTPS)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=HTTPS)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=HTTPS)
+if env.bool("SECURE_PROXY_SSL_HEADER", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+
+# --- Redis and RQ --------------------------------------------------------------------------------------------
+# Unset means "the local Redis that `make run` starts on a unix socket under var/".
+REDIS_URL = env.str("REDIS_URL", default=f"unix://{DATA_DIR / 'redis.sock'}?db=0")
+_redis_queue = {
+    "URL": REDIS_URL,
+    # A dead Redis must not hang page renders: fail fast on connect.
+    "CONNECTION_KWARGS": {"socket_connect_timeout": env.float("REDIS_CONNECT_TIMEOUT", default=2.0)},
+}
+RQ_QUEUES = {
+    # Quick operations: build directories, start/stop containers.
+    "default": {**_redis_queue, "DEFAULT_TIMEOUT": 900},
+    # Operations that may run for hours: checksums, snapshots, migrations.
+    "long": {**_redis_queue, "DEFAULT_TIMEOUT": 6 * 3600},
+}
+RQ = {
+    # comfyhub.operations defers enqueueing to transaction commit itself.
+    "COMMIT_MODE": "auto",
+}
+RQ_SHOW_ADMIN_LINK = True
+
+# --- Operations ----------------------------------------------------------------------------------------------
+# A running operation's runner writes a heartbeat this often; one silent for longer than the timeout is failed
+# by the periodic sweep ("the worker died").
+OPERATION_HEARTBEAT_SECONDS = env.float("OPERATION_HEARTBEAT_SECONDS", default=5.0)
+OPERATION_HEARTBEAT_TIMEOUT = env.float("OPERATION_HEARTBEAT_TIMEOUT", default=45.0)
+OPERATION_SWEEP_INTERVAL = env.int("OPERATION_SWEEP_INTERVAL", default=30)
+OPERATION_LOG_MAX_LINES = env.int("OPERATION_LOG_MAX_LINES", default=5000)
+
+# --- Storage (the contract of ../shared/MULTI_INSTANCE_PLAN.md) --------------------------------------------------
+COMFY_SHARED_PATH = project_path(env.str("COMFY_SHARED_PATH", default="./storage/shared"))
+COMFY_INSTANCES_PATH = project_path(env.str("COMFY_INSTANCES_PATH", default="./storage/instances"))
+COMFY_BACKUPS_PATH = project_path(env.str("COMFY_BACKUPS_PATH", default="./storage/backups"))
+COMFY_INSTANCE_ID = env.str("COMFY_INSTANCE_ID", default="comfy")
+COMFY_IMAGE = env.str("COMFY_IMAGE", default="ghcr.io/comfyhub/comfyui:latest")
+PUID = env.int("PUID", default=1000)
+PGID = env.int("PGID", default=1000)
+
+# --- Docker engine -------------------------------------------------------------------------------------------
+# DOCKER_HOST is the Docker SDK's own variable; empty means the local socket.
+DOCKER_HOST = env.str("DOCKER_HOST", default="")
+DOCKER_TIMEOUT = env.float("DOCKER_TIMEOUT", default=30.0)
+DOCKER_PING_TIMEOUT = env.float("DOCKER_PING_TIMEOUT", default=2.0)
+# Engine status shown on every page is cached this long per process.
+DOCKER_STATUS_CACHE_SECONDS = env.float("DOCKER_STATUS_CACHE_SECONDS", default=10.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

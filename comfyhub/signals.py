@@ -1,0 +1,28 @@
+"""Keeps the built-in "operators" group holding every operational permission the apps declare.
+
+Each app config may list `operator_permissions` ("app_label.codename"); viewing needs no permission at all.
+"""
+from django.apps import apps
+from django.db.models.signals import post_migrate
+from django.dispatch import receiver
+
+OPERATORS_GROUP = "operators"
+
+
+def operator_permission_names():
+    names = []
+    for config in apps.get_app_configs():
+        names.extend(getattr(config, "operator_permissions", ()))
+    return names
+
+
+@receiver(post_migrate)
+def ensure_operators_group(sender, using="default", **kwargs):
+    Group = apps.get_model("auth", "Group")
+    Permission = apps.get_model("auth", "Permission")
+    group, _ = Group.objects.using(using).get_or_create(name=OPERATORS_GROUP)
+    for name in operator_permission_names():
+        app_label, codename = name.split(".", 1)
+        permission = Permission.objects.using(using).filter(content_type__app_label=app_label, codename=codename).first()
+        if permission is not None:
+            group.permissions.add(permission)

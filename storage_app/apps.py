@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class StorageAppConfig(AppConfig):
+    name = "storage_app"
+    label = "storage_app"
+    verbose_name = "Storage"
+    default_auto_field = "django.db.models.BigAutoField"
+    operator_permissions = ()

@@ -1,0 +1,865 @@
+"""ComfyUI TEST DOUBLE: an offline stand-in for the part of ComfyUI's server that ComfyHub talks to.
+
+This is not ComfyUI and runs no models. It exists so that ComfyHub's tests can start real containers on a real Docker
+engine without network access or GPUs; the product itself runs real ComfyUI images. It mimics, after ComfyUI's own
+source (see /work/shared/reference/comfyui.md, section A):
+
+- the command line (comfy/cli_args.py): the same flags, defaults and argparse errors (unknown flag -> exit 2);
+- directory resolution (folder_paths.py, main.py): --base-directory, --models-directory, --input/--output/--user/
+  --temp-directory (the latter gets "/temp" appended), model folder names, extensions and legacy aliases, and
+  extra_model_paths.yaml loading (utils/extra_config.py), including that a missing YAML file stops the start;
+- the HTTP routes ComfyHub uses, also under the /api prefix: /system_stats, /prompt (GET), /queue (GET),
+  /object_info, /models, /embeddings, /userdata, /settings, /users, plus the origin check and CORS headers.
+
+GPUs: the devices reported come from NVIDIA_VISIBLE_DEVICES, which Docker sets from the container's GPU device
+requests, so a test can see which host GPUs reached the container.
+
+Switches for failure tests (environment): COMFY_DOUBLE_CRASH=1 exits 1 right after parsing the arguments;
+COMFY_DOUBLE_START_DELAY=<seconds> waits that long before listening.
+
+Standard library only, plus PyYAML when --extra-model-paths-config is given (as ComfyUI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import glob
+import http.server
+import ipaddress
+import itertools
+import json
+import mimetypes
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+COMFYUI_VERSION = "0.0.0-testdouble"
+FAKE_VRAM_BYTES = 24 * 1024**3
+PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+LEGACY_FOLDER_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- command line (after comfy/cli_args.py) -------------------------------------------------------------------------
+
+def is_valid_directory(path: str) -> str:
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"The path '{path}' does not exist.")
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"'{path}' is not a directory.")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"You do not have read permissions for '{path}'.")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", type=str, default="127.0.0.1", metavar="IP", nargs="?", const="0.0.0.0,::",
+                        help="Comma-separated IP addresses to listen on (bare --listen: 0.0.0.0,::).")
+    parser.add_argument("--port", type=int, default=8188, help="Set the listen port.")
+    parser.add_argument("--tls-keyfile", type=str)
+    parser.add_argument("--tls-certfile", type=str)
+    parser.add_argument("--enable-cors-header", type=str, default=None, metavar="ORIGIN", nargs="?", const="*")
+    parser.add_argument("--max-upload-size", type=float, default=100)
+    parser.add_argument("--base-directory", type=str, default=None)
+    parser.add_argument("--extra-model-paths-config", type=str, default=None, metavar="PATH", nargs="+",
+                        action="append", help="Load one or more extra_model_paths.yaml files.")
+    parser.add_argument("--output-directory", type=str, default=None)
+    parser.add_argument("--temp-directory", type=str, default=None)
+    parser.add_argument("--input-directory", type=str, default=None)
+    parser.add_argument("--auto-launch", action="store_true")
+    parser.add_argument("--disable-auto-launch", action="store_true")
+    parser.add_argument("--cuda-device", type=str, default=None, metavar="DEVICE_ID")
+    parser.add_argument("--default-device", type=int, default=None, metavar="DEFAULT_DEVICE_ID")
+    cuda_malloc = parser.add_mutually_exclusive_group()
+    cuda_malloc.add_argument("--cuda-malloc", action="store_true")
+    cuda_malloc.add_argument("--disable-cuda-malloc", action="store_true")
+    fp_group = parser.add_mutually_exclusive_group()
+    fp_group.add_argument("--force-fp32", action="store_true")
+    fp_group.add_argument("--force-fp16", action="store_true")
+    parser.add_argument("--preview-method", type=str, default="none", choices=["none", "auto", "latent2rgb", "taesd"])
+    parser.add_argument("--preview-size", type=int, default=512)
+    cache_group = parser.add_mutually_exclusive_group()
+    cache_group.add_argument("--cache-classic", action="store_true")
+    cache_group.add_argument("--cache-lru", type=int, default=0)
+    cache_group.add_argument("--cache-none", action="store_true")
+    attention = parser.add_mutually_exclusive_group()
+    attention.add_argument("--use-split-cross-attention", action="store_true")
+    attention.add_argument("--use-quad-cross-attention", action="store_true")
+    attention.add_argument("--use-pytorch-cross-attention", action="store_true")
+    attention.add_argument("--use-sage-attention", action="store_true")
+    attention.add_argument("--use-flash-attention", action="store_true")
+    parser.add_argument("--disable-xformers", action="store_true")
+    vram_group = parser.add_mutually_exclusive_group()
+    vram_group.add_argument("--gpu-only", action="store_true")
+    vram_group.add_argument("--highvram", action="store_true")
+    vram_group.add_argument("--normalvram", action="store_true")
+    vram_group.add_argument("--lowvram", action="store_true")
+    vram_group.add_argument("--novram", action="store_true")
+    vram_group.add_argument("--cpu", action="store_true", help="To use the CPU for everything (slow).")
+    parser.add_argument("--reserve-vram", type=float, default=None)
+    parser.add_argument("--disable-smart-memory", action="store_true")
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--dont-print-server", action="store_true")
+    parser.add_argument("--quick-test-for-ci", action="store_true")
+    parser.add_argument("--windows-standalone-build", action="store_true")
+    parser.add_argument("--disable-metadata", action="store_true")
+    parser.add_argument("--disable-all-custom-nodes", action="store_true")
+    parser.add_argument("--whitelist-custom-nodes", type=str, nargs="+", default=[])
+    parser.add_argument("--disable-api-nodes", action="store_true")
+    parser.add_argument("--multi-user", action="store_true")
+    parser.add_argument("--verbose", default="INFO", const="DEBUG", nargs="?",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    parser.add_argument("--log-stdout", action="store_true")
+    parser.add_argument("--front-end-version", type=str, default="comfyanonymous/ComfyUI@latest")
+    parser.add_argument("--front-end-root", type=is_valid_directory, default=None)
+    parser.add_argument("--user-directory", type=is_valid_directory, default=None)
+    parser.add_argument("--enable-compress-response-body", action="store_true")
+    parser.add_argument("--database-url", type=str, default=None)
+    parser.add_argument("--disable-assets", action="store_true")
+    parser.add_argument("--models-directory", type=is_valid_directory, default=None)
+    return parser
+
+
+# --- directories (after folder_paths.py and main.py) ----------------------------------------------------------------
+
+class Paths:
+    def __init__(self, args: argparse.Namespace) -> None:
+        install_dir = os.path.dirname(os.path.realpath(__file__))
+        base = os.path.abspath(args.base_directory) if args.base_directory else install_dir
+        models = os.path.abspath(args.models_directory) if args.models_directory else os.path.join(base, "models")
+        self.install_dir = install_dir
+        self.base = base
+        self.output = os.path.join(base, "output")
+        self.temp = os.path.join(base, "temp")
+        self.input = os.path.join(base, "input")
+        self.user = os.path.join(base, "user")
+        pt = set(PT_EXTENSIONS)
+
+        def m(*names: str) -> list[str]:
+            return [os.path.join(models, name) for name in names]
+
+        self.folders: dict[str, tuple[list[str], set[str]]] = {
+            "checkpoints": (m("checkpoints"), set(pt)),
+            "configs": (m("configs"), {".yaml"}),
+            "loras": (m("loras"), set(pt)),
+            "vae": (m("vae"), set(pt)),
+            "text_encoders": (m("text_encoders", "clip"), set(pt)),
+            "diffusion_models": (m("unet", "diffusion_models"), set(pt)),
+            "clip_vision": (m("clip_vision"), set(pt)),
+            "style_models": (m("style_models"), set(pt)),
+            "embeddings": (m("embeddings"), set(pt)),
+            "diffusers": (m("diffusers"), {"folder"}),
+            "vae_approx": (m("vae_approx"), set(pt)),
+            "controlnet": (m("controlnet", "t2i_adapter"), set(pt)),
+            "gligen": (m("gligen"), set(pt)),
+            "upscale_models": (m("upscale_models"), set(pt)),
+            "latent_upscale_models": (m("latent_upscale_models"), set(pt)),
+            "custom_nodes": ([os.path.join(base, "custom_nodes")], set()),
+            "hypernetworks": (m("hypernetworks"), set(pt)),
+            "photomaker": (m("photomaker"), set(pt)),
+            "classifiers": (m("classifiers"), {""}),
+            "model_patches": (m("model_patches"), set(pt)),
+            "audio_encoders": (m("audio_encoders"), set(pt)),
+        }
+
+    def add_model_folder_path(self, folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
+        folder_name = LEGACY_FOLDER_NAMES.get(folder_name, folder_name)
+        if folder_name in self.folders:
+            paths = self.folders[folder_name][0]
+            if full_folder_path in paths:
+                if is_default and paths[0] != full_folder_path:
+                    paths.remove(full_folder_path)
+                    paths.insert(0, full_folder_path)
+            elif is_default:
+                paths.insert(0, full_folder_path)
+            else:
+                paths.append(full_folder_path)
+        else:
+            self.folders[folder_name] = ([full_folder_path], set())
+
+    def load_extra_path_config(self, yaml_path: str) -> None:
+        # As ComfyUI: a missing or malformed file raises, and the server does not start.
+        import yaml
+
+        with open(yaml_path, "r", encoding="utf-8") as stream:
+            config = yaml.safe_load(stream)
+        yaml_dir = os.path.dirname(os.path.abspath(yaml_path))
+        for section in config:
+            conf = config[section]
+            if conf is None:
+                continue
+            base_path = None
+            if "base_path" in conf:
+                base_path = conf.pop("base_path")
+                base_path = os.path.expandvars(os.path.expanduser(base_path))
+                if not os.path.isabs(base_path):
+                    base_path = os.path.abspath(os.path.join(yaml_dir, base_path))
+            is_default = False
+            if "is_default" in conf:
+                is_default = conf.pop("is_default")
+            for folder_name in conf:
+                for line in conf[folder_name].split("\n"):
+                    if len(line) == 0:
+                        continue
+                    full_path = line
+                    if base_path:
+                        full_path = os.path.join(base_path, full_path)
+                    elif not os.path.isabs(full_path):
+                        full_path = os.path.abspath(os.path.join(yaml_dir, line))
+                    normalized = os.path.normpath(full_path)
+                    log(f"Adding extra search path {folder_name} {normalized}")
+                    self.add_model_folder_path(folder_name, normalized, is_default)
+
+    def apply_custom_paths(self, args: argparse.Namespace) -> None:
+        default_yaml = os.path.join(self.install_dir, "extra_model_paths.yaml")
+        if os.path.isfile(default_yaml):
+            self.load_extra_path_config(default_yaml)
+        if args.extra_model_paths_config:
+            for config_path in itertools.chain(*args.extra_model_paths_config):
+                self.load_extra_path_config(config_path)
+        if args.output_directory:
+            self.output = os.path.abspath(args.output_directory)
+            log(f"Setting output directory to: {self.output}")
+        # Where CheckpointSave and friends write; ComfyUI also searches them.
+        for folder_name in ("checkpoints", "clip", "vae", "diffusion_models", "loras"):
+            self.add_model_folder_path(folder_name, os.path.join(self.output, folder_name))
+        if args.input_directory:
+            self.input = os.path.abspath(args.input_directory)
+            log(f"Setting input directory to: {self.input}")
+        if args.user_directory:
+            self.user = os.path.abspath(args.user_directory)
+            log(f"Setting user directory to: {self.user}")
+        if args.temp_directory:
+            self.temp = os.path.join(os.path.abspath(args.temp_directory), "temp")
+            log(f"Setting temp directory to: {self.temp}")
+
+    def prepare(self) -> None:
+        # ComfyUI empties temp/ at every start.
+        shutil.rmtree(self.temp, ignore_errors=True)
+        for path in (self.input, self.output, self.temp, self.user, os.path.join(self.base, "custom_nodes")):
+            os.makedirs(path, exist_ok=True)
+
+    def filename_list(self, folder_name: str) -> list[str]:
+        folder_name = LEGACY_FOLDER_NAMES.get(folder_name, folder_name)
+        search_paths, extensions = self.folders[folder_name]
+        found: set[str] = set()
+        for directory in search_paths:
+            for relpath in recursive_search(directory, excluded_dir_names=[".git"]):
+                if len(extensions) == 0 or os.path.splitext(relpath)[-1].lower() in extensions:
+                    found.add(relpath)
+        return sorted(found)
+
+    def input_images(self) -> list[str]:
+        # LoadImage lists only files directly inside input/ (symlinks followed), filtered to images.
+        try:
+            names = os.listdir(self.input)
+        except OSError:
+            return []
+        files = [n for n in names if os.path.isfile(os.path.join(self.input, n))]
+        return sorted(n for n in files if (mimetypes.guess_type(n)[0] or "").startswith("image/"))
+
+
+def recursive_search(directory: str, excluded_dir_names: list[str]) -> list[str]:
+    if not os.path.isdir(directory):
+        return []
+    result = []
+    for dirpath, subdirs, filenames in os.walk(directory, followlinks=True, topdown=True):
+        subdirs[:] = [d for d in subdirs if d not in excluded_dir_names]
+        for file_name in filenames:
+            result.append(os.path.relpath(os.path.join(dirpath, file_name), directory))
+    return result
+
+
+# --- devices --------------------------------------------------------------------------------------------------------
+
+class NoCudaDevice(RuntimeError):
+    pass
+
+
+def read_meminfo() -> tuple[int, int]:
+    values = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    total = values.get("MemTotal", 0)
+    return total, values.get("MemAvailable", values.get("MemFree", total))
+
+
+def detect_devices(args: argparse.Namespace) -> list[dict]:
+    """What torch would see: the GPUs Docker exposed (NVIDIA_VISIBLE_DEVICES), narrowed by --cuda-device."""
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    if args.cpu or visible.lower() in ("", "void", "none"):
+        ram_total, ram_free = read_meminfo()
+        return [{"name": "cpu", "type": "cpu", "index": None, "vram_total": ram_total, "vram_free": ram_free,
+                 "torch_vram_total": ram_total, "torch_vram_free": ram_free}]
+    host_ids = [part.strip() for part in visible.split(",") if part.strip()]
+    selection = args.cuda_device if args.cuda_device is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    if selection is not None and selection != "all":
+        chosen = []
+        for part in selection.split(","):
+            part = part.strip()
+            if part.isdigit() and int(part) < len(host_ids):
+                chosen.append(host_ids[int(part)])
+            else:
+                break  # CUDA stops at the first invalid entry.
+        host_ids = chosen
+    if not host_ids:
+        raise NoCudaDevice(
+            f"No CUDA GPUs are available (NVIDIA_VISIBLE_DEVICES={visible!r}, --cuda-device={args.cuda_device!r})"
+        )
+    return [
+        {"name": f"cuda:{index} host GPU {host_id} : test double", "type": "cuda", "index": index,
+         "vram_total": FAKE_VRAM_BYTES, "vram_free": FAKE_VRAM_BYTES,
+         "torch_vram_total": 0, "torch_vram_free": 0}
+        for index, host_id in enumerate(host_ids)
+    ]
+
+
+# --- nodes ----------------------------------------------------------------------------------------------------------
+
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
+SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+
+
+def builtin_nodes(paths: Paths) -> dict[str, dict]:
+    def node(name, display, category, required, outputs, output_node=False, hidden=None):
+        inputs = {"required": required}
+        if hidden:
+            inputs["hidden"] = hidden
+        return {
+            "input": inputs,
+            "input_order": {key: list(value) for key, value in inputs.items()},
+            "output": [t for t, _ in outputs],
+            "output_is_list": [False for _ in outputs],
+            "output_name": [n for _, n in outputs],
+            "name": name,
+            "display_name": display,
+            "description": "",
+            "python_module": "nodes",
+            "category": category,
+            "output_node": output_node,
+        }
+
+    int_spec = lambda default, lo, hi: ["INT", {"default": default, "min": lo, "max": hi}]  # noqa: E731
+    float_spec = lambda default, lo, hi: ["FLOAT", {"default": default, "min": lo, "max": hi, "step": 0.01}]  # noqa: E731
+    return {
+        "CheckpointLoaderSimple": node(
+            "CheckpointLoaderSimple", "Load Checkpoint", "loaders",
+            {"ckpt_name": [paths.filename_list("checkpoints"), {"tooltip": "The name of the checkpoint to load."}]},
+            [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+        "KSampler": node(
+            "KSampler", "KSampler", "sampling",
+            {"model": ["MODEL"], "seed": int_spec(0, 0, 0xFFFFFFFFFFFFFFFF), "steps": int_spec(20, 1, 10000),
+             "cfg": float_spec(8.0, 0.0, 100.0), "sampler_name": [SAMPLERS], "scheduler": [SCHEDULERS],
+             "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "latent_image": ["LATENT"],
+             "denoise": float_spec(1.0, 0.0, 1.0)},
+            [("LATENT", "LATENT")]),
+        "CLIPTextEncode": node(
+            "CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
+            {"text": ["STRING", {"multiline": True, "dynamicPrompts": True}], "clip": ["CLIP"]},
+            [("CONDITIONING", "CONDITIONING")]),
+        "VAEDecode": node(
+            "VAEDecode", "VAE Decode", "latent", {"samples": ["LATENT"], "vae": ["VAE"]}, [("IMAGE", "IMAGE")]),
+        "SaveImage": node(
+            "SaveImage", "Save Image", "image",
+            {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}, [], output_node=True,
+            hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}),
+        "LoadImage": node(
+            "LoadImage", "Load Image", "image", {"image": [paths.input_images(), {"image_upload": True}]},
+            [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+        "LoraLoader": node(
+            "LoraLoader", "Load LoRA", "loaders",
+            {"model": ["MODEL"], "clip": ["CLIP"], "lora_name": [paths.filename_list("loras")],
+             "strength_model": float_spec(1.0, -100.0, 100.0), "strength_clip": float_spec(1.0, -100.0, 100.0)},
+            [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
+        "EmptyLatentImage": node(
+            "EmptyLatentImage", "Empty Latent Image", "latent",
+            {"width": int_spec(512, 16, 16384), "height": int_spec(512, 16, 16384), "batch_size": int_spec(1, 1, 4096)},
+            [("LATENT", "LATENT")]),
+    }
+
+
+def custom_node_classes(paths: Paths, args: argparse.Namespace) -> dict[str, dict]:
+    """One entry per class a custom node package declares (nodes.json), or one named after the package."""
+    classes: dict[str, dict] = {}
+    for custom_nodes_dir in paths.folders["custom_nodes"][0]:
+        try:
+            names = sorted(os.listdir(os.path.realpath(custom_nodes_dir)))
+        except OSError:
+            continue
+        for name in names:
+            module_path = os.path.join(custom_nodes_dir, name)
+            if name == "__pycache__" or name.endswith(".disabled"):
+                continue
+            if os.path.isfile(module_path):
+                if os.path.splitext(name)[1] != ".py":
+                    continue
+                module_name = os.path.splitext(name)[0]
+            elif os.path.isdir(module_path):
+                module_name = name
+            else:
+                continue
+            if args.disable_all_custom_nodes and name not in args.whitelist_custom_nodes:
+                continue
+            class_names = [module_name]
+            declared = os.path.join(module_path, "nodes.json")
+            if os.path.isfile(declared):
+                try:
+                    with open(declared, encoding="utf-8") as f:
+                        class_names = [str(c) for c in json.load(f)]
+                except (OSError, ValueError) as error:
+                    log(f"Cannot import {module_path} module for custom nodes: {error}")
+                    continue
+            for class_name in class_names:
+                classes[class_name] = {
+                    "input": {"required": {}}, "input_order": {"required": []}, "output": [],
+                    "output_is_list": [], "output_name": [], "name": class_name, "display_name": class_name,
+                    "description": "", "python_module": f"custom_nodes.{module_name}",
+                    "category": "test double", "output_node": False,
+                }
+    return classes
+
+
+# --- HTTP -----------------------------------------------------------------------------------------------------------
+
+class HttpError(Exception):
+    def __init__(self, status: int, text: str = "") -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    loopback = False
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            for _family, _, _, _, sockaddr in socket.getaddrinfo(host, None, family, socket.SOCK_STREAM):
+                if not ipaddress.ip_address(sockaddr[0]).is_loopback:
+                    return loopback
+                loopback = True
+        except socket.gaierror:
+            pass
+    return loopback
+
+
+def origin_mismatch(host_header: str | None, origin_header: str | None) -> tuple[str, str] | None:
+    """ComfyUI's origin-only middleware: a loopback Host with a different Origin is refused."""
+    if not host_header or not origin_header:
+        return None
+    host_domain = host_header.lower()
+    parsed = urllib.parse.urlparse(origin_header)
+    origin_domain = parsed.netloc.lower()
+    host_parsed = urllib.parse.urlsplit("//" + host_domain)
+    loopback = is_loopback(host_parsed.hostname)
+    if parsed.port is None:
+        host_domain = host_parsed.hostname
+    if host_parsed.port is None:
+        origin_domain = parsed.hostname
+    if loopback and host_domain and origin_domain and host_domain != origin_domain:
+        return host_domain, origin_domain
+    return None
+
+
+class App:
+    def __init__(self, args: argparse.Namespace, paths: Paths, devices: list[dict]) -> None:
+        self.args = args
+        self.paths = paths
+        self.devices = devices
+        self.settings_lock = threading.Lock()
+
+    # user data (app/user_manager.py): without --multi-user the user is always "default"
+    def user_root(self) -> str:
+        return os.path.abspath(os.path.join(self.paths.user, "default"))
+
+    def user_filepath(self, file: str | None, create_dir: bool = True) -> str | None:
+        root = self.user_root()
+        path = root
+        if file is not None:
+            if "%" in file:
+                file = urllib.parse.unquote(file)
+            path = os.path.abspath(os.path.join(root, file))
+            if os.path.commonpath((root, path)) != root:
+                return None
+        parent = os.path.split(path)[0]
+        if create_dir and not os.path.exists(parent):
+            os.makedirs(parent, exist_ok=True)
+        return path
+
+    def userdata_path(self, file: str, check_exists: bool = False) -> str:
+        if not file:
+            raise HttpError(400)
+        path = self.user_filepath(file)
+        if not path:
+            raise HttpError(403)
+        if check_exists and not os.path.exists(path):
+            raise HttpError(404)
+        return path
+
+    @staticmethod
+    def file_info(path: str, relative_to: str) -> dict:
+        return {"path": os.path.relpath(path, relative_to).replace(os.sep, "/"), "size": os.path.getsize(path),
+                "modified": int(os.path.getmtime(path) * 1000), "created": int(os.path.getctime(path) * 1000)}
+
+    def settings_file(self) -> str:
+        return self.user_filepath("comfy.settings.json")
+
+    def read_settings(self) -> dict:
+        file = self.settings_file()
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return {}
+        return {}
+
+    def write_settings(self, settings: dict) -> None:
+        write_atomically(self.settings_file(), json.dumps(settings, indent=4).encode())
+
+    def object_info(self) -> dict:
+        nodes = builtin_nodes(self.paths)
+        for name, info in custom_node_classes(self.paths, self.args).items():
+            nodes.setdefault(name, info)
+        return nodes
+
+    def system_stats(self) -> dict:
+        ram_total, ram_free = read_meminfo()
+        return {
+            "system": {
+                "os": "posix", "ram_total": ram_total, "ram_free": ram_free,
+                "comfyui_version": COMFYUI_VERSION, "python_version": sys.version, "pytorch_version": "none",
+                "embedded_python": False, "argv": sys.argv,
+            },
+            "devices": self.devices,
+        }
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+INDEX_HTML = b"""<!doctype html>
+<html><head><title>ComfyUI</title></head>
+<body><p>ComfyUI test double: no frontend, API only.</p></body></html>
+"""
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "ComfyUI-test-double"
+    protocol_version = "HTTP/1.1"
+    app: App  # set on the subclass made in serve()
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+        sys.stdout.write("%s - %s\n" % (self.address_string(), format % args))
+        sys.stdout.flush()
+
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self.dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self.dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self.dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self.dispatch("OPTIONS")
+
+    # -- plumbing
+    def dispatch(self, method: str) -> None:
+        self._body = None
+        cors = self.app.args.enable_cors_header
+        try:
+            if cors is None:
+                mismatch = origin_mismatch(self.headers.get("Host"), self.headers.get("Origin"))
+                if mismatch:
+                    log("WARNING: request with non matching host and origin {} != {}, returning 403".format(*mismatch))
+                    raise HttpError(403)
+            if method == "OPTIONS":
+                self.respond(200, b"", "text/plain")
+                return
+            split = urllib.parse.urlsplit(self.path)
+            raw_path = split.path
+            if raw_path == "/api" or raw_path.startswith("/api/"):
+                raw_path = raw_path[4:] or "/"
+            self.query = urllib.parse.parse_qs(split.query)
+            self.route(method, raw_path)
+        except HttpError as error:
+            self.respond_text(error.status, error.text or f"{error.status}: {self.responses[error.status][0]}")
+        except Exception as error:  # pragma: no cover - a bug in the double; show it like aiohttp does
+            log(f"Error handling request: {error!r}")
+            self.respond_text(500, "500 Internal Server Error")
+
+    def q(self, name: str, default: str = "") -> str:
+        return self.query.get(name, [default])[0]
+
+    def read_body(self) -> bytes:
+        if self._body is None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self._body = self.rfile.read(length) if length else b""
+        return self._body
+
+    def read_json(self):
+        try:
+            return json.loads(self.read_body() or b"null")
+        except ValueError:
+            raise HttpError(400, "Invalid JSON")
+
+    def respond(self, status: int, body: bytes, content_type: str, extra_headers: dict | None = None) -> None:
+        if self.command in ("POST", "PUT", "PATCH", "DELETE") and self._body is None:
+            self.read_body()  # drain it, so that keep-alive connections stay in step
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        cors = self.app.args.enable_cors_header
+        if cors is not None:
+            self.send_header("Access-Control-Allow-Origin", cors)
+            self.send_header("Access-Control-Allow-Methods", "POST, GET, DELETE, PUT, OPTIONS, PATCH")
+            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+            self.send_header("Access-Control-Allow-Credentials", "true")
+        for key, value in (extra_headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if status != 204:
+            self.wfile.write(body)
+
+    def respond_json(self, data, status: int = 200) -> None:
+        self.respond(status, json.dumps(data).encode(), "application/json; charset=utf-8")
+
+    def respond_text(self, status: int, text: str) -> None:
+        self.respond(status, text.encode(), "text/plain; charset=utf-8")
+
+    # -- routes (server.py, app/user_manager.py, app/app_settings.py)
+    def route(self, method: str, path: str) -> None:
+        app = self.app
+        parts = path.split("/")[1:]  # "/userdata/a%2Fb.json" -> ["userdata", "a%2Fb.json"]; %2F stays encoded
+        key = (method, parts[0] if parts else "", len(parts))
+
+        if key == ("GET", "", 1):
+            return self.respond(200, INDEX_HTML, "text/html; charset=utf-8")
+        if key == ("GET", "system_stats", 1):
+            return self.respond_json(app.system_stats())
+        if key == ("GET", "prompt", 1):
+            return self.respond_json({"exec_info": {"queue_remaining": 0}})
+        if key == ("GET", "queue", 1):
+            return self.respond_json({"queue_running": [], "queue_pending": []})
+        if key == ("GET", "object_info", 1):
+            return self.respond_json(app.object_info())
+        if key == ("GET", "object_info", 2):
+            node_class = urllib.parse.unquote(parts[1])
+            nodes = app.object_info()
+            return self.respond_json({node_class: nodes[node_class]} if node_class in nodes else {})
+        if key == ("GET", "models", 1):
+            return self.respond_json(list(app.paths.folders.keys()))
+        if key == ("GET", "models", 2):
+            folder = urllib.parse.unquote(parts[1])
+            if folder not in app.paths.folders:
+                raise HttpError(404)
+            return self.respond_json(app.paths.filename_list(folder))
+        if key == ("GET", "embeddings", 1):
+            return self.respond_json([os.path.splitext(n)[0] for n in app.paths.filename_list("embeddings")])
+        if key == ("GET", "users", 1):
+            return self.respond_json({"storage": "server", "migrated": os.path.exists(app.user_root())})
+        if key == ("GET", "settings", 1):
+            return self.respond_json(app.read_settings())
+        if key == ("GET", "settings", 2):
+            return self.respond_json(app.read_settings().get(urllib.parse.unquote(parts[1])))
+        if key == ("POST", "settings", 1):
+            new = self.read_json()
+            if not isinstance(new, dict):
+                raise HttpError(400, "Settings must be a JSON object")
+            with app.settings_lock:
+                app.write_settings({**app.read_settings(), **new})
+            return self.respond(200, b"", "text/plain")
+        if key == ("POST", "settings", 2):
+            value = self.read_json()
+            with app.settings_lock:
+                settings = app.read_settings()
+                settings[urllib.parse.unquote(parts[1])] = value
+                app.write_settings(settings)
+            return self.respond(200, b"", "text/plain")
+        if key == ("GET", "userdata", 1):
+            return self.list_userdata()
+        if key == ("GET", "userdata", 2):
+            path = app.userdata_path(parts[1], check_exists=True)
+            if not os.path.isfile(path):
+                raise HttpError(404)
+            with open(path, "rb") as f:
+                data = f.read()
+            name = os.path.basename(path)
+            return self.respond(200, data, mimetypes.guess_type(name)[0] or "application/octet-stream",
+                                {"Content-Disposition": f'attachment; filename="{name}"'})
+        if key == ("POST", "userdata", 2):
+            return self.post_userdata(parts[1])
+        if key == ("DELETE", "userdata", 2):
+            path = app.userdata_path(parts[1], check_exists=True)
+            os.remove(path)
+            return self.respond(204, b"", "text/plain")
+        if method == "POST" and len(parts) == 4 and parts[0] == "userdata" and parts[2] == "move":
+            return self.move_userdata(parts[1], parts[3])
+        raise HttpError(404)
+
+    def list_userdata(self) -> None:
+        directory = self.q("dir")
+        if not directory:
+            raise HttpError(400, "Directory not provided")
+        path = self.app.user_filepath(directory)
+        if not path:
+            raise HttpError(403, "Invalid directory")
+        if not os.path.exists(path):
+            raise HttpError(404, "Directory not found")
+        recurse = self.q("recurse").lower() == "true"
+        full_info = self.q("full_info").lower() == "true"
+        split = self.q("split").lower() == "true"
+        pattern = os.path.join(glob.escape(path), "**", "*") if recurse else os.path.join(glob.escape(path), "*")
+        results = []
+        for full_path in sorted(glob.glob(pattern, recursive=recurse)):
+            if not os.path.isfile(full_path):
+                continue
+            if full_info:
+                results.append(self.app.file_info(full_path, path))
+            else:
+                rel = os.path.relpath(full_path, path).replace(os.sep, "/")
+                results.append([rel, *rel.split("/")] if split else rel)
+        self.respond_json(results)
+
+    def post_userdata(self, file: str) -> None:
+        path = self.app.userdata_path(file)
+        overwrite = self.q("overwrite", "true") != "false"
+        full_info = self.q("full_info", "false").lower() == "true"
+        body = self.read_body()
+        if not overwrite and os.path.exists(path):
+            raise HttpError(409, "File already exists")
+        if os.path.isdir(path):
+            raise HttpError(400, "Path is a directory")
+        write_atomically(path, body)
+        root = self.app.user_root()
+        self.respond_json(self.app.file_info(path, root) if full_info else os.path.relpath(path, root))
+
+    def move_userdata(self, source: str, dest: str) -> None:
+        source_path = self.app.userdata_path(source, check_exists=True)
+        dest_path = self.app.userdata_path(dest)
+        overwrite = self.q("overwrite", "true") != "false"
+        full_info = self.q("full_info", "false").lower() == "true"
+        if not overwrite and os.path.exists(dest_path):
+            raise HttpError(409, "File already exists")
+        shutil.move(source_path, dest_path)
+        root = self.app.user_root()
+        self.respond_json(self.app.file_info(dest_path, root) if full_info else os.path.relpath(dest_path, root))
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the host's FQDN, which can wait on DNS in an offline container.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = port
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """ComfyUI binds every address in the list; the double binds the first IPv4 one (else the first one)."""
+    addresses = [a.strip() for a in listen.split(",") if a.strip()] or ["127.0.0.1"]
+    for address in addresses:
+        if ":" not in address:
+            return address, socket.AF_INET
+    return addresses[0].strip("[]"), socket.AF_INET6
+
+
+def serve(app: App, args: argparse.Namespace) -> None:
+    address, family = listen_address(args.listen)
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    server_class = type("BoundServer", (Server,), {"address_family": family})
+    try:
+        server = server_class((address, args.port), handler)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            log(f"Port {args.port} is already in use on address {address}. "
+                "Please close the other application or use a different port with --port.")
+            raise SystemExit(1)
+        raise
+    log("Starting server\n")
+    shown = f"[{address}]" if ":" in address else address
+    log(f"To see the GUI go to: http://{shown}:{args.port}")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+
+
+def on_signal(signum, _frame) -> None:
+    log(f"Stopped server (signal {signum})")
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    args = build_parser().parse_args(argv)
+    if os.environ.get("COMFY_DOUBLE_CRASH") == "1":
+        print("COMFY_DOUBLE_CRASH=1: the ComfyUI test double fails on purpose.", file=sys.stderr, flush=True)
+        return 1
+    log(f"ComfyUI test double {COMFYUI_VERSION} (not ComfyUI)")
+    log(f"Python version: {sys.version}")
+    paths = Paths(args)
+    paths.apply_custom_paths(args)
+    paths.prepare()
+    try:
+        devices = detect_devices(args)
+    except NoCudaDevice as error:
+        print(f"RuntimeError: {error}", file=sys.stderr, flush=True)
+        return 1
+    for device in devices:
+        log(f"Device: {device['name']}")
+    delay = float(os.environ.get("COMFY_DOUBLE_START_DELAY") or 0)
+    if delay > 0:
+        log(f"COMFY_DOUBLE_START_DELAY: waiting {delay:g} s before listening")
+        time.sleep(delay)
+    serve(App(args, paths, devices), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

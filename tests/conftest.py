@@ -1,0 +1,150 @@
+"""Shared fixtures: named users, a clean private Redis per test, and real RQ workers (in-process or separate)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from rq import SimpleWorker
+
+from comfyhub import queues
+from comfyhub.signals import OPERATORS_GROUP
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def collected_static():
+    """Pages are rendered with the production static storage (hashed names), as `make run` serves them."""
+    call_command("collectstatic", interactive=False, verbosity=0)
+
+
+@pytest.fixture(autouse=True)
+def clean_redis():
+    queues.get_connection("default").flushdb()
+    yield
+
+
+@pytest.fixture
+def admin_user(db):
+    return User.objects.create_superuser("alice", password="alice-password-1")
+
+
+@pytest.fixture
+def operator(db):
+    user = User.objects.create_user("oscar", password="oscar-password-1")
+    user.groups.add(Group.objects.get(name=OPERATORS_GROUP))
+    return user
+
+
+@pytest.fixture
+def stranger(db):
+    """Logged in, but holds no permission: may look, may not act."""
+    return User.objects.create_user("sam", password="sam-password-1")
+
+
+@pytest.fixture
+def run_worker():
+    """Drain every queue with a non-forking RQ worker in this process, as production workers would."""
+
+    def run():
+        worker = SimpleWorker(
+            [queues.get_queue(name) for name in settings.RQ_QUEUES], connection=queues.get_connection("default")
+        )
+        worker.work(burst=True)
+        return worker
+
+    return run
+
+
+def worker_database_url():
+    return f"sqlite:///{os.environ['TEST_DATABASE_NAME']}"
+
+
+def descendants(pid):
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+class WorkerProcess:
+    """A real `manage.py rqworker` in its own process group, sharing the test database file."""
+
+    def __init__(self, *queue_names, env=None, log_path=None):
+        environment = {**os.environ, "DATABASE_URL": worker_database_url(), **(env or {})}
+        self.log_path = log_path
+        self.log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "manage.py"), "rqworker", *(queue_names or ("default", "long")),
+             "--with-scheduler"],
+            cwd=REPO, env=environment, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_until_listening(self, queue_name="default", timeout=30):
+        deadline = time.monotonic() + timeout
+        while queues.workers_listening(queue_name) == 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the RQ worker did not start; log: {self.log_path}")
+            time.sleep(0.1)
+        return self
+
+    def kill_hard(self):
+        """SIGKILL the worker and its work horse (RQ puts the horse in a session of its own)."""
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=10)
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
+
+
+@pytest.fixture
+def worker_process(transactional_db, tmp_path):
+    """Start real worker processes; they are stopped after the test."""
+    started = []
+
+    def start(*queue_names, env=None):
+        worker = WorkerProcess(*queue_names, env=env, log_path=tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker.wait_until_listening(queue_names[0] if queue_names else "default")
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_for(condition, timeout=30, interval=0.1, message="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)

@@ -1,0 +1,119 @@
+"""pytest plugin: a real Docker engine, the ComfyUI test double image, and cleanup of what tests create.
+
+Load it with `pytest_plugins = ["tests.support.docker_fixtures"]` in tests/conftest.py.
+Every container, network and image a test creates must carry the label TEST_LABEL ("comfyhub.test"); docker_cleanup
+removes them after the test. Set COMFYHUB_TEST_KEEP_DOCKERD=1 to leave a dockerd started by the tests running.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+
+import docker
+import docker.errors
+import pytest
+
+from tests.support.engine import EngineHandle, ensure_engine
+from tests.support.images import CACHED_TAGS, DOUBLE_TAG, TEST_LABEL, ensure_test_images
+
+__all__ = ["TEST_LABEL", "DOUBLE_TAG", "wait_for_http", "published_port", "remove_test_objects"]
+
+
+@pytest.fixture(scope="session")
+def docker_engine_handle() -> EngineHandle:
+    handle = ensure_engine()
+    yield handle
+    if handle.started_here and not os.environ.get("COMFYHUB_TEST_KEEP_DOCKERD"):
+        handle.stop()
+    else:
+        handle.client.close()
+
+
+@pytest.fixture(scope="session")
+def docker_engine(docker_engine_handle: EngineHandle) -> docker.DockerClient:
+    """A DockerClient on a real engine (started for the session if none answered)."""
+    return docker_engine_handle.client
+
+
+@pytest.fixture(scope="session")
+def comfyui_double_image(docker_engine: docker.DockerClient) -> str:
+    """The tag of the ComfyUI test double image, built now if missing or stale."""
+    return ensure_test_images(docker_engine)["comfyui_double"]
+
+
+@pytest.fixture
+def docker_cleanup(docker_engine: docker.DockerClient) -> docker.DockerClient:
+    """After the test, force-remove every container, network and (non-cached) image labelled comfyhub.test."""
+    yield docker_engine
+    remove_test_objects(docker_engine)
+
+
+def remove_test_objects(client: docker.DockerClient) -> None:
+    label_filter = {"label": TEST_LABEL}
+    for container in client.containers.list(all=True, filters=label_filter):
+        _ignore_missing(container.remove, force=True, v=True)
+    for network in client.networks.list(filters=label_filter):
+        _ignore_missing(network.remove)
+    cached_ids = set()
+    for tag in CACHED_TAGS:
+        try:
+            cached_ids.add(client.images.get(tag).id)
+        except docker.errors.ImageNotFound:
+            pass
+    for image in client.images.list(filters=label_filter):
+        if image.id not in cached_ids:
+            _ignore_missing(client.images.remove, image.id, force=True)
+
+
+def _ignore_missing(action, *args, **kwargs) -> None:
+    try:
+        action(*args, **kwargs)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as error:
+        # A removal already in progress (409) finishes by itself.
+        if error.status_code != 409:
+            raise
+
+
+def published_port(container, container_port: str = "8188/tcp", timeout: float = 10.0) -> int:
+    """The host port Docker published container_port on (for ports={...: ("127.0.0.1", None)})."""
+    deadline = time.monotonic() + timeout
+    while True:
+        container.reload()
+        bindings = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(container_port)
+        if bindings:
+            return int(bindings[0]["HostPort"])
+        if container.status in ("exited", "dead") or time.monotonic() > deadline:
+            raise AssertionError(
+                f"container {container.name} has no published {container_port} (status {container.status}); "
+                f"logs:\n{container.logs().decode(errors='replace')[-3000:]}"
+            )
+        time.sleep(0.1)
+
+
+def wait_for_http(url: str, timeout: float = 30.0, container=None) -> bytes:
+    """Poll url until it answers 200 and return the body. With container, fail at once if it exits, showing its logs."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | str = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+            last_error = error
+        if container is not None:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                raise AssertionError(
+                    f"container {container.name} exited ({container.attrs['State'].get('ExitCode')}) before {url} "
+                    f"answered; logs:\n{container.logs().decode(errors='replace')[-3000:]}"
+                )
+        time.sleep(0.2)
+    logs = ""
+    if container is not None:
+        logs = "; logs:\n" + container.logs().decode(errors="replace")[-3000:]
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:g} s (last error: {last_error}){logs}")
