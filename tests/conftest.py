@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import Group, User
-from django.core.management import call_command
 from rq import SimpleWorker
 
 from comfyhub import queues
 from comfyhub.signals import OPERATORS_GROUP
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session", autouse=True)
-def collected_static():
-    """Pages are rendered with the production static storage (hashed names), as `make run` serves them."""
-    call_command("collectstatic", interactive=False, verbosity=0)
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +141,34 @@ def wait_for(condition, timeout=30, interval=0.1, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """Playwright drives Debian's Chromium: nothing can be downloaded here, and root needs --no-sandbox."""
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError("Chromium is missing: `make test` installs it (apt-get install chromium).")
+    return {
+        **browser_type_launch_args,
+        "executable_path": CHROMIUM,
+        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"],
+    }
+
+
+@pytest.fixture
+def logged_in_page(page, live_server):
+    """A browser page logged in as `alice` (superuser), through the real login form."""
+
+    def log_in(username="alice", password="alice-password-1"):
+        page.goto(f"{live_server.url}/")
+        page.fill("#id_username", username)
+        page.fill("#id_password", password)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{live_server.url}/")
+        return page
+
+    return log_in

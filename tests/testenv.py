@@ -27,9 +27,11 @@ os.environ.update(
         "COMFY_INSTANCES_PATH": str(ROOT / "storage" / "instances"),
         "COMFY_BACKUPS_PATH": str(ROOT / "storage" / "backups"),
         "DJANGO_ALLOW_ASYNC_UNSAFE": "true",
+        # The live server of browser tests serves static files by their plain names.
+        "STATIC_MANIFEST": "false",
     }
 )
-(ROOT / "var").mkdir()
+(ROOT / "var" / "static").mkdir(parents=True)
 
 _redis = None
 
