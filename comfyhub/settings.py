@@ -190,6 +190,24 @@ COMFY_IMAGE = env.str("COMFY_IMAGE", default="ghcr.io/comfyhub/comfyui:latest")
 PUID = env.int("PUID", default=1000)
 PGID = env.int("PGID", default=1000)
 
+# --- Instances -----------------------------------------------------------------------------------------------
+# A fresh install registers the single-instance user's instance (COMFY_INSTANCE_ID on port 8188).
+COMFY_DEFAULT_INSTANCE = env.bool("COMFY_DEFAULT_INSTANCE", default=True)
+# GPUs when NVML finds no driver: "0,1" (indexes), "none", or empty for "none".
+COMFY_GPUS = env.str("COMFY_GPUS", default="")
+# Host ports instances get when none is given.
+INSTANCE_PORT_RANGE = env.str("INSTANCE_PORT_RANGE", default="8188-8387")
+# Docker restarts a crashing container this many times (backing off), then ComfyHub marks it crash-looping.
+INSTANCE_MAX_RESTARTS = env.int("INSTANCE_MAX_RESTARTS", default=5)
+INSTANCE_SHM_SIZE = env.str("INSTANCE_SHM_SIZE", default="2g")
+# How long a start waits for ComfyUI to answer /system_stats before calling it unhealthy.
+INSTANCE_START_TIMEOUT = env.int("INSTANCE_START_TIMEOUT", default=300)
+# How often the reconcile/health pass runs (seconds).
+INSTANCE_HEALTH_INTERVAL = env.int("INSTANCE_HEALTH_INTERVAL", default=30)
+INSTANCE_HEALTH_TIMEOUT = env.float("INSTANCE_HEALTH_TIMEOUT", default=3.0)
+# Extra labels on every container ComfyHub creates, e.g. "team=vision,env=prod".
+CONTAINER_EXTRA_LABELS = env.dict("CONTAINER_EXTRA_LABELS", default={})
+
 # --- Docker engine -------------------------------------------------------------------------------------------
 # DOCKER_HOST is the Docker SDK's own variable; empty means the local socket.
 DOCKER_HOST = env.str("DOCKER_HOST", default="")

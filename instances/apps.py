@@ -5,4 +5,10 @@ class InstancesConfig(AppConfig):
     name = "instances"
     verbose_name = "Instances"
     default_auto_field = "django.db.models.BigAutoField"
-    operator_permissions = ()
+    operator_permissions = (
+        "instances.add_instance", "instances.change_instance", "instances.delete_instance",
+        "instances.start_instance", "instances.build_instance",
+    )
+
+    def ready(self):
+        from . import signals  # noqa: F401

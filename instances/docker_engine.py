@@ -113,3 +113,213 @@ def require_engine(base_url: str | None = None) -> docker.DockerClient:
         engine.close()
         raise EngineUnavailable(unavailable_message(base_url, exc)) from exc
     return engine
+
+
+# --- Containers ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What ComfyHub needs to know about a container, read from `docker inspect`."""
+
+    id: str
+    name: str
+    status: str  # created, running, restarting, exited, paused, dead
+    exit_code: int
+    restart_count: int
+    oom_killed: bool
+    error: str
+    started_at: str
+    finished_at: str
+    labels: dict
+    mounts: list  # [{"source", "destination", "rw"}]
+    environment: dict
+    host_ports: list  # [(host_ip, host_port)]
+    device_ids: list  # GPU ids requested through device requests
+    image: str
+
+    @property
+    def running(self):
+        return self.status == "running"
+
+
+def _state_from_attrs(attrs: dict) -> ContainerState:
+    state = attrs.get("State", {})
+    config = attrs.get("Config", {})
+    host_config = attrs.get("HostConfig", {})
+    env = dict(item.split("=", 1) if "=" in item else (item, "") for item in config.get("Env") or [])
+    ports = []
+    for bindings in (attrs.get("NetworkSettings", {}).get("Ports") or {}).values():
+        for binding in bindings or []:
+            ports.append((binding.get("HostIp", ""), int(binding.get("HostPort") or 0)))
+    if not ports:  # a stopped container has no live bindings: read what it asks for
+        for bindings in (host_config.get("PortBindings") or {}).values():
+            for binding in bindings or []:
+                ports.append((binding.get("HostIp", ""), int(binding.get("HostPort") or 0)))
+    devices = []
+    for request in host_config.get("DeviceRequests") or []:
+        devices.extend(request.get("DeviceIDs") or [])
+    return ContainerState(
+        id=attrs.get("Id", ""),
+        name=attrs.get("Name", "").lstrip("/"),
+        status=state.get("Status", "unknown"),
+        exit_code=int(state.get("ExitCode") or 0),
+        restart_count=int(attrs.get("RestartCount") or 0),
+        oom_killed=bool(state.get("OOMKilled")),
+        error=state.get("Error") or "",
+        started_at=state.get("StartedAt") or "",
+        finished_at=state.get("FinishedAt") or "",
+        labels=config.get("Labels") or {},
+        mounts=[{"source": m.get("Source"), "destination": m.get("Destination"), "rw": bool(m.get("RW"))}
+                for m in attrs.get("Mounts") or []],
+        environment=env,
+        host_ports=ports,
+        device_ids=devices,
+        image=config.get("Image", ""),
+    )
+
+
+class _translated:
+    """Turns Docker SDK and transport errors into EngineError messages that say what failed and where."""
+
+    def __init__(self, what: str, engine=None):
+        self.what = what
+        self.address = getattr(getattr(engine, "api", None), "base_url", None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, EngineError):
+            return False
+        if isinstance(exc, docker.errors.ImageNotFound):
+            raise EngineError(f"{self.what}: the image is not on this host ({exc.explanation or exc}).") from exc
+        if isinstance(exc, docker.errors.APIError):
+            raise EngineError(f"{self.what}: Docker said: {exc.explanation or exc}") from exc
+        if isinstance(exc, (DockerException, RequestException, ConnectionError, OSError)):
+            raise EngineUnavailable(f"{self.what}: {unavailable_message(None, exc)}") from exc
+        return False
+
+
+def container_state(engine, name: str) -> ContainerState | None:
+    with _translated(f"Could not inspect container {name}", engine):
+        try:
+            return _state_from_attrs(engine.api.inspect_container(name))
+        except docker.errors.NotFound:
+            return None
+
+
+def managed_containers(engine, label: str = "comfyhub.managed=true") -> list[ContainerState]:
+    with _translated("Could not list ComfyHub's containers", engine):
+        summaries = engine.api.containers(all=True, filters={"label": label})
+        states = []
+        for summary in summaries:
+            try:
+                states.append(_state_from_attrs(engine.api.inspect_container(summary["Id"])))
+            except docker.errors.NotFound:
+                continue  # removed between list and inspect
+        return states
+
+
+def create_container(engine, spec) -> str:
+    """Create (not start) the container `spec` describes; returns its id."""
+    kwargs = dict(
+        image=spec.image,
+        command=spec.command,
+        name=spec.name,
+        environment=spec.environment,
+        labels=spec.labels,
+        mounts=[docker.types.Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+                for m in spec.mounts],
+        ports={f"{spec.container_port}/tcp": (spec.host_ip, spec.host_port)},
+        restart_policy={"Name": "on-failure", "MaximumRetryCount": spec.restart_max},
+        security_opt=list(spec.security_opt),
+        shm_size=spec.shm_size,
+        init=True,
+        log_config=docker.types.LogConfig(type="json-file", config={"max-size": "20m", "max-file": "3"}),
+        detach=True,
+    )
+    if spec.gpu_ids:
+        kwargs["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpu_ids),
+                                                                capabilities=[["gpu"]])]
+    with _translated(f"Could not create container {spec.name}", engine):
+        return engine.containers.create(**kwargs).id
+
+
+def start_container(engine, name: str):
+    with _translated(f"Could not start container {name}", engine):
+        engine.api.start(name)
+
+
+def stop_container(engine, name: str, timeout: int = 30):
+    with _translated(f"Could not stop container {name}", engine):
+        try:
+            engine.api.stop(name, timeout=timeout)
+        except docker.errors.NotFound:
+            pass
+
+
+def remove_container(engine, name: str):
+    with _translated(f"Could not remove container {name}", engine):
+        try:
+            engine.api.remove_container(name, force=True, v=False)
+        except docker.errors.NotFound:
+            pass
+
+
+def container_logs(engine, name: str, tail: int = 500) -> str:
+    with _translated(f"Could not read the logs of {name}", engine):
+        try:
+            raw = engine.api.logs(name, stdout=True, stderr=True, tail=tail, timestamps=False)
+        except docker.errors.NotFound:
+            return ""
+        return raw.decode("utf-8", errors="replace")
+
+
+# --- Images --------------------------------------------------------------------------------------------------
+
+def image_present(engine, image: str) -> bool:
+    with _translated(f"Could not look up image {image}", engine):
+        try:
+            engine.api.inspect_image(image)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+
+def pull_image(engine, image: str, on_progress=None):
+    """Pull `image`, calling on_progress(percent, message) as layers download."""
+    repository, tag = _split_image(image)
+    layers: dict[str, tuple[int, int]] = {}
+    try:
+        for event in engine.api.pull(repository, tag=tag, stream=True, decode=True):
+            if "error" in event:
+                raise EngineError(_pull_error(image, event["error"]))
+            detail = event.get("progressDetail") or {}
+            if event.get("id") and detail.get("total"):
+                layers[event["id"]] = (int(detail.get("current") or 0), int(detail["total"]))
+            if on_progress and layers:
+                done = sum(c for c, _ in layers.values())
+                total = sum(t for _, t in layers.values())
+                on_progress(100 * done / max(total, 1), f"{event.get('status', 'Pulling')} {image}")
+    except EngineError:
+        raise
+    except docker.errors.APIError as exc:
+        raise EngineError(_pull_error(image, exc.explanation or str(exc))) from exc
+    except (DockerException, RequestException) as exc:
+        raise EngineUnavailable(f"Could not pull {image}: {unavailable_message(None, exc)}") from exc
+
+
+def _pull_error(image, reason):
+    return (f"Could not pull image {image}: {reason}. If this host is offline, load the image another way "
+            "(docker load, or build it here) and try again.")
+
+
+def _split_image(image: str) -> tuple[str, str]:
+    name, _, digest = image.partition("@")
+    if digest:
+        return name, digest
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        repository, tag = name.rsplit(":", 1)
+        return repository, tag
+    return name, "latest"

@@ -1,0 +1,161 @@
+"""The registry: Docker hosts (nodes), their GPUs, and the ComfyUI instances that run on them."""
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+LOCAL_NODE = "local"
+
+
+class Node(models.Model):
+    """A Docker host. One, `local`, exists from the start; the fields let more come later."""
+
+    name = models.SlugField(max_length=63, unique=True)
+    docker_host = models.CharField(
+        max_length=300, blank=True, default="", help_text="Docker endpoint; empty means DOCKER_HOST or the local socket."
+    )
+    shared_path = models.CharField(max_length=500, blank=True, default="", help_text="Empty means COMFY_SHARED_PATH.")
+    instances_path = models.CharField(
+        max_length=500, blank=True, default="", help_text="Empty means COMFY_INSTANCES_PATH."
+    )
+    bind_address = models.GenericIPAddressField(
+        default="127.0.0.1", help_text="Host address instance ports are published on (ComfyUI has no login)."
+    )
+    port_range_start = models.PositiveIntegerField(default=8188, validators=[MinValueValidator(1024)])
+    port_range_end = models.PositiveIntegerField(default=8387, validators=[MaxValueValidator(65535)])
+    gpus_discovered_at = models.DateTimeField(null=True, blank=True)
+    gpu_source = models.CharField(max_length=20, blank=True, default="", help_text="nvml, settings or none")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class GPU(models.Model):
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveSmallIntegerField()
+    uuid = models.CharField(max_length=100, blank=True, default="")
+    name = models.CharField(max_length=200, blank=True, default="")
+    memory_total = models.BigIntegerField(null=True, blank=True, help_text="Bytes")
+    shareable = models.BooleanField(
+        default=False, help_text="Allow several instances on this GPU (they then compete for its memory)."
+    )
+    present = models.BooleanField(default=True, help_text="Seen in the last discovery.")
+
+    class Meta:
+        ordering = ["node", "index"]
+        constraints = [models.UniqueConstraint(fields=["node", "index"], name="gpu_unique_index_per_node")]
+        verbose_name = "GPU"
+
+    def __str__(self):
+        return f"GPU {self.index}" + (f" ({self.name})" if self.name else "")
+
+    @property
+    def device_id(self):
+        """What Docker's device request names: the UUID when known (indexes can be renumbered), else the index."""
+        return self.uuid or str(self.index)
+
+
+class Instance(models.Model):
+    class DesiredState(models.TextChoices):
+        RUNNING = "running", "Running"
+        STOPPED = "stopped", "Stopped"
+
+    class Status(models.TextChoices):
+        NEW = "new", "Not built"
+        STOPPED = "stopped", "Stopped"
+        STARTING = "starting", "Starting"
+        HEALTHY = "healthy", "Healthy"
+        UNHEALTHY = "unhealthy", "Unhealthy"
+        CRASH_LOOPING = "crash-looping", "Crash-looping"
+        ERROR = "error", "Error"
+        UNKNOWN = "unknown", "Unknown"
+
+    instance_id = models.CharField(
+        "instance id", max_length=63, unique=True,
+        help_text="Directory and container name: lowercase letters, digits and '-', starting and ending with a "
+                  "letter or digit.",
+    )
+    display_name = models.CharField(max_length=100, blank=True, default="")
+    description = models.TextField(blank=True, default="")
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="instances")
+    image = models.CharField(max_length=300)
+    extra_args = models.JSONField(default=list, blank=True, help_text="Extra ComfyUI arguments.")
+    extra_env = models.JSONField(default=dict, blank=True, help_text="Extra environment variables.")
+    host_port = models.PositiveIntegerField(validators=[MinValueValidator(1024), MaxValueValidator(65535)])
+    gpus = models.ManyToManyField(GPU, through="GPUAssignment", related_name="instances", blank=True)
+
+    desired_state = models.CharField(max_length=10, choices=DesiredState.choices, default=DesiredState.STOPPED)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
+    status_detail = models.CharField(max_length=500, blank=True, default="")
+    container_id = models.CharField(max_length=80, blank=True, default="")
+    config_hash = models.CharField(max_length=64, blank=True, default="", help_text="Of the running container.")
+    restart_count = models.PositiveIntegerField(default=0)
+    health = models.JSONField(default=dict, blank=True, help_text="Last health and isolation check results.")
+    checked_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["instance_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "host_port"], name="instance_unique_port_per_node"),
+        ]
+        permissions = [
+            ("start_instance", "Can start, stop and restart instances"),
+            ("build_instance", "Can build instance directories"),
+        ]
+
+    def __str__(self):
+        return self.instance_id
+
+    def get_absolute_url(self):
+        return reverse("instance-detail", args=[self.instance_id])
+
+    @property
+    def name(self):
+        return self.display_name or self.instance_id
+
+    @property
+    def container_name(self):
+        return f"comfyhub-{self.instance_id}"
+
+    @property
+    def cpu_only(self):
+        return not self.assigned_gpus()
+
+    def assigned_gpus(self):
+        """GPUs in index order; uses prefetched assignments when present."""
+        return sorted((a.gpu for a in self.assignments.all()), key=lambda gpu: gpu.index)
+
+    @property
+    def url(self):
+        host = self.node.bind_address
+        if host in ("0.0.0.0", "::"):
+            host = "localhost"
+        return f"http://{host}:{self.host_port}/"
+
+
+class GPUAssignment(models.Model):
+    """An instance holding a GPU. `exclusive` copies the GPU's shareability when assigned, so the database itself
+    refuses a second holder of an exclusive GPU, even when two requests race."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="assignments")
+    gpu = models.ForeignKey(GPU, on_delete=models.CASCADE, related_name="assignments")
+    exclusive = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "gpu"], name="assignment_unique_pair"),
+            models.UniqueConstraint(fields=["gpu"], condition=Q(exclusive=True), name="assignment_exclusive_gpu"),
+        ]

@@ -29,6 +29,13 @@ os.environ.update(
         "DJANGO_ALLOW_ASYNC_UNSAFE": "true",
         # The live server of browser tests serves static files by their plain names.
         "STATIC_MANIFEST": "false",
+        # Tests create the instances they need; the fresh-install instance has a test of its own.
+        "COMFY_DEFAULT_INSTANCE": "false",
+        # Four fake GPUs (the no-op GPU hook makes Docker accept device requests for them).
+        "COMFY_GPUS": "0,1,2,3",
+        # Labelled as test objects, so the harness removes every container tests create.
+        "CONTAINER_EXTRA_LABELS": "comfyhub.test=1",
+        "INSTANCE_PORT_RANGE": "18188-18387",
     }
 )
 (ROOT / "var" / "static").mkdir(parents=True)

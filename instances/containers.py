@@ -1,0 +1,191 @@
+"""Bringing an instance's container to the state its registry row asks for: build, pull, create, start, stop,
+remove. Runs inside operations (see jobs.py); one instance is changed by one operation at a time."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from django.conf import settings
+from django.utils import timezone
+from redis.exceptions import LockError, RedisError
+
+from comfyhub import queues
+from comfyhub.operations import OperationError
+from storage_app import layout
+
+from . import docker_engine, health, runtime
+from .models import Instance
+
+LOCK_WAIT_SECONDS = 900
+
+
+@contextlib.contextmanager
+def instance_lock(instance: Instance, report=None):
+    """Serialise operations on one instance (two starts at once give one container)."""
+    lock = queues.get_connection().lock(
+        f"comfyhub:lock:instance:{instance.instance_id}", timeout=settings.INSTANCE_START_TIMEOUT + 600,
+        blocking_timeout=LOCK_WAIT_SECONDS,
+    )
+    try:
+        acquired = lock.acquire(blocking=False)
+        if not acquired:
+            if report:
+                report.log(f"Waiting for another operation on {instance} to finish...")
+            acquired = lock.acquire()
+    except RedisError as exc:
+        raise OperationError(queues.unavailable_message(exc)) from exc
+    if not acquired:
+        raise OperationError(f"Another operation on instance '{instance}' did not finish within "
+                             f"{LOCK_WAIT_SECONDS} s; try again later.")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(LockError, RedisError):
+            lock.release()
+
+
+def engine_for(instance: Instance, consequence: str = ""):
+    try:
+        return docker_engine.require_engine(instance.node.docker_host or None)
+    except docker_engine.EngineError as exc:
+        raise OperationError(f"{exc} {consequence}".strip()) from exc
+
+
+def build_directories(instance: Instance, report) -> dict:
+    try:
+        result = layout.build_shared_tree(instance.node)
+        layout.build_instance_tree(instance.instance_id, instance.node, result)
+    except (layout.LayoutError, OSError) as exc:
+        raise OperationError(f"Could not build the directories of '{instance}': {exc}") from exc
+    for path in result.created:
+        report.log(f"created {path}")
+    if result.links:
+        report.log(f"linked {len(result.links)} shared input file(s) into input/")
+    for name in result.skipped_links:
+        report.log(f"kept the instance's own input/{name} (a shared input file has the same name)", "WARNING")
+    report.log(f"{len(result.created)} folder(s) created, {result.existing} already there")
+    if instance.status == Instance.Status.NEW:
+        Instance.objects.filter(pk=instance.pk, status=Instance.Status.NEW).update(status=Instance.Status.STOPPED)
+    return {"created": len(result.created), "existing": result.existing, "links": len(result.links)}
+
+
+def ensure_image(engine, instance: Instance, report):
+    if docker_engine.image_present(engine, instance.image):
+        return
+    report.log(f"Image {instance.image} is not on this host; pulling it.")
+    try:
+        docker_engine.pull_image(engine, instance.image,
+                                 on_progress=lambda pct, msg: report.progress(10 + pct * 0.5, msg))
+    except docker_engine.EngineError as exc:
+        raise OperationError(str(exc)) from exc
+
+
+def start(instance: Instance, report) -> dict:
+    with instance_lock(instance, report):
+        instance.refresh_from_db()
+        engine = engine_for(instance)
+        try:
+            report.progress(5, "building directories")
+            build_directories(instance, report)
+            ensure_image(engine, instance, report)
+            spec = runtime.container_spec(instance)
+            state = docker_engine.container_state(engine, spec.name)
+            if state and state.labels.get(runtime.LABEL_CONFIG) != spec.config_hash:
+                report.log("The configuration changed since the container was made: recreating it (data stays).")
+                docker_engine.remove_container(engine, spec.name)
+                state = None
+            if state is None:
+                report.progress(60, "creating the container")
+                docker_engine.create_container(engine, spec)
+            if state is None or not state.running:
+                report.progress(65, "starting the container")
+                docker_engine.start_container(engine, spec.name)
+                Instance.objects.filter(pk=instance.pk).update(started_at=timezone.now())
+            else:
+                report.log("The container is already running.")
+            state = docker_engine.container_state(engine, spec.name)
+            Instance.objects.filter(pk=instance.pk).update(
+                container_id=state.id, config_hash=spec.config_hash, status=Instance.Status.STARTING,
+                status_detail="waiting for ComfyUI to answer",
+            )
+            report.progress(70, "waiting for ComfyUI to answer")
+            return _wait_until_healthy(engine, instance, report)
+        except docker_engine.EngineError as exc:
+            Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.ERROR, status_detail=str(exc)[:500])
+            raise OperationError(str(exc)) from exc
+        finally:
+            engine.close()
+
+
+def _wait_until_healthy(engine, instance: Instance, report) -> dict:
+    deadline = time.monotonic() + settings.INSTANCE_START_TIMEOUT
+    while True:
+        state = docker_engine.container_state(engine, instance.container_name)
+        if state is None or state.status in ("exited", "dead") or state.restart_count > 0:
+            logs = docker_engine.container_logs(engine, instance.container_name, tail=30).strip()
+            if state is not None and state.status == "exited":
+                detail = f"ComfyUI exited with code {state.exit_code} while starting"
+            else:
+                detail = "ComfyUI crashed while starting" + (
+                    f" (Docker restarted it {state.restart_count} times)" if state else " (the container vanished)")
+            # Don't let Docker keep restarting something that cannot start.
+            docker_engine.stop_container(engine, instance.container_name, timeout=5)
+            Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.ERROR, status_detail=detail)
+            raise OperationError(f"{detail}. Last log lines:\n{logs}" if logs else detail + ".")
+        stats = health.system_stats(instance)
+        if stats is not None:
+            Instance.objects.filter(pk=instance.pk).update(
+                status=Instance.Status.HEALTHY, status_detail="", checked_at=timezone.now(), restart_count=0,
+            )
+            report.progress(100, "healthy")
+            devices = [d.get("name", "") for d in stats.get("devices", [])]
+            report.log(f"ComfyUI answers on {instance.url} ({', '.join(devices) or 'no devices'})")
+            return {"url": instance.url, "devices": devices}
+        if time.monotonic() > deadline:
+            Instance.objects.filter(pk=instance.pk).update(
+                status=Instance.Status.UNHEALTHY,
+                status_detail=f"ComfyUI did not answer within {settings.INSTANCE_START_TIMEOUT} s",
+            )
+            raise OperationError(f"The container runs, but ComfyUI did not answer on {instance.url} within "
+                                 f"{settings.INSTANCE_START_TIMEOUT} s; check its logs.")
+        report.progress(75, "waiting for ComfyUI to answer")
+        time.sleep(0.5)
+
+
+def stop(instance: Instance, report) -> dict:
+    with instance_lock(instance, report):
+        engine = engine_for(instance)
+        try:
+            report.progress(20, "stopping the container")
+            docker_engine.stop_container(engine, instance.container_name)
+        except docker_engine.EngineError as exc:
+            raise OperationError(str(exc)) from exc
+        finally:
+            engine.close()
+        Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STOPPED, status_detail="")
+        report.progress(100, "stopped")
+        return {"stopped": instance.instance_id}
+
+
+def delete(instance: Instance, report, *, purge_data: bool) -> dict:
+    from .services import purge_instance_data
+
+    with instance_lock(instance, report):
+        engine = engine_for(instance, "The instance was not deleted.")
+        try:
+            report.progress(20, "removing the container")
+            docker_engine.remove_container(engine, instance.container_name)
+        except docker_engine.EngineError as exc:
+            raise OperationError(f"{exc} The instance was not deleted.") from exc
+        finally:
+            engine.close()
+        instance_id, node = instance.instance_id, instance.node
+        instance.delete()
+        report.log(f"Removed container {instance.container_name} and the registry entry.")
+        if purge_data:
+            report.progress(60, "deleting the instance's data")
+            purge_instance_data(instance_id, node)
+            report.log(f"Deleted {layout.instance_dir(instance_id, node)} (shared data untouched).")
+        else:
+            report.log(f"Kept the data in {layout.instance_dir(instance_id, node)}.")
+        return {"deleted": instance_id, "purged": purge_data}

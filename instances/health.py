@@ -1,0 +1,208 @@
+"""Health and isolation: what the engine and ComfyUI itself say about each instance, compared with the registry.
+
+`reconcile_node` runs every INSTANCE_HEALTH_INTERVAL seconds (comfyhub.cron) and records each instance's observed
+status; it never starts or restarts anything (Docker's restart policy backs off and gives up on crash loops)."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from storage_app import layout
+
+from . import docker_engine, runtime
+from .models import Instance, Node
+
+
+def probe_host(instance: Instance) -> str:
+    host = instance.node.bind_address
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def system_stats(instance: Instance, timeout: float | None = None) -> dict | None:
+    """ComfyUI's /system_stats from the instance's published port, or None when it does not answer."""
+    host = probe_host(instance)
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{instance.host_port}/system_stats"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout or settings.INSTANCE_HEALTH_TIMEOUT) as response:
+            if response.status != 200:
+                return None
+            return json.loads(response.read(1_000_000))
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def isolation_checks(instance: Instance, state: docker_engine.ContainerState | None, stats: dict | None,
+                     all_states: list[docker_engine.ContainerState]) -> list[dict]:
+    """The checks shown on the instance page; each says what was expected and what was found."""
+    if state is None:
+        return []
+    checks = []
+    shared = str(layout.shared_root(instance.node))
+    own = str(layout.instance_dir(instance.instance_id, instance.node))
+    mounts = {m["destination"]: m for m in state.mounts}
+
+    shared_mount = mounts.get(layout.CONTAINER_SHARED)
+    checks.append(_check(
+        "shared storage is read-only",
+        bool(shared_mount) and not shared_mount["rw"] and shared_mount["source"] == shared,
+        f"/shared is {'missing' if not shared_mount else ('read-write' if shared_mount['rw'] else 'read-only')}"
+        + (f" from {shared_mount['source']}" if shared_mount else ""),
+    ))
+    instance_mount = mounts.get(layout.CONTAINER_INSTANCE)
+    checks.append(_check(
+        "instance storage is its own",
+        bool(instance_mount) and instance_mount["rw"] and instance_mount["source"] == own,
+        f"/instance from {instance_mount['source'] if instance_mount else 'nowhere'} (expected {own})",
+    ))
+
+    assigned = sorted(gpu.device_id for gpu in instance.assigned_gpus())
+    granted = sorted(state.device_ids)
+    detail = f"assigned {', '.join(assigned) or 'none'}; container got {', '.join(granted) or 'none'}"
+    ok = assigned == granted
+    if stats is not None:
+        reported = [d for d in stats.get("devices", []) if d.get("type") != "cpu"]
+        detail += f"; ComfyUI reports {len(reported)} GPU(s)"
+        ok = ok and len(reported) == len(assigned)
+    checks.append(_check("GPUs match the assignment", ok, detail))
+
+    shared_rw = []
+    for other in all_states:
+        if other.id == state.id:
+            continue
+        for mount in other.mounts:
+            if mount["rw"] and mount["source"] in {m["source"] for m in state.mounts if m["rw"]}:
+                shared_rw.append(f"{other.name} also writes {mount['source']}")
+    checks.append(_check("no other container writes its folders", not shared_rw,
+                         "; ".join(shared_rw) or "no other container mounts its read-write folders"))
+
+    port_users = [other.name for other in all_states
+                  if other.id != state.id and any(port == instance.host_port for _, port in other.host_ports)]
+    own_port = any(port == instance.host_port for _, port in state.host_ports)
+    checks.append(_check(
+        "its port is its own",
+        own_port and not port_users,
+        (f"port {instance.host_port} also published by {', '.join(port_users)}" if port_users else
+         f"port {instance.host_port} {'published by this container only' if own_port else 'not published'}"),
+    ))
+    return checks
+
+
+def _check(name, ok, detail):
+    return {"check": name, "ok": bool(ok), "detail": detail}
+
+
+def observe(instance: Instance, state, stats, checks) -> tuple[str, str]:
+    """The observed status (and a short reason) from the container's state and ComfyUI's answer."""
+    S = Instance.Status
+    if state is None:
+        if instance.desired_state == Instance.DesiredState.RUNNING:
+            return S.ERROR, "the container is missing; start the instance to recreate it"
+        if not layout.instance_dir(instance.instance_id, instance.node).exists():
+            return S.NEW, ""
+        return S.STOPPED, ""
+    if state.status == "restarting":
+        return S.CRASH_LOOPING, f"Docker is restarting it after crashes ({state.restart_count} so far)"
+    if state.status in ("exited", "dead", "created"):
+        if state.restart_count >= settings.INSTANCE_MAX_RESTARTS:
+            return S.CRASH_LOOPING, (f"gave up after {state.restart_count} restarts; last exit code "
+                                     f"{state.exit_code}{' (out of memory)' if state.oom_killed else ''}; see logs")
+        if instance.desired_state == Instance.DesiredState.RUNNING and state.status != "created":
+            return S.ERROR, f"exited with code {state.exit_code}{' (out of memory)' if state.oom_killed else ''}"
+        return S.STOPPED, ""
+    if state.status == "paused":
+        return S.UNHEALTHY, "the container is paused"
+    # running
+    failed = [c["check"] for c in checks if not c["ok"]]
+    if stats is None:
+        started = _parse_docker_time(state.started_at)
+        if started and timezone.now() - started < timedelta(seconds=settings.INSTANCE_START_TIMEOUT):
+            return S.STARTING, "waiting for ComfyUI to answer"
+        return S.UNHEALTHY, "ComfyUI does not answer /system_stats"
+    if failed:
+        return S.UNHEALTHY, "isolation check failed: " + ", ".join(failed)
+    return S.HEALTHY, ""
+
+
+def _parse_docker_time(value: str):
+    if not value or value.startswith("0001-"):
+        return None
+    try:
+        return datetime.fromisoformat(value[:26].rstrip("Z") + "+00:00")
+    except ValueError:
+        return None
+
+
+def reconcile_node(node: Node) -> Counter:
+    """Record the observed status of every instance on `node`. Returns how many are in each status."""
+    from .services import instances_with_relations
+
+    instances = list(instances_with_relations().filter(node=node))
+    now = timezone.now()
+    try:
+        engine = docker_engine.require_engine(node.docker_host or None)
+    except docker_engine.EngineError as exc:
+        Instance.objects.filter(node=node).exclude(status=Instance.Status.NEW).update(
+            status=Instance.Status.UNKNOWN, status_detail=str(exc)[:500], checked_at=now)
+        return Counter({Instance.Status.UNKNOWN: len(instances)})
+    try:
+        states = docker_engine.managed_containers(engine)
+    except docker_engine.EngineError as exc:
+        Instance.objects.filter(node=node).update(status=Instance.Status.UNKNOWN, status_detail=str(exc)[:500])
+        return Counter({Instance.Status.UNKNOWN: len(instances)})
+    finally:
+        engine.close()
+    by_name = {state.name: state for state in states}
+    running = [i for i in instances if (by_name.get(i.container_name) or _NONE).running]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = dict(zip([i.pk for i in running], pool.map(system_stats, running)))
+
+    counts = Counter()
+    changed = []
+    for instance in instances:
+        state = by_name.get(instance.container_name)
+        stats = answers.get(instance.pk)
+        checks = isolation_checks(instance, state, stats, states)
+        status, detail = observe(instance, state, stats, checks)
+        if state is not None and state.running and state.labels.get(runtime.LABEL_CONFIG) != instance.config_hash:
+            detail = (detail + "; " if detail else "") + "its container was changed outside ComfyHub"
+        health = {"checks": checks, "devices": [d.get("name") for d in (stats or {}).get("devices", [])],
+                  "comfyui_version": ((stats or {}).get("system") or {}).get("comfyui_version", "")}
+        counts[status] += 1
+        if (instance.status, instance.status_detail, instance.health) != (status, detail, health) or \
+                (state and instance.restart_count != state.restart_count):
+            instance.status, instance.status_detail, instance.health = status, detail[:500], health
+            instance.restart_count = state.restart_count if state else 0
+            if state:
+                instance.container_id = state.id
+            changed.append(instance)
+        instance.checked_at = now
+    Instance.objects.bulk_update(
+        changed, ["status", "status_detail", "health", "restart_count", "container_id"], batch_size=200)
+    Instance.objects.filter(node=node).update(checked_at=now)
+    return counts
+
+
+class _Missing:
+    running = False
+
+
+_NONE = _Missing()
+
+
+def reconcile_all() -> dict:
+    totals = Counter()
+    for node in Node.objects.all():
+        totals.update(reconcile_node(node))
+    return dict(totals)

@@ -1,0 +1,316 @@
+"""Instance services: the rules for creating, changing, starting, stopping and deleting instances.
+
+The browser, the admin, the CLI and the jobs all call these functions; validation problems are raised as
+`ValidationError({field: [message]})` whose messages say what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+import socket
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Prefetch
+
+from comfyhub import operations
+from storage_app import layout
+
+from . import runtime
+from .gpus import gpus_discover
+from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
+
+
+# --- Nodes ---------------------------------------------------------------------------------------------------
+
+def port_range_setting() -> tuple[int, int]:
+    start, _, end = settings.INSTANCE_PORT_RANGE.partition("-")
+    return int(start), int(end or start)
+
+
+def local_node() -> Node:
+    start, end = port_range_setting()
+    node, _ = Node.objects.get_or_create(name=LOCAL_NODE, defaults={"port_range_start": start, "port_range_end": end})
+    return node
+
+
+def instances_with_relations():
+    """Instances with everything list pages show, in a fixed number of queries."""
+    return Instance.objects.select_related("node").prefetch_related(
+        Prefetch("assignments", queryset=GPUAssignment.objects.select_related("gpu"))
+    )
+
+
+# --- Parsing user input (shared by forms and the CLI) ----------------------------------------------------------
+
+def parse_gpu_selection(value) -> list[int]:
+    """'0,1' / ['0', '1'] / 'none' / '' -> GPU indexes."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value in ("", "none", "cpu"):
+            return []
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+    else:
+        parts = [str(p).strip() for p in value]
+    if not all(p.isdigit() for p in parts):
+        raise ValidationError({"gpus": [f"GPUs are given by index, e.g. '0,1', or 'none' for CPU mode; got "
+                                        f"{', '.join(parts)}."]})
+    indexes = sorted({int(p) for p in parts})
+    return indexes
+
+
+def parse_env(pairs) -> dict[str, str]:
+    """['K=V', ...] or 'K=V\\nK2=V2' -> dict; refuses malformed lines."""
+    if isinstance(pairs, str):
+        pairs = [line for line in pairs.splitlines() if line.strip()]
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.strip().partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValidationError({"extra_env": [f"'{pair.strip()}' is not KEY=VALUE with a KEY of letters, digits "
+                                                 "and '_'."]})
+        env[key] = value
+    return env
+
+
+# --- Validation ----------------------------------------------------------------------------------------------
+
+@dataclass
+class InstanceFields:
+    instance_id: str
+    display_name: str = ""
+    description: str = ""
+    image: str = ""
+    extra_args: list | None = None
+    extra_env: dict | None = None
+    host_port: int | None = None
+    gpu_indexes: list | None = None
+
+
+def _validate(fields: InstanceFields, node: Node, instance: Instance | None = None) -> list[GPU]:
+    errors: dict[str, list[str]] = {}
+
+    if instance is None:
+        problem = layout.instance_id_problem(fields.instance_id)
+        if problem:
+            errors.setdefault("instance_id", []).append(problem)
+        elif Instance.objects.filter(instance_id=fields.instance_id).exists():
+            errors.setdefault("instance_id", []).append(
+                f"An instance '{fields.instance_id}' already exists; pick another id.")
+        elif (layout.instances_root(node) / fields.instance_id).exists():
+            # Data of a deleted instance (or one made by hand): reusing it silently would mix two instances' data.
+            errors.setdefault("instance_id", []).append(
+                f"{layout.instances_root(node) / fields.instance_id} already exists (data kept from a deleted "
+                "instance?). Pick another id, or move that folder away first.")
+
+    image = (fields.image or "").strip()
+    if not image or any(c.isspace() for c in image):
+        errors.setdefault("image", []).append("Give an image name such as 'repository/comfyui:tag' (no spaces).")
+
+    for arg in fields.extra_args or []:
+        problem = runtime.argument_problem(str(arg))
+        if problem:
+            errors.setdefault("extra_args", []).append(problem)
+    for key in (fields.extra_env or {}):
+        problem = runtime.environment_problem(key)
+        if problem:
+            errors.setdefault("extra_env", []).append(problem)
+
+    if fields.host_port is not None:
+        problem = _port_problem(fields.host_port, node, instance)
+        if problem:
+            errors.setdefault("host_port", []).append(problem)
+
+    gpus = []
+    for index in fields.gpu_indexes or []:
+        gpu = GPU.objects.filter(node=node, index=index).first()
+        if gpu is None or not gpu.present:
+            known = ", ".join(str(g.index) for g in GPU.objects.filter(node=node, present=True)) or "none"
+            errors.setdefault("gpus", []).append(f"GPU {index} does not exist on node {node} (GPUs: {known}).")
+            continue
+        holders = [a.instance for a in gpu.assignments.select_related("instance") if a.instance != instance]
+        if holders and (not gpu.shareable or any(a.exclusive for a in gpu.assignments.all()
+                                                  if a.instance != instance)):
+            errors.setdefault("gpus", []).append(
+                f"GPU {index} is held exclusively by instance '{holders[0]}'; pick another GPU, free it there, "
+                "or mark it shareable on the GPUs page.")
+            continue
+        gpus.append(gpu)
+
+    if errors:
+        raise ValidationError(errors)
+    return gpus
+
+
+def _port_problem(port: int, node: Node, instance: Instance | None) -> str | None:
+    if not 1024 <= port <= 65535:
+        return "Ports go from 1024 to 65535; leave it empty to choose one automatically."
+    other = Instance.objects.filter(node=node, host_port=port).exclude(pk=getattr(instance, "pk", None)).first()
+    if other:
+        return f"Port {port} is used by instance '{other}'; pick another or leave it empty to choose one automatically."
+    if instance is not None and instance.host_port == port:
+        return None  # its own port, possibly bound by its own running container
+    if port_bound_on_host(node.bind_address, port):
+        return (f"Port {port} is already in use on this host (by another program); pick another or leave it empty "
+                "to choose one automatically.")
+    return None
+
+
+def port_bound_on_host(address: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            return exc.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+def _free_ports(node: Node):
+    taken = set(Instance.objects.filter(node=node).values_list("host_port", flat=True))
+    for port in range(node.port_range_start, node.port_range_end + 1):
+        if port not in taken and not port_bound_on_host(node.bind_address, port):
+            yield port
+
+
+# --- Create, update, delete ----------------------------------------------------------------------------------
+
+def instance_create(*, instance_id: str, display_name: str = "", description: str = "", image: str = "",
+                    extra_args=None, extra_env=None, host_port: int | None = None, gpu_indexes=None,
+                    node: Node | None = None, user=None) -> Instance:
+    node = node or local_node()
+    fields = InstanceFields(instance_id=(instance_id or "").strip(), display_name=display_name,
+                            description=description, image=image or settings.COMFY_IMAGE,
+                            extra_args=list(extra_args or []), extra_env=dict(extra_env or {}),
+                            host_port=host_port, gpu_indexes=list(gpu_indexes or []))
+    gpus = _validate(fields, node)
+    ports = [host_port] if host_port is not None else _free_ports(node)
+    for port in ports:
+        try:
+            with transaction.atomic():
+                instance = Instance.objects.create(
+                    instance_id=fields.instance_id, display_name=display_name, description=description, node=node,
+                    image=fields.image, extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=port,
+                    created_by=user if user is not None and user.is_authenticated else None,
+                )
+                _assign(instance, gpus)
+            return instance
+        except IntegrityError as exc:
+            _raise_for_integrity(exc, fields, port, explicit_port=host_port is not None)
+    raise ValidationError({"host_port": [f"No free port left in {node.port_range_start}-{node.port_range_end} on "
+                                         f"node {node}; give one explicitly or widen the range."]})
+
+
+def _raise_for_integrity(exc, fields, port, *, explicit_port):
+    """Translate a lost race into the same messages the checks give; return to try the next free port."""
+    if Instance.objects.filter(instance_id=fields.instance_id).exists():
+        raise ValidationError({"instance_id": [f"An instance '{fields.instance_id}' already exists; pick another id."]})
+    if "assignment" in str(exc).lower() or "gpu" in str(exc).lower():
+        raise ValidationError({"gpus": ["One of these GPUs was just taken by another instance; pick again."]})
+    if explicit_port:
+        raise ValidationError({"host_port": [f"Port {port} was just taken by another instance; pick another or leave "
+                                             "it empty to choose one automatically."]})
+
+
+def _assign(instance: Instance, gpus: list[GPU]):
+    GPUAssignment.objects.filter(instance=instance).exclude(gpu__in=gpus).delete()
+    held = set(GPUAssignment.objects.filter(instance=instance).values_list("gpu_id", flat=True))
+    for gpu in gpus:
+        if gpu.pk not in held:
+            GPUAssignment.objects.create(instance=instance, gpu=gpu, exclusive=not gpu.shareable)
+
+
+def instance_update(*, instance: Instance, display_name: str, description: str, image: str, extra_args, extra_env,
+                    host_port: int | None, gpu_indexes, user=None) -> Instance:
+    """Change an instance's configuration; a running container is recreated with it on the next start."""
+    fields = InstanceFields(instance_id=instance.instance_id, display_name=display_name, description=description,
+                            image=image or settings.COMFY_IMAGE, extra_args=list(extra_args or []),
+                            extra_env=dict(extra_env or {}), host_port=host_port, gpu_indexes=list(gpu_indexes or []))
+    gpus = _validate(fields, instance.node, instance)
+    if host_port is None:
+        host_port = instance.host_port
+    try:
+        with transaction.atomic():
+            Instance.objects.filter(pk=instance.pk).update(
+                display_name=display_name, description=description, image=fields.image,
+                extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=host_port,
+            )
+            _assign(instance, gpus)
+    except IntegrityError as exc:
+        _raise_for_integrity(exc, fields, host_port, explicit_port=True)
+        raise
+    instance.refresh_from_db()
+    return instance
+
+
+def instance_pending_changes(instance: Instance) -> bool:
+    """True when the running container was made from another configuration (restart to apply)."""
+    return bool(instance.config_hash) and instance.config_hash != runtime.container_spec(instance).config_hash
+
+
+# --- Actions (each one an operation) -------------------------------------------------------------------------
+
+def instance_build(*, instance: Instance, user=None):
+    from . import jobs
+
+    return operations.enqueue(jobs.build_instance, target=instance, user=user, instance_pk=instance.pk)
+
+
+def instance_start(*, instance: Instance, user=None):
+    from . import jobs
+
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    return operations.enqueue(jobs.start_instance, target=instance, user=user, instance_pk=instance.pk)
+
+
+def instance_stop(*, instance: Instance, user=None):
+    from . import jobs
+
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED)
+    return operations.enqueue(jobs.stop_instance, target=instance, user=user, instance_pk=instance.pk)
+
+
+def instance_restart(*, instance: Instance, user=None):
+    from . import jobs
+
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    return operations.enqueue(jobs.restart_instance, target=instance, user=user, instance_pk=instance.pk)
+
+
+def instance_delete(*, instance: Instance, purge_data: bool = False, confirm: str = "", user=None):
+    """Remove the container and the registry row; the data stays unless `purge_data` and `confirm` is the id."""
+    from . import jobs
+
+    if purge_data and confirm != instance.instance_id:
+        raise ValidationError({"confirm": [f"To delete the data too, type the instance id '{instance.instance_id}' "
+                                           "exactly."]})
+    return operations.enqueue(jobs.delete_instance, target=instance, user=user, instance_pk=instance.pk,
+                              purge_data=purge_data)
+
+
+def instance_logs(*, instance: Instance, tail: int = 500) -> str:
+    from . import docker_engine
+
+    engine = docker_engine.require_engine(instance.node.docker_host or None)
+    try:
+        return docker_engine.container_logs(engine, instance.container_name, tail=tail)
+    finally:
+        engine.close()
+
+
+def purge_instance_data(instance_id: str, node: Node):
+    """Delete an instance's own tree (never anything shared)."""
+    path = layout.instance_dir(instance_id, node)
+    root = layout.instances_root(node).resolve()
+    if path.is_symlink() or path.resolve().parent != root:
+        raise layout.LayoutError(f"Refusing to delete {path}: it does not resolve to a folder directly under {root}.")
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def discover_gpus(node: Node | None = None):
+    return gpus_discover(node or local_node())

@@ -1,0 +1,25 @@
+"""A fresh install gets the local node, its GPUs, and the single-instance user's instance (COMFY_INSTANCE_ID)."""
+from django.conf import settings
+from django.db.models.signals import post_migrate
+from django.dispatch import receiver
+
+
+@receiver(post_migrate)
+def ensure_local_node(sender, **kwargs):
+    if sender.label != "instances":
+        return
+    from .models import LOCAL_NODE, Node
+
+    if Node.objects.filter(name=LOCAL_NODE).exists():
+        return
+    from . import services
+
+    node = services.local_node()
+    _, gpus = services.discover_gpus(node)
+    if settings.COMFY_DEFAULT_INSTANCE and not node.instances.exists():
+        start, _ = services.port_range_setting()
+        services.instance_create(
+            instance_id=settings.COMFY_INSTANCE_ID, display_name="ComfyUI", node=node,
+            host_port=None if services.port_bound_on_host(node.bind_address, start) else start,
+            gpu_indexes=[gpu.index for gpu in gpus if not gpu.shareable],
+        )

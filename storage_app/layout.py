@@ -1,0 +1,221 @@
+"""The storage layout: the one module that knows where every directory is and what goes in it.
+
+    <shared>/models/<ComfyUI model folder>/    shared library, read-only in containers at /shared/models
+    <shared>/input/                            shared input images, read-only at /shared/input
+    <instances>/<id>/{custom_nodes,user,temp,output,input,models}   read-write at /instance
+    <instances>/<id>/extra_model_paths.yaml    maps every model folder to /shared/models/... (is_default: true)
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+
+# ComfyUI's model folders (folder_paths.py): key -> sub-folders of models/ searched for it, first one is the default.
+MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoints": ("checkpoints",),
+    "configs": ("configs",),
+    "loras": ("loras",),
+    "vae": ("vae",),
+    "text_encoders": ("text_encoders", "clip"),
+    "diffusion_models": ("diffusion_models", "unet"),
+    "clip_vision": ("clip_vision",),
+    "style_models": ("style_models",),
+    "embeddings": ("embeddings",),
+    "diffusers": ("diffusers",),
+    "vae_approx": ("vae_approx",),
+    "controlnet": ("controlnet", "t2i_adapter"),
+    "gligen": ("gligen",),
+    "upscale_models": ("upscale_models",),
+    "latent_upscale_models": ("latent_upscale_models",),
+    "hypernetworks": ("hypernetworks",),
+    "photomaker": ("photomaker",),
+    "classifiers": ("classifiers",),
+    "model_patches": ("model_patches",),
+    "audio_encoders": ("audio_encoders",),
+}
+# ComfyUI's legacy folder names.
+LEGACY_FOLDERS = {"unet": "diffusion_models", "clip": "text_encoders"}
+
+INSTANCE_SUBDIRS = ("custom_nodes", "user", "temp", "output", "input", "models")
+EXTRA_MODEL_PATHS_FILE = "extra_model_paths.yaml"
+
+# Container side of the contract.
+CONTAINER_SHARED = "/shared"
+CONTAINER_INSTANCE = "/instance"
+
+# Instance ids: DNS labels (they name a directory, a container and a host name).
+INSTANCE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+RESERVED_IDS = frozenset({"shared", "instances", "backups", "models", "input", "storage", "tmp", "temp", "new", "all",
+                          "comfyhub", "admin", "api", "static"})
+
+
+class LayoutError(Exception):
+    """A path or id that would break the layout (escape a root, reuse a reserved name)."""
+
+
+def instance_id_problem(instance_id: str) -> str | None:
+    """Why `instance_id` cannot name an instance, or None when it can."""
+    if not instance_id:
+        return "An instance id is required."
+    if len(instance_id) > 63:
+        return "An instance id has at most 63 characters."
+    if not INSTANCE_ID_RE.match(instance_id):
+        return ("Use lowercase letters a-z, digits and '-', starting and ending with a letter or digit "
+                f"(e.g. '{_suggest_id(instance_id)}').")
+    if instance_id in RESERVED_IDS:
+        return f"'{instance_id}' is reserved by ComfyHub's storage layout; pick another id."
+    return None
+
+
+def _suggest_id(value: str) -> str:
+    suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:63].strip("-")
+    return suggestion or "my-instance"
+
+
+def shared_root(node=None) -> Path:
+    return Path(node.shared_path) if node is not None and node.shared_path else settings.COMFY_SHARED_PATH
+
+
+def instances_root(node=None) -> Path:
+    return Path(node.instances_path) if node is not None and node.instances_path else settings.COMFY_INSTANCES_PATH
+
+
+def shared_models_dir(node=None) -> Path:
+    return shared_root(node) / "models"
+
+
+def shared_input_dir(node=None) -> Path:
+    return shared_root(node) / "input"
+
+
+def instance_dir(instance_id: str, node=None) -> Path:
+    """The instance's own tree; refuses any id that is not a plain, valid instance id."""
+    problem = instance_id_problem(instance_id)
+    if problem:
+        raise LayoutError(f"Invalid instance id {instance_id!r}: {problem}")
+    root = instances_root(node)
+    path = root / instance_id
+    if path.parent != root:
+        raise LayoutError(f"Instance id {instance_id!r} escapes {root}.")
+    return path
+
+
+def extra_model_paths_yaml() -> str:
+    """The YAML that makes ComfyUI search the read-only shared library first for every model folder."""
+    lines = [
+        "# Written by ComfyHub: the shared, read-only model library comes first for every model folder.",
+        "# The instance's own /instance/models (ComfyUI's default) still receives what nodes download.",
+        "comfyhub_shared:",
+        f"    base_path: {CONTAINER_SHARED}/models",
+        "    is_default: true",
+    ]
+    for key, folders in MODEL_FOLDERS.items():
+        if len(folders) == 1:
+            lines.append(f"    {key}: {folders[0]}/")
+        else:
+            lines.append(f"    {key}: |")
+            lines.extend(f"        {folder}/" for folder in folders)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class BuildReport:
+    created: list[str] = field(default_factory=list)
+    existing: int = 0
+    links: list[str] = field(default_factory=list)
+    skipped_links: list[str] = field(default_factory=list)
+
+
+def build_shared_tree(node=None, report: BuildReport | None = None) -> BuildReport:
+    report = report or BuildReport()
+    _make_dir(shared_root(node), report)
+    _make_dir(shared_models_dir(node), report)
+    for key, folders in MODEL_FOLDERS.items():
+        for folder in folders:
+            _make_dir(shared_models_dir(node) / folder, report)
+    _make_dir(shared_input_dir(node), report)
+    return report
+
+
+def build_instance_tree(instance_id: str, node=None, report: BuildReport | None = None) -> BuildReport:
+    """Create (never delete or overwrite) the instance's tree and its generated files. Idempotent."""
+    report = report or BuildReport()
+    root = instance_dir(instance_id, node)
+    _make_dir(instances_root(node), report)
+    _make_dir(root, report)
+    for sub in INSTANCE_SUBDIRS:
+        _make_dir(root / sub, report)
+    _make_dir(root / "user" / "default" / "workflows", report)
+    write_generated_file(root / EXTRA_MODEL_PATHS_FILE, extra_model_paths_yaml())
+    link_shared_input(instance_id, node, report)
+    return report
+
+
+def link_shared_input(instance_id: str, node=None, report: BuildReport | None = None) -> BuildReport:
+    """Make each shared input file appear at the top of the instance's input folder (ComfyUI's LoadImage lists only
+    that level) as a link to its read-only container path. Never replaces a file the instance owns."""
+    report = report or BuildReport()
+    input_dir = instance_dir(instance_id, node) / "input"
+    shared_input = shared_input_dir(node)
+    if not shared_input.is_dir():
+        return report
+    wanted = set()
+    for entry in os.scandir(shared_input):
+        if not entry.is_file(follow_symlinks=False) or entry.name.startswith("."):
+            continue
+        wanted.add(entry.name)
+        target = f"{CONTAINER_SHARED}/input/{entry.name}"
+        link = input_dir / entry.name
+        if link.is_symlink():
+            if os.readlink(link) == target:
+                continue
+            report.skipped_links.append(entry.name)
+            continue
+        if link.exists():
+            report.skipped_links.append(entry.name)  # the instance's own upload of the same name wins
+            continue
+        os.symlink(target, link)
+        _chown(link, follow=False)
+        report.links.append(entry.name)
+    # Drop links to shared files that are gone (only our own links: they point into /shared/input).
+    for entry in os.scandir(input_dir):
+        if entry.is_symlink() and entry.name not in wanted and os.readlink(entry.path).startswith(
+            f"{CONTAINER_SHARED}/input/"
+        ):
+            os.unlink(entry.path)
+    return report
+
+
+def write_generated_file(path: Path, content: str):
+    """Atomically (re)write a file ComfyHub generates."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _chown(path)
+
+
+def _make_dir(path: Path, report: BuildReport):
+    if path.is_dir():
+        report.existing += 1
+        return
+    if path.exists() or path.is_symlink():
+        raise LayoutError(f"{path} exists but is not a directory; move it away and build again.")
+    path.mkdir(parents=True)
+    _chown(path)
+    report.created.append(str(path))
+
+
+def _chown(path: Path, follow: bool = True):
+    if os.geteuid() == 0:
+        os.chown(path, settings.PUID, settings.PGID, follow_symlinks=follow)
