@@ -208,9 +208,10 @@ def container_state(engine, name: str) -> ContainerState | None:
             return None
 
 
-def managed_containers(engine, label: str = "comfyhub.managed=true") -> list[ContainerState]:
-    with _translated("Could not list ComfyHub's containers", engine):
-        summaries = engine.api.containers(all=True, filters={"label": label})
+def list_containers(engine, label: str | None = None) -> list[ContainerState]:
+    """Every container on the engine (stopped ones too), or those carrying `label` ("key" or "key=value")."""
+    with _translated("Could not list the engine's containers", engine):
+        summaries = engine.api.containers(all=True, filters={"label": label} if label else None)
         states = []
         for summary in summaries:
             try:

@@ -157,7 +157,8 @@ def reconcile_node(node: Node) -> Counter:
             status=Instance.Status.UNKNOWN, status_detail=str(exc)[:500], checked_at=now)
         return Counter({Instance.Status.UNKNOWN: len(instances)})
     try:
-        states = docker_engine.managed_containers(engine)
+        # All containers, not only ComfyHub's: any of them could share a folder or a port with an instance.
+        states = docker_engine.list_containers(engine)
     except docker_engine.EngineError as exc:
         Instance.objects.filter(node=node).update(status=Instance.Status.UNKNOWN, status_detail=str(exc)[:500])
         return Counter({Instance.Status.UNKNOWN: len(instances)})

@@ -1,0 +1,142 @@
+"""The periodic reconcile: observed status, health and isolation checks, from the real engine and ComfyUI."""
+import dataclasses
+
+import pytest
+
+from comfyhub.models import Operation
+from instances import docker_engine, health, runtime, services
+from instances.models import Instance
+from storage_app import layout
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def image(comfyui_double_image, docker_cleanup):
+    return comfyui_double_image
+
+
+@pytest.fixture
+def engine(docker_engine):
+    client = docker_engine_client()
+    yield client
+    client.close()
+
+
+def docker_engine_client():
+    return docker_engine.require_engine()
+
+
+def started(instance, run_worker):
+    operation = services.instance_start(instance=instance)
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    instance.refresh_from_db()
+    return instance
+
+
+def reconciled(instance):
+    health.reconcile_all()
+    instance.refresh_from_db()
+    return instance
+
+
+def checks_of(instance):
+    return {check["check"]: check for check in instance.health["checks"]}
+
+
+def test_a_running_instance_is_healthy_with_every_isolation_check_passing(image, run_worker):
+    instance = reconciled(started(services.instance_create(instance_id="fine", image=image, gpu_indexes=[0]),
+                                  run_worker))
+    assert instance.status == Instance.Status.HEALTHY
+    assert set(checks_of(instance)) == {"shared storage is read-only", "instance storage is its own",
+                                        "GPUs match the assignment", "no other container writes its folders",
+                                        "its port is its own"}
+    assert all(check["ok"] for check in instance.health["checks"])
+    assert instance.health["devices"] == ["cuda:0 host GPU 0 : test double"]
+
+
+def test_a_container_removed_behind_comfyhubs_back_is_an_error(image, run_worker, engine):
+    instance = started(services.instance_create(instance_id="vanished", image=image), run_worker)
+    docker_engine.remove_container(engine, instance.container_name)
+    instance = reconciled(instance)
+    assert instance.status == Instance.Status.ERROR
+    assert "the container is missing" in instance.status_detail
+
+
+def test_a_stopped_instance_reads_stopped(image, run_worker):
+    instance = started(services.instance_create(instance_id="rest", image=image), run_worker)
+    services.instance_stop(instance=instance)
+    run_worker()
+    assert reconciled(instance).status == Instance.Status.STOPPED
+
+
+def test_a_crash_loop_backs_off_and_is_marked_not_restarted_forever(image, engine, settings):
+    settings.INSTANCE_MAX_RESTARTS = 2
+    instance = services.instance_create(instance_id="looper", image=image, extra_args=["--not-a-flag"])
+    layout.build_shared_tree()
+    layout.build_instance_tree("looper")
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    docker_engine.create_container(engine, runtime.container_spec(instance))
+    docker_engine.start_container(engine, instance.container_name)
+    # Docker restarts it with growing delays, then gives up after INSTANCE_MAX_RESTARTS.
+    wait_for(lambda: (s := docker_engine.container_state(engine, instance.container_name)).status == "exited"
+             and s.restart_count == 2, timeout=60, message="Docker to give up restarting")
+    instance = reconciled(instance)
+    assert instance.status == Instance.Status.CRASH_LOOPING
+    assert "gave up after 2 restarts; last exit code 2" in instance.status_detail
+
+
+def test_another_container_writing_an_instances_folder_fails_its_isolation(image, run_worker, engine, settings):
+    instance = started(services.instance_create(instance_id="guarded", image=image), run_worker)
+    engine.containers.run(image, ["--port", "8188"], detach=True, name="intruder", labels={"comfyhub.test": "1"},
+                          mounts=[docker_engine.docker.types.Mount(
+                              target="/elsewhere", source=str(settings.COMFY_INSTANCES_PATH / "guarded"),
+                              type="bind")])
+    instance = reconciled(instance)
+    check = checks_of(instance)["no other container writes its folders"]
+    assert not check["ok"]
+    assert "intruder also writes" in check["detail"]
+    assert instance.status == Instance.Status.UNHEALTHY
+
+
+def test_the_gpu_check_compares_the_assignment_with_what_the_container_got(image, run_worker):
+    instance = started(services.instance_create(instance_id="gpus", image=image, gpu_indexes=[1]), run_worker)
+    # Reassign without restarting: the running container still has GPU 1.
+    services.instance_update(instance=instance, display_name="", description="", image=image, extra_args=[],
+                             extra_env={}, host_port=None, gpu_indexes=[2])
+    instance = reconciled(instance)
+    check = checks_of(instance)["GPUs match the assignment"]
+    assert not check["ok"]
+    assert "assigned 2; container got 1" in check["detail"]
+    assert services.instance_pending_changes(instance)
+
+
+def test_a_paused_instance_is_unhealthy(image, run_worker, engine):
+    instance = started(services.instance_create(instance_id="paused", image=image), run_worker)
+    engine.containers.get(instance.container_name).pause()
+    try:
+        instance = reconciled(instance)
+        assert (instance.status, instance.status_detail) == (Instance.Status.UNHEALTHY, "the container is paused")
+    finally:
+        engine.containers.get(instance.container_name).unpause()
+
+
+def test_a_silent_comfyui_is_starting_during_the_grace_period_then_unhealthy(image, engine, settings):
+    instance = services.instance_create(instance_id="mute", image=image)
+    layout.build_shared_tree()
+    layout.build_instance_tree("mute")
+    spec = runtime.container_spec(instance)
+    silent = dataclasses.replace(spec, environment={**spec.environment, "COMFY_DOUBLE_START_DELAY": "600"})
+    docker_engine.create_container(engine, silent)
+    docker_engine.start_container(engine, instance.container_name)
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    assert reconciled(instance).status == Instance.Status.STARTING
+    settings.INSTANCE_START_TIMEOUT = 0
+    instance = reconciled(instance)
+    assert instance.status == Instance.Status.UNHEALTHY
+    # Made here by hand, not by a start: the reconcile also notices that.
+    assert instance.status_detail == ("ComfyUI does not answer /system_stats; "
+                                      "its container was changed outside ComfyHub")

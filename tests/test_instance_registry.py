@@ -1,0 +1,215 @@
+"""The registry's safety checks, enforced by the services and, where requests race, by the database."""
+import socket
+import threading
+
+import pytest
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db import IntegrityError, transaction
+
+from instances import gpus as gpu_discovery
+from instances import services, signals
+from instances.models import GPU, GPUAssignment, Instance, Node
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def errors_of(excinfo):
+    return excinfo.value.message_dict
+
+
+def test_a_fresh_install_has_the_comfy_instance_on_port_8188_ready_to_start(settings):
+    settings.COMFY_DEFAULT_INSTANCE = True
+    settings.INSTANCE_PORT_RANGE = "8188-8387"
+    Instance.objects.all().delete()
+    Node.objects.all().delete()
+    signals.ensure_local_node(sender=apps.get_app_config("instances"))
+    comfy = Instance.objects.get()
+    assert comfy.instance_id == "comfy"
+    assert comfy.host_port == 8188
+    assert comfy.node.name == "local"
+    assert comfy.image == settings.COMFY_IMAGE
+    assert [g.index for g in comfy.assigned_gpus()] == [0, 1, 2, 3]
+    assert comfy.status == Instance.Status.NEW
+    # Migrating again later does not bring a deleted default instance back.
+    comfy.delete()
+    signals.ensure_local_node(sender=apps.get_app_config("instances"))
+    assert not Instance.objects.exists()
+
+
+def test_the_default_instance_id_comes_from_the_environment(settings):
+    settings.COMFY_DEFAULT_INSTANCE = True
+    settings.COMFY_INSTANCE_ID = "studio"
+    Node.objects.all().delete()
+    signals.ensure_local_node(sender=apps.get_app_config("instances"))
+    assert Instance.objects.get().instance_id == "studio"
+
+
+def test_ports_are_allocated_from_the_range_skipping_taken_and_bound_ones(settings):
+    first = services.instance_create(instance_id="first")
+    assert first.host_port == 18188
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 18189))
+        held.listen()
+        second = services.instance_create(instance_id="second")
+    assert second.host_port == 18190
+
+
+@pytest.mark.parametrize("instance_id, message", [
+    ("Upper", "Use lowercase letters"),
+    ("-lead", "Use lowercase letters"),
+    ("trail-", "Use lowercase letters"),
+    ("a" * 64, "at most 63 characters"),
+    ("../escape", "Use lowercase letters"),
+    ("a/b", "Use lowercase letters"),
+    ("", "An instance id is required."),
+    ("shared", "reserved"),
+    ("backups", "reserved"),
+])
+def test_it_refuses_a_bad_instance_id(instance_id, message):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id=instance_id)
+    assert message in " ".join(errors_of(excinfo)["instance_id"])
+    assert not Instance.objects.exists()
+
+
+def test_it_refuses_a_taken_id_and_a_leftover_data_folder(settings):
+    services.instance_create(instance_id="taken")
+    with pytest.raises(ValidationError, match="already exists; pick another id"):
+        services.instance_create(instance_id="taken")
+    (settings.COMFY_INSTANCES_PATH / "leftover").mkdir(parents=True)
+    with pytest.raises(ValidationError, match="data kept from a deleted instance"):
+        services.instance_create(instance_id="leftover")
+
+
+def test_it_refuses_a_port_used_by_another_instance_or_bound_on_the_host():
+    services.instance_create(instance_id="holder", host_port=18200)
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="wanter", host_port=18200)
+    assert errors_of(excinfo)["host_port"] == [
+        "Port 18200 is used by instance 'holder'; pick another or leave it empty to choose one automatically."]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 18201))
+        held.listen()
+        with pytest.raises(ValidationError, match="already in use on this host"):
+            services.instance_create(instance_id="wanter", host_port=18201)
+    with pytest.raises(ValidationError, match="from 1024 to 65535"):
+        services.instance_create(instance_id="wanter", host_port=80)
+
+
+def test_it_refuses_a_gpu_held_exclusively_and_an_unknown_gpu():
+    services.instance_create(instance_id="owner", gpu_indexes=[1])
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="thief", gpu_indexes=[1])
+    assert "held exclusively by instance 'owner'" in errors_of(excinfo)["gpus"][0]
+    with pytest.raises(ValidationError, match="GPU 9 does not exist on node local"):
+        services.instance_create(instance_id="thief", gpu_indexes=[9])
+
+
+def test_a_shareable_gpu_may_serve_several_instances():
+    GPU.objects.filter(index=2).update(shareable=True)
+    services.instance_create(instance_id="one", gpu_indexes=[2])
+    services.instance_create(instance_id="two", gpu_indexes=[2, 3])
+    assert GPUAssignment.objects.filter(gpu__index=2).count() == 2
+
+
+@pytest.mark.parametrize("args", [["--base-directory", "/x"], ["--port=1"], ["--listen"], ["--cuda-device", "1"],
+                                  ["--output-directory=/tmp"], ["--base", "/x"], ["--extra-model-paths-config", "y"]])
+def test_it_refuses_arguments_that_would_break_isolation(args):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="argy", extra_args=args)
+    assert "set by ComfyHub to keep instances isolated" in errors_of(excinfo)["extra_args"][0]
+
+
+def test_harmless_arguments_are_kept():
+    instance = services.instance_create(instance_id="argy", extra_args=["--preview-method", "auto", "--lowvram"])
+    assert instance.extra_args == ["--preview-method", "auto", "--lowvram"]
+
+
+@pytest.mark.parametrize("key, message", [("NVIDIA_VISIBLE_DEVICES", "assign GPUs instead"),
+                                          ("CUDA_VISIBLE_DEVICES", "assign GPUs instead"),
+                                          ("COMFY_INSTANCE_ID", "COMFY_* variables")])
+def test_it_refuses_environment_that_would_break_isolation(key, message):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="envy", extra_env={key: "all"})
+    assert message in errors_of(excinfo)["extra_env"][0]
+
+
+def test_env_lines_must_be_key_equals_value():
+    assert services.parse_env(["A=1", "B_2=x=y"]) == {"A": "1", "B_2": "x=y"}
+    for bad in (["NOEQUALS"], ["=value"], ["1A=x"], ["A B=x"]):
+        with pytest.raises(ValidationError, match="is not KEY=VALUE"):
+            services.parse_env(bad)
+
+
+def test_gpu_selection_parses_indexes_and_none():
+    assert services.parse_gpu_selection("1, 0") == [0, 1]
+    assert services.parse_gpu_selection("none") == []
+    with pytest.raises(ValidationError, match="GPUs are given by index"):
+        services.parse_gpu_selection("first")
+
+
+def test_the_database_refuses_two_instances_on_one_port_even_past_the_checks():
+    node = services.local_node()
+    Instance.objects.create(instance_id="a", node=node, image="i", host_port=18300)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Instance.objects.create(instance_id="b", node=node, image="i", host_port=18300)
+
+
+def test_the_database_refuses_a_second_holder_of_an_exclusive_gpu():
+    node = services.local_node()
+    gpu = GPU.objects.get(node=node, index=0)
+    a = Instance.objects.create(instance_id="a", node=node, image="i", host_port=18301)
+    b = Instance.objects.create(instance_id="b", node=node, image="i", host_port=18302)
+    GPUAssignment.objects.create(instance=a, gpu=gpu, exclusive=True)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        GPUAssignment.objects.create(instance=b, gpu=gpu, exclusive=True)
+
+
+def test_concurrent_creations_get_distinct_ports_and_one_winner_per_port():
+    results, barrier = {}, threading.Barrier(4)
+
+    def create(name, port):
+        from django.db import connection
+
+        barrier.wait()
+        try:
+            results[name] = services.instance_create(instance_id=name, host_port=port).host_port
+        except ValidationError as exc:
+            results[name] = exc.message_dict
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=create, args=(f"auto-{n}", None)) for n in range(2)]
+    threads += [threading.Thread(target=create, args=(f"same-{n}", 18350)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["auto-0"] != results["auto-1"]
+    same = [results["same-0"], results["same-1"]]
+    assert same.count(18350) == 1, same
+    loser = next(r for r in same if r != 18350)
+    assert "18350" in loser["host_port"][0]
+    assert Instance.objects.filter(host_port=18350).count() == 1
+
+
+def test_gpus_come_from_comfy_gpus_without_a_driver(settings):
+    node = services.local_node()
+    settings.COMFY_GPUS = "0,2"
+    source, present = gpu_discovery.gpus_discover(node)
+    assert source == "settings"
+    assert [g.index for g in present] == [0, 2]
+    assert set(GPU.objects.filter(node=node, present=False).values_list("index", flat=True)) == {1, 3}
+    settings.COMFY_GPUS = "none"
+    assert gpu_discovery.gpus_discover(node) == ("none", [])
+    settings.COMFY_GPUS = "zero"
+    with pytest.raises(ImproperlyConfigured, match="COMFY_GPUS='zero'"):
+        gpu_discovery.gpus_discover(node)
+
+
+def test_an_absent_gpu_cannot_be_assigned(settings):
+    settings.COMFY_GPUS = "0"
+    services.discover_gpus()
+    with pytest.raises(ValidationError, match="GPU 3 does not exist"):
+        services.instance_create(instance_id="late", gpu_indexes=[3])
