@@ -208,6 +208,14 @@ INSTANCE_HEALTH_TIMEOUT = env.float("INSTANCE_HEALTH_TIMEOUT", default=3.0)
 # Extra labels on every container ComfyHub creates, e.g. "team=vision,env=prod".
 CONTAINER_EXTRA_LABELS = env.dict("CONTAINER_EXTRA_LABELS", default={})
 
+# --- Model library ---------------------------------------------------------------------------------------------
+# Also compute BLAKE3 (CivitAI's other hash) in the same pass as SHA-256.
+MODEL_HASH_BLAKE3 = env.bool("MODEL_HASH_BLAKE3", default=False)
+# Files hashed at once; 0 means one per CPU core.
+MODEL_HASH_WORKERS = env.int("MODEL_HASH_WORKERS", default=0)
+# When the scheduled full re-verification runs (cron syntax; empty disables it). Default: Sundays 03:00.
+MODEL_FULL_VERIFY_CRON = env.str("MODEL_FULL_VERIFY_CRON", default="0 3 * * 0")
+
 # --- Docker engine -------------------------------------------------------------------------------------------
 # DOCKER_HOST is the Docker SDK's own variable; empty means the local socket.
 DOCKER_HOST = env.str("DOCKER_HOST", default="")

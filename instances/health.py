@@ -87,6 +87,15 @@ def isolation_checks(instance: Instance, state: docker_engine.ContainerState | N
     checks.append(_check("no other container writes its folders", not shared_rw,
                          "; ".join(shared_rw) or "no other container mounts its read-write folders"))
 
+    library = instance.library_check or {}
+    if library.get("reachable"):
+        unseen = library.get("unseen_verified", [])
+        checks.append(_check(
+            "sees the verified shared library", not unseen,
+            (f"cannot see {len(unseen)} verified file(s): {', '.join(unseen[:5])}" if unseen else
+             "every verified library file is listed by ComfyUI") + f" (checked {library.get('checked_at', '?')})",
+        ))
+
     port_users = [other.name for other in all_states
                   if other.id != state.id and any(port == instance.host_port for _, port in other.host_ports)]
     own_port = any(port == instance.host_port for _, port in state.host_ports)

@@ -97,6 +97,8 @@ class Instance(models.Model):
     config_hash = models.CharField(max_length=64, blank=True, default="", help_text="Of the running container.")
     restart_count = models.PositiveIntegerField(default=0)
     health = models.JSONField(default=dict, blank=True, help_text="Last health and isolation check results.")
+    library_check = models.JSONField(
+        default=dict, blank=True, help_text="What the instance saw of the shared model library at the last check.")
     checked_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
 

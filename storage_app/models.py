@@ -1,0 +1,68 @@
+"""The shared model library's inventory: one row per model file under shared/models."""
+from django.db import models
+from django.utils import timezone
+
+
+class ModelAsset(models.Model):
+    class Status(models.TextChoices):
+        NEW = "new", "New"  # found by a scan, never hashed
+        UNVERIFIED = "unverified", "Unverified"  # hashed, no expected hash to compare with
+        VERIFIED = "verified", "Verified"  # hashed and equal to its expected hash
+        MISMATCH = "mismatch", "Mismatch"  # differs from its expected hash, or changed with no visible change
+        CHANGED = "changed", "Changed"  # size or mtime differ from the last hash: needs hashing again
+        MISSING = "missing", "Missing"  # gone from the library
+        UNREADABLE = "unreadable", "Unreadable"  # could not be read (permissions, grew while read, loop...)
+
+    PROBLEM_STATUSES = (Status.MISMATCH, Status.MISSING, Status.UNREADABLE)
+
+    class ExpectedSource(models.TextChoices):
+        NONE = "", "—"
+        TYPED = "typed", "Typed in"
+        MANIFEST = "manifest", "Imported from a manifest"
+        FIRST_HASH = "first-hash", "First hash (trusted on first use)"
+
+    path = models.CharField(max_length=1000, unique=True, help_text="Relative to shared/models.")
+    folder = models.CharField(max_length=64, db_index=True, help_text="ComfyUI model folder.")
+    size = models.BigIntegerField(default=0)
+    mtime_ns = models.BigIntegerField(default=0)
+    inode = models.BigIntegerField(default=0)
+
+    sha256 = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    blake3 = models.CharField(max_length=64, blank=True, default="")
+    expected_sha256 = models.CharField(max_length=64, blank=True, default="")
+    expected_source = models.CharField(max_length=16, blank=True, default="", choices=ExpectedSource.choices)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
+    status_reason = models.CharField(max_length=500, blank=True, default="")
+    # What the file looked like when it was last hashed: an incremental verify skips files that still match.
+    hashed_size = models.BigIntegerField(null=True, blank=True)
+    hashed_mtime_ns = models.BigIntegerField(null=True, blank=True)
+    hashed_inode = models.BigIntegerField(null=True, blank=True)
+    last_verified_at = models.DateTimeField(null=True, blank=True)
+    evidence = models.JSONField(default=list, blank=True, help_text="Hash changes and mismatches, newest last.")
+
+    architecture = models.CharField(max_length=32, blank=True, default="")
+    metadata = models.JSONField(default=dict, blank=True, help_text="The safetensors __metadata__.")
+
+    first_seen_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["folder", "path"]
+        permissions = [("verify_modelasset", "Can scan and verify the model library, promote inbox files")]
+
+    def __str__(self):
+        return self.path
+
+    @property
+    def short_hash(self):
+        """AutoV2: the first 10 hex digits of the SHA-256 (what CivitAI and A1111 show)."""
+        return self.sha256[:10].upper()
+
+    @property
+    def name(self):
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def is_problem(self):
+        return self.status in self.PROBLEM_STATUSES

@@ -18,6 +18,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
+def storage(settings, tmp_path, monkeypatch):
+    """Fresh shared/instances/backups roots for every test, also for worker processes the test starts."""
+    roots = {}
+    for name, sub in (("COMFY_SHARED_PATH", "shared"), ("COMFY_INSTANCES_PATH", "instances"),
+                      ("COMFY_BACKUPS_PATH", "backups")):
+        path = tmp_path / "storage" / sub
+        setattr(settings, name, path)
+        monkeypatch.setenv(name, str(path))
+        roots[sub] = path
+    return roots
+
+
+@pytest.fixture(autouse=True)
 def clean_redis():
     queues.get_connection("default").flushdb()
     yield

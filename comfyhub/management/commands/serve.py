@@ -43,6 +43,7 @@ class Command(BaseCommand):
         try:
             call_command("migrate", interactive=False, verbosity=0)
             call_command("collectstatic", interactive=False, verbosity=0)
+            self._discover_gpus()
             login = self._ensure_superuser()
             self._start_redis()
             manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
@@ -73,6 +74,13 @@ class Command(BaseCommand):
         password = password or secrets.token_urlsafe(12)
         User.objects.create_superuser(username=username, password=password, email="")
         return {"username": username, "password": password if generated else None}
+
+    def _discover_gpus(self):
+        from instances.services import discover_gpus
+
+        source, gpus = discover_gpus()
+        listed = ", ".join(f"{gpu.index}: {gpu.name or gpu.uuid}" for gpu in gpus) or "none (instances run on the CPU)"
+        self.stdout.write(f"GPUs ({source}): {listed}")
 
     def _start_redis(self):
         if "REDIS_URL" in os.environ:

@@ -1,0 +1,439 @@
+"""The shared model library: scanning it, verifying its checksums, and what instances see of it.
+
+Walks never follow a symbolic link out of the library; every file that cannot be handled is recorded with a reason
+and the walk goes on.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.db.models import Count, Sum
+from django.utils import timezone
+
+from . import hashing, layout
+from .models import ModelAsset
+
+# ComfyUI's model file extensions (folder_paths.supported_pt_extensions) and GGUF, which popular nodes load.
+MODEL_EXTENSIONS = frozenset({".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft", ".gguf"})
+CONFIG_EXTENSIONS = frozenset({".yaml", ".yml", ".json"})
+# Sub-folders of models/ that ComfyUI searches for a folder key other than their own name.
+FOLDER_ALIASES = {**layout.LEGACY_FOLDERS, "t2i_adapter": "controlnet"}
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def folder_of(relpath: str) -> str:
+    top = relpath.split("/", 1)[0] if "/" in relpath else ""
+    return FOLDER_ALIASES.get(top, top) or "(top level)"
+
+
+def is_model_file(relpath: str) -> bool:
+    suffix = os.path.splitext(relpath)[1].lower()
+    if suffix in MODEL_EXTENSIONS:
+        return True
+    return relpath.startswith("configs/") and suffix in CONFIG_EXTENSIONS
+
+
+@dataclass
+class Found:
+    relpath: str
+    path: str
+    stat: os.stat_result | None = None
+    problem: str = ""
+
+
+def walk(root: Path):
+    """Model files under `root`: (relpath, path, stat) or a problem. Links may point anywhere inside the library;
+    links out of it, broken links and loops are problems; linked folders are not descended (loops, escapes)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    real_root = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
+        dirnames.sort()
+        for name in sorted(filenames) + sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
+            path = os.path.join(dirpath, name)
+            relpath = os.path.relpath(path, root).replace(os.sep, "/")
+            try:
+                relpath.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(relpath).decode("utf-8", errors="backslashreplace")
+                yield Found(shown, path, problem="the file name is not valid UTF-8; rename it so ComfyUI and "
+                                                 "ComfyHub can show it")
+                continue
+            if not is_model_file(relpath) and not os.path.isdir(path):
+                continue
+            if os.path.islink(path):
+                try:
+                    target = os.path.realpath(path, strict=True)
+                except OSError as exc:
+                    reason = "a symbolic link loop" if "loop" in str(exc).lower() or exc.errno == 40 else \
+                        "a broken symbolic link"
+                    yield Found(relpath, path, problem=reason)
+                    continue
+                if os.path.commonpath([target, real_root]) != real_root:
+                    yield Found(relpath, path, problem=f"a symbolic link pointing outside the library ({target}); "
+                                                       "not followed")
+                    continue
+                if os.path.isdir(target):
+                    continue  # a linked folder inside the library: its files are found where they really are
+            try:
+                stat = os.stat(path)
+            except PermissionError:
+                yield Found(relpath, path, problem="permission denied")
+                continue
+            except FileNotFoundError:
+                continue  # vanished between listing and stat
+            yield Found(relpath, path, stat=stat)
+
+
+@dataclass
+class ScanResult:
+    new: int = 0
+    changed: int = 0
+    missing: int = 0
+    unchanged: int = 0
+    problems: list = field(default_factory=list)
+
+
+def scan(report=None, root: Path | None = None) -> ScanResult:
+    """Record new, changed (size or mtime differ) and missing files; read safetensors headers of new/changed ones."""
+    root = Path(root or layout.shared_models_dir())
+    now = timezone.now()
+    result = ScanResult()
+    known = {asset.path: asset for asset in ModelAsset.objects.all()}
+    seen = set()
+    for found in walk(root):
+        seen.add(found.relpath)
+        asset = known.get(found.relpath)
+        if found.problem:
+            result.problems.append((found.relpath, found.problem))
+            _log(report, f"{found.relpath}: {found.problem}", "WARNING")
+            if asset is None:
+                asset = ModelAsset(path=found.relpath, folder=folder_of(found.relpath))
+            asset.status, asset.status_reason, asset.last_seen_at = ModelAsset.Status.UNREADABLE, found.problem, now
+            asset.save()
+            continue
+        st = found.stat
+        if asset is None:
+            asset = ModelAsset(path=found.relpath, folder=folder_of(found.relpath), size=st.st_size,
+                               mtime_ns=st.st_mtime_ns, inode=st.st_ino, status=ModelAsset.Status.NEW,
+                               first_seen_at=now, last_seen_at=now)
+            _read_header(asset, found.path, report)
+            asset.save()
+            result.new += 1
+            _log(report, f"new: {found.relpath} ({st.st_size} bytes)")
+            continue
+        same = (asset.size, asset.mtime_ns, asset.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
+        if same and asset.status not in (ModelAsset.Status.MISSING, ModelAsset.Status.UNREADABLE):
+            result.unchanged += 1
+            ModelAsset.objects.filter(pk=asset.pk).update(last_seen_at=now)
+            continue
+        asset.size, asset.mtime_ns, asset.inode, asset.last_seen_at = st.st_size, st.st_mtime_ns, st.st_ino, now
+        asset.status = ModelAsset.Status.CHANGED if asset.sha256 else ModelAsset.Status.NEW
+        asset.status_reason = "size or modification time changed since it was hashed" if asset.sha256 else ""
+        _read_header(asset, found.path, report)
+        asset.save()
+        result.changed += 1
+        _log(report, f"changed: {found.relpath}")
+    gone = [path for path in known if path not in seen and known[path].status != ModelAsset.Status.MISSING]
+    ModelAsset.objects.filter(path__in=gone).update(status=ModelAsset.Status.MISSING,
+                                                    status_reason="not found in the library by the last scan")
+    result.missing = len(gone)
+    for path in gone:
+        _log(report, f"missing: {path}", "WARNING")
+    return result
+
+
+def _read_header(asset: ModelAsset, path: str, report):
+    if not asset.path.lower().endswith((".safetensors", ".sft")):
+        return
+    try:
+        header = hashing.read_safetensors_header(path)
+    except (OSError, hashing.HeaderError) as exc:
+        asset.metadata, asset.architecture = {}, "unknown"
+        _log(report, f"{asset.path}: cannot read the safetensors header: {exc}", "WARNING")
+        return
+    asset.metadata = header.metadata
+    asset.architecture = hashing.guess_architecture(header)
+
+
+def _log(report, message, level="INFO"):
+    if report is not None:
+        report.log(message, level)
+
+
+# --- Verification --------------------------------------------------------------------------------------------
+
+@dataclass
+class VerifyResult:
+    hashed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    mismatches: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+
+
+def needs_hashing(asset: ModelAsset, stat: os.stat_result, full: bool) -> bool:
+    if full or not asset.sha256:
+        return True
+    return (asset.hashed_size, asset.hashed_mtime_ns, asset.hashed_inode) != (stat.st_size, stat.st_mtime_ns,
+                                                                              stat.st_ino)
+
+
+def verify(report=None, *, full: bool = False, root: Path | None = None, workers: int | None = None,
+           with_blake3: bool | None = None) -> VerifyResult:
+    """Hash what needs hashing (everything with `full`), spread over the cores, and record the outcome."""
+    root = Path(root or layout.shared_models_dir())
+    with_blake3 = settings.MODEL_HASH_BLAKE3 if with_blake3 is None else with_blake3
+    result = VerifyResult()
+    todo = []
+    real_root = os.path.realpath(root)
+    for asset in ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).order_by("-size"):
+        path = root / asset.path
+        if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+            continue  # a link out of the library (the scan recorded why): never read what it points at
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue  # the next scan records it as missing/unreadable; hashing it would say the same
+        if needs_hashing(asset, stat, full):
+            todo.append((asset, path, stat))
+        else:
+            result.skipped += 1
+    total = sum(stat.st_size for _, _, stat in todo)
+    _log(report, f"{len(todo)} file(s) to hash ({_human(total)}), {result.skipped} unchanged since last verified")
+
+    progress = _Progress(total)
+    cancelled = threading.Event()
+    workers = workers or settings.MODEL_HASH_WORKERS or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
+        futures = {
+            pool.submit(hashing.hash_file, path, with_blake3=with_blake3, on_bytes=progress.add,
+                        cancelled=cancelled): asset
+            for asset, path, _ in todo
+        }
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    _record(futures[future], future, result, report)
+                if report is not None:
+                    report.progress(progress.percent, progress.describe())
+        except BaseException:
+            cancelled.set()
+            raise
+    result.bytes = progress.done
+    return result
+
+
+def _record(asset: ModelAsset, future, result: VerifyResult, report):
+    now = timezone.now()
+    try:
+        digest = future.result()
+    except FileNotFoundError:
+        asset.status, asset.status_reason = ModelAsset.Status.MISSING, "vanished while it was being verified"
+    except PermissionError:
+        asset.status, asset.status_reason = ModelAsset.Status.UNREADABLE, "permission denied"
+    except hashing.FileChangedWhileReading as exc:
+        asset.status, asset.status_reason = ModelAsset.Status.UNREADABLE, str(exc)
+    except OSError as exc:
+        asset.status, asset.status_reason = ModelAsset.Status.UNREADABLE, f"read error: {exc.strerror or exc}"
+    else:
+        result.hashed += 1
+        previous = asset.sha256
+        unchanged_outside = (asset.hashed_size, asset.hashed_mtime_ns) == (digest.size, digest.mtime_ns)
+        asset.sha256 = digest.sha256
+        asset.blake3 = digest.blake3 or asset.blake3
+        asset.size, asset.mtime_ns, asset.inode = digest.size, digest.mtime_ns, digest.inode
+        asset.hashed_size, asset.hashed_mtime_ns, asset.hashed_inode = digest.size, digest.mtime_ns, digest.inode
+        asset.last_verified_at = now
+        if previous and previous != digest.sha256 and unchanged_outside:
+            asset.status = ModelAsset.Status.MISMATCH
+            asset.status_reason = ("its content changed although its size and modification time did not: "
+                                   "silent corruption, or a tool that hides its writes")
+            asset.evidence = [*asset.evidence, {"at": now.isoformat(), "kind": "silent change",
+                                                "old_sha256": previous, "new_sha256": digest.sha256}]
+        elif asset.expected_sha256 and asset.expected_sha256 != digest.sha256:
+            asset.status = ModelAsset.Status.MISMATCH
+            asset.status_reason = f"differs from the expected hash ({asset.get_expected_source_display()})"
+            asset.evidence = [*asset.evidence, {"at": now.isoformat(), "kind": "expected hash",
+                                                "expected_sha256": asset.expected_sha256,
+                                                "new_sha256": digest.sha256}]
+        elif asset.expected_sha256:
+            asset.status, asset.status_reason = ModelAsset.Status.VERIFIED, ""
+        else:
+            asset.status, asset.status_reason = ModelAsset.Status.UNVERIFIED, "no expected hash to compare with"
+        if asset.status == ModelAsset.Status.MISMATCH:
+            result.mismatches.append(asset.path)
+            _log(report, f"MISMATCH {asset.path}: {asset.status_reason}", "ERROR")
+    if asset.status in (ModelAsset.Status.MISSING, ModelAsset.Status.UNREADABLE):
+        result.problems.append((asset.path, asset.status_reason))
+        _log(report, f"{asset.path}: {asset.status_reason}", "WARNING")
+    asset.save()
+
+
+class _Progress:
+    def __init__(self, total):
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.lock = threading.Lock()
+
+    def add(self, count):
+        with self.lock:
+            self.done += count
+
+    @property
+    def percent(self):
+        return 100 * self.done / self.total if self.total else 100
+
+    def describe(self):
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate else 0
+        return f"{_human(self.done)} of {_human(self.total)}, {_human(rate)}/s, ETA {int(eta)} s"
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+human_size = _human
+
+
+# --- Expected hashes (sha256sum format) ----------------------------------------------------------------------
+
+def import_hashes(text: str, source=ModelAsset.ExpectedSource.MANIFEST) -> dict:
+    """Lines of `<sha256>  <path>` (sha256sum format; '*' binary marker allowed) → expected hashes."""
+    matched, unknown, bad = 0, [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.strip().split(None, 1)
+        digest = parts[0].lower()
+        if len(parts) != 2 or not SHA256_RE.match(digest):
+            bad.append(f"line {number}: not '<64 hex digits>  <path>'")
+            continue
+        path = parts[1].lstrip("*").strip()
+        path = path[2:] if path.startswith("./") else path
+        updated = ModelAsset.objects.filter(path=path).update(expected_sha256=digest, expected_source=source)
+        if updated:
+            matched += 1
+        else:
+            unknown.append(path)
+    return {"matched": matched, "unknown": unknown, "bad": bad}
+
+
+def export_hashes() -> str:
+    lines = [f"{asset.sha256}  {asset.path}" for asset in ModelAsset.objects.exclude(sha256="").order_by("path")]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+# --- Duplicates and totals -----------------------------------------------------------------------------------
+
+def duplicates() -> list[dict]:
+    groups = (ModelAsset.objects.exclude(sha256="").exclude(status=ModelAsset.Status.MISSING)
+              .values("sha256").annotate(copies=Count("id"), bytes=Sum("size")).filter(copies__gt=1))
+    found = []
+    for group in groups:
+        paths = list(ModelAsset.objects.filter(sha256=group["sha256"]).exclude(status=ModelAsset.Status.MISSING)
+                     .values_list("path", flat=True))
+        size = group["bytes"] // group["copies"]
+        found.append({"sha256": group["sha256"], "paths": paths, "size": size,
+                      "wasted": size * (group["copies"] - 1)})
+    return sorted(found, key=lambda g: -g["wasted"])
+
+
+def folder_totals() -> list[dict]:
+    return list(ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).values("folder")
+                .annotate(files=Count("id"), bytes=Sum("size")).order_by("folder"))
+
+
+# --- Instances: inbox and what they see -----------------------------------------------------------------------
+
+def inbox(instance) -> list[dict]:
+    """Model files that nodes downloaded into the instance's own models/ folder."""
+    root = layout.instance_dir(instance.instance_id, instance.node) / "models"
+    return [{"path": f.relpath, "folder": folder_of(f.relpath), "size": f.stat.st_size if f.stat else 0,
+             "problem": f.problem} for f in walk(root)]
+
+
+class PromoteError(Exception):
+    pass
+
+
+def promote(instance, relpath: str, report=None) -> dict:
+    """Move an inbox file into shared/models/<folder>/ without overwriting; drop it if the library already has
+    the same content; never replace a different file."""
+    inbox_root = (layout.instance_dir(instance.instance_id, instance.node) / "models").resolve()
+    source = (inbox_root / relpath)
+    if ".." in Path(relpath).parts or Path(relpath).is_absolute() or source.is_symlink():
+        raise PromoteError(f"'{relpath}' is not a file inside {instance}'s models/ folder.")
+    source = source.resolve()
+    if not source.is_relative_to(inbox_root) or not source.is_file():
+        raise PromoteError(f"'{relpath}' is not a file inside {instance}'s models/ folder.")
+    if not is_model_file(relpath) or "/" not in relpath:
+        raise PromoteError(f"'{relpath}' is not a model file in a model folder (e.g. checkpoints/x.safetensors).")
+    folder = relpath.split("/", 1)[0]
+    if folder not in layout.MODEL_FOLDERS and folder not in FOLDER_ALIASES:
+        raise PromoteError(f"'{folder}' is not a ComfyUI model folder.")
+    target_rel = relpath
+    target = layout.shared_models_dir(instance.node) / target_rel
+    digest = hashing.hash_file(source, with_blake3=settings.MODEL_HASH_BLAKE3)
+    _log(report, f"{relpath}: sha256 {digest.sha256}")
+    if target.exists():
+        existing = hashing.hash_file(target)
+        if existing.sha256 == digest.sha256:
+            source.unlink()
+            _log(report, f"the library already has {target_rel} with the same content: dropped the inbox copy")
+            return {"result": "deduplicated", "path": target_rel, "sha256": digest.sha256}
+        raise PromoteError(f"The library already has a different file at {target_rel}; rename one of them "
+                           "(nothing was moved).")
+    same = ModelAsset.objects.filter(sha256=digest.sha256).exclude(status=ModelAsset.Status.MISSING).first()
+    if same:
+        source.unlink()
+        _log(report, f"the library already has this content as {same.path}: dropped the inbox copy")
+        return {"result": "deduplicated", "path": same.path, "sha256": digest.sha256}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _move_without_overwrite(source, target, digest.sha256)
+    stat = os.stat(target)
+    ModelAsset.objects.update_or_create(path=target_rel, defaults=dict(
+        folder=folder_of(target_rel), size=stat.st_size, mtime_ns=stat.st_mtime_ns, inode=stat.st_ino,
+        sha256=digest.sha256, blake3=digest.blake3, hashed_size=stat.st_size, hashed_mtime_ns=stat.st_mtime_ns,
+        hashed_inode=stat.st_ino, last_verified_at=timezone.now(), status=ModelAsset.Status.UNVERIFIED,
+        status_reason="promoted from an instance inbox"))
+    _log(report, f"moved into the shared library as {target_rel}")
+    return {"result": "moved", "path": target_rel, "sha256": digest.sha256}
+
+
+def _move_without_overwrite(source: Path, target: Path, sha256: str):
+    try:
+        os.link(source, target)  # fails if target exists: never overwrites
+        os.unlink(source)
+        return
+    except OSError as exc:
+        if exc.errno != 18:  # EXDEV: another filesystem
+            if target.exists():
+                raise PromoteError(f"{target} appeared meanwhile; nothing was moved.") from exc
+            raise
+    staging = target.with_name(f".{target.name}.promoting-{os.getpid()}")
+    try:
+        shutil.copyfile(source, staging)
+        if hashing.hash_file(staging).sha256 != sha256:
+            raise PromoteError("the copy into the library did not match the original; nothing was moved")
+        os.link(staging, target)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    os.unlink(source)
