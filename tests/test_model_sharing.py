@@ -1,0 +1,140 @@
+"""What instances see of the shared library, and moving their own downloads (the inbox) into it."""
+import hashlib
+import os
+
+import pytest
+
+from comfyhub.models import Operation
+from instances import health, services as instance_services
+from storage_app import layout, library, services
+from storage_app.models import ModelAsset
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def instance(storage):
+    created = instance_services.instance_create(instance_id="studio")
+    layout.build_shared_tree()
+    layout.build_instance_tree("studio")
+    return created
+
+
+def put(root, relpath, content):
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_the_inbox_lists_model_files_nodes_downloaded_into_the_instance(instance, storage):
+    inbox = storage["instances"] / "studio" / "models"
+    put(inbox, "loras/downloaded.safetensors", b"d")
+    put(inbox, "loras/notes.txt", b"n")
+    assert library.inbox(instance) == [
+        {"path": "loras/downloaded.safetensors", "folder": "loras", "size": 1, "problem": ""}]
+
+
+def test_promote_moves_a_file_into_the_library_by_rename(instance, storage):
+    source = put(storage["instances"] / "studio" / "models", "loras/new.safetensors", b"fresh")
+    inode = os.stat(source).st_ino
+    result = library.promote(instance, "loras/new.safetensors")
+    target = storage["shared"] / "models" / "loras" / "new.safetensors"
+    assert result["result"] == "moved" and not source.exists()
+    assert target.read_bytes() == b"fresh" and os.stat(target).st_ino == inode  # moved, not copied
+    row = ModelAsset.objects.get(path="loras/new.safetensors")
+    assert row.sha256 == hashlib.sha256(b"fresh").hexdigest()
+
+
+def test_promote_drops_a_duplicate_of_a_library_file(instance, storage):
+    put(storage["shared"] / "models", "loras/same.pt", b"same")
+    source = put(storage["instances"] / "studio" / "models", "loras/same.pt", b"same")
+    assert library.promote(instance, "loras/same.pt")["result"] == "deduplicated"
+    assert not source.exists()
+
+
+def test_promote_drops_content_the_library_has_under_another_name(instance, storage):
+    put(storage["shared"] / "models", "checkpoints/original.ckpt", b"identical")
+    library.scan()
+    library.verify()
+    source = put(storage["instances"] / "studio" / "models", "checkpoints/renamed.ckpt", b"identical")
+    result = library.promote(instance, "checkpoints/renamed.ckpt")
+    assert result == {"result": "deduplicated", "path": "checkpoints/original.ckpt",
+                      "sha256": hashlib.sha256(b"identical").hexdigest()}
+    assert not source.exists()
+
+
+def test_promote_never_replaces_a_different_file(instance, storage):
+    existing = put(storage["shared"] / "models", "vae/clash.pt", b"library version")
+    source = put(storage["instances"] / "studio" / "models", "vae/clash.pt", b"instance version")
+    with pytest.raises(library.PromoteError, match="already has a different file"):
+        library.promote(instance, "vae/clash.pt")
+    assert existing.read_bytes() == b"library version" and source.read_bytes() == b"instance version"
+
+
+@pytest.mark.parametrize("bad", ["../../shared/models/x.pt", "/etc/passwd", "loras/../../x.pt", "x.pt",
+                                 "loras/absent.pt", "notafolder/x.pt"])
+def test_promote_refuses_paths_outside_the_inbox(instance, storage, bad):
+    put(storage["instances"] / "studio" / "models", "notafolder/x.pt", b"x")
+    with pytest.raises(library.PromoteError):
+        library.promote(instance, bad)
+
+
+def test_promote_refuses_a_symlink_in_the_inbox(instance, storage, tmp_path):
+    outside = put(tmp_path, "outside.pt", b"outside")
+    (storage["instances"] / "studio" / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    os.symlink(outside, storage["instances"] / "studio" / "models" / "loras" / "link.pt")
+    with pytest.raises(library.PromoteError):
+        library.promote(instance, "loras/link.pt")
+    assert outside.exists()
+
+
+def test_promote_runs_as_an_operation(instance, storage, run_worker, operator):
+    put(storage["instances"] / "studio" / "models", "loras/op.pt", b"op")
+    operation = services.models_promote(instance=instance, path="loras/op.pt", user=operator)
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    assert operation.result["result"] == "moved"
+    with pytest.raises(services.ValidationError):
+        services.models_promote(instance=instance, path="../x.pt")
+
+
+@pytest.mark.docker
+def test_a_running_instance_sees_the_library_and_a_hidden_verified_file_fails_isolation(
+        comfyui_double_image, docker_cleanup, run_worker, storage):
+    instance = instance_services.instance_create(instance_id="viewer", image=comfyui_double_image)
+    models = storage["shared"] / "models"
+    content = b"checkpoint"
+    put(models, "checkpoints/seen.ckpt", content)
+    put(models, "loras/also.safetensors", b"lora")
+    put(storage["instances"] / "viewer" / "models", "loras/own.safetensors", b"own")
+    library.scan()
+    library.verify()
+    ModelAsset.objects.filter(path="checkpoints/seen.ckpt").update(
+        expected_sha256=hashlib.sha256(content).hexdigest(), expected_source="typed")
+    library.verify(full=True)
+    operation = instance_services.instance_start(instance=instance)
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+
+    report = services.library_visibility(instance)
+    if not report["reachable"]:
+        print(instance_services.instance_logs(instance=instance, tail=50))
+    assert report == {"reachable": True, "folders": {}, "unseen_verified": []}
+
+    # A verified file the instance cannot list (here: unreadable to ComfyUI's directory walk) is flagged.
+    hidden = ModelAsset.objects.create(path="checkpoints/ghost.ckpt", folder="checkpoints", size=1,
+                                       sha256="a" * 64, status=ModelAsset.Status.VERIFIED)
+    sharing = services.jobs.check_sharing
+    operation = Operation.objects.create(kind="models_sharing")
+    from comfyhub.operations import Report
+
+    sharing.body(Report(operation.pk))
+    health.reconcile_all()
+    instance.refresh_from_db()
+    check = next(c for c in instance.health["checks"] if c["check"] == "sees the verified shared library")
+    assert not check["ok"] and "checkpoints/ghost.ckpt" in check["detail"]
+    assert instance.status == instance.Status.UNHEALTHY
+    assert instance.library_check["folders"]["checkpoints"]["missing"] == ["ghost.ckpt"]
