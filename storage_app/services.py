@@ -27,11 +27,16 @@ def models_promote(*, instance, path: str, user=None):
     return operations.enqueue(jobs.promote_model, target=instance, user=user, instance_pk=instance.pk, path=path)
 
 
-def asset_set_expected(*, asset: ModelAsset, sha256: str) -> ModelAsset:
-    """Type in the expected SHA-256 of one file; the next verify compares against it."""
-    digest = (sha256 or "").strip().lower()
+def validate_sha256(value: str) -> str:
+    digest = (value or "").strip().lower()
     if digest and not library.SHA256_RE.match(digest):
         raise ValidationError({"expected_sha256": ["A SHA-256 is 64 hexadecimal digits (0-9, a-f)."]})
+    return digest
+
+
+def asset_set_expected(*, asset: ModelAsset, sha256: str) -> ModelAsset:
+    """Type in the expected SHA-256 of one file; the next verify compares against it."""
+    digest = validate_sha256(sha256)
     asset.expected_sha256 = digest
     asset.expected_source = ModelAsset.ExpectedSource.TYPED if digest else ModelAsset.ExpectedSource.NONE
     if asset.sha256 and digest:
