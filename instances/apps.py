@@ -7,7 +7,8 @@ class InstancesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     operator_permissions = (
         "instances.add_instance", "instances.change_instance", "instances.delete_instance",
-        "instances.start_instance", "instances.build_instance",
+        "instances.start_instance", "instances.build_instance", "instances.manage_workflows",
+        "instances.manage_custom_nodes", "instances.add_instancetemplate", "instances.change_instancetemplate",
     )
 
     def ready(self):

@@ -324,3 +324,29 @@ def _split_image(image: str) -> tuple[str, str]:
         repository, tag = name.rsplit(":", 1)
         return repository, tag
     return name, "latest"
+
+
+def run_once(engine, *, image: str, command: list[str], workdir: str, mounts: list[tuple[str, str]], labels: dict,
+             timeout: int = 600) -> str:
+    """Run `command` in a throw-away container of `image` (its entrypoint replaced), with `mounts` read-write;
+    return its output, or raise EngineError with the last lines when it fails."""
+    with _translated(f"Could not run {command[0]} in {image}", engine):
+        container = engine.containers.create(
+            image, entrypoint=[command[0]], command=command[1:], working_dir=workdir, labels=labels,
+            mounts=[docker.types.Mount(target=target, source=source, type="bind") for source, target in mounts],
+            security_opt=["no-new-privileges"], detach=True,
+        )
+        try:
+            container.start()
+            try:
+                outcome = container.wait(timeout=timeout)
+            except RequestException as exc:
+                container.kill()
+                raise EngineError(f"{command[0]} did not finish within {timeout} s.") from exc
+            output = container.logs(stdout=True, stderr=True).decode("utf-8", errors="replace")
+        finally:
+            container.remove(force=True)
+    if outcome.get("StatusCode", 1) != 0:
+        tail = "\n".join(output.strip().splitlines()[-8:])
+        raise EngineError(f"{' '.join(command[:4])} exited with code {outcome.get('StatusCode')}:\n{tail}")
+    return output

@@ -42,3 +42,78 @@ def delete_instance(report, *, instance_pk, purge_data=False):
 def reconcile_instances():
     """Periodic (rq cron): record every instance's observed status and health."""
     return health.reconcile_all()
+
+
+@operation_job("workflows_copy", label="Copy workflows")
+def copy_workflows(report, *, source_pk, target_pks, paths, on_conflict):
+    from . import workflows
+
+    source = _load(source_pk)
+    targets = list(Instance.objects.select_related("node").filter(pk__in=target_pks))
+    result = workflows.copy_workflows(source, targets, paths, on_conflict, report)
+    failed = [f for f in result.files if f["result"].startswith(("failed", "refused"))]
+    summary = {"files": result.files, "copied": len(result.files) - len(failed) - result.count("skipped"),
+               "skipped": result.count("skipped"), "failed": len(failed)}
+    if failed and len(failed) == len(result.files):
+        raise OperationError("Nothing was copied: " + "; ".join(f"{f['path']}: {f['result']}" for f in failed[:5]))
+    return summary
+
+
+@operation_job("workflow_install", label="Install library workflow")
+def install_workflow(report, *, version_pk, instance_pks):
+    from . import workflows
+    from .models import WorkflowVersion
+
+    version = WorkflowVersion.objects.select_related("entry").get(pk=version_pk)
+    done = []
+    for instance in Instance.objects.select_related("node").filter(pk__in=instance_pks):
+        outcome, path = workflows.install(version, instance)
+        report.log(f"{version} -> {instance}: {outcome} ({path})")
+        done.append({"instance": instance.instance_id, "result": outcome, "path": path})
+    return {"version": str(version), "installs": done}
+
+
+@operation_job("template_apply", label="Apply template")
+def apply_template(report, *, template_pk, instance_pk):
+    from . import templating
+    from .models import InstanceTemplate
+
+    template = InstanceTemplate.objects.prefetch_related("starter_workflows").get(pk=template_pk)
+    result = templating.apply(template, _load(instance_pk), report)
+    if result["failed_nodes"]:
+        raise OperationError("Template applied, but these custom nodes failed to install: "
+                             + "; ".join(f"{n['url']}: {n['error']}" for n in result["failed_nodes"]))
+    return result
+
+
+@operation_job("custom_node_install", label="Install custom node")
+def install_node(report, *, instance_pk, url, ref=""):
+    from . import customnodes
+
+    try:
+        node = customnodes.install(_load(instance_pk), url, ref, report=report)
+    except customnodes.CustomNodeError as exc:
+        raise OperationError(f"{exc} Nothing was installed.") from exc
+    return {"name": node.name, "commit": node.commit, "url": node.url, "ref": node.ref}
+
+
+@operation_job("custom_node_action", label="Change custom node")
+def custom_node_action(report, *, instance_pk, name, action, ref=None):
+    from . import customnodes
+    from .models import CustomNode
+
+    node = CustomNode.objects.select_related("instance__node").filter(instance_id=instance_pk, name=name).first()
+    if node is None:
+        raise OperationError(f"Custom node '{name}' is no longer installed.")
+    try:
+        if action == "update":
+            node = customnodes.update(node, ref, report)
+            return {"name": name, "commit": node.commit}
+        if action in ("enable", "disable"):
+            customnodes.set_enabled(node, action == "enable")
+            report.log(f"{name} {action}d (restart the instance to load the change)")
+            return {"name": name, "enabled": action == "enable"}
+        customnodes.remove(node, report)
+        return {"name": name, "removed": True}
+    except customnodes.CustomNodeError as exc:
+        raise OperationError(str(exc)) from exc

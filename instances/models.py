@@ -89,6 +89,10 @@ class Instance(models.Model):
     extra_env = models.JSONField(default=dict, blank=True, help_text="Extra environment variables.")
     host_port = models.PositiveIntegerField(validators=[MinValueValidator(1024), MaxValueValidator(65535)])
     gpus = models.ManyToManyField(GPU, through="GPUAssignment", related_name="instances", blank=True)
+    template = models.ForeignKey("InstanceTemplate", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="instances")
+    node_types = models.JSONField(default=list, blank=True,
+                                  help_text="Node classes ComfyUI listed (/object_info) the last time it ran.")
 
     desired_state = models.CharField(max_length=10, choices=DesiredState.choices, default=DesiredState.STOPPED)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
@@ -116,6 +120,8 @@ class Instance(models.Model):
         permissions = [
             ("start_instance", "Can start, stop and restart instances"),
             ("build_instance", "Can build instance directories"),
+            ("manage_workflows", "Can copy, publish and install workflows"),
+            ("manage_custom_nodes", "Can install, update, disable and remove custom nodes"),
         ]
 
     def __str__(self):
@@ -161,3 +167,94 @@ class GPUAssignment(models.Model):
             models.UniqueConstraint(fields=["instance", "gpu"], name="assignment_unique_pair"),
             models.UniqueConstraint(fields=["gpu"], condition=Q(exclusive=True), name="assignment_exclusive_gpu"),
         ]
+
+
+class InstanceTemplate(models.Model):
+    """Shared configuration: what a new instance starts from, and what an instance's drift is measured against."""
+
+    name = models.SlugField(max_length=63, unique=True)
+    description = models.TextField(blank=True, default="")
+    image = models.CharField(max_length=300, blank=True, default="", help_text="Empty means COMFY_IMAGE.")
+    extra_args = models.JSONField(default=list, blank=True)
+    extra_env = models.JSONField(default=dict, blank=True)
+    gpu_count = models.PositiveSmallIntegerField(default=0, help_text="GPUs to assign (0 = CPU mode).")
+    custom_nodes = models.JSONField(default=list, blank=True, help_text='[{"url": "...", "ref": "..."}]')
+    settings = models.JSONField(default=dict, blank=True, help_text="comfy.settings.json values.")
+    starter_workflows = models.ManyToManyField("WorkflowVersion", blank=True, related_name="templates")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class WorkflowEntry(models.Model):
+    """A workflow in the shared library; each publish of different content is a new version."""
+
+    name = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "workflow entries"
+
+    def __str__(self):
+        return self.name
+
+    def latest(self):
+        return self.versions.order_by("-number").first()
+
+
+class WorkflowVersion(models.Model):
+    entry = models.ForeignKey(WorkflowEntry, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    sha256 = models.CharField(max_length=64)
+    content = models.TextField()
+    published_from = models.CharField(max_length=300, blank=True, default="", help_text="instance:path")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                               related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["entry", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["entry", "number"], name="workflow_version_number"),
+            models.UniqueConstraint(fields=["entry", "sha256"], name="workflow_version_content"),
+        ]
+
+    def __str__(self):
+        return f"{self.entry.name}@{self.number}"
+
+
+class WorkflowInstall(models.Model):
+    """A library version written into an instance's workflows folder."""
+
+    version = models.ForeignKey(WorkflowVersion, on_delete=models.CASCADE, related_name="installs")
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="workflow_installs")
+    path = models.CharField(max_length=500, help_text="Relative to user/default/workflows.")
+    installed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["instance", "path"], name="workflow_install_path")]
+
+
+class CustomNode(models.Model):
+    """A custom node package installed into an instance's custom_nodes/ from git."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="custom_nodes")
+    name = models.CharField(max_length=200, help_text="Folder under custom_nodes/.")
+    url = models.CharField(max_length=500)
+    ref = models.CharField(max_length=200, blank=True, default="")
+    commit = models.CharField(max_length=64, blank=True, default="")
+    requirements = models.TextField(blank=True, default="", help_text="requirements.txt at install time.")
+    installed_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["instance", "name"]
+        constraints = [models.UniqueConstraint(fields=["instance", "name"], name="custom_node_name")]
+
+    def __str__(self):
+        return f"{self.instance}/{self.name}"

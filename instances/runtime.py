@@ -75,6 +75,9 @@ def container_spec(instance) -> ContainerSpec:
     """Everything Docker needs to run `instance`; its hash decides whether a container must be recreated."""
     gpus = instance.assigned_gpus()
     environment = {str(k): str(v) for k, v in instance.extra_env.items()}
+    # Python packages that custom nodes require live in the instance's own folder (see customnodes.py).
+    own_packages = f"{layout.CONTAINER_INSTANCE}/python-packages"
+    environment["PYTHONPATH"] = ":".join(filter(None, [own_packages, environment.get("PYTHONPATH", "")]))
     environment.update(
         {
             "COMFY_INSTANCE_ID": instance.instance_id,

@@ -314,3 +314,151 @@ def purge_instance_data(instance_id: str, node: Node):
 
 def discover_gpus(node: Node | None = None):
     return gpus_discover(node or local_node())
+
+
+# --- Workflows, templates and custom nodes (operations; the work is in workflows.py, templating.py,
+# customnodes.py) ----------------------------------------------------------------------------------------------
+
+def workflows_copy(*, source: Instance, targets: list[Instance], paths: list[str], on_conflict: str = "skip",
+                   user=None):
+    from . import jobs, workflows
+
+    errors = {}
+    if on_conflict not in workflows.CONFLICT_POLICIES:
+        errors["on_conflict"] = [f"'{on_conflict}' is not one of skip, overwrite, rename."]
+    if not paths:
+        errors["paths"] = ["Choose at least one workflow to copy."]
+    for path in paths:
+        try:
+            workflows.clean_relpath(path)
+        except workflows.WorkflowError as exc:
+            errors.setdefault("paths", []).append(str(exc))
+    targets = [t for t in targets if t.pk != source.pk]
+    if not targets:
+        errors["targets"] = ["Choose at least one other instance to copy to."]
+    if errors:
+        raise ValidationError(errors)
+    return operations.enqueue(jobs.copy_workflows, target=source, user=user, source_pk=source.pk,
+                              target_pks=[t.pk for t in targets], paths=list(paths), on_conflict=on_conflict)
+
+
+def workflow_check(*, instance: Instance, raw: bytes) -> dict:
+    """The dependency pre-flight of a workflow against `instance` (its /object_info when it runs)."""
+    from . import workflows
+
+    data = workflows.parse_workflow(raw)
+    live = node_types_of(instance)
+    return workflows.preflight(data, instance, live)
+
+
+def node_types_of(instance: Instance) -> set | None:
+    """The node classes the running instance offers (remembered for when it does not run)."""
+    import json as json_module
+    import urllib.request
+
+    from .health import probe_host
+
+    try:
+        with urllib.request.urlopen(f"http://{probe_host(instance)}:{instance.host_port}/object_info",
+                                    timeout=10) as response:
+            types = sorted(json_module.loads(response.read(64 << 20)))
+    except (OSError, ValueError):
+        return set(instance.node_types) or None
+    Instance.objects.filter(pk=instance.pk).update(node_types=types)
+    return set(types)
+
+
+def workflow_publish(*, instance: Instance, path: str, name: str, user=None):
+    from . import workflows
+
+    try:
+        return workflows.publish(instance, path, name, user)
+    except workflows.WorkflowError as exc:
+        raise ValidationError({"path": [str(exc)]}) from exc
+
+
+def workflow_install(*, spec: str, instances: list[Instance], user=None):
+    """Install `NAME[@VERSION]` from the library into instances (an operation)."""
+    from . import jobs
+    from .models import WorkflowEntry
+
+    name, _, number = spec.partition("@")
+    entry = WorkflowEntry.objects.filter(name=name).first()
+    if entry is None:
+        raise ValidationError({"name": [f"No workflow '{name}' in the library."]})
+    version = entry.versions.filter(number=int(number)).first() if number.isdigit() else \
+        (entry.latest() if not number else None)
+    if version is None:
+        raise ValidationError({"name": [f"'{spec}': no such version (have: "
+                                        f"{', '.join(str(v.number) for v in entry.versions.all())})."]})
+    if not instances:
+        raise ValidationError({"instances": ["Choose at least one instance."]})
+    return operations.enqueue(jobs.install_workflow, target=entry, user=user, version_pk=version.pk,
+                              instance_pks=[i.pk for i in instances])
+
+
+def template_create(*, name: str, description: str = "", image: str = "", extra_args=None, extra_env=None,
+                    gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=()):
+    from .models import InstanceTemplate
+    from .templating import validate_template
+
+    if not layout.INSTANCE_ID_RE.match(name or ""):
+        raise ValidationError({"name": ["Use lowercase letters, digits and '-' for a template name."]})
+    if InstanceTemplate.objects.filter(name=name).exists():
+        raise ValidationError({"name": [f"A template '{name}' already exists."]})
+    validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
+                      settings=settings_values)
+    template = InstanceTemplate.objects.create(
+        name=name, description=description, image=image, extra_args=list(extra_args or []),
+        extra_env=dict(extra_env or {}), gpu_count=gpu_count, custom_nodes=list(custom_nodes or []),
+        settings=dict(settings_values or {}))
+    template.starter_workflows.set(starter_workflows)
+    return template
+
+
+def instance_create_from_template(*, template, instance_id: str, host_port: int | None = None, node=None,
+                                  user=None, display_name: str = ""):
+    """Create an instance with the template's configuration, then apply the rest of it as an operation."""
+    from .templating import free_gpus
+
+    node = node or local_node()
+    instance = instance_create(instance_id=instance_id, display_name=display_name, image=template.image,
+                               extra_args=template.extra_args, extra_env=template.extra_env, host_port=host_port,
+                               gpu_indexes=free_gpus(node, template.gpu_count), node=node, user=user)
+    Instance.objects.filter(pk=instance.pk).update(template=template)
+    instance.refresh_from_db()
+    return instance, template_apply(template=template, instance=instance, user=user)
+
+
+def template_apply(*, template, instance: Instance, user=None):
+    from . import jobs
+
+    return operations.enqueue(jobs.apply_template, target=instance, user=user, template_pk=template.pk,
+                              instance_pk=instance.pk)
+
+
+def node_install(*, instance: Instance, url: str, ref: str = "", user=None):
+    from . import customnodes, jobs
+
+    try:
+        customnodes.check_url(url)
+        customnodes.check_name(customnodes.name_from_url(url.strip()))
+    except customnodes.CustomNodeError as exc:
+        raise ValidationError({"url": [str(exc)]}) from exc
+    if ref.startswith("-"):
+        raise ValidationError({"ref": [f"'{ref}' is not a branch, tag or commit."]})
+    return operations.enqueue(jobs.install_node, target=instance, user=user, instance_pk=instance.pk,
+                              url=url.strip(), ref=ref.strip())
+
+
+def node_action(*, instance: Instance, name: str, action: str, ref: str | None = None, user=None):
+    """update, disable, enable or remove one custom node (an operation)."""
+    from . import jobs
+    from .models import CustomNode
+
+    if action not in ("update", "disable", "enable", "remove"):
+        raise ValidationError({"action": [f"Unknown action '{action}'."]})
+    if not CustomNode.objects.filter(instance=instance, name=name).exists():
+        raise ValidationError({"name": [f"{instance} has no custom node '{name}' installed by ComfyHub."]})
+    return operations.enqueue(jobs.custom_node_action, target=instance, user=user, instance_pk=instance.pk,
+                              name=name, action=action, ref=ref)

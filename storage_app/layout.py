@@ -40,7 +40,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
 # ComfyUI's legacy folder names.
 LEGACY_FOLDERS = {"unet": "diffusion_models", "clip": "text_encoders"}
 
-INSTANCE_SUBDIRS = ("custom_nodes", "user", "temp", "output", "input", "models")
+INSTANCE_SUBDIRS = ("custom_nodes", "user", "temp", "output", "input", "models", "python-packages")
 EXTRA_MODEL_PATHS_FILE = "extra_model_paths.yaml"
 
 # Container side of the contract.

@@ -1,0 +1,128 @@
+"""Instance templates (shared configuration): creating instances from them, applying them, and measuring drift."""
+from __future__ import annotations
+
+import json
+import os
+
+from django.core.exceptions import ValidationError
+
+from storage_app import layout
+
+from . import customnodes, workflows
+from .models import GPU, Instance, InstanceTemplate
+
+SETTINGS_FILE = ("user", "default", "comfy.settings.json")
+
+
+def settings_path(instance: Instance):
+    return layout.instance_dir(instance.instance_id, instance.node).joinpath(*SETTINGS_FILE)
+
+
+def read_settings(instance: Instance) -> dict:
+    try:
+        data = json.loads(settings_path(instance).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def free_gpus(node, count: int) -> list[int]:
+    """The first `count` present GPUs no instance holds exclusively."""
+    free = [gpu.index for gpu in GPU.objects.filter(node=node, present=True).prefetch_related("assignments")
+            if gpu.shareable or not gpu.assignments.exists()]
+    if len(free) < count:
+        raise ValidationError({"gpus": [f"The template asks for {count} GPU(s) but only {len(free)} are free on "
+                                        f"node {node}; free some or create without the template."]})
+    return free[:count]
+
+
+def validate_template(*, image: str, extra_args, extra_env, custom_nodes, settings) -> None:
+    from . import runtime
+
+    errors = {}
+    for arg in extra_args or []:
+        if problem := runtime.argument_problem(str(arg)):
+            errors.setdefault("extra_args", []).append(problem)
+    for key in extra_env or {}:
+        if problem := runtime.environment_problem(key):
+            errors.setdefault("extra_env", []).append(problem)
+    for node in custom_nodes or []:
+        try:
+            customnodes.check_url(node.get("url", "") if isinstance(node, dict) else "")
+        except customnodes.CustomNodeError as exc:
+            errors.setdefault("custom_nodes", []).append(str(exc))
+    if not isinstance(settings or {}, dict):
+        errors.setdefault("settings", []).append("Settings are a JSON object of comfy.settings.json values.")
+    if errors:
+        raise ValidationError(errors)
+
+
+def apply(template: InstanceTemplate, instance: Instance, report=None) -> dict:
+    """Write the template's settings, install its starter workflows and custom nodes. Existing files are kept
+    (settings are merged, workflows renamed on conflict); a node that fails to install is reported, not fatal."""
+    layout.build_instance_tree(instance.instance_id, instance.node)
+    result = {"settings": 0, "workflows": [], "nodes": [], "failed_nodes": []}
+    if template.settings:
+        current = read_settings(instance)
+        current.update(template.settings)
+        layout.write_generated_file(settings_path(instance), json.dumps(current, indent=4) + "\n")
+        result["settings"] = len(template.settings)
+        _log(report, f"wrote {len(template.settings)} setting(s) into comfy.settings.json")
+    for version in template.starter_workflows.select_related("entry"):
+        outcome, path = workflows.install(version, instance, on_conflict="rename")
+        result["workflows"].append({"workflow": str(version), "result": outcome, "path": path})
+        _log(report, f"workflow {version}: {outcome} ({path})")
+    for spec in template.custom_nodes:
+        url, ref = spec.get("url", ""), spec.get("ref", "")
+        name = customnodes.name_from_url(url)
+        if customnodes.folder_of(instance, name) is not None:
+            result["nodes"].append({"name": name, "result": "already there"})
+            continue
+        try:
+            node = customnodes.install(instance, url, ref, report=report)
+            result["nodes"].append({"name": node.name, "result": f"installed at {node.commit[:12]}"})
+        except customnodes.CustomNodeError as exc:
+            result["failed_nodes"].append({"url": url, "error": str(exc)})
+            _log(report, f"{url}: {exc}", "ERROR")
+    Instance.objects.filter(pk=instance.pk).update(template=template)
+    return result
+
+
+def drift(instance: Instance) -> list[dict]:
+    """Where the instance differs from its template: [{what, template, instance}]."""
+    template = instance.template
+    if template is None:
+        return []
+    found = []
+
+    def differs(what, wanted, actual):
+        if wanted != actual:
+            found.append({"what": what, "template": wanted, "instance": actual})
+
+    differs("image", template.image or instance.image, instance.image)
+    differs("extra arguments", list(template.extra_args), list(instance.extra_args))
+    differs("environment", dict(template.extra_env), dict(instance.extra_env))
+    differs("GPU count", template.gpu_count, len(instance.assigned_gpus()))
+    installed = {node.name: node for node in instance.custom_nodes.all()}
+    for spec in template.custom_nodes:
+        name = customnodes.name_from_url(spec.get("url", ""))
+        node = installed.get(name)
+        if node is None or customnodes.folder_of(instance, name) is None:
+            found.append({"what": f"custom node {name}", "template": spec.get("ref") or "installed",
+                          "instance": "missing"})
+        elif spec.get("ref") and spec["ref"] != node.ref:
+            found.append({"what": f"custom node {name}", "template": spec["ref"], "instance": node.ref or "default"})
+    current = read_settings(instance)
+    for key, value in template.settings.items():
+        differs(f"setting {key}", value, current.get(key, "(unset)"))
+    for version in template.starter_workflows.select_related("entry"):
+        path = f"{version.entry.name}.json"
+        if not os.path.exists(workflows.workflows_dir(instance) / path):
+            found.append({"what": f"workflow {version.entry.name}", "template": f"version {version.number}",
+                          "instance": "missing"})
+    return found
+
+
+def _log(report, message, level="INFO"):
+    if report is not None:
+        report.log(message, level)

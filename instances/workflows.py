@@ -1,0 +1,405 @@
+"""Workflows: the JSON files under an instance's user/default/workflows/, copying them between instances without
+following links or leaving half-written files, checking what a workflow needs, and the shared workflow library."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+
+from storage_app import layout
+
+from .models import Instance, WorkflowEntry, WorkflowInstall, WorkflowVersion
+
+MAX_WORKFLOW_BYTES = 20 << 20
+CONFLICT_POLICIES = ("skip", "overwrite", "rename")
+
+
+class WorkflowError(Exception):
+    """A workflow path or file that cannot be used; the message says which and why."""
+
+
+def workflows_dir(instance: Instance) -> Path:
+    return layout.instance_dir(instance.instance_id, instance.node) / "user" / "default" / "workflows"
+
+
+def clean_relpath(relpath: str) -> str:
+    """A workflow path relative to the workflows folder: sub-folders allowed, never absolute or with '..'."""
+    relpath = (relpath or "").replace("\\", "/").strip()
+    path = PurePosixPath(relpath)
+    if not relpath or path.is_absolute() or ".." in path.parts or "\0" in relpath:
+        raise WorkflowError(f"'{relpath}' is not a workflow path inside the workflows folder (no '..', not absolute).")
+    if path.suffix.lower() != ".json":
+        raise WorkflowError(f"'{relpath}' is not a .json workflow file.")
+    if any(part.startswith(".") for part in path.parts):
+        raise WorkflowError(f"'{relpath}' is hidden; workflows are plain .json files.")
+    return str(path)
+
+
+def list_workflows(instance: Instance) -> list[dict]:
+    """Every .json file under the instance's workflows folder (links are listed as such and never followed)."""
+    root = workflows_dir(instance)
+    found = []
+    if not root.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.lower().endswith(".json") or name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            info = os.lstat(full)
+            found.append({
+                "path": os.path.relpath(full, root).replace(os.sep, "/"),
+                "size": info.st_size,
+                "modified": info.st_mtime,
+                "symlink": stat.S_ISLNK(info.st_mode),
+            })
+    return found
+
+
+def read_workflow(instance: Instance, relpath: str) -> bytes:
+    """The bytes of one workflow file, refusing links (anywhere on the path) and oversized files."""
+    relpath = clean_relpath(relpath)
+    root = workflows_dir(instance)
+    fd = _open_beneath(root, relpath, os.O_RDONLY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise WorkflowError(f"'{relpath}' is not a regular file.")
+        if info.st_size > MAX_WORKFLOW_BYTES:
+            raise WorkflowError(f"'{relpath}' is {info.st_size} bytes; workflows over {MAX_WORKFLOW_BYTES} bytes "
+                                "are refused.")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(MAX_WORKFLOW_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def _open_beneath(root: Path, relpath: str, flags: int) -> int:
+    """Open root/relpath walking one component at a time with O_NOFOLLOW, so no link is ever followed."""
+    parts = PurePosixPath(relpath).parts
+    try:
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError as exc:
+        raise WorkflowError(f"'{relpath}' does not exist (no workflows folder).") from exc
+    try:
+        for part in parts[:-1]:
+            try:
+                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            except FileNotFoundError as exc:
+                raise WorkflowError(f"'{relpath}' does not exist.") from exc
+            except OSError as exc:
+                raise WorkflowError(f"'{relpath}' goes through a link or a non-folder; refused.") from exc
+            os.close(dir_fd)
+            dir_fd = next_fd
+        try:
+            return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError as exc:
+            raise WorkflowError(f"'{relpath}' does not exist.") from exc
+        except OSError as exc:
+            raise WorkflowError(f"'{relpath}' is a link or cannot be opened ({exc.strerror}); refused.") from exc
+    finally:
+        os.close(dir_fd)
+
+
+def parse_workflow(raw: bytes) -> dict:
+    if len(raw) > MAX_WORKFLOW_BYTES:
+        raise WorkflowError(f"The workflow is over {MAX_WORKFLOW_BYTES} bytes.")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WorkflowError(f"Not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise WorkflowError("Not a ComfyUI workflow (the JSON is not an object).")
+    return data
+
+
+def write_workflow(instance: Instance, relpath: str, raw: bytes, on_conflict: str) -> tuple[str, str]:
+    """Write atomically under the instance's workflows folder. Returns (what happened, final relpath)."""
+    if on_conflict not in CONFLICT_POLICIES:
+        raise WorkflowError(f"Unknown conflict policy '{on_conflict}'; use skip, overwrite or rename.")
+    relpath = clean_relpath(relpath)
+    root = workflows_dir(instance)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / relpath
+    _ensure_real_folders(root, target.parent)
+    outcome = "written"
+    if os.path.lexists(target):
+        if os.path.islink(target) or not os.path.isfile(target):
+            raise WorkflowError(f"'{relpath}' exists in {instance} as a link or folder; not touched.")
+        if on_conflict == "skip":
+            return "skipped (exists)", relpath
+        if on_conflict == "rename":
+            target = _free_name(target)
+            relpath = os.path.relpath(target, root).replace(os.sep, "/")
+            outcome = "renamed"
+        else:
+            outcome = "overwritten"
+    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=".comfyhub-", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if outcome == "renamed" or outcome == "written":
+            os.link(handle.name, target)  # never replaces: a file that appeared meanwhile makes this fail
+        else:
+            os.replace(handle.name, target)
+    except FileExistsError:
+        raise WorkflowError(f"'{relpath}' appeared in {instance} while copying; not touched.") from None
+    finally:
+        if os.path.exists(handle.name):
+            os.unlink(handle.name)
+    if os.geteuid() == 0:
+        from django.conf import settings
+
+        os.chown(target, settings.PUID, settings.PGID)
+    return outcome, relpath
+
+
+def _ensure_real_folders(root: Path, folder: Path):
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        if os.path.islink(current):
+            raise WorkflowError(f"'{current.relative_to(root)}' is a link in the target; refused.")
+        if not current.exists():
+            current.mkdir()
+        elif not current.is_dir():
+            raise WorkflowError(f"'{current.relative_to(root)}' is a file in the target, not a folder.")
+
+
+def _free_name(target: Path) -> Path:
+    stem, suffix = target.stem, target.suffix
+    for number in range(2, 10_000):
+        candidate = target.with_name(f"{stem} ({number}){suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise WorkflowError(f"No free name for {target.name}.")
+
+
+@dataclass
+class CopyResult:
+    files: list = field(default_factory=list)  # {"source", "target", "path", "result"}
+
+    def count(self, result):
+        return sum(1 for f in self.files if f["result"].startswith(result))
+
+
+def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], on_conflict: str,
+                   report=None) -> CopyResult:
+    result = CopyResult()
+    contents = {}
+    for relpath in paths:
+        try:
+            raw = read_workflow(source, relpath)
+            parse_workflow(raw)
+            contents[clean_relpath(relpath)] = raw
+        except WorkflowError as exc:
+            result.files.append({"source": source.instance_id, "target": "", "path": relpath,
+                                 "result": f"refused: {exc}"})
+            _log(report, f"{relpath}: refused: {exc}", "WARNING")
+    total = max(len(contents) * len(targets), 1)
+    done = 0
+    for target in targets:
+        for relpath, raw in contents.items():
+            try:
+                outcome, written = write_workflow(target, relpath, raw, on_conflict)
+                if written != relpath:
+                    outcome = f"{outcome} to {written}"
+            except (WorkflowError, OSError) as exc:
+                outcome = f"failed: {exc}"
+            result.files.append({"source": source.instance_id, "target": target.instance_id, "path": relpath,
+                                 "result": outcome})
+            _log(report, f"{relpath} -> {target}: {outcome}")
+            done += 1
+            if report is not None:
+                report.progress(100 * done / total, f"{done} of {total}")
+    return result
+
+
+def _log(report, message, level="INFO"):
+    if report is not None:
+        report.log(message, level)
+
+
+# --- What a workflow needs -----------------------------------------------------------------------------------
+
+# Loader node classes and the inputs that name model files, by ComfyUI model folder.
+MODEL_INPUTS = {
+    "ckpt_name": "checkpoints", "lora_name": "loras", "vae_name": "vae", "unet_name": "diffusion_models",
+    "clip_name": "text_encoders", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+    "clip_name3": "text_encoders", "control_net_name": "controlnet", "model_name": "upscale_models",
+    "style_model_name": "style_models", "gligen_name": "gligen", "config_name": "configs",
+    "hypernetwork_name": "hypernetworks", "embedding": "embeddings",
+}
+# UI-format widgets_values carry no names: the position of the model name per known loader.
+WIDGET_MODEL_SLOTS = {
+    "CheckpointLoaderSimple": [(0, "checkpoints")], "CheckpointLoader": [(0, "configs"), (1, "checkpoints")],
+    "LoraLoader": [(0, "loras")], "LoraLoaderModelOnly": [(0, "loras")], "VAELoader": [(0, "vae")],
+    "UNETLoader": [(0, "diffusion_models")], "CLIPLoader": [(0, "text_encoders")],
+    "DualCLIPLoader": [(0, "text_encoders"), (1, "text_encoders")],
+    "TripleCLIPLoader": [(0, "text_encoders"), (1, "text_encoders"), (2, "text_encoders")],
+    "ControlNetLoader": [(0, "controlnet")], "DiffControlNetLoader": [(0, "controlnet")],
+    "UpscaleModelLoader": [(0, "upscale_models")], "CLIPVisionLoader": [(0, "clip_vision")],
+    "StyleModelLoader": [(0, "style_models")], "GLIGENLoader": [(0, "gligen")],
+    "HypernetworkLoader": [(0, "hypernetworks")], "unCLIPCheckpointLoader": [(0, "checkpoints")],
+    "ImageOnlyCheckpointLoader": [(0, "checkpoints")],
+}
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".sft", ".gguf", ".pkl")
+
+
+@dataclass
+class Needs:
+    format: str
+    node_types: set
+    models: set  # (folder or "", name)
+
+
+def workflow_needs(data: dict) -> Needs:
+    """Node types and model files a workflow names, from the UI format (`nodes`) or the API format."""
+    node_types, models = set(), set()
+    if isinstance(data.get("nodes"), list):
+        nodes = list(data["nodes"])
+        for subgraph in (data.get("definitions") or {}).get("subgraphs") or []:
+            nodes.extend(subgraph.get("nodes") or [])
+        subgraph_ids = {s.get("id") for s in (data.get("definitions") or {}).get("subgraphs") or []}
+        for node in nodes:
+            if not isinstance(node, dict):
+                continue
+            kind = node.get("type")
+            if isinstance(kind, str) and kind not in subgraph_ids and kind not in ("Note", "MarkdownNote",
+                                                                                   "Reroute", "PrimitiveNode"):
+                node_types.add(kind)
+            values = node.get("widgets_values")
+            if isinstance(values, dict):
+                values = list(values.values())
+            if not isinstance(values, list):
+                continue
+            slots = WIDGET_MODEL_SLOTS.get(kind, [])
+            for index, folder in slots:
+                if index < len(values) and isinstance(values[index], str) and values[index]:
+                    models.add((folder, values[index]))
+            if not slots:
+                for value in values:
+                    if isinstance(value, str) and value.lower().endswith(MODEL_SUFFIXES):
+                        models.add(("", value))
+        return Needs("ui", node_types, models)
+    api_nodes = [n for n in data.values() if isinstance(n, dict) and "class_type" in n]
+    if not api_nodes:
+        raise WorkflowError("Not a ComfyUI workflow: no 'nodes' list (UI format) and no nodes with 'class_type' "
+                            "(API format).")
+    for node in api_nodes:
+        node_types.add(str(node["class_type"]))
+        for key, value in (node.get("inputs") or {}).items():
+            if not isinstance(value, str):
+                continue
+            if key in MODEL_INPUTS:
+                models.add((MODEL_INPUTS[key], value))
+            elif value.lower().endswith(MODEL_SUFFIXES):
+                models.add(("", value))
+    return Needs("api", node_types, models)
+
+
+def available_models(instance: Instance) -> dict[str, set[str]]:
+    """Model names ComfyUI would list per folder: the shared library plus the instance's own models/."""
+    from storage_app import library
+    from storage_app.models import ModelAsset
+
+    found: dict[str, set[str]] = {}
+    for path, folder in ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).values_list("path", "folder"):
+        found.setdefault(folder, set()).add(path.split("/", 1)[1] if "/" in path else path)
+    for item in library.inbox(instance):
+        if "/" in item["path"]:
+            found.setdefault(item["folder"], set()).add(item["path"].split("/", 1)[1])
+    return found
+
+
+def preflight(data: dict, target: Instance, node_types: set | None = None) -> dict:
+    """What `target` lacks to run this workflow: node types and model files (with near matches)."""
+    needs = workflow_needs(data)
+    known_types = node_types if node_types is not None else set(target.node_types or [])
+    models = available_models(target)
+    everything = set().union(*models.values()) if models else set()
+    missing_models = []
+    for folder, name in sorted(needs.models):
+        normalized = name.replace("\\", "/")
+        pool = models.get(folder, set()) if folder else everything
+        if normalized in pool:
+            continue
+        base = normalized.rsplit("/", 1)[-1]
+        candidates = sorted(pool if folder else everything)
+        near = difflib.get_close_matches(base, [c.rsplit("/", 1)[-1] for c in candidates], n=3, cutoff=0.6)
+        near_paths = [c for c in candidates if c.rsplit("/", 1)[-1] in near][:3]
+        missing_models.append({"folder": folder or "?", "name": name, "near": near_paths})
+    return {
+        "format": needs.format,
+        "node_types": sorted(needs.node_types),
+        "missing_node_types": sorted(needs.node_types - known_types) if known_types else [],
+        "node_types_known": bool(known_types),
+        "models": [{"folder": f or "?", "name": n} for f, n in sorted(needs.models)],
+        "missing_models": missing_models,
+    }
+
+
+# --- The shared library --------------------------------------------------------------------------------------
+
+def publish(instance: Instance, relpath: str, name: str, user=None) -> tuple[WorkflowVersion, bool]:
+    """Publish a workflow of `instance` as `name`; identical content returns the existing version."""
+    raw = read_workflow(instance, relpath)
+    parse_workflow(raw)
+    digest = hashlib.sha256(raw).hexdigest()
+    name = (name or "").strip()
+    if not name or "/" in name or len(name) > 200:
+        raise WorkflowError("A library name is 1-200 characters without '/'.")
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                entry, _ = WorkflowEntry.objects.get_or_create(name=name)
+                existing = entry.versions.filter(sha256=digest).first()
+                if existing:
+                    return existing, False
+                number = (entry.versions.aggregate(top=Max("number"))["top"] or 0) + 1
+                version = WorkflowVersion.objects.create(
+                    entry=entry, number=number, sha256=digest, content=raw.decode("utf-8"),
+                    published_from=f"{instance.instance_id}:{relpath}",
+                    author=user if user is not None and user.is_authenticated else None,
+                )
+                return version, True
+        except IntegrityError:
+            continue  # someone published at the same moment: look again
+    raise WorkflowError("The library changed while publishing; try again.")
+
+
+def install(version: WorkflowVersion, instance: Instance, on_conflict: str = "overwrite") -> tuple[str, str]:
+    relpath = f"{version.entry.name}.json"
+    outcome, written = write_workflow(instance, relpath, version.content.encode("utf-8"), on_conflict)
+    if not outcome.startswith("skipped"):
+        WorkflowInstall.objects.update_or_create(instance=instance, path=written, defaults={"version": version})
+    return outcome, written
+
+
+def holders(entry: WorkflowEntry) -> list[dict]:
+    """Which instance holds which version of `entry` now (files changed since install show as 'modified')."""
+    found = []
+    for install_row in WorkflowInstall.objects.filter(version__entry=entry).select_related("version", "instance",
+                                                                                           "instance__node"):
+        try:
+            digest = hashlib.sha256(read_workflow(install_row.instance, install_row.path)).hexdigest()
+        except WorkflowError:
+            found.append({"instance": install_row.instance.instance_id, "path": install_row.path,
+                          "version": None, "state": "removed"})
+            continue
+        version = entry.versions.filter(sha256=digest).first()
+        found.append({"instance": install_row.instance.instance_id, "path": install_row.path,
+                      "version": version.number if version else None,
+                      "state": "installed" if version else "modified"})
+    return found

@@ -1,0 +1,104 @@
+"""The models page: the shared library with its checksums, totals, duplicates and the instances' inboxes."""
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from comfyhub.models import Operation
+from comfyhub.queues import QueueUnavailable
+from instances.models import Instance
+
+from . import library, services
+from .forms import ImportHashesForm, ModelFilterForm
+from .models import ModelAsset
+
+PAGE_SIZE = 100
+MODEL_KINDS = ("models_scan", "models_verify", "models_promote", "models_sharing")
+
+
+def model_list(request):
+    folders = list(ModelAsset.objects.order_by("folder").values_list("folder", flat=True).distinct())
+    form = ModelFilterForm(request.GET or None, folders=folders)
+    page = Paginator(form.filter(ModelAsset.objects.all()), PAGE_SIZE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    latest = Operation.objects.filter(kind__in=MODEL_KINDS).select_related("requested_by").first()
+    instances = Instance.objects.select_related("node").order_by("instance_id")
+    inboxes = [(instance, library.inbox(instance)) for instance in instances]
+    return render(request, "storage_app/model_list.html", {
+        "form": form, "page": page, "assets": page.object_list, "query": query.urlencode(),
+        "totals": library.folder_totals(), "duplicates": library.duplicates(),
+        "problems": ModelAsset.objects.filter(status__in=ModelAsset.PROBLEM_STATUSES).count(),
+        "latest": latest, "inboxes": [(i, files) for i, files in inboxes if files],
+        "import_form": ImportHashesForm(),
+    })
+
+
+def _enqueue(request, start, success):
+    try:
+        operation = start()
+    except QueueUnavailable as exc:
+        messages.error(request, str(exc))
+        return redirect("model-list")
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("model-list")
+    messages.success(request, success)
+    return redirect(operation)
+
+
+@require_POST
+@permission_required("storage_app.verify_modelasset", raise_exception=True)
+def models_scan(request):
+    return _enqueue(request, lambda: services.models_scan(user=request.user), "Library scan queued.")
+
+
+@require_POST
+@permission_required("storage_app.verify_modelasset", raise_exception=True)
+def models_verify(request):
+    full = request.POST.get("full") == "1"
+    return _enqueue(request, lambda: services.models_verify(full=full, user=request.user),
+                    "Full verification queued." if full else "Verification queued (changed files only).")
+
+
+@require_POST
+@permission_required("storage_app.verify_modelasset", raise_exception=True)
+def models_promote(request, instance_id):
+    instance = get_object_or_404(Instance, instance_id=instance_id)
+    path = request.POST.get("path", "")
+    return _enqueue(request, lambda: services.models_promote(instance=instance, path=path, user=request.user),
+                    f"Promoting {path} from {instance} queued.")
+
+
+@require_POST
+@permission_required("storage_app.verify_modelasset", raise_exception=True)
+def models_import(request):
+    form = ImportHashesForm(request.POST, request.FILES)
+    if not form.is_valid():
+        messages.error(request, "Choose a file in sha256sum format to import.")
+        return redirect("model-list")
+    upload = form.cleaned_data["file"]
+    if upload.size > 10 << 20:
+        messages.error(request, "That file is over 10 MB; a hash list is much smaller. Check you picked the right one.")
+        return redirect("model-list")
+    try:
+        result = services.models_import_hashes(text=upload.read().decode("utf-8", errors="replace"))
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("model-list")
+    note = f"Imported {result['matched']} expected hash(es)."
+    if result["unknown"]:
+        note += f" {len(result['unknown'])} path(s) are not in the library: {', '.join(result['unknown'][:5])}."
+    if result["bad"]:
+        note += f" Skipped {len(result['bad'])} malformed line(s)."
+    messages.success(request, note + " Verify to compare.")
+    return redirect("model-list")
+
+
+def models_export(request):
+    response = HttpResponse(services.models_export_hashes(), content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="models.sha256"'
+    return response

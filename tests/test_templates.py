@@ -1,0 +1,99 @@
+"""Instance templates: shared configuration, instances made from them, and drift."""
+import json
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from comfyhub.models import Operation
+from instances import services, templating, workflows
+from instances.models import Instance
+from storage_app import layout
+from tests.support.gitrepos import make_node_repo
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def starter(storage):
+    author = services.instance_create(instance_id="author")
+    layout.build_instance_tree("author")
+    path = workflows.workflows_dir(author) / "hello.json"
+    path.write_text(json.dumps({"nodes": [{"id": 1, "type": "KSampler"}]}))
+    version, _ = services.workflow_publish(instance=author, path="hello.json", name="hello")
+    return version
+
+
+@pytest.fixture
+def template(starter, tmp_path):
+    url, _ = make_node_repo(tmp_path / "repos")
+    return services.template_create(
+        name="studio-sdxl", image="comfy:sdxl", extra_args=["--preview-method", "auto"], extra_env={"TEAM": "art"},
+        gpu_count=2, custom_nodes=[{"url": url, "ref": "v1"}], settings_values={"Comfy.LinkRenderMode": 2},
+        starter_workflows=[starter])
+
+
+def test_an_instance_made_from_a_template_gets_all_of_it(template, run_worker, storage):
+    instance, operation = services.instance_create_from_template(template=template, instance_id="made")
+    assert (instance.image, instance.extra_args, instance.extra_env) == ("comfy:sdxl", ["--preview-method", "auto"],
+                                                                         {"TEAM": "art"})
+    assert len(instance.assigned_gpus()) == 2 and instance.template == template
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    settings_file = storage["instances"] / "made" / "user" / "default" / "comfy.settings.json"
+    assert json.loads(settings_file.read_text()) == {"Comfy.LinkRenderMode": 2}
+    assert (workflows.workflows_dir(instance) / "hello.json").exists()
+    assert instance.custom_nodes.get().ref == "v1"
+    assert templating.drift(instance) == []
+
+
+def test_drift_shows_what_differs_from_the_template(template, run_worker, storage):
+    instance, _ = services.instance_create_from_template(template=template, instance_id="drifty")
+    run_worker()
+    services.instance_update(instance=instance, display_name="", description="", image="comfy:other",
+                             extra_args=[], extra_env={"TEAM": "art"}, host_port=None,
+                             gpu_indexes=[g.index for g in instance.assigned_gpus()][:1])
+    settings_file = storage["instances"] / "drifty" / "user" / "default" / "comfy.settings.json"
+    settings_file.write_text(json.dumps({"Comfy.LinkRenderMode": 0}))
+    found = {d["what"]: (d["template"], d["instance"]) for d in templating.drift(Instance.objects.get(pk=instance.pk))}
+    assert found == {"image": ("comfy:sdxl", "comfy:other"),
+                     "extra arguments": (["--preview-method", "auto"], []),
+                     "GPU count": (2, 1),
+                     "setting Comfy.LinkRenderMode": (2, 0)}
+
+
+def test_applying_merges_settings_and_keeps_existing_workflows(template, storage, run_worker):
+    instance = services.instance_create(instance_id="existing")
+    layout.build_instance_tree("existing")
+    settings_file = storage["instances"] / "existing" / "user" / "default" / "comfy.settings.json"
+    settings_file.write_text(json.dumps({"Mine": True}))
+    (workflows.workflows_dir(instance) / "hello.json").write_text('{"nodes": [], "mine": true}')
+    services.template_apply(template=template, instance=instance)
+    run_worker()
+    assert json.loads(settings_file.read_text()) == {"Mine": True, "Comfy.LinkRenderMode": 2}
+    assert json.loads((workflows.workflows_dir(instance) / "hello.json").read_text())["mine"] is True
+    assert (workflows.workflows_dir(instance) / "hello (2).json").exists()
+
+
+def test_a_template_asking_for_more_gpus_than_are_free_is_refused(template):
+    services.instance_create(instance_id="hog", gpu_indexes=[0, 1, 2])
+    with pytest.raises(ValidationError, match="asks for 2 GPU"):
+        services.instance_create_from_template(template=template, instance_id="late")
+    assert not Instance.objects.filter(instance_id="late").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("extra_args", ["--base-directory", "/x"], "keep instances isolated"),
+    ("extra_env", {"CUDA_VISIBLE_DEVICES": "0"}, "assign GPUs instead"),
+    ("custom_nodes", [{"url": "not a url"}], "is not a git URL"),
+])
+def test_a_template_that_would_break_isolation_is_refused(field, value, message):
+    with pytest.raises(ValidationError, match=message):
+        services.template_create(name="bad", **{field: value})
+
+
+def test_template_names_are_checked(template):
+    with pytest.raises(ValidationError, match="already exists"):
+        services.template_create(name="studio-sdxl")
+    with pytest.raises(ValidationError, match="lowercase"):
+        services.template_create(name="Bad Name")
