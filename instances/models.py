@@ -91,6 +91,9 @@ class Instance(models.Model):
     gpus = models.ManyToManyField(GPU, through="GPUAssignment", related_name="instances", blank=True)
     template = models.ForeignKey("InstanceTemplate", null=True, blank=True, on_delete=models.SET_NULL,
                                  related_name="instances")
+    snapshot_every_hours = models.PositiveIntegerField(
+        default=0, help_text="Take a config snapshot this often (0 = never).")
+    snapshot_keep = models.PositiveIntegerField(default=7, help_text="Scheduled snapshots to keep.")
     node_types = models.JSONField(default=list, blank=True,
                                   help_text="Node classes ComfyUI listed (/object_info) the last time it ran.")
 

@@ -74,3 +74,110 @@ def scheduled_full_verify():
     from comfyhub import operations
 
     return str(operations.enqueue(verify_models, full=True).pk)
+
+
+# --- Snapshots -------------------------------------------------------------------------------------------------
+
+def _instance(instance_pk):
+    from instances.models import Instance
+
+    instance = Instance.objects.select_related("node", "template").filter(pk=instance_pk).first()
+    if instance is None:
+        raise OperationError("The instance no longer exists.")
+    return instance
+
+
+@operation_job("snapshot_create", label="Create snapshot", queue="long")
+def create_snapshot(report, *, instance_pk, kind, include_output=False, note="", user_pk=None, automatic=""):
+    from django.contrib.auth import get_user_model
+
+    from . import snapshots
+
+    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    instance = _instance(instance_pk)
+    try:
+        snapshot = snapshots.create(instance, kind=kind, include_output=include_output, note=note, user=user,
+                                    automatic=automatic, report=report)
+    except snapshots.SnapshotError as exc:
+        raise OperationError(str(exc)) from exc
+    pruned = []
+    if automatic == "schedule":
+        pruned = prune_scheduled(instance, report)
+    return {"snapshot": snapshot.pk, "archive": snapshot.archive, "size": snapshot.size, "sha256": snapshot.sha256,
+            "pruned": pruned}
+
+
+def prune_scheduled(instance, report):
+    from . import snapshots
+    from .models import Snapshot
+
+    scheduled = Snapshot.objects.filter(instance=instance, automatic="schedule").order_by("-created_at")
+    pruned = []
+    for old in scheduled[instance.snapshot_keep:]:
+        snapshots.delete_archive(old)
+        pruned.append(old.archive)
+        report.log(f"retention: deleted {old.archive} (keeping the last {instance.snapshot_keep})")
+    return pruned
+
+
+@operation_job("snapshot_restore", label="Restore snapshot", queue="long")
+def restore_snapshot(report, *, snapshot_pk, user_pk=None):
+    from .services import restore_into_instance
+
+    return restore_into_instance(snapshot_pk=snapshot_pk, user_pk=user_pk, report=report)
+
+
+@operation_job("snapshot_clone", label="Clone snapshot", queue="long")
+def clone_snapshot(report, *, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None):
+    from .services import clone_into_new_instance
+
+    return clone_into_new_instance(snapshot_pk=snapshot_pk, new_instance_id=new_instance_id, gpu_indexes=gpu_indexes,
+                                   user_pk=user_pk, report=report)
+
+
+@operation_job("snapshot_import_manager", label="Import ComfyUI-Manager snapshot")
+def import_manager_snapshot(report, *, instance_pk, nodes):
+    from instances import customnodes
+
+    instance = _instance(instance_pk)
+    installed, failed = [], []
+    for number, node in enumerate(nodes, 1):
+        name = customnodes.name_from_url(node["url"])
+        report.progress(100 * (number - 1) / max(len(nodes), 1), name)
+        try:
+            if customnodes.folder_of(instance, name) is not None:
+                installed.append({"url": node["url"], "result": "already there"})
+                continue
+            created = customnodes.install(instance, node["url"], node.get("commit", ""), report=report)
+            if node.get("disabled"):
+                customnodes.set_enabled(created, False)
+            installed.append({"url": node["url"], "result": f"installed at {created.commit[:12]}"})
+        except customnodes.CustomNodeError as exc:
+            failed.append({"url": node["url"], "error": str(exc)})
+            report.log(f"{node['url']}: {exc}", "ERROR")
+    result = {"installed": installed, "failed": failed}
+    if failed:
+        raise OperationError(f"{len(failed)} of {len(nodes)} node(s) failed: "
+                             + "; ".join(f"{f['url']}: {f['error']}" for f in failed[:5]))
+    return result
+
+
+def scheduled_snapshots():
+    """Periodic (rq cron, hourly): a config snapshot of each instance whose schedule is due."""
+    from django.utils import timezone
+
+    from comfyhub import operations
+    from instances.models import Instance
+
+    from .models import Snapshot
+
+    queued = []
+    for instance in Instance.objects.filter(snapshot_every_hours__gt=0):
+        last = Snapshot.objects.filter(instance=instance, automatic="schedule").order_by("-created_at").first()
+        due = last is None or timezone.now() - last.created_at >= timezone.timedelta(
+            hours=instance.snapshot_every_hours) - timezone.timedelta(minutes=5)
+        if due:
+            operations.enqueue(create_snapshot, target=instance, instance_pk=instance.pk, kind="config",
+                               automatic="schedule")
+            queued.append(instance.instance_id)
+    return queued

@@ -66,3 +66,31 @@ class ModelAsset(models.Model):
     @property
     def is_problem(self):
         return self.status in self.PROBLEM_STATUSES
+
+
+class Snapshot(models.Model):
+    class Kind(models.TextChoices):
+        CONFIG = "config", "Config (user data and registry settings)"
+        FULL = "full", "Full (config, custom nodes, own models)"
+
+    instance = models.ForeignKey("instances.Instance", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="snapshots")
+    instance_label = models.CharField(max_length=63, help_text="The instance id, kept after the instance is gone.")
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    include_output = models.BooleanField(default=False)
+    automatic = models.CharField(max_length=20, blank=True, default="",
+                                 help_text="Why it was taken without being asked: 'schedule' or 'before-restore'.")
+    note = models.CharField(max_length=300, blank=True, default="")
+    archive = models.CharField(max_length=500, help_text="Relative to COMFY_BACKUPS_PATH.")
+    size = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64)
+    manifest = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey("auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("restore_snapshot", "Can restore and clone snapshots")]
+
+    def __str__(self):
+        return f"{self.instance_label} {self.kind} {self.created_at:%Y-%m-%d %H:%M}"

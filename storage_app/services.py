@@ -97,3 +97,155 @@ def library_visibility(instance, timeout: float = 5.0) -> dict:
             report["folders"][folder] = {"missing": missing, "extra": extra}
         report["unseen_verified"] += [f"{folder}/{n}" for n in sorted(verified.get(folder, set()) - seen)]
     return report
+
+
+# --- Snapshots -------------------------------------------------------------------------------------------------
+
+def _user_pk(user):
+    return user.pk if user is not None and getattr(user, "is_authenticated", False) else None
+
+
+def snapshot_create(*, instance, kind: str = "config", include_output: bool = False, note: str = "", user=None):
+    from .models import Snapshot
+
+    if kind not in Snapshot.Kind.values:
+        raise ValidationError({"kind": [f"'{kind}' is not a snapshot kind; use config or full."]})
+    if len(note) > 300:
+        raise ValidationError({"note": ["Keep the note under 300 characters."]})
+    return operations.enqueue(jobs.create_snapshot, target=instance, user=user, instance_pk=instance.pk, kind=kind,
+                              include_output=include_output, note=note, user_pk=_user_pk(user))
+
+
+def snapshot_restore(*, snapshot, user=None):
+    if snapshot.instance_id is None:
+        raise ValidationError({"snapshot": [f"Instance '{snapshot.instance_label}' no longer exists; clone the "
+                                            "snapshot into a new instance instead."]})
+    return operations.enqueue(jobs.restore_snapshot, target=snapshot.instance, user=user, snapshot_pk=snapshot.pk,
+                              user_pk=_user_pk(user))
+
+
+def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None):
+    from instances.models import Instance
+
+    problem = layout.instance_id_problem(new_instance_id)
+    if problem:
+        raise ValidationError({"new_instance_id": [problem]})
+    if Instance.objects.filter(instance_id=new_instance_id).exists():
+        raise ValidationError({"new_instance_id": [f"An instance '{new_instance_id}' already exists; pick another id."]})
+    return operations.enqueue(jobs.clone_snapshot, user=user, snapshot_pk=snapshot.pk, new_instance_id=new_instance_id,
+                              gpu_indexes=list(gpu_indexes), user_pk=_user_pk(user))
+
+
+def snapshot_delete(*, snapshot):
+    from . import snapshots
+
+    snapshots.delete_archive(snapshot)
+
+
+def snapshot_export_manager(*, snapshot) -> dict:
+    from . import snapshots
+
+    return snapshots.to_manager(snapshot)
+
+
+def snapshot_import_manager(*, instance, data, user=None):
+    from . import snapshots
+
+    try:
+        nodes = snapshots.parse_manager(data)
+    except snapshots.SnapshotError as exc:
+        raise ValidationError({"file": [str(exc)]}) from exc
+    return operations.enqueue(jobs.import_manager_snapshot, target=instance, user=user, instance_pk=instance.pk,
+                              nodes=nodes)
+
+
+def restore_into_instance(*, snapshot_pk, user_pk=None, report=None) -> dict:
+    """Job body: check, snapshot what is there now, stop, swap in the archived trees, restore settings, restart."""
+    from django.contrib.auth import get_user_model
+
+    from comfyhub.operations import OperationError
+    from instances import containers, services as instance_services
+    from instances.models import Instance
+
+    from . import snapshots
+    from .models import Snapshot
+
+    snapshot = Snapshot.objects.select_related("instance__node").get(pk=snapshot_pk)
+    instance = snapshot.instance
+    if instance is None:
+        raise OperationError(f"Instance '{snapshot.instance_label}' no longer exists; clone the snapshot instead.")
+    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    try:
+        snapshots.verify_archive(snapshot)
+        report.progress(5, "taking a snapshot of the current state first")
+        undo = snapshots.create(instance, kind=snapshot.kind, include_output=snapshot.include_output,
+                                note=f"automatic, before restoring snapshot {snapshot.pk}", user=user,
+                                automatic="before-restore", report=report)
+    except snapshots.SnapshotError as exc:
+        raise OperationError(f"{exc} Nothing was restored.") from exc
+    was_running = instance.desired_state == Instance.DesiredState.RUNNING
+    if was_running:
+        report.progress(20, "stopping the instance")
+        containers.stop(instance, report)
+    try:
+        report.progress(30, "restoring files")
+        trees = snapshots.restore_files(snapshot, instance, report)
+    except (snapshots.SnapshotError, OSError) as exc:
+        if was_running:
+            containers.start(instance, report)
+        raise OperationError(f"{exc} The instance was left as it was (undo snapshot {undo.pk} kept).") from exc
+    config = snapshot.manifest.get("instance", {})
+    kept = []
+    try:
+        instance_services.instance_update(
+            instance=instance, display_name=config.get("display_name", instance.display_name),
+            description=config.get("description", instance.description), image=config.get("image", instance.image),
+            extra_args=config.get("extra_args", []), extra_env=config.get("extra_env", {}), host_port=None,
+            gpu_indexes=[g.index for g in instance.assigned_gpus()], user=user)
+        kept = ["GPUs and port stay as they are now"]
+    except ValidationError as exc:
+        kept = [f"registry settings not restored: {'; '.join(exc.messages)}"]
+        report.log(kept[0], "WARNING")
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING if was_running
+                                                   else Instance.DesiredState.STOPPED)
+    if was_running:
+        report.progress(80, "starting the instance again")
+        containers.start(Instance.objects.select_related("node").get(pk=instance.pk), report)
+    report.progress(100, "restored")
+    return {"restored": trees, "undo_snapshot": undo.pk, "notes": kept, "restarted": was_running}
+
+
+def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None, report=None) -> dict:
+    from django.contrib.auth import get_user_model
+
+    from comfyhub.operations import OperationError
+    from instances import services as instance_services
+
+    from . import snapshots
+    from .models import Snapshot
+
+    snapshot = Snapshot.objects.get(pk=snapshot_pk)
+    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    config = snapshot.manifest.get("instance", {})
+    try:
+        snapshots.verify_archive(snapshot)
+        instance = instance_services.instance_create(
+            instance_id=new_instance_id, display_name=config.get("display_name", ""),
+            description=config.get("description", ""), image=config.get("image", ""),
+            extra_args=config.get("extra_args", []), extra_env=config.get("extra_env", {}),
+            gpu_indexes=gpu_indexes, user=user)
+    except snapshots.SnapshotError as exc:
+        raise OperationError(f"{exc} Nothing was created.") from exc
+    except ValidationError as exc:
+        raise OperationError("Cannot create the clone: " + "; ".join(exc.messages)) from exc
+    try:
+        report.progress(30, "extracting into the new instance's folder")
+        snapshots.restore_clone(snapshot, layout.instance_dir(new_instance_id, instance.node), report)
+        layout.build_shared_tree(instance.node)
+        layout.build_instance_tree(new_instance_id, instance.node)
+    except (snapshots.SnapshotError, OSError) as exc:
+        instance.delete()
+        raise OperationError(f"{exc} The clone was not created.") from exc
+    report.progress(100, f"cloned into {new_instance_id}")
+    return {"instance": new_instance_id, "port": instance.host_port,
+            "gpus": [g.index for g in instance.assigned_gpus()]}

@@ -1,0 +1,251 @@
+"""Snapshots with real files and archives: create, restore (undoable), clone, refuse bad archives, disk full."""
+import datetime
+import io
+import json
+import os
+import subprocess
+import tarfile
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from comfyhub.models import Operation
+from instances import customnodes, services as instance_services
+from instances.models import Instance
+from storage_app import layout, services, snapshots
+from storage_app.models import Snapshot
+from tests.support.gitrepos import make_node_repo
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def instance(storage):
+    created = instance_services.instance_create(instance_id="snappy", gpu_indexes=[1], extra_args=["--lowvram"],
+                                                extra_env={"TEAM": "a"})
+    layout.build_instance_tree("snappy")
+    root = storage["instances"] / "snappy"
+    (root / "user" / "default" / "workflows" / "w.json").write_text('{"nodes": []}')
+    (root / "user" / "default" / "comfy.settings.json").write_text('{"a": 1}')
+    (root / "output" / "image.png").write_bytes(b"png")
+    (root / "models" / "loras").mkdir(parents=True)
+    (root / "models" / "loras" / "own.pt").write_bytes(b"own")
+    return created
+
+
+def run(operation, run_worker):
+    run_worker()
+    operation.refresh_from_db()
+    return operation
+
+
+def names_in(snapshot):
+    with tarfile.open(snapshots.archive_path(snapshot)) as tar:
+        return set(tar.getnames())
+
+
+def test_a_config_snapshot_holds_user_data_and_registry_settings(instance, run_worker, operator, storage):
+    operation = run(services.snapshot_create(instance=instance, kind="config", note="before upgrade", user=operator),
+                    run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    snapshot = Snapshot.objects.get()
+    assert (snapshot.kind, snapshot.note, snapshot.created_by, snapshot.instance_label) == (
+        "config", "before upgrade", operator, "snappy")
+    names = names_in(snapshot)
+    assert "user/default/workflows/w.json" in names and "comfyhub-snapshot.json" in names
+    assert not any(n.startswith(("output", "custom_nodes", "models")) for n in names)
+    assert snapshot.manifest["instance"]["extra_args"] == ["--lowvram"]
+    assert snapshot.manifest["instance"]["gpus"] == [1]
+    assert snapshot.size == os.path.getsize(snapshots.archive_path(snapshot))
+    assert snapshots.archive_path(snapshot).is_relative_to(storage["backups"])
+
+
+def test_a_full_snapshot_adds_nodes_and_the_inbox_and_output_only_when_asked(instance, tmp_path):
+    url, commits = make_node_repo(tmp_path / "repos")
+    customnodes.install(instance, url, "v1")
+    full = snapshots.create(instance, kind="full")
+    names = names_in(full)
+    assert "models/loras/own.pt" in names and "custom_nodes/ComfyUI-Test-Nodes/__init__.py" in names
+    assert not any(n.startswith("output") for n in names)
+    node = full.manifest["custom_nodes"][0]
+    assert (node["folder"], node["git_url"], node["commit"], node["dirty"], node["disabled"]) == (
+        "ComfyUI-Test-Nodes", url, commits["v1"], False, False)
+    with_output = snapshots.create(instance, kind="full", include_output=True)
+    assert "output/image.png" in names_in(with_output)
+
+
+def test_restoring_puts_the_files_back_and_can_be_undone(instance, run_worker, storage):
+    snapshot = snapshots.create(instance, kind="config")
+    workflow = storage["instances"] / "snappy" / "user" / "default" / "workflows" / "w.json"
+    workflow.write_text('{"nodes": [], "changed": true}')
+    (workflow.parent / "new.json").write_text("{}")
+    operation = run(services.snapshot_restore(snapshot=snapshot), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    assert json.loads(workflow.read_text()) == {"nodes": []}
+    assert not (workflow.parent / "new.json").exists()
+    undo = Snapshot.objects.get(pk=operation.result["undo_snapshot"])
+    assert undo.automatic == "before-restore"
+    run(services.snapshot_restore(snapshot=undo), run_worker)
+    assert json.loads(workflow.read_text()) == {"nodes": [], "changed": True}
+    assert (workflow.parent / "new.json").exists()
+    assert not [p for p in (storage["instances"] / "snappy").iterdir() if p.name.startswith(".")]
+
+
+def test_restoring_brings_back_the_registry_settings(instance, run_worker):
+    snapshot = snapshots.create(instance, kind="config")
+    instance_services.instance_update(instance=instance, display_name="", description="", image="other:1",
+                                      extra_args=[], extra_env={}, host_port=None, gpu_indexes=[1])
+    run(services.snapshot_restore(snapshot=snapshot), run_worker)
+    instance.refresh_from_db()
+    assert (instance.image, instance.extra_args, instance.extra_env) == (snapshot.manifest["instance"]["image"],
+                                                                        ["--lowvram"], {"TEAM": "a"})
+
+
+def test_a_damaged_archive_is_refused_before_anything_changes(instance, run_worker, storage):
+    snapshot = snapshots.create(instance, kind="config")
+    with open(snapshots.archive_path(snapshot), "r+b") as handle:
+        handle.seek(40)
+        handle.write(b"XXXX")
+    workflow = storage["instances"] / "snappy" / "user" / "default" / "workflows" / "w.json"
+    workflow.write_text('{"kept": true}')
+    operation = run(services.snapshot_restore(snapshot=snapshot), run_worker)
+    assert operation.status == Operation.Status.FAILED
+    assert "is damaged" in operation.error and "Nothing was restored." in operation.error
+    assert json.loads(workflow.read_text()) == {"kept": True}
+    assert Snapshot.objects.count() == 1  # no undo snapshot either
+
+
+def test_clone_makes_a_new_instance_with_new_port_and_gpus(instance, run_worker, storage):
+    snapshot = snapshots.create(instance, kind="full")
+    operation = run(services.snapshot_clone(snapshot=snapshot, new_instance_id="snappy-copy", gpu_indexes=[2]),
+                    run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    clone = Instance.objects.get(instance_id="snappy-copy")
+    assert clone.host_port != instance.host_port
+    assert [g.index for g in clone.assigned_gpus()] == [2]
+    assert clone.extra_args == ["--lowvram"]
+    root = storage["instances"] / "snappy-copy"
+    assert (root / "user" / "default" / "workflows" / "w.json").exists()
+    assert (root / "models" / "loras" / "own.pt").read_bytes() == b"own"
+    assert (root / "extra_model_paths.yaml").exists() and not (root / "comfyhub-snapshot.json").exists()
+
+
+def test_clone_refuses_a_taken_or_bad_id(instance):
+    snapshot = snapshots.create(instance, kind="config")
+    with pytest.raises(ValidationError, match="already exists"):
+        services.snapshot_clone(snapshot=snapshot, new_instance_id="snappy")
+    with pytest.raises(ValidationError, match="lowercase"):
+        services.snapshot_clone(snapshot=snapshot, new_instance_id="Bad/Id")
+
+
+def malicious(storage, instance, build):
+    """A snapshot row pointing at a hand-made archive (with a correct hash)."""
+    path = storage["backups"] / "evil.tar.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        manifest = json.dumps({"trees": ["user"], "instance": {}}).encode()
+        info = tarfile.TarInfo(snapshots.MANIFEST_NAME)
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+        build(tar)
+    digest, size = snapshots._sha256(path)
+    return Snapshot.objects.create(instance=instance, instance_label="snappy", kind="config", archive="evil.tar.gz",
+                                   size=size, sha256=digest)
+
+
+def add_file(tar, name, content=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    tar.addfile(info, io.BytesIO(content))
+
+
+def add_link(tar, name, target, kind=tarfile.SYMTYPE):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    tar.addfile(info)
+
+
+def add_device(tar, name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.CHRTYPE
+    info.devmajor, info.devminor = 1, 3
+    tar.addfile(info)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda tar: add_file(tar, "../../escape.txt"), "points outside the instance"),
+    (lambda tar: add_file(tar, "/etc/evil"), "points outside the instance"),
+    (lambda tar: add_file(tar, "user/../../escape.txt"), "points outside the instance"),
+    (lambda tar: add_link(tar, "user/link", "/etc/passwd"), "outside the instance"),
+    (lambda tar: add_link(tar, "user/link", "../../../etc/passwd"), "outside the instance"),
+    (lambda tar: add_link(tar, "user/hard", "/etc/passwd", tarfile.LNKTYPE), "outside the instance"),
+    (lambda tar: add_device(tar, "user/null"), "is a device"),
+    (lambda tar: add_file(tar, "elsewhere/file"), "not part of a snapshot"),
+])
+def test_malicious_archives_are_refused_and_nothing_is_written(instance, storage, run_worker, build, message):
+    snapshot = malicious(storage, instance, build)
+    before = sorted(str(p) for p in (storage["instances"] / "snappy").rglob("*"))
+    operation = run(services.snapshot_restore(snapshot=snapshot), run_worker)
+    assert operation.status == Operation.Status.FAILED
+    assert message in operation.error
+    assert sorted(str(p) for p in (storage["instances"] / "snappy").rglob("*")) == before
+    assert not (storage["instances"].parent / "escape.txt").exists()
+
+
+def test_a_disk_that_fills_up_during_restore_leaves_the_instance_exactly_as_it_was(instance, storage, run_worker,
+                                                                                    tmp_path, settings):
+    # The instance lives on a 3 MB filesystem; the snapshot holds a 4 MB file that cannot fit beside it.
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
+    try:
+        settings.COMFY_INSTANCES_PATH = small
+        tiny = instance_services.instance_create(instance_id="tiny")
+        layout.build_instance_tree("tiny")
+        (small / "tiny" / "user" / "default" / "big.bin").write_bytes(os.urandom(2 << 20))
+        snapshot = snapshots.create(tiny, kind="config")
+        (small / "tiny" / "user" / "default" / "big.bin").unlink()
+        (small / "tiny" / "user" / "default" / "note.txt").write_text("current state")
+        (small / "tiny" / "user" / "default" / "filler.bin").write_bytes(b"f" * (1 << 20))
+        before = {str(p.relative_to(small)): (p.read_bytes() if p.is_file() else None) for p in small.rglob("*")}
+        operation = run(services.snapshot_restore(snapshot=snapshot), run_worker)
+        assert operation.status == Operation.Status.FAILED
+        assert "disk filled up" in operation.error or "full" in operation.error
+        after = {str(p.relative_to(small)): (p.read_bytes() if p.is_file() else None) for p in small.rglob("*")}
+        assert after == before
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_manager_snapshots_export_and_import(instance, tmp_path, run_worker, storage):
+    url, commits = make_node_repo(tmp_path / "repos")
+    node = customnodes.install(instance, url, "v1")
+    customnodes.set_enabled(node, False)
+    snapshot = snapshots.create(instance, kind="full")
+    exported = services.snapshot_export_manager(snapshot=snapshot)
+    assert exported == {"comfyui": "", "git_custom_nodes": {url: {"hash": commits["v1"], "disabled": True}},
+                        "file_custom_nodes": [], "pips": {}}
+    other = instance_services.instance_create(instance_id="importer")
+    layout.build_instance_tree("importer")
+    exported["git_custom_nodes"][f"file://{tmp_path}/missing-repo"] = {"hash": "abc", "disabled": False}
+    operation = run(services.snapshot_import_manager(instance=other, data=exported), run_worker)
+    assert operation.status == Operation.Status.FAILED  # one of two failed: reported, the other installed
+    assert "1 of 2 node(s) failed" in operation.error and "missing-repo" in operation.error
+    assert (storage["instances"] / "importer" / "custom_nodes" / "ComfyUI-Test-Nodes.disabled").is_dir()
+    with pytest.raises(ValidationError, match="Not a ComfyUI-Manager snapshot"):
+        services.snapshot_import_manager(instance=other, data=["nope"])
+
+
+def test_scheduled_snapshots_keep_the_last_n(instance, run_worker):
+    from storage_app import jobs
+
+    Instance.objects.filter(pk=instance.pk).update(snapshot_every_hours=1, snapshot_keep=2)
+    for _ in range(3):
+        assert jobs.scheduled_snapshots() == ["snappy"]
+        run_worker()
+        Snapshot.objects.update(created_at=Snapshot.objects.first().created_at - datetime.timedelta(hours=2))
+    assert Snapshot.objects.filter(automatic="schedule").count() == 2
+    assert jobs.scheduled_snapshots() == ["snappy"]
+    run_worker()
+    assert jobs.scheduled_snapshots() == []  # the newest is not due yet
