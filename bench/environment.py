@@ -32,6 +32,9 @@ class BenchError(RuntimeError):
 
 
 def _raise_system_exit(signum, frame):
+    # Once: a second signal (Ctrl-C reaches this process and `python -m bench` forwards it) must not cut the cleanup.
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -53,9 +56,10 @@ def descendants(pid: int) -> list[int]:
 
 
 class PrivateEnvironment:
-    def __init__(self, name: str, extra_env: dict[str, str] | None = None):
+    def __init__(self, name: str, extra_env: dict[str, str] | None = None, sqlite_init_command: str = ""):
         self.name = name
         self.extra_env = extra_env or {}
+        self.sqlite_init_command = sqlite_init_command
         self.root: Path | None = None
         self.redis: subprocess.Popen | None = None
         self.processes: list[tuple[subprocess.Popen, object]] = []
@@ -113,11 +117,10 @@ class PrivateEnvironment:
 
     def _database_url(self) -> str:
         url = f"sqlite:///{self.root / 'var' / 'comfyhub.sqlite3'}"
-        # Investigation knob: extra SQLite statements per connection, e.g. "PRAGMA journal_mode=WAL", passed the
-        # way a deployment could (django-environ turns URL query parameters into DATABASES OPTIONS).
-        init_command = os.environ.get("BENCH_SQLITE_INIT_COMMAND", "")
-        if init_command:
-            url += "?" + urlencode({"init_command": init_command}, quote_via=quote)
+        # Extra SQLite statements per connection (bench/whatif.py), passed the way a deployment could: django-environ
+        # turns URL query parameters into DATABASES OPTIONS.
+        if self.sqlite_init_command:
+            url += "?" + urlencode({"init_command": self.sqlite_init_command}, quote_via=quote)
         return url
 
     def _start_redis(self):
@@ -196,6 +199,15 @@ class PrivateEnvironment:
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
             self._old_handlers.clear()
+
+
+def run(main) -> int:
+    """Run a benchmark's main(): its exit code, or 2 (after the reason) when it could not run at all."""
+    try:
+        return main()
+    except BenchError as exc:
+        print(f"bench: could not run: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 # --- numbers -------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .environment import BenchError, PrivateEnvironment, median, ms, percentile, save_result, verdict
+from . import whatif
+from .environment import BenchError, PrivateEnvironment, run, median, ms, percentile, save_result, verdict
 
 NAME = "roundtrip"
 TARGET = 1.5
@@ -24,19 +25,6 @@ WARMUP = int(os.environ.get("BENCH_ROUNDTRIP_WARMUP", "5"))
 POLL_INTERVAL = float(os.environ.get("BENCH_POLL_MS", "2")) / 1000
 RUN_TIMEOUT = 30.0
 BARE_QUEUE = "bench-bare"
-# Investigation knob: modules the ComfyHub worker imports before it starts forking, to measure what a preload in
-# the worker would save each work horse (e.g. "django.db.models.sql.compiler,comfyhub.jobs").
-PRELOAD = [name for name in os.environ.get("BENCH_WORKER_PRELOAD", "").split(",") if name.strip()]
-PRELOAD_LAUNCHER = """
-import importlib, os, sys
-sys.path.insert(0, os.getcwd())
-import django
-django.setup()
-for name in sys.argv[1].split(","):
-    importlib.import_module(name.strip())
-from django.core.management import execute_from_command_line
-execute_from_command_line(["manage.py", *sys.argv[2:]])
-"""
 
 
 @dataclass
@@ -69,8 +57,10 @@ def _delta(later, earlier):
 
 
 def main() -> int:
-    with PrivateEnvironment(NAME) as env:
+    switches = whatif.selected()
+    with PrivateEnvironment(NAME, sqlite_init_command=whatif.sqlite_init_command(switches)) as env:
         env.setup_django()
+        whatif.apply_in_client(switches)
 
         from redis import Redis
         from rq import Queue, Worker
@@ -87,10 +77,7 @@ def main() -> int:
 
         workers = {
             "comfyhub": env.start_process(
-                "comfyhub-worker",
-                [sys.executable, "-c", PRELOAD_LAUNCHER, ",".join(PRELOAD), "rqworker", "default"]
-                if PRELOAD
-                else [sys.executable, "manage.py", "rqworker", "default"],
+                "comfyhub-worker", whatif.worker_argv(sys.executable, switches, ["rqworker", "default"])
             ),
             "bare": env.start_process(
                 "bare-worker", [sys.executable, "-m", "rq.cli", "worker", "-u", env.redis_url, BARE_QUEUE]
@@ -118,7 +105,9 @@ def main() -> int:
 
         def timeline(samples, rq_job, extra=()):
             # Wall-clock stamps from the three processes (one host, one clock): where the time goes.
-            samples.add_phase("enqueued -> rq started (dequeue, fork, prepare)", _delta(rq_job.started_at, rq_job.enqueued_at))
+            samples.add_phase(
+                "enqueued -> rq started (dequeue, fork, prepare)", _delta(rq_job.started_at, rq_job.enqueued_at)
+            )
             for name, later, earlier in extra:
                 samples.add_phase(name, _delta(later, earlier))
             samples.add_phase("rq started -> rq ended (job.perform)", _delta(rq_job.ended_at, rq_job.started_at))
@@ -143,14 +132,18 @@ def main() -> int:
                 samples.enqueue_call.append(enqueued - start)
                 row = Operation.objects.get(pk=operation.pk)
                 rq_job = Job.fetch(str(operation.pk), connection=redis)
-                samples.add_phase("row created -> enqueued in Redis", _delta(rq_job.enqueued_at, row.created_at))
+                samples.add_phase(
+                    "row created -> enqueued (INSERT commit, new Redis client, push)",
+                    _delta(rq_job.enqueued_at, row.created_at),
+                )
                 timeline(
                     samples,
                     rq_job,
                     extra=[
-                        ("rq started -> row running (import, connect, claim)", row.started_at, rq_job.started_at),
-                        ("row running -> row succeeded (runner)", row.finished_at, row.started_at),
-                        ("row succeeded -> rq ended (heartbeat join, return)", rq_job.ended_at, row.finished_at),
+                        # row.started_at / finished_at are stamped just before the claim / finish UPDATE runs.
+                        ("rq started -> runner starts (job import)", row.started_at, rq_job.started_at),
+                        ("runner: DB connect, claim UPDATE, heartbeat thread, job", row.finished_at, row.started_at),
+                        ("runner: finish UPDATE, heartbeat join -> rq ended", rq_job.ended_at, row.finished_at),
                     ],
                 )
 
@@ -183,10 +176,9 @@ def main() -> int:
 
     ratio = median(comfyhub.total) / median(bare.total)
     ok = ratio <= TARGET
-    knobs = [f"{name}={os.environ[name]}" for name in ("BENCH_WORKER_PRELOAD", "BENCH_SQLITE_INIT_COMMAND") if os.environ.get(name)]
     print(
         f"{NAME}: {RUNS} sequential runs each, polled every {POLL_INTERVAL * 1000:.0f} ms"
-        + (f" (investigation: {'; '.join(knobs)})" if knobs else ""),
+        + (f" (what-if: {', '.join(switches)}; not the project as it is)" if switches else ""),
         flush=True,
     )
     for label, samples in (("noop operation (manage.py rqworker)", comfyhub), ("bare rq job (rq worker)", bare)):
@@ -195,7 +187,7 @@ def main() -> int:
             f"  (enqueue call median {ms(median(samples.enqueue_call))})"
         )
         for phase, values in samples.phases.items():
-            print(f"      {phase:55s} median {ms(median(values)):>9s}  p90 {ms(percentile(values, 0.9)):>9s}")
+            print(f"      {phase:66s} median {ms(median(values)):>9s}  p90 {ms(percentile(values, 0.9)):>9s}")
     print(
         f"{NAME}: ComfyHub median {ms(median(comfyhub.total))} p90 {ms(percentile(comfyhub.total, 0.9))}"
         f" | baseline bare rq median {ms(median(bare.total))} p90 {ms(percentile(bare.total, 0.9))}"
@@ -203,12 +195,13 @@ def main() -> int:
         flush=True,
     )
     save_result(
-        NAME,
+        NAME + ("-whatif" if switches else ""),
         {
             "target_ratio": TARGET,
             "ratio": ratio,
             "pass": ok,
             "runs": RUNS,
+            "whatif": switches,
             "comfyhub": {"total": comfyhub.total, "enqueue_call": comfyhub.enqueue_call, "phases": comfyhub.phases},
             "bare": {"total": bare.total, "enqueue_call": bare.enqueue_call, "phases": bare.phases},
         },
@@ -217,4 +210,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

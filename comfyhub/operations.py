@@ -256,8 +256,7 @@ def _run(func, kwargs):
         _finish(operation_id, Operation.Status.SUCCEEDED, progress=100, result=result, **report.final_fields())
         return result
     finally:
-        heartbeat.stopped.set()
-        heartbeat.join(timeout=5)
+        heartbeat.stopped.set()  # a daemon thread; its write only touches rows still running
         logging.getLogger().removeHandler(capture)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import threading
+
 import django_rq
 from django.conf import settings
+from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 
@@ -31,12 +34,27 @@ def unavailable_message(exc: Exception | None = None) -> str:
     )
 
 
+_clients: dict[tuple, Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def get_connection(name: str = "default") -> Redis:
+    """One client per URL and process (redis-py pools are thread-safe and start afresh after fork()). Unlike
+    django_rq's own, it applies CONNECTION_KWARGS (the connect timeout) to URL configurations."""
+    config = settings.RQ_QUEUES[name]
+    options = config.get("CONNECTION_KWARGS", {})
+    key = (config["URL"], tuple(sorted(options.items())))
+    client = _clients.get(key)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = Redis.from_url(config["URL"], **options)
+    return client
+
+
 def get_queue(name: str = "default"):
-    return django_rq.get_queue(name)
-
-
-def get_connection(name: str = "default"):
-    return django_rq.get_connection(name)
+    return django_rq.get_queue(name, connection=get_connection(name))
 
 
 def ensure_available(name: str = "default"):
