@@ -263,22 +263,25 @@ def instance_build(*, instance: Instance, user=None):
 def instance_start(*, instance: Instance, user=None):
     from . import jobs
 
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
-    return operations.enqueue(jobs.start_instance, target=instance, user=user, instance_pk=instance.pk)
+    with transaction.atomic():  # no queue, no operation: then the desired state does not change either
+        Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+        return operations.enqueue(jobs.start_instance, target=instance, user=user, instance_pk=instance.pk)
 
 
 def instance_stop(*, instance: Instance, user=None):
     from . import jobs
 
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED)
-    return operations.enqueue(jobs.stop_instance, target=instance, user=user, instance_pk=instance.pk)
+    with transaction.atomic():  # no queue, no operation: then the desired state does not change either
+        Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED)
+        return operations.enqueue(jobs.stop_instance, target=instance, user=user, instance_pk=instance.pk)
 
 
 def instance_restart(*, instance: Instance, user=None):
     from . import jobs
 
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
-    return operations.enqueue(jobs.restart_instance, target=instance, user=user, instance_pk=instance.pk)
+    with transaction.atomic():  # no queue, no operation: then the desired state does not change either
+        Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+        return operations.enqueue(jobs.restart_instance, target=instance, user=user, instance_pk=instance.pk)
 
 
 def instance_delete(*, instance: Instance, purge_data: bool = False, confirm: str = "", user=None):

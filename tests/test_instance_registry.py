@@ -213,3 +213,15 @@ def test_an_absent_gpu_cannot_be_assigned(settings):
     services.discover_gpus()
     with pytest.raises(ValidationError, match="GPU 3 does not exist"):
         services.instance_create(instance_id="late", gpu_indexes=[3])
+
+
+def test_a_start_refused_for_want_of_a_queue_leaves_the_desired_state_alone(settings):
+    instance = services.instance_create(instance_id="patient")
+    dead = "unix:///nonexistent/redis.sock?db=0"
+    settings.RQ_QUEUES = {name: {"URL": dead} for name in settings.RQ_QUEUES}
+    from comfyhub.queues import QueueUnavailable
+
+    with pytest.raises(QueueUnavailable):
+        services.instance_start(instance=instance)
+    instance.refresh_from_db()
+    assert instance.desired_state == Instance.DesiredState.STOPPED

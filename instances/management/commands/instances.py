@@ -1,0 +1,395 @@
+"""`manage.py instances`: the command line for instances, calling the same services as the browser UI.
+
+Each sub-command parses its arguments, calls one service and prints. Commands that enqueue follow the Operation row
+until it ends. The `--json` output and the exit codes are a contract, documented in docs/cli.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
+
+from comfyhub import queues
+from comfyhub.models import Operation
+from instances import docker_engine, services
+from instances.models import Instance
+from storage_app import layout
+
+EXIT_FAILED = 1  # the operation failed or was cancelled, Redis or the Docker engine does not answer
+EXIT_INPUT = 2  # bad input: unknown instance, a field the services refuse, a refused confirmation
+EXIT_NO_WORKER = 3  # the operation stays queued: no RQ worker listens on its queue
+EXIT_WAIT_TIMEOUT = 4  # gave up waiting (--timeout); the operation goes on
+EXIT_INTERRUPTED = 130  # Ctrl-C while waiting; the operation goes on
+
+POLL_SECONDS = 0.5
+WORKER_CHECK_SECONDS = 2.0
+LATEST_OPERATIONS = 10
+DROPPED_LINES = re.compile(r"^\.\.\. (\d+) earlier lines dropped$")
+
+ARG_HELP = (
+    "An extra ComfyUI argument; repeat for each. Values starting with '-' must be joined with '=': "
+    "--arg=--preview-method --arg=auto."
+)
+CREATE_EPILOG = """\
+Arguments for ComfyUI start with '-', so give each with '=' (otherwise they are read as options of this command):
+  manage.py instances create studio --gpus 0 --arg=--preview-method --arg=auto --env HF_HOME=/instance/hf
+"""
+
+
+class Command(BaseCommand):
+    help = "Create, list, inspect, start, stop, build and delete ComfyUI instances (see docs/cli.md)."
+
+    def add_arguments(self, parser):
+        actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+        waiting = argparse.ArgumentParser(add_help=False)
+        waiting.add_argument("--no-wait", action="store_true",
+                             help="Print the operation id and return at once instead of following the operation.")
+        waiting.add_argument("--timeout", type=float, default=900, metavar="SECONDS",
+                             help="Give up waiting after this many seconds (default 900; the operation goes on).")
+
+        create = actions.add_parser("create", help="Register a new instance (nothing is started).",
+                                    epilog=CREATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        create.add_argument("instance_id", metavar="ID", help="Lowercase letters, digits and '-'.")
+        create.add_argument("--name", default="", help="Display name (default: the id).")
+        create.add_argument("--description", default="")
+        create.add_argument("--gpus", default="none",
+                            help="GPU indexes, e.g. '0,1', or 'none' for CPU mode (default none).")
+        create.add_argument("--port", default="", help="Host port (default: the first free one in the range).")
+        create.add_argument("--image", default="", help="Container image (default: COMFY_IMAGE).")
+        create.add_argument("--arg", action="append", default=[], dest="extra_args", metavar="ARG", help=ARG_HELP)
+        create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                            help="An extra environment variable; repeat for each.")
+
+        listing = actions.add_parser("list", help="All instances, one line each.")
+        listing.add_argument("--json", action="store_true", help="A JSON list of objects (see docs/cli.md).")
+
+        status = actions.add_parser("status", help="One instance in detail: health checks and latest operations.")
+        status.add_argument("instance_id", metavar="ID")
+        status.add_argument("--json", action="store_true", help="A JSON object (see docs/cli.md).")
+
+        for name, text in (("start", "Start the container (building directories and creating it if needed)."),
+                           ("stop", "Stop the container."),
+                           ("restart", "Stop, then start (applies configuration changes)."),
+                           ("build", "Create the instance's directories.")):
+            action = actions.add_parser(name, help=text, parents=[waiting])
+            action.add_argument("instance_id", metavar="ID")
+
+        delete = actions.add_parser("delete", help="Remove the container and the registry entry; data stays.",
+                                    parents=[waiting])
+        delete.add_argument("instance_id", metavar="ID")
+        delete.add_argument("--purge-data", action="store_true",
+                            help="Also delete the instance's own folder (never shared data). Needs --yes.")
+        delete.add_argument("--yes", action="store_true",
+                            help="Confirm --purge-data (stands for typing the instance id in the browser).")
+
+        logs = actions.add_parser("logs", help="The container's log output.")
+        logs.add_argument("instance_id", metavar="ID")
+        logs.add_argument("--tail", type=int, default=100, metavar="N", help="Last N lines (default 100).")
+
+    def execute(self, *args, **options):
+        # Django prefixes command-line errors with "CommandError: "; people and scripts read the message itself.
+        # call_command() still raises the CommandError, with its returncode.
+        try:
+            return super().execute(*args, **options)
+        except CommandError as exc:
+            if not getattr(self, "_called_from_command_line", False) or options.get("traceback"):
+                raise
+            self.stderr.write(str(exc))
+            sys.exit(exc.returncode)
+
+    def handle(self, *args, **options):
+        handler = {"create": self.create_instance, "list": self.list_instances, "status": self.show_status,
+                   "logs": self.show_logs}.get(options["action"], self.run_operation)
+        handler(options)
+
+    # --- Sub-commands ----------------------------------------------------------------------------------------
+
+    def create_instance(self, options):
+        errors = {}
+        gpu_indexes = env = host_port = None
+        try:
+            gpu_indexes = services.parse_gpu_selection(options["gpus"])
+        except ValidationError as exc:
+            errors.update(exc.message_dict)
+        try:
+            env = services.parse_env(options["env"])
+        except ValidationError as exc:
+            errors.update(exc.message_dict)
+        port = options["port"].strip().lower()
+        if port.isdigit():
+            host_port = int(port)
+        elif port not in ("", "auto"):
+            errors["host_port"] = [f"'{options['port']}' is not a port number; give one from 1024 to 65535, or "
+                                   "leave --port out to choose one automatically."]
+        if errors:
+            raise input_error(errors)
+        try:
+            instance = services.instance_create(
+                instance_id=options["instance_id"], display_name=options["name"], description=options["description"],
+                image=options["image"], extra_args=options["extra_args"], extra_env=env, host_port=host_port,
+                gpu_indexes=gpu_indexes,
+            )
+        except ValidationError as exc:
+            raise input_error(exc) from exc
+        instance = find_instance(instance.instance_id)
+        self.stdout.write(f"Created instance '{instance}' on node {instance.node}.")
+        self.stdout.write(f"  port   {instance.host_port} ({instance.url})")
+        self.stdout.write(f"  GPUs   {gpus_text(instance)}")
+        self.stdout.write(f"  image  {instance.image}")
+        self.stdout.write(f"Start it with: python manage.py instances start {instance}")
+
+    def list_instances(self, options):
+        instances = list(services.instances_with_relations())
+        if options["json"]:
+            self.stdout.write(json.dumps([instance_data(i) for i in instances], indent=2))
+            return
+        if not instances:
+            self.stdout.write("No instances yet. Create one with: python manage.py instances create ID")
+            return
+        rows = [("ID", "STATUS", "DESIRED", "GPUS", "PORT", "IMAGE")]
+        for instance in instances:
+            gpus = ",".join(str(gpu.index) for gpu in instance.assigned_gpus()) or "cpu"
+            rows.append((instance.instance_id, instance.status, instance.desired_state, gpus,
+                         str(instance.host_port), instance.image))
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+        for row in rows:
+            self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+    def show_status(self, options):
+        instance = find_instance(options["instance_id"])
+        operations = list(latest_operations(instance))
+        data = {
+            **instance_data(instance),
+            "restart_count": instance.restart_count,
+            "started_at": iso(instance.started_at),
+            "health": {
+                "checks": [{"check": c.get("check", ""), "ok": bool(c.get("ok")), "detail": c.get("detail", "")}
+                           for c in (instance.health or {}).get("checks", [])],
+                "devices": list((instance.health or {}).get("devices", [])),
+                "comfyui_version": (instance.health or {}).get("comfyui_version", ""),
+            },
+            "extra_args": list(instance.extra_args),
+            "extra_env": dict(instance.extra_env),
+            "operations": [operation_data(o) for o in operations],
+        }
+        if options["json"]:
+            self.stdout.write(json.dumps(data, indent=2))
+            return
+        write = self.stdout.write
+        write(f"{instance}" + (f" ({instance.display_name})" if instance.display_name else ""))
+        if instance.description:
+            write(f"  {instance.description}")
+        detail = f" - {instance.status_detail}" if instance.status_detail else ""
+        write(f"  status     {instance.status} (desired: {instance.desired_state}){detail}")
+        write(f"  url        {instance.url}")
+        write(f"  node       {instance.node}")
+        write(f"  GPUs       {gpus_text(instance, names=True)}")
+        write(f"  image      {instance.image}")
+        write(f"  args       {' '.join(instance.extra_args) or '-'}")
+        write(f"  env        {' '.join(f'{k}={v}' for k, v in instance.extra_env.items()) or '-'}")
+        container = instance.container_id[:12] or "-"
+        if data["pending_changes"]:
+            container += " (configuration changed: restart to apply)"
+        write(f"  container  {container}")
+        write(f"  restarts   {instance.restart_count}")
+        write(f"  checked    {local_time(instance.checked_at)}")
+        write(f"  created    {local_time(instance.created_at)}")
+        checks = data["health"]["checks"]
+        write("Health checks:" if checks else "Health checks: none yet (they run while the container exists).")
+        for check in checks:
+            write(f"  {'ok  ' if check['ok'] else 'FAIL'}  {check['check']}: {check['detail']}")
+        write("Latest operations:" if operations else "Latest operations: none.")
+        for operation in operations:
+            write(f"  {local_time(operation.created_at)}  {operation.get_kind_display():<18} {operation.status:<9} "
+                  f"{operation.progress:>3}%  {operation.pk}")
+            if operation.error:
+                write(f"      error: {operation.error.splitlines()[0]}")
+
+    def run_operation(self, options):
+        """start, stop, restart, build and delete: enqueue through the service, then follow the operation."""
+        instance = find_instance(options["instance_id"])
+        action = options["action"]
+        if action == "delete":
+            if options["purge_data"] and not options["yes"]:
+                raise CommandError(
+                    f"--purge-data deletes {layout.instance_dir(instance.instance_id, instance.node)} for good; add "
+                    "--yes to confirm (it stands for typing the instance id).", returncode=EXIT_INPUT)
+            operation = call_action(services.instance_delete, instance=instance, purge_data=options["purge_data"],
+                                    confirm=instance.instance_id if options["yes"] else "")
+        else:
+            service = {"start": services.instance_start, "stop": services.instance_stop,
+                       "restart": services.instance_restart, "build": services.instance_build}[action]
+            operation = call_action(service, instance=instance)
+        self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+
+    def show_logs(self, options):
+        instance = find_instance(options["instance_id"])
+        if options["tail"] < 1:
+            raise input_error({"tail": ["Give a number of lines of 1 or more."]})
+        try:
+            text = services.instance_logs(instance=instance, tail=options["tail"])
+        except docker_engine.EngineError as exc:
+            raise CommandError(str(exc), returncode=EXIT_FAILED) from exc
+        if not text:
+            self.stderr.write(f"No log output from container {instance.container_name} (has '{instance}' been "
+                              "started?).")
+            return
+        self.stdout.write(text, ending="" if text.endswith("\n") else "\n")
+
+    # --- Following an operation -----------------------------------------------------------------------------
+
+    def follow(self, operation: Operation, *, no_wait: bool, timeout: float):
+        """Print progress and new log lines until the operation ends; exit non-zero unless it succeeded."""
+        if no_wait:
+            self.stdout.write(str(operation.pk))
+            if queues.workers_listening(operation.queue_name) == 0:
+                self.stderr.write(no_worker_message(operation))
+            return
+        label = f"{operation.get_kind_display()} '{operation.target_label}'"
+        self.stdout.write(f"{label}: operation {operation.pk}")
+        deadline = time.monotonic() + timeout
+        next_worker_check = time.monotonic()
+        shown_lines, shown_progress = 0, None
+        try:
+            while True:
+                operation.refresh_from_db()
+                shown_lines = self.print_new_lines(operation, shown_lines)
+                progress = (operation.progress, operation.progress_message)
+                if operation.status != Operation.Status.QUEUED and progress != shown_progress:
+                    self.stdout.write(f"[{operation.progress:3d}%] {operation.progress_message}".rstrip())
+                    shown_progress = progress
+                self.stdout.flush()
+                if operation.is_terminal:
+                    break
+                if operation.status == Operation.Status.QUEUED and time.monotonic() >= next_worker_check:
+                    if queues.workers_listening(operation.queue_name) == 0:
+                        raise CommandError(no_worker_message(operation), returncode=EXIT_NO_WORKER)
+                    next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
+                if time.monotonic() >= deadline:
+                    raise CommandError(
+                        f"Gave up waiting after {timeout:g} s; operation {operation.pk} is still {operation.status} "
+                        f"and goes on. Follow it with: python manage.py instances status {operation.target_label}",
+                        returncode=EXIT_WAIT_TIMEOUT)
+                time.sleep(POLL_SECONDS)
+        except KeyboardInterrupt:
+            raise CommandError(f"Stopped waiting; operation {operation.pk} goes on.",
+                               returncode=EXIT_INTERRUPTED) from None
+        if operation.status == Operation.Status.SUCCEEDED:
+            self.stdout.write(f"{label} succeeded.")
+            if isinstance(operation.result, dict) and operation.result.get("url"):
+                self.stdout.write(f"ComfyUI answers at {operation.result['url']}")
+            return
+        outcome = "was cancelled" if operation.status == Operation.Status.CANCELLED else "failed"
+        reason = f": {operation.error}" if operation.error else "."
+        raise CommandError(f"{label} {outcome} (operation {operation.pk}){reason}", returncode=EXIT_FAILED)
+
+    def print_new_lines(self, operation: Operation, shown: int) -> int:
+        """Print the log lines not shown yet; returns how many lines the log has had in all."""
+        lines = operation.log_lines
+        dropped = 0
+        if lines and (match := DROPPED_LINES.match(lines[0])):
+            dropped, lines = int(match.group(1)), lines[1:]
+        for line in lines[max(0, shown - dropped):]:
+            self.stdout.write(f"  {line}")
+        return dropped + len(lines)
+
+
+# --- Helpers: finding, enqueueing, errors ------------------------------------------------------------------------
+
+def find_instance(instance_id: str) -> Instance:
+    instance = services.instances_with_relations().filter(instance_id=instance_id).first()
+    if instance is None:
+        known = ", ".join(Instance.objects.values_list("instance_id", flat=True)) or "none"
+        raise CommandError(f"No instance '{instance_id}'. Known: {known}", returncode=EXIT_INPUT)
+    return instance
+
+
+def call_action(service, **kwargs) -> Operation:
+    try:
+        return service(**kwargs)
+    except queues.QueueUnavailable as exc:
+        raise CommandError(str(exc), returncode=EXIT_FAILED) from exc
+    except ValidationError as exc:
+        raise input_error(exc) from exc
+
+
+def input_error(errors) -> CommandError:
+    """One "field: message" line per problem, exit code 2."""
+    if isinstance(errors, ValidationError):
+        errors = errors.message_dict if hasattr(errors, "error_dict") else {"error": errors.messages}
+    lines = [f"{field}: {message}" for field, messages in errors.items() for message in messages]
+    return CommandError("\n".join(lines), returncode=EXIT_INPUT)
+
+
+def no_worker_message(operation: Operation) -> str:
+    queue = operation.queue_name
+    return (f"No RQ worker is listening on queue '{queue}'; start one with `python manage.py rqworker {queue} "
+            f"--with-scheduler` or use `make run`. The operation {operation.pk} stays queued.")
+
+
+def latest_operations(instance: Instance):
+    return Operation.objects.filter(
+        target_type=ContentType.objects.get_for_model(Instance), target_id=str(instance.pk)
+    )[:LATEST_OPERATIONS]
+
+
+# --- Output ------------------------------------------------------------------------------------------------------
+
+def iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def local_time(value) -> str:
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S") if value else "never"
+
+
+def gpus_text(instance: Instance, *, names: bool = False) -> str:
+    gpus = instance.assigned_gpus()
+    if not gpus:
+        return "none (CPU mode)"
+    if names:
+        return "; ".join(f"{gpu.index}: {gpu.name}" if gpu.name else str(gpu.index) for gpu in gpus)
+    return ", ".join(str(gpu.index) for gpu in gpus)
+
+
+def instance_data(instance: Instance) -> dict:
+    """The documented JSON of one instance (docs/cli.md); add keys, never rename or remove them."""
+    return {
+        "instance_id": instance.instance_id,
+        "name": instance.name,
+        "description": instance.description,
+        "node": instance.node.name,
+        "image": instance.image,
+        "host_port": instance.host_port,
+        "url": instance.url,
+        "gpus": [{"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name} for gpu in instance.assigned_gpus()],
+        "cpu_only": instance.cpu_only,
+        "desired_state": instance.desired_state,
+        "status": instance.status,
+        "status_detail": instance.status_detail,
+        "container_id": instance.container_id,
+        "pending_changes": services.instance_pending_changes(instance),
+        "checked_at": iso(instance.checked_at),
+        "created_at": iso(instance.created_at),
+    }
+
+
+def operation_data(operation: Operation) -> dict:
+    return {
+        "id": str(operation.pk),
+        "kind": operation.kind,
+        "status": operation.status,
+        "progress": operation.progress,
+        "progress_message": operation.progress_message,
+        "created_at": iso(operation.created_at),
+        "finished_at": iso(operation.finished_at),
+        "error": operation.error,
+    }
