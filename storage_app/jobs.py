@@ -181,3 +181,18 @@ def scheduled_snapshots():
                                automatic="schedule")
             queued.append(instance.instance_id)
     return queued
+
+
+@operation_job("legacy_migrate", label="Migrate legacy install", queue="long", timeout=48 * 3600)
+def legacy_migrate(report, *, source, instance_id="", mode="move", user_pk=None):
+    from django.contrib.auth import get_user_model
+
+    from .services import legacy_migrate_now
+
+    from django.core.exceptions import ValidationError
+
+    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    try:
+        return legacy_migrate_now(source=source, instance_id=instance_id, mode=mode, user=user, report=report)
+    except ValidationError as exc:
+        raise OperationError(" ".join(exc.messages)) from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from django.core.exceptions import ValidationError
 
@@ -249,3 +250,63 @@ def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_p
     report.progress(100, f"cloned into {new_instance_id}")
     return {"instance": new_instance_id, "port": instance.host_port,
             "gpus": [g.index for g in instance.assigned_gpus()]}
+
+
+# --- Legacy migration ------------------------------------------------------------------------------------------
+
+def legacy_plan(*, source: str, instance_id: str = "", mode: str = "move"):
+    from django.conf import settings
+
+    from . import migration
+
+    try:
+        return migration.make_plan(Path(source).expanduser(), instance_id=instance_id or settings.COMFY_INSTANCE_ID,
+                                   mode=mode)
+    except migration.MigrationError as exc:
+        raise ValidationError({"source": [str(exc)]}) from exc
+
+
+def legacy_register(*, instance_id: str, user=None):
+    """The migrated instance, registered and ready to start (on 8188 when free)."""
+    from instances import services as instance_services
+    from instances.models import Instance
+
+    existing = Instance.objects.filter(instance_id=instance_id).first()
+    if existing:
+        return existing
+    node = instance_services.local_node()
+    start, _ = instance_services.port_range_setting()
+    taken = Instance.objects.filter(node=node, host_port=start).exists() or \
+        instance_services.port_bound_on_host(node.bind_address, start)
+    return instance_services.instance_create(instance_id=instance_id, display_name="ComfyUI (migrated)",
+                                             host_port=None if taken else start, node=node, user=user)
+
+
+def legacy_migrate_now(*, source: str, instance_id: str = "", mode: str = "move", user=None, report=None) -> dict:
+    """Plan and carry out a migration in this process (the CLI, and the job behind the page)."""
+    from . import migration
+
+    plan = legacy_plan(source=source, instance_id=instance_id, mode=mode)
+    instance = legacy_register(instance_id=plan.instance_id, user=user)
+    layout.build_shared_tree(instance.node)
+    layout.build_instance_tree(instance.instance_id, instance.node)
+    plan = legacy_plan(source=source, instance_id=plan.instance_id, mode=mode)  # again: the build made folders
+    if report is not None:
+        totals = plan.totals()
+        report.log(f"{len(plan.entries)} file(s) to carry: " + ", ".join(
+            f"{group}: {t['files']} ({library.human_size(t['bytes'])})" for group, t in totals.items()))
+    try:
+        done = migration.execute(plan, report)
+    except migration.MigrationError as exc:
+        from comfyhub.operations import OperationError
+
+        raise OperationError(str(exc)) from exc
+    migration.chown_destinations(plan)
+    layout.link_shared_input(instance.instance_id, instance.node)
+    return {"instance": instance.instance_id, "port": instance.host_port, **done}
+
+
+def legacy_migrate(*, source: str, instance_id: str = "", mode: str = "move", user=None):
+    legacy_plan(source=source, instance_id=instance_id, mode=mode)  # refuse a bad source before queueing
+    return operations.enqueue(jobs.legacy_migrate, user=user, source=source, instance_id=instance_id, mode=mode,
+                              user_pk=_user_pk(user))
