@@ -1,11 +1,12 @@
 """Admin for the registry. Actions enqueue the same operations as the browser UI and the CLI."""
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
 from comfyhub.queues import QueueUnavailable
 
 from . import services
-from .models import GPU, GPUAssignment, Instance, Node
+from .models import GPU, CustomNode, GPUAssignment, Instance, InstanceTemplate, Node, WorkflowEntry, WorkflowVersion
 
 
 @admin.register(Node)
@@ -121,3 +122,57 @@ class InstanceAdmin(admin.ModelAdmin):
 
     def has_start_permission(self, request):
         return request.user.has_perm("instances.start_instance")
+
+
+class InstanceTemplateForm(forms.ModelForm):
+    class Meta:
+        model = InstanceTemplate
+        fields = "__all__"
+
+    def clean(self):
+        from .templating import validate_template
+
+        data = super().clean()
+        try:
+            validate_template(image=data.get("image", ""), extra_args=data.get("extra_args"),
+                              extra_env=data.get("extra_env"), custom_nodes=data.get("custom_nodes"),
+                              settings=data.get("settings"))
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                self.add_error(field, errors)
+        return data
+
+
+@admin.register(InstanceTemplate)
+class InstanceTemplateAdmin(admin.ModelAdmin):
+    form = InstanceTemplateForm
+    list_display = ("name", "image", "gpu_count", "description")
+    filter_horizontal = ("starter_workflows",)
+
+
+class WorkflowVersionInline(admin.TabularInline):
+    model = WorkflowVersion
+    extra = 0
+    fields = ("number", "sha256", "published_from", "author", "created_at")
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False  # versions come from publishing
+
+
+@admin.register(WorkflowEntry)
+class WorkflowEntryAdmin(admin.ModelAdmin):
+    list_display = ("name", "created_at")
+    search_fields = ("name",)
+    inlines = [WorkflowVersionInline]
+
+
+@admin.register(CustomNode)
+class CustomNodeAdmin(admin.ModelAdmin):
+    list_display = ("name", "instance", "url", "ref", "commit", "updated_at")
+    list_filter = ("instance",)
+    readonly_fields = ("instance", "name", "url", "ref", "commit", "requirements", "installed_at", "updated_at")
+
+    def has_add_permission(self, request):
+        return False  # installed by an operation, which clones and records it

@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from comfyhub.queues import QueueUnavailable
 
 from . import services
-from .models import ModelAsset
+from .models import ModelAsset, Snapshot
 
 
 class ModelAssetForm(forms.ModelForm):
@@ -53,3 +53,39 @@ class ModelAssetAdmin(admin.ModelAdmin):
 
     def has_verify_permission(self, request):
         return request.user.has_perm("storage_app.verify_modelasset")
+
+
+@admin.register(Snapshot)
+class SnapshotAdmin(admin.ModelAdmin):
+    list_display = ("instance_label", "kind", "size", "automatic", "note", "created_by", "created_at")
+    list_filter = ("kind", "automatic", "instance_label")
+    readonly_fields = ("instance", "instance_label", "kind", "include_output", "automatic", "note", "archive", "size",
+                       "sha256", "manifest", "created_by", "created_at")
+    actions = ["restore", "delete_with_archive"]
+
+    def has_add_permission(self, request):
+        return False  # snapshots are made by operations
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the action below also removes the archive
+
+    @admin.action(description="Restore into its instance (an undo snapshot is taken first)", permissions=["restore"])
+    def restore(self, request, queryset):
+        for snapshot in queryset:
+            try:
+                services.snapshot_restore(snapshot=snapshot, user=request.user)
+            except (QueueUnavailable, ValidationError) as exc:
+                self.message_user(request, f"{snapshot}: {exc}", messages.ERROR)
+                return
+        self.message_user(request, "Restore queued; see Operations.")
+
+    @admin.action(description="Delete (with the archive file)", permissions=["restore"])
+    def delete_with_archive(self, request, queryset):
+        count = 0
+        for snapshot in queryset:
+            services.snapshot_delete(snapshot=snapshot)
+            count += 1
+        self.message_user(request, f"Deleted {count} snapshot(s) and their archives.")
+
+    def has_restore_permission(self, request):
+        return request.user.has_perm("storage_app.restore_snapshot")

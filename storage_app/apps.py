@@ -6,4 +6,4 @@ class StorageAppConfig(AppConfig):
     label = "storage_app"
     verbose_name = "Storage"
     default_auto_field = "django.db.models.BigAutoField"
-    operator_permissions = ("storage_app.verify_modelasset",)
+    operator_permissions = ("storage_app.verify_modelasset", "storage_app.restore_snapshot")

@@ -66,3 +66,15 @@ def test_gpus_show_their_holders_and_can_be_marked_shareable(client, admin_user)
     client.post(reverse("admin:instances_gpu_change", args=[gpu.pk]), {"shareable": "on"})
     gpu.refresh_from_db()
     assert gpu.shareable
+
+
+def test_a_template_that_would_break_isolation_is_not_saved_from_the_admin(client, admin_user):
+    from instances.models import InstanceTemplate
+
+    client.force_login(admin_user)
+    response = client.post(reverse("admin:instances_instancetemplate_add"), {
+        "name": "risky", "description": "", "image": "", "extra_args": '["--listen"]', "extra_env": "{}",
+        "gpu_count": "0", "custom_nodes": "[]", "settings": "{}", "created_at_0": "2026-01-01",
+        "created_at_1": "00:00:00"}, follow=True)
+    assert "set by ComfyHub to keep instances isolated" in response.content.decode()
+    assert not InstanceTemplate.objects.exists()

@@ -249,3 +249,16 @@ def test_scheduled_snapshots_keep_the_last_n(instance, run_worker):
     assert jobs.scheduled_snapshots() == ["snappy"]
     run_worker()
     assert jobs.scheduled_snapshots() == []  # the newest is not due yet
+
+
+def test_the_admin_restores_through_an_operation_and_deletes_archives(instance, client, admin_user):
+    from django.urls import reverse
+
+    snapshot = snapshots.create(instance, kind="config")
+    archive = snapshots.archive_path(snapshot)
+    client.force_login(admin_user)
+    changelist = reverse("admin:storage_app_snapshot_changelist")
+    client.post(changelist, {"action": "restore", "_selected_action": [snapshot.pk]})
+    assert Operation.objects.filter(kind="snapshot_restore").exists()
+    client.post(changelist, {"action": "delete_with_archive", "_selected_action": [snapshot.pk]})
+    assert not Snapshot.objects.exists() and not archive.exists()
