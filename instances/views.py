@@ -1,18 +1,270 @@
-"""The dashboard: engine, queue and the latest operations (instances join it with the registry)."""
-from django.shortcuts import render
+"""Pages for instances and GPUs: the dashboard, one instance with its live status, its form, logs and actions, and
+the GPU list. A view parses the request, calls one service, says what happened and redirects; rules live in
+services.py."""
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
+from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db.models import Prefetch
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_http_methods, require_POST
+from django_htmx.http import HttpResponseStopPolling
 
 from comfyhub.models import Operation
-from comfyhub.queues import queue_overview
+from comfyhub.queues import QueueUnavailable, queue_overview
 
-from .docker_engine import cached_engine_status
+from . import services
+from .docker_engine import EngineError, cached_engine_status
+from .forms import InstanceDeleteForm, InstanceForm
+from .models import GPU, GPUAssignment, Instance, Node
 
 LATEST_OPERATIONS = 10
+INSTANCE_OPERATIONS = 10
+LOG_TAIL_DEFAULT = 500
+LOG_TAIL_MAX = 5000
 
+GPU_SOURCES = {
+    "nvml": "Found {count} GPU(s) through the NVIDIA driver (source: nvml).",
+    "settings": "No NVIDIA driver answered; using the {count} GPU(s) declared in COMFY_GPUS (source: settings).",
+    "none": "No GPUs found: no NVIDIA driver answered and COMFY_GPUS declares none (source: none). Instances run on "
+            "the CPU.",
+}
+
+
+# --- Dashboard -----------------------------------------------------------------------------------------------
 
 def dashboard(request):
     latest = Operation.objects.select_related("requested_by", "target_type")[:LATEST_OPERATIONS]
     return render(
         request,
         "instances/dashboard.html",
-        {"engine": cached_engine_status(), "queue": queue_overview(), "operations": latest},
+        {"engine": cached_engine_status(), "queue": queue_overview(), "operations": latest,
+         "instances": _listed_instances()},
     )
+
+
+def instance_rows(request):
+    """The dashboard's instance rows, which htmx reloads every few seconds."""
+    return render(request, "partials/instance_rows.html", {"instances": _listed_instances()})
+
+
+def _listed_instances():
+    instances = list(services.instances_with_relations())
+    for instance in instances:
+        instance.checks_summary = _checks_summary(instance)
+    return instances
+
+
+def _checks_summary(instance):
+    checks = (instance.health or {}).get("checks") or []
+    return {"total": len(checks), "failing": [_check_name(c) for c in checks if not c.get("ok")]}
+
+
+def _check_name(check):
+    return check.get("check") or check.get("name") or "?"
+
+
+# --- One instance --------------------------------------------------------------------------------------------
+
+def instance_detail(request, instance_id):
+    instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
+    operations = _operations_of(instance)
+    context = _live_context(instance)
+    context.update(operations=operations[:INSTANCE_OPERATIONS])
+    return render(request, "instances/instance_detail.html", context)
+
+
+def instance_live(request, instance_id):
+    """The observed status and health of an instance; htmx polls it while an operation on it is in progress."""
+    instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
+    context = _live_context(instance)
+    response = render(request, "partials/instance_live.html", context)
+    if not context["polling"]:
+        response.status_code = HttpResponseStopPolling.status_code
+    return response
+
+
+def _operations_of(instance):
+    return Operation.objects.select_related("requested_by", "target_type").filter(
+        target_type=ContentType.objects.get_for_model(Instance), target_id=str(instance.pk)
+    )
+
+
+def _live_context(instance):
+    active = _operations_of(instance).filter(status__in=Operation.ACTIVE_STATUSES).first()
+    health = instance.health or {}
+    return {
+        "instance": instance,
+        "active_operation": active,
+        "polling": active is not None or instance.status == Instance.Status.STARTING,
+        "pending_changes": services.instance_pending_changes(instance),
+        "checks": [{**c, "name": _check_name(c)} for c in health.get("checks") or []],
+        "devices": health.get("devices") or [],
+        "comfyui_version": health.get("comfyui_version") or "",
+    }
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("instances.add_instance", raise_exception=True)
+def instance_create(request):
+    form = InstanceForm(request.POST if request.method == "POST" else None)
+    if form.is_bound and form.is_valid():
+        try:
+            instance = services.instance_create(**form.arguments(), user=request.user)
+        except ValidationError as exc:
+            form.add_service_error(exc)
+        else:
+            messages.success(request, f"Instance '{instance}' created on port {instance.host_port}.")
+            try:
+                services.instance_build(instance=instance, user=request.user)
+            except QueueUnavailable as exc:
+                messages.warning(request, f"{exc} Its directories will be built when it first starts.")
+            return redirect(instance)
+    return render(request, "instances/instance_form.html", {"form": form})
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("instances.change_instance", raise_exception=True)
+def instance_edit(request, instance_id):
+    instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
+    form = InstanceForm(request.POST if request.method == "POST" else None, instance=instance)
+    if form.is_bound and form.is_valid():
+        try:
+            instance = services.instance_update(**form.arguments(), user=request.user)
+        except ValidationError as exc:
+            form.add_service_error(exc)
+        else:
+            messages.success(request, f"Instance '{instance}' saved.")
+            if services.instance_pending_changes(instance):
+                messages.warning(request, "Its container still runs the old configuration: restart to apply.")
+            return redirect(instance)
+    return render(request, "instances/instance_form.html", {
+        "form": form, "instance": instance, "pending_changes": services.instance_pending_changes(instance),
+    })
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("instances.delete_instance", raise_exception=True)
+def instance_delete(request, instance_id):
+    instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
+    form = InstanceDeleteForm(request.POST if request.method == "POST" else None)
+    if form.is_bound and form.is_valid():
+        purge = form.cleaned_data["purge_data"]
+        try:
+            operation = services.instance_delete(instance=instance, purge_data=purge,
+                                                 confirm=form.cleaned_data["confirm"], user=request.user)
+        except ValidationError as exc:
+            form.add_service_error(exc)
+        except QueueUnavailable as exc:
+            messages.error(request, str(exc))
+        else:
+            kept = "and its data" if purge else "(its data is kept)"
+            messages.success(request, f"Deleting instance '{instance}' {kept}.")
+            return redirect(operation)
+    return render(request, "instances/instance_delete.html", {"form": form, "instance": instance})
+
+
+# --- Actions: each one queues an operation -------------------------------------------------------------------
+
+@require_POST
+@permission_required("instances.build_instance", raise_exception=True)
+def instance_build(request, instance_id):
+    return _queue_action(request, instance_id, services.instance_build, "Building the directories of '{}'.")
+
+
+@require_POST
+@permission_required("instances.start_instance", raise_exception=True)
+def instance_start(request, instance_id):
+    return _queue_action(request, instance_id, services.instance_start, "Starting '{}'.")
+
+
+@require_POST
+@permission_required("instances.start_instance", raise_exception=True)
+def instance_stop(request, instance_id):
+    return _queue_action(request, instance_id, services.instance_stop, "Stopping '{}'.")
+
+
+@require_POST
+@permission_required("instances.start_instance", raise_exception=True)
+def instance_restart(request, instance_id):
+    return _queue_action(request, instance_id, services.instance_restart, "Restarting '{}'.")
+
+
+def _queue_action(request, instance_id, service, done):
+    instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
+    try:
+        service(instance=instance, user=request.user)
+    except QueueUnavailable as exc:
+        messages.error(request, str(exc))
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, done.format(instance))
+    return _back(request, instance)
+
+
+def _back(request, instance):
+    """Where the action was asked from (a dashboard button says so), else the instance's page."""
+    target = request.POST.get("next", "")
+    if target and url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
+        return redirect(target)
+    return redirect(instance)
+
+
+# --- Logs ----------------------------------------------------------------------------------------------------
+
+def instance_logs(request, instance_id):
+    instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
+    tail = _tail(request)
+    logs, error = "", ""
+    try:
+        logs = services.instance_logs(instance=instance, tail=tail)
+    except EngineError as exc:
+        error = str(exc)
+    template = "partials/instance_logs.html" if request.htmx else "instances/instance_logs.html"
+    return render(request, template, {"instance": instance, "tail": tail, "logs": logs, "error": error,
+                                      "tail_choices": (100, LOG_TAIL_DEFAULT, 1000, LOG_TAIL_MAX)})
+
+
+def instance_logs_download(request, instance_id):
+    instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
+    try:
+        logs = services.instance_logs(instance=instance, tail=_tail(request))
+    except EngineError as exc:
+        messages.error(request, str(exc))
+        return redirect("instance-logs", instance.instance_id)
+    return HttpResponse(logs, content_type="text/plain; charset=utf-8", headers={
+        "Content-Disposition": content_disposition_header(True, f"{instance.instance_id}-logs.txt"),
+    })
+
+
+def _tail(request) -> int:
+    """`?tail=N`: how many lines, LOG_TAIL_DEFAULT when absent or not a number, at most LOG_TAIL_MAX."""
+    try:
+        tail = int(request.GET.get("tail", LOG_TAIL_DEFAULT))
+    except ValueError:
+        return LOG_TAIL_DEFAULT
+    return max(1, min(tail, LOG_TAIL_MAX))
+
+
+# --- GPUs ----------------------------------------------------------------------------------------------------
+
+def gpu_list(request):
+    holders = Prefetch("assignments", queryset=GPUAssignment.objects.select_related("instance"))
+    nodes = Node.objects.prefetch_related(Prefetch("gpus", queryset=GPU.objects.prefetch_related(holders)))
+    return render(request, "instances/gpu_list.html", {"nodes": nodes})
+
+
+@require_POST
+@permission_required("instances.change_instance", raise_exception=True)
+def gpu_discover(request):
+    try:
+        source, gpus = services.discover_gpus()
+    except ImproperlyConfigured as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, GPU_SOURCES.get(source, "{count} GPU(s) found (source: " + source + ").")
+                         .format(count=len(gpus)))
+    return redirect("gpu-list")
