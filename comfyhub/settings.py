@@ -199,6 +199,10 @@ PGID = env.int("PGID", default=1000)
 # --- Instances -----------------------------------------------------------------------------------------------
 # A fresh install registers the single-instance user's instance (COMFY_INSTANCE_ID on port 8188).
 COMFY_DEFAULT_INSTANCE = env.bool("COMFY_DEFAULT_INSTANCE", default=True)
+# How GPUs are found: "auto" (NVML when a driver answers, else COMFY_GPUS), "nvml" (only NVML) or "settings".
+COMFY_GPU_DISCOVERY = env.str("COMFY_GPU_DISCOVERY", default="auto")
+if COMFY_GPU_DISCOVERY not in ("auto", "nvml", "settings"):
+    raise ImproperlyConfigured(f"COMFY_GPU_DISCOVERY={COMFY_GPU_DISCOVERY!r}: use auto, nvml or settings.")
 # GPUs when NVML finds no driver: "0,1" (indexes), "none", or empty for "none".
 COMFY_GPUS = env.str("COMFY_GPUS", default="")
 # Host ports instances get when none is given.

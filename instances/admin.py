@@ -26,8 +26,7 @@ class NodeAdmin(admin.ModelAdmin):
 class GPUAdmin(admin.ModelAdmin):
     list_display = ("__str__", "node", "index", "uuid", "memory_total", "shareable", "present", "holders")
     list_filter = ("node", "shareable", "present")
-    list_editable = ("shareable",)
-    readonly_fields = ("node", "index", "uuid", "name", "memory_total", "present")
+    readonly_fields = ("node", "index", "uuid", "name", "memory_total", "present", "shareable")
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("node").prefetch_related("assignments__instance")
@@ -38,6 +37,22 @@ class GPUAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # GPUs come from discovery
+
+    actions = ["make_shareable", "make_exclusive"]
+
+    @admin.action(description="Allow several instances (shareable)", permissions=["change"])
+    def make_shareable(self, request, queryset):
+        for gpu in queryset:
+            services.gpu_set_shareable(gpu=gpu, shareable=True)
+        self.message_user(request, "Marked shareable.")
+
+    @admin.action(description="One instance only (exclusive)", permissions=["change"])
+    def make_exclusive(self, request, queryset):
+        for gpu in queryset:
+            try:
+                services.gpu_set_shareable(gpu=gpu, shareable=False)
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), messages.ERROR)
 
 
 class GPUAssignmentInline(admin.TabularInline):

@@ -69,8 +69,12 @@ def declared_gpus(value: str | None = None) -> list[FoundGPU]:
 def gpus_discover(node) -> tuple[str, list[GPU]]:
     """Refresh `node`'s GPU rows from NVML or settings. GPUs no longer found are kept (instances may hold them) but
     marked absent. Returns the source used and the present GPUs."""
-    found = nvml_gpus()
+    mode = settings.COMFY_GPU_DISCOVERY
+    found = nvml_gpus() if mode in ("auto", "nvml") else None
     source = "nvml"
+    if found is None and mode == "nvml":
+        raise ImproperlyConfigured("COMFY_GPU_DISCOVERY=nvml, but NVML does not answer: is the NVIDIA driver "
+                                   "installed and nvidia-ml-py able to load libnvidia-ml.so?")
     if found is None:
         found = declared_gpus()
         source = "settings" if found else "none"

@@ -120,6 +120,9 @@ def container_spec(instance) -> ContainerSpec:
 
 def argument_problem(arg: str) -> str | None:
     """Why an extra ComfyUI argument is refused, or None."""
+    if arg.startswith("-") and any(c.isspace() for c in arg.split("=", 1)[0]):
+        return (f"'{arg}' holds a flag and its value in one item; give them as separate items "
+                f"('{arg.split()[0]}', '{' '.join(arg.split()[1:])}').")
     flag = arg.split("=", 1)[0]
     # argparse also accepts unambiguous abbreviations (`--base` for `--base-directory`).
     reserved = flag.startswith("--") and len(flag) > 3 and any(name.startswith(flag) for name in RESERVED_ARGS)

@@ -107,6 +107,9 @@ def _validate(fields: InstanceFields, node: Node, instance: Instance | None = No
                 f"{layout.instances_root(node) / fields.instance_id} already exists (data kept from a deleted "
                 "instance?). Pick another id, or move that folder away first.")
 
+    if len(fields.display_name or "") > 100:
+        errors.setdefault("display_name", []).append("A display name has at most 100 characters.")
+
     image = (fields.image or "").strip()
     if not image or any(c.isspace() for c in image):
         errors.setdefault("image", []).append("Give an image name such as 'repository/comfyui:tag' (no spaces).")
@@ -205,9 +208,9 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
                                          f"node {node}; give one explicitly or widen the range."]})
 
 
-def _raise_for_integrity(exc, fields, port, *, explicit_port):
+def _raise_for_integrity(exc, fields, port, *, explicit_port, creating=True):
     """Translate a lost race into the same messages the checks give; return to try the next free port."""
-    if Instance.objects.filter(instance_id=fields.instance_id).exists():
+    if creating and Instance.objects.filter(instance_id=fields.instance_id).exists():
         raise ValidationError({"instance_id": [f"An instance '{fields.instance_id}' already exists; pick another id."]})
     if "assignment" in str(exc).lower() or "gpu" in str(exc).lower():
         raise ValidationError({"gpus": ["One of these GPUs was just taken by another instance; pick again."]})
@@ -241,7 +244,7 @@ def instance_update(*, instance: Instance, display_name: str, description: str, 
             )
             _assign(instance, gpus)
     except IntegrityError as exc:
-        _raise_for_integrity(exc, fields, host_port, explicit_port=True)
+        _raise_for_integrity(exc, fields, host_port, explicit_port=True, creating=False)
         raise
     instance.refresh_from_db()
     return instance
@@ -313,6 +316,20 @@ def purge_instance_data(instance_id: str, node: Node):
         raise layout.LayoutError(f"Refusing to delete {path}: it does not resolve to a folder directly under {root}.")
     if path.exists():
         shutil.rmtree(path)
+
+
+def gpu_set_shareable(*, gpu: GPU, shareable: bool) -> GPU:
+    """Allow or forbid several instances on one GPU; existing holders follow (exclusive unless shareable)."""
+    with transaction.atomic():
+        holders = list(GPUAssignment.objects.select_for_update().filter(gpu=gpu).select_related("instance"))
+        if not shareable and len(holders) > 1:
+            names = ", ".join(str(a.instance) for a in holders)
+            raise ValidationError({"shareable": [f"GPU {gpu.index} is held by {names}; free it on all but one "
+                                                 "before making it exclusive again."]})
+        GPU.objects.filter(pk=gpu.pk).update(shareable=shareable)
+        GPUAssignment.objects.filter(gpu=gpu).update(exclusive=not shareable)
+    gpu.refresh_from_db()
+    return gpu
 
 
 def discover_gpus(node: Node | None = None):

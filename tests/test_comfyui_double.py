@@ -17,7 +17,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.support.docker_fixtures import TEST_LABEL, published_port, wait_for_http
+from tests.support.docker_fixtures import TEST_LABEL, published_port, session_label, wait_for_http
 from tests.support.images import INPUTS_HASH_LABEL, double_inputs_hash, BASE_TAG
 
 pytestmark = pytest.mark.docker
@@ -81,7 +81,7 @@ class DoubleLauncher:
             self.image,
             command=command,
             detach=True,
-            labels={TEST_LABEL: "1"},
+            labels=session_label(),
             ports={"8188/tcp": ("127.0.0.1", None)},
             volumes={
                 str(self.shared): {"bind": "/shared", "mode": "ro"},

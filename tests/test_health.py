@@ -8,6 +8,7 @@ from instances import docker_engine, health, runtime, services
 from instances.models import Instance
 from storage_app import layout
 from tests.conftest import wait_for
+from tests.support.docker_fixtures import session_label
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -91,7 +92,7 @@ def test_a_crash_loop_backs_off_and_is_marked_not_restarted_forever(image, engin
 
 def test_another_container_writing_an_instances_folder_fails_its_isolation(image, run_worker, engine, settings):
     instance = started(services.instance_create(instance_id="guarded", image=image), run_worker)
-    engine.containers.run(image, ["--port", "8188"], detach=True, name="intruder", labels={"comfyhub.test": "1"},
+    engine.containers.run(image, ["--port", "8188"], detach=True, name="intruder", labels=session_label(),
                           mounts=[docker_engine.docker.types.Mount(
                               target="/elsewhere", source=str(settings.COMFY_INSTANCES_PATH / "guarded"),
                               type="bind")])

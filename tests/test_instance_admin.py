@@ -63,9 +63,10 @@ def test_gpus_show_their_holders_and_can_be_marked_shareable(client, admin_user)
     response = client.get(reverse("admin:instances_gpu_changelist"))
     assert "holder" in response.content.decode()
     gpu = GPU.objects.get(index=3)
-    client.post(reverse("admin:instances_gpu_change", args=[gpu.pk]), {"shareable": "on"})
+    client.post(reverse("admin:instances_gpu_changelist"), {"action": "make_shareable", "_selected_action": [gpu.pk]})
     gpu.refresh_from_db()
     assert gpu.shareable
+    assert not gpu.assignments.get().exclusive  # the holder follows
 
 
 def test_a_template_that_would_break_isolation_is_not_saved_from_the_admin(client, admin_user):

@@ -225,3 +225,44 @@ def test_a_start_refused_for_want_of_a_queue_leaves_the_desired_state_alone(sett
         services.instance_start(instance=instance)
     instance.refresh_from_db()
     assert instance.desired_state == Instance.DesiredState.STOPPED
+
+
+def test_a_display_name_longer_than_100_characters_is_refused():
+    with pytest.raises(ValidationError, match="at most 100 characters"):
+        services.instance_create(instance_id="named", display_name="n" * 101)
+
+
+def test_a_flag_and_its_value_in_one_item_is_refused_with_how_to_split_them():
+    with pytest.raises(ValidationError, match="give them as separate items"):
+        services.instance_create(instance_id="squashed", extra_args=["--preview-method auto"])
+
+
+def test_losing_a_port_race_while_editing_blames_the_port_not_the_id():
+    node = services.local_node()
+    editing = services.instance_create(instance_id="editing", host_port=18400)
+    with pytest.raises(ValidationError) as excinfo:
+        services._raise_for_integrity(IntegrityError("UNIQUE constraint failed"), services.InstanceFields(
+            instance_id="editing"), 18401, explicit_port=True, creating=False)
+    assert list(errors_of(excinfo)) == ["host_port"]
+    assert editing.node == node
+
+
+def test_making_a_gpu_shareable_updates_its_holders_and_exclusive_again_needs_one_holder():
+    gpu = GPU.objects.get(index=2)
+    services.instance_create(instance_id="first-holder", gpu_indexes=[2])
+    services.gpu_set_shareable(gpu=gpu, shareable=True)
+    assert not GPUAssignment.objects.get(gpu=gpu).exclusive
+    services.instance_create(instance_id="second-holder", gpu_indexes=[2])
+    with pytest.raises(ValidationError, match="held by first-holder, second-holder"):
+        services.gpu_set_shareable(gpu=gpu, shareable=False)
+    Instance.objects.get(instance_id="second-holder").delete()
+    services.gpu_set_shareable(gpu=gpu, shareable=False)
+    assert GPUAssignment.objects.get(gpu=gpu).exclusive
+    with pytest.raises(ValidationError, match="held exclusively"):
+        services.instance_create(instance_id="third-holder", gpu_indexes=[2])
+
+
+def test_nvml_only_discovery_says_when_there_is_no_driver(settings):
+    settings.COMFY_GPU_DISCOVERY = "nvml"
+    with pytest.raises(ImproperlyConfigured, match="NVML does not answer"):
+        gpu_discovery.gpus_discover(services.local_node())

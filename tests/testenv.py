@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(tempfile.mkdtemp(prefix="comfyhub-test-"))
+# Containers this session creates carry comfyhub.test=<SESSION>: cleanup removes only its own, never those of
+# another test session sharing the engine.
+SESSION = ROOT.name.rsplit("-", 1)[-1]
 REDIS_SOCKET = ROOT / "redis.sock"
 
 os.environ.update(
@@ -33,8 +36,10 @@ os.environ.update(
         "COMFY_DEFAULT_INSTANCE": "false",
         # Four fake GPUs (the no-op GPU hook makes Docker accept device requests for them).
         "COMFY_GPUS": "0,1,2,3",
+        "COMFY_GPU_DISCOVERY": "settings",  # the same four GPUs on a host with real ones
         # Labelled as test objects, so the harness removes every container tests create.
-        "CONTAINER_EXTRA_LABELS": "comfyhub.test=1",
+        "CONTAINER_EXTRA_LABELS": f"comfyhub.test={SESSION}",
+        "COMFYHUB_TEST_SESSION": SESSION,
         "INSTANCE_PORT_RANGE": "18188-18387",
     }
 )

@@ -19,7 +19,7 @@ import pytest
 from tests.support.engine import EngineHandle, ensure_engine
 from tests.support.images import CACHED_TAGS, DOUBLE_TAG, TEST_LABEL, ensure_test_images
 
-__all__ = ["TEST_LABEL", "DOUBLE_TAG", "wait_for_http", "published_port", "remove_test_objects"]
+__all__ = ["TEST_LABEL", "DOUBLE_TAG", "wait_for_http", "published_port", "remove_test_objects", "session_label"]
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,13 @@ def docker_cleanup(docker_engine: docker.DockerClient) -> docker.DockerClient:
     remove_test_objects(docker_engine)
 
 
+def session_label() -> dict:
+    """The label (key and this session's value) every container a test creates must carry."""
+    return {TEST_LABEL: os.environ.get("COMFYHUB_TEST_SESSION", "1")}
+
+
 def remove_test_objects(client: docker.DockerClient) -> None:
-    label_filter = {"label": TEST_LABEL}
+    label_filter = {"label": f"{TEST_LABEL}={session_label()[TEST_LABEL]}"}
     for container in client.containers.list(all=True, filters=label_filter):
         _ignore_missing(container.remove, force=True, v=True)
     for network in client.networks.list(filters=label_filter):
