@@ -36,6 +36,13 @@ def diagnostics(report, *, pause: float = 0.0):
     engine = engine_status()
     step(60, "docker engine", engine.available, engine.error or f"{engine.address}, Docker {engine.version}")
 
+    from storage_app.library import library_summary
+
+    library = library_summary()
+    step(70, "model library", not library["problems"],
+         f"{library['files']} file(s); {library['mismatch']} mismatch, {library['missing']} missing, "
+         f"{library['unreadable']} unreadable (see the models page)")
+
     for percent, name, path in (
         (80, "shared storage", settings.COMFY_SHARED_PATH),
         (90, "instance storage", settings.COMFY_INSTANCES_PATH),

@@ -15,6 +15,8 @@ from django_htmx.http import HttpResponseStopPolling
 from comfyhub.models import Operation
 from comfyhub.queues import QueueUnavailable, queue_overview
 
+from storage_app.library import library_summary
+
 from . import services
 from .docker_engine import EngineError, cached_engine_status
 from .forms import InstanceDeleteForm, InstanceForm
@@ -41,7 +43,7 @@ def dashboard(request):
         request,
         "instances/dashboard.html",
         {"engine": cached_engine_status(), "queue": queue_overview(), "operations": latest,
-         "instances": _listed_instances()},
+         "instances": _listed_instances(), "library": library_summary()},
     )
 
 

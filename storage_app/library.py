@@ -355,6 +355,23 @@ def duplicates() -> list[dict]:
     return sorted(found, key=lambda g: -g["wasted"])
 
 
+def library_summary() -> dict:
+    """Files, bytes and problems of the library, in one query (the dashboard shows it)."""
+    from django.db.models import Q
+
+    summary = ModelAsset.objects.aggregate(
+        files=Count("id", filter=~Q(status=ModelAsset.Status.MISSING)),
+        bytes=Sum("size", filter=~Q(status=ModelAsset.Status.MISSING)),
+        mismatch=Count("id", filter=Q(status=ModelAsset.Status.MISMATCH)),
+        missing=Count("id", filter=Q(status=ModelAsset.Status.MISSING)),
+        unreadable=Count("id", filter=Q(status=ModelAsset.Status.UNREADABLE)),
+        verified=Count("id", filter=Q(status=ModelAsset.Status.VERIFIED)),
+    )
+    summary["bytes"] = summary["bytes"] or 0
+    summary["problems"] = summary["mismatch"] + summary["missing"] + summary["unreadable"]
+    return summary
+
+
 def folder_totals() -> list[dict]:
     return list(ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).values("folder")
                 .annotate(files=Count("id"), bytes=Sum("size")).order_by("folder"))

@@ -108,3 +108,11 @@ def test_a_verify_started_in_the_browser_reaches_succeeded_live(logged_in_page, 
     page.click("button:text-is('Verify')")
     page.wait_for_url(re.compile(r"/operations/[0-9a-f-]+/$"))
     expect(page.get_by_test_id("operation-status")).to_have_text("Succeeded", timeout=30_000)
+
+
+def test_problem_files_are_red_on_the_dashboard_too(client, stranger, library_files):
+    client.force_login(stranger)
+    assert "need attention" not in client.get("/").content.decode()
+    ModelAsset.objects.filter(path="loras/b.pt").update(status=ModelAsset.Status.MISMATCH)
+    content = client.get("/").content.decode()
+    assert 'card-problem' in content and "1 mismatch" in content and "?status=mismatch" in content

@@ -158,7 +158,7 @@ def test_diagnostics_checks_each_part_and_succeeds_on_a_healthy_system(run_worke
     assert operation.status == Operation.Status.SUCCEEDED, operation.error
     checks = {c["check"]: c["ok"] for c in operation.result["checks"]}
     assert checks == {
-        "database": True, "job queue": True, "docker engine": True,
+        "database": True, "job queue": True, "docker engine": True, "model library": True,
         "shared storage": True, "instance storage": True, "backup storage": True,
     }
 
