@@ -7,53 +7,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import sys
-import time
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
+from django.core.management.base import CommandError
 
-from comfyhub import queues
+from comfyhub import cli
+from comfyhub.cli import ARG_HELP, EXIT_FAILED, EXIT_INPUT, find_instance, input_error, iso, local_time
 from comfyhub.models import Operation
 from instances import docker_engine, services
 from instances.models import Instance
 from storage_app import layout
 
-EXIT_FAILED = 1  # the operation failed or was cancelled, Redis or the Docker engine does not answer
-EXIT_INPUT = 2  # bad input: unknown instance, a field the services refuse, a refused confirmation
-EXIT_NO_WORKER = 3  # the operation stays queued: no RQ worker listens on its queue
-EXIT_WAIT_TIMEOUT = 4  # gave up waiting (--timeout); the operation goes on
-EXIT_INTERRUPTED = 130  # Ctrl-C while waiting; the operation goes on
-
-POLL_SECONDS = 0.5
-WORKER_CHECK_SECONDS = 2.0
 LATEST_OPERATIONS = 10
-DROPPED_LINES = re.compile(r"^\.\.\. (\d+) earlier lines dropped$")
 
-ARG_HELP = (
-    "An extra ComfyUI argument; repeat for each. Values starting with '-' must be joined with '=': "
-    "--arg=--preview-method --arg=auto."
-)
 CREATE_EPILOG = """\
 Arguments for ComfyUI start with '-', so give each with '=' (otherwise they are read as options of this command):
   manage.py instances create studio --gpus 0 --arg=--preview-method --arg=auto --env HF_HOME=/instance/hf
 """
 
 
-class Command(BaseCommand):
+class Command(cli.Command):
     help = "Create, list, inspect, start, stop, build and delete ComfyUI instances (see docs/cli.md)."
+    handlers = {"create": "create_instance", "list": "list_instances", "status": "show_status",
+                "logs": "show_logs", **{action: "run_operation"
+                                        for action in ("start", "stop", "restart", "build", "delete")}}
 
     def add_arguments(self, parser):
         actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-        waiting = argparse.ArgumentParser(add_help=False)
-        waiting.add_argument("--no-wait", action="store_true",
-                             help="Print the operation id and return at once instead of following the operation.")
-        waiting.add_argument("--timeout", type=float, default=900, metavar="SECONDS",
-                             help="Give up waiting after this many seconds (default 900; the operation goes on).")
+        waiting = cli.waiting_options()
 
         create = actions.add_parser("create", help="Register a new instance (nothing is started).",
                                     epilog=CREATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,22 +76,6 @@ class Command(BaseCommand):
         logs = actions.add_parser("logs", help="The container's log output.")
         logs.add_argument("instance_id", metavar="ID")
         logs.add_argument("--tail", type=int, default=100, metavar="N", help="Last N lines (default 100).")
-
-    def execute(self, *args, **options):
-        # Django prefixes command-line errors with "CommandError: "; people and scripts read the message itself.
-        # call_command() still raises the CommandError, with its returncode.
-        try:
-            return super().execute(*args, **options)
-        except CommandError as exc:
-            if not getattr(self, "_called_from_command_line", False) or options.get("traceback"):
-                raise
-            self.stderr.write(str(exc))
-            sys.exit(exc.returncode)
-
-    def handle(self, *args, **options):
-        handler = {"create": self.create_instance, "list": self.list_instances, "status": self.show_status,
-                   "logs": self.show_logs}.get(options["action"], self.run_operation)
-        handler(options)
 
     # --- Sub-commands ----------------------------------------------------------------------------------------
 
@@ -159,9 +126,7 @@ class Command(BaseCommand):
             gpus = ",".join(str(gpu.index) for gpu in instance.assigned_gpus()) or "cpu"
             rows.append((instance.instance_id, instance.status, instance.desired_state, gpus,
                          str(instance.host_port), instance.image))
-        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-        for row in rows:
-            self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        self.write_table(rows)
 
     def show_status(self, options):
         instance = find_instance(options["instance_id"])
@@ -222,13 +187,16 @@ class Command(BaseCommand):
                 raise CommandError(
                     f"--purge-data deletes {layout.instance_dir(instance.instance_id, instance.node)} for good; add "
                     "--yes to confirm (it stands for typing the instance id).", returncode=EXIT_INPUT)
-            operation = call_action(services.instance_delete, instance=instance, purge_data=options["purge_data"],
-                                    confirm=instance.instance_id if options["yes"] else "")
+            operation = cli.call_service(services.instance_delete, instance=instance,
+                                         purge_data=options["purge_data"],
+                                         confirm=instance.instance_id if options["yes"] else "")
         else:
             service = {"start": services.instance_start, "stop": services.instance_stop,
                        "restart": services.instance_restart, "build": services.instance_build}[action]
-            operation = call_action(service, instance=instance)
-        self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+            operation = cli.call_service(service, instance=instance)
+        done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+        if done is not None and isinstance(done.result, dict) and done.result.get("url"):
+            self.stdout.write(f"ComfyUI answers at {done.result['url']}")
 
     def show_logs(self, options):
         instance = find_instance(options["instance_id"])
@@ -244,96 +212,8 @@ class Command(BaseCommand):
             return
         self.stdout.write(text, ending="" if text.endswith("\n") else "\n")
 
-    # --- Following an operation -----------------------------------------------------------------------------
 
-    def follow(self, operation: Operation, *, no_wait: bool, timeout: float):
-        """Print progress and new log lines until the operation ends; exit non-zero unless it succeeded."""
-        if no_wait:
-            self.stdout.write(str(operation.pk))
-            if queues.workers_listening(operation.queue_name) == 0:
-                self.stderr.write(no_worker_message(operation))
-            return
-        label = f"{operation.get_kind_display()} '{operation.target_label}'"
-        self.stdout.write(f"{label}: operation {operation.pk}")
-        deadline = time.monotonic() + timeout
-        next_worker_check = time.monotonic()
-        shown_lines, shown_progress = 0, None
-        try:
-            while True:
-                operation.refresh_from_db()
-                shown_lines = self.print_new_lines(operation, shown_lines)
-                progress = (operation.progress, operation.progress_message)
-                if operation.status != Operation.Status.QUEUED and progress != shown_progress:
-                    self.stdout.write(f"[{operation.progress:3d}%] {operation.progress_message}".rstrip())
-                    shown_progress = progress
-                self.stdout.flush()
-                if operation.is_terminal:
-                    break
-                if operation.status == Operation.Status.QUEUED and time.monotonic() >= next_worker_check:
-                    if queues.workers_listening(operation.queue_name) == 0:
-                        raise CommandError(no_worker_message(operation), returncode=EXIT_NO_WORKER)
-                    next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
-                if time.monotonic() >= deadline:
-                    raise CommandError(
-                        f"Gave up waiting after {timeout:g} s; operation {operation.pk} is still {operation.status} "
-                        f"and goes on. Follow it with: python manage.py instances status {operation.target_label}",
-                        returncode=EXIT_WAIT_TIMEOUT)
-                time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt:
-            raise CommandError(f"Stopped waiting; operation {operation.pk} goes on.",
-                               returncode=EXIT_INTERRUPTED) from None
-        if operation.status == Operation.Status.SUCCEEDED:
-            self.stdout.write(f"{label} succeeded.")
-            if isinstance(operation.result, dict) and operation.result.get("url"):
-                self.stdout.write(f"ComfyUI answers at {operation.result['url']}")
-            return
-        outcome = "was cancelled" if operation.status == Operation.Status.CANCELLED else "failed"
-        reason = f": {operation.error}" if operation.error else "."
-        raise CommandError(f"{label} {outcome} (operation {operation.pk}){reason}", returncode=EXIT_FAILED)
-
-    def print_new_lines(self, operation: Operation, shown: int) -> int:
-        """Print the log lines not shown yet; returns how many lines the log has had in all."""
-        lines = operation.log_lines
-        dropped = 0
-        if lines and (match := DROPPED_LINES.match(lines[0])):
-            dropped, lines = int(match.group(1)), lines[1:]
-        for line in lines[max(0, shown - dropped):]:
-            self.stdout.write(f"  {line}")
-        return dropped + len(lines)
-
-
-# --- Helpers: finding, enqueueing, errors ------------------------------------------------------------------------
-
-def find_instance(instance_id: str) -> Instance:
-    instance = services.instances_with_relations().filter(instance_id=instance_id).first()
-    if instance is None:
-        known = ", ".join(Instance.objects.values_list("instance_id", flat=True)) or "none"
-        raise CommandError(f"No instance '{instance_id}'. Known: {known}", returncode=EXIT_INPUT)
-    return instance
-
-
-def call_action(service, **kwargs) -> Operation:
-    try:
-        return service(**kwargs)
-    except queues.QueueUnavailable as exc:
-        raise CommandError(str(exc), returncode=EXIT_FAILED) from exc
-    except ValidationError as exc:
-        raise input_error(exc) from exc
-
-
-def input_error(errors) -> CommandError:
-    """One "field: message" line per problem, exit code 2."""
-    if isinstance(errors, ValidationError):
-        errors = errors.message_dict if hasattr(errors, "error_dict") else {"error": errors.messages}
-    lines = [f"{field}: {message}" for field, messages in errors.items() for message in messages]
-    return CommandError("\n".join(lines), returncode=EXIT_INPUT)
-
-
-def no_worker_message(operation: Operation) -> str:
-    queue = operation.queue_name
-    return (f"No RQ worker is listening on queue '{queue}'; start one with `python manage.py rqworker {queue} "
-            f"--with-scheduler` or use `make run`. The operation {operation.pk} stays queued.")
-
+# --- Helpers ------------------------------------------------------------------------------------------------------
 
 def latest_operations(instance: Instance):
     return Operation.objects.filter(
@@ -342,14 +222,6 @@ def latest_operations(instance: Instance):
 
 
 # --- Output ------------------------------------------------------------------------------------------------------
-
-def iso(value) -> str | None:
-    return value.isoformat() if value else None
-
-
-def local_time(value) -> str:
-    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S") if value else "never"
-
 
 def gpus_text(instance: Instance, *, names: bool = False) -> str:
     gpus = instance.assigned_gpus()
