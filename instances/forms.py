@@ -166,3 +166,186 @@ class InstanceDeleteForm(forms.Form):
 
     def add_service_error(self, exc: ValidationError):
         add_service_error(self, exc)
+
+
+# --- Workflows, the library, templates and custom nodes (views_workflows.py) ------------------------------------
+
+class AnyChoiceField(forms.ChoiceField):
+    """A choice the service checks, so its message (naming what was wrong) is the one shown."""
+
+    def valid_value(self, value):
+        return True
+
+
+class AnyMultipleChoiceField(forms.MultipleChoiceField):
+    def valid_value(self, value):
+        return True
+
+
+CONFLICT_CHOICES = [("skip", "Skip it"), ("overwrite", "Overwrite it"), ("rename", "Keep both (rename the copy)")]
+
+
+class WorkflowCopyForm(forms.Form):
+    """Workflows of `source` to check against, or copy to, other instances."""
+
+    paths = AnyMultipleChoiceField(label="Workflows", required=False, widget=forms.CheckboxSelectMultiple)
+    targets = forms.ModelMultipleChoiceField(
+        label="Copy to", queryset=Instance.objects.none(), to_field_name="instance_id", required=False,
+        widget=forms.CheckboxSelectMultiple,
+    )
+    on_conflict = AnyChoiceField(label="When the file already exists there", choices=CONFLICT_CHOICES,
+                                 initial="skip", required=False, widget=forms.RadioSelect)
+
+    def __init__(self, *args, source: Instance, workflows=(), **kwargs):
+        self.source = source
+        super().__init__(*args, **kwargs)
+        self.fields["paths"].choices = [(w["path"], w["path"]) for w in workflows]
+        self.fields["targets"].queryset = Instance.objects.select_related("node").exclude(pk=source.pk)
+
+    def arguments(self) -> dict:
+        """Keyword arguments for services.workflows_copy."""
+        data = self.cleaned_data
+        return {"source": self.source, "targets": list(data["targets"]), "paths": list(data["paths"]),
+                "on_conflict": data["on_conflict"]}
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+class WorkflowPublishForm(forms.Form):
+    path = forms.CharField(widget=forms.HiddenInput)
+    name = forms.CharField(label="Library name", required=False)
+
+
+class WorkflowUploadForm(forms.Form):
+    file = forms.FileField(label="Workflow file", help_text="A ComfyUI workflow (.json, UI or API format).",
+                           widget=forms.ClearableFileInput(attrs={"accept": ".json,application/json"}))
+
+
+class LibraryInstallForm(forms.Form):
+    """One library entry's version into instances; `spec()` is the service's NAME@VERSION."""
+
+    name = forms.CharField(widget=forms.HiddenInput)
+    version = AnyChoiceField(label="Version", required=False)
+    instances = forms.ModelMultipleChoiceField(
+        label="Into", queryset=Instance.objects.select_related("node"), to_field_name="instance_id", required=False,
+        widget=forms.CheckboxSelectMultiple,
+    )
+
+    def __init__(self, *args, entry=None, **kwargs):
+        if entry is not None:
+            kwargs.setdefault("initial", {"name": entry.name})
+        super().__init__(*args, **kwargs)
+        if entry is not None:
+            self.fields["version"].choices = [(str(v.number), f"version {v.number}") for v in entry.versions.all()]
+
+    def spec(self) -> str:
+        version = self.cleaned_data["version"]
+        return f"{self.cleaned_data['name']}@{version}" if version else self.cleaned_data["name"]
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+class TemplateForm(forms.Form):
+    """A new instance template; `arguments()` gives services.template_create's keyword arguments."""
+
+    name = forms.CharField(required=False, help_text="Lowercase letters, digits and '-'.")
+    description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    image = forms.CharField(required=False, help_text="Docker image; empty means the default image.")
+    extra_args = InstanceForm.base_fields["extra_args"]
+    extra_env = InstanceForm.base_fields["extra_env"]
+    gpu_count = forms.IntegerField(label="GPU count", min_value=0, max_value=32767, initial=0,
+                                   help_text="GPUs each new instance gets (0 = CPU mode).")
+    custom_nodes = forms.CharField(
+        required=False, help_text="One <code>GIT-URL [REF]</code> per line (REF: a branch, tag or commit).",
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
+    )
+    settings = forms.CharField(
+        required=False, help_text='comfy.settings.json values as a JSON object, e.g. <code>{"Comfy.LinkRenderMode": 2}'
+                                  "</code>.",
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
+    )
+    starter_workflows = forms.ModelMultipleChoiceField(
+        required=False, queryset=None, help_text="Library versions written into each new instance.",
+        widget=forms.SelectMultiple(attrs={"size": 6}),
+    )
+
+    # The same conversions as the instance form: one rule, two forms.
+    clean_extra_args = InstanceForm.clean_extra_args
+    clean_extra_env = InstanceForm.clean_extra_env
+
+    def __init__(self, *args, **kwargs):
+        from .models import WorkflowVersion
+
+        super().__init__(*args, **kwargs)
+        self.fields["starter_workflows"].queryset = WorkflowVersion.objects.select_related("entry").order_by(
+            "entry__name", "-number")
+
+    def clean_name(self):
+        return self.cleaned_data["name"].strip()
+
+    def clean_custom_nodes(self):
+        nodes = []
+        for number, line in enumerate(self.cleaned_data["custom_nodes"].splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) > 2:
+                raise ValidationError(f"Line {number} ({line.strip()}): give a git URL and at most one ref, "
+                                      "separated by a space.")
+            nodes.append({"url": parts[0], "ref": parts[1] if len(parts) == 2 else ""})
+        return nodes
+
+    def clean_settings(self):
+        import json
+
+        text = self.cleaned_data["settings"].strip()
+        if not text:
+            return {}
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValidationError(f"Not valid JSON: {exc}") from exc
+
+    def arguments(self) -> dict:
+        data = self.cleaned_data
+        return {"name": data["name"], "description": data["description"], "image": data["image"],
+                "extra_args": data["extra_args"], "extra_env": data["extra_env"], "gpu_count": data["gpu_count"],
+                "custom_nodes": data["custom_nodes"], "settings_values": data["settings"],
+                "starter_workflows": list(data["starter_workflows"])}
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+class TemplateInstanceForm(forms.Form):
+    """A new instance from a template."""
+
+    instance_id = InstanceForm.base_fields["instance_id"]
+    display_name = InstanceForm.base_fields["display_name"]
+    host_port = InstanceForm.base_fields["host_port"]
+
+    clean_instance_id = InstanceForm.clean_instance_id
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+class TemplateApplyForm(forms.Form):
+    instance = forms.ModelChoiceField(label="Instance", queryset=Instance.objects.select_related("node"),
+                                      to_field_name="instance_id", empty_label="Choose an instance")
+
+
+class NodeInstallForm(forms.Form):
+    url = forms.CharField(label="Git URL", required=False,
+                          help_text="https://…, ssh://…, git@host:path or file://…")
+    ref = forms.CharField(label="Ref", required=False, help_text="Branch, tag or commit; empty: the default branch.")
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+class NodeActionForm(forms.Form):
+    name = forms.CharField()
+    action = AnyChoiceField(choices=[(a, a) for a in ("update", "disable", "enable", "remove")])

@@ -20,3 +20,30 @@ urlpatterns = [
     path("gpus/", views.gpu_list, name="gpu-list"),
     path("gpus/discover/", views.gpu_discover, name="gpu-discover"),
 ]
+
+# An instance's workflows and custom nodes, the workflow library and templates (views_workflows.py).
+from . import views_workflows  # noqa: E402
+
+urlpatterns += [
+    path("instances/<slug:instance_id>/workflows/", views_workflows.instance_workflows, name="instance-workflows"),
+    path("instances/<slug:instance_id>/workflows/check/", views_workflows.workflows_check,
+         name="instance-workflows-check"),
+    path("instances/<slug:instance_id>/workflows/copy/", views_workflows.workflows_copy,
+         name="instance-workflows-copy"),
+    path("instances/<slug:instance_id>/workflows/publish/", views_workflows.workflow_publish,
+         name="instance-workflow-publish"),
+    path("instances/<slug:instance_id>/workflows/check-file/", views_workflows.workflow_check_file,
+         name="instance-workflow-check-file"),
+    path("instances/<slug:instance_id>/drift/", views_workflows.instance_drift, name="instance-drift"),
+    path("instances/<slug:instance_id>/nodes/", views_workflows.instance_nodes, name="instance-nodes"),
+    path("instances/<slug:instance_id>/nodes/install/", views_workflows.node_install, name="instance-node-install"),
+    path("instances/<slug:instance_id>/nodes/action/", views_workflows.node_action, name="instance-node-action"),
+    path("library/", views_workflows.library, name="library"),
+    path("library/install/", views_workflows.library_install, name="library-install"),
+    path("templates/", views_workflows.template_list, name="template-list"),
+    # A template named "new" would be hidden by this page (template names are not checked against it).
+    path("templates/new/", views_workflows.template_create, name="template-create"),
+    path("templates/<slug:name>/", views_workflows.template_detail, name="template-detail"),
+    path("templates/<slug:name>/new-instance/", views_workflows.template_new_instance, name="template-new-instance"),
+    path("templates/<slug:name>/apply/", views_workflows.template_apply, name="template-apply"),
+]
