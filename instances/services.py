@@ -128,22 +128,35 @@ def _validate(fields: InstanceFields, node: Node, instance: Instance | None = No
         if problem:
             errors.setdefault("host_port", []).append(problem)
 
+    gpus = _check_gpus(node, fields.gpu_indexes or [], instance, errors)
+
+    if errors:
+        raise ValidationError(errors)
+    return gpus
+
+
+def _check_gpus(node: Node, indexes, instance: Instance | None, errors: dict) -> list[GPU]:
     gpus = []
-    for index in fields.gpu_indexes or []:
+    for index in indexes:
         gpu = GPU.objects.filter(node=node, index=index).first()
         if gpu is None or not gpu.present:
             known = ", ".join(str(g.index) for g in GPU.objects.filter(node=node, present=True)) or "none"
             errors.setdefault("gpus", []).append(f"GPU {index} does not exist on node {node} (GPUs: {known}).")
             continue
-        holders = [a.instance for a in gpu.assignments.select_related("instance") if a.instance != instance]
-        if holders and (not gpu.shareable or any(a.exclusive for a in gpu.assignments.all()
-                                                  if a.instance != instance)):
+        others = [a for a in gpu.assignments.select_related("instance") if a.instance != instance]
+        if others and (not gpu.shareable or any(a.exclusive for a in others)):
             errors.setdefault("gpus", []).append(
-                f"GPU {index} is held exclusively by instance '{holders[0]}'; pick another GPU, free it there, "
-                "or mark it shareable on the GPUs page.")
+                f"GPU {index} is held exclusively by instance '{others[0].instance}'; pick another GPU, free it "
+                "there, or mark it shareable on the GPUs page.")
             continue
         gpus.append(gpu)
+    return gpus
 
+
+def check_gpu_selection(*, indexes, node: Node | None = None) -> list[GPU]:
+    """The GPUs for a new instance, or ValidationError saying which cannot be had and why."""
+    errors: dict[str, list[str]] = {}
+    gpus = _check_gpus(node or local_node(), indexes, None, errors)
     if errors:
         raise ValidationError(errors)
     return gpus

@@ -1,6 +1,14 @@
-from django import forms
+import json
 
-from .models import ModelAsset
+from django import forms
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.template.defaultfilters import filesizeformat
+
+from instances.forms import add_service_error
+from instances.models import GPU, Instance
+
+from .models import ModelAsset, Snapshot
 
 
 class ModelFilterForm(forms.Form):
@@ -28,3 +36,113 @@ class ModelFilterForm(forms.Form):
 
 class ImportHashesForm(forms.Form):
     file = forms.FileField(help_text="sha256sum format: '<sha256>  <path relative to shared/models>' per line.")
+
+
+# --- Snapshots, legacy migration ---------------------------------------------------------------------------------
+
+MANAGER_SNAPSHOT_MAX_BYTES = 2 << 20  # a ComfyUI-Manager snapshot lists nodes and pips: a few kilobytes
+
+
+class SnapshotCreateForm(forms.Form):
+    kind = forms.ChoiceField(choices=Snapshot.Kind.choices, initial=Snapshot.Kind.CONFIG, widget=forms.RadioSelect)
+    include_output = forms.BooleanField(label="Include output/ (generated images)", required=False)
+    note = forms.CharField(required=False, max_length=Snapshot._meta.get_field("note").max_length,
+                           widget=forms.TextInput(attrs={"placeholder": "e.g. before upgrading the nodes"}))
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+class ManagerImportForm(forms.Form):
+    file = forms.FileField(
+        label="ComfyUI-Manager snapshot",
+        help_text="The .json file ComfyUI-Manager saves under user/default/ComfyUI-Manager/snapshots/.")
+
+    def clean_file(self):
+        upload = self.cleaned_data["file"]
+        if upload.size > MANAGER_SNAPSHOT_MAX_BYTES:
+            raise ValidationError(f"That file is {filesizeformat(upload.size)}; a ComfyUI-Manager snapshot is a few "
+                                  "kilobytes. Check you picked the right file.")
+        try:
+            self.cleaned_data["data"] = json.loads(upload.read().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValidationError("That file is not text (not UTF-8): pick the snapshot's .json file.") from exc
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"That file is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                                  f"{exc.colno}): pick the .json file ComfyUI-Manager saved.") from exc
+        return upload
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+class SnapshotScheduleForm(forms.ModelForm):
+    """The two schedule fields of an instance, with their bounds (the model only says "not negative")."""
+
+    snapshot_every_hours = forms.IntegerField(
+        label="Snapshot every (hours)", min_value=0, max_value=720,
+        help_text="A config snapshot this often; 0 turns the schedule off. At most 720 (30 days).")
+    snapshot_keep = forms.IntegerField(
+        label="Keep the last", min_value=1, max_value=1000,
+        help_text="Scheduled snapshots to keep (1 to 1000); older scheduled ones are deleted. Snapshots taken by "
+                  "hand are never deleted automatically.")
+
+    class Meta:
+        model = Instance
+        fields = ["snapshot_every_hours", "snapshot_keep"]
+
+
+class SnapshotCloneForm(forms.Form):
+    new_instance_id = forms.CharField(
+        label="New instance id", help_text="Names its folder and container: lowercase letters, digits and '-'.")
+    gpus = forms.MultipleChoiceField(label="GPUs", required=False, widget=forms.CheckboxSelectMultiple,
+                                     help_text="Free GPUs of this node; none checked: the clone runs on the CPU.")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.free_gpus = free_gpus()
+        self.fields["gpus"].choices = [(str(gpu.index), str(gpu)) for gpu in self.free_gpus]
+
+    def clean_new_instance_id(self):
+        return self.cleaned_data["new_instance_id"].strip()
+
+    def clean_gpus(self):
+        return [int(index) for index in self.cleaned_data["gpus"]]
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+def free_gpus():
+    """The local node's present GPUs that no instance holds, or that may be shared: what a clone may be given.
+    Only which checkboxes to offer; creating the clone checks the GPUs again."""
+    from django.db.models import Count, Q
+
+    from instances.services import local_node
+
+    return list(GPU.objects.filter(node=local_node(), present=True).annotate(holders=Count("assignments"))
+                .filter(Q(shareable=True) | Q(holders=0)))
+
+
+class LegacyPlanForm(forms.Form):
+    source = forms.CharField(label="Source folder", help_text="The old install: a ComfyUI folder, or the ./data "
+                                                              "folder of the single-instance setup.",
+                             widget=forms.TextInput(attrs={"placeholder": "/srv/ComfyUI"}))
+    instance_id = forms.CharField(label="Instance id", required=False,
+                                  help_text="The instance that receives custom_nodes, user and output.")
+    mode = forms.ChoiceField(choices=[("move", "Move (rename; the source is emptied)"),
+                                      ("copy", "Copy (the source is kept)")], initial="move",
+                             widget=forms.RadioSelect)
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("initial", {"instance_id": settings.COMFY_INSTANCE_ID, "mode": "move"})
+        super().__init__(*args, **kwargs)
+
+    def clean_source(self):
+        return self.cleaned_data["source"].strip()
+
+    def clean_instance_id(self):
+        return self.cleaned_data["instance_id"].strip() or settings.COMFY_INSTANCE_ID
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)

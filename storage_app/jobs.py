@@ -136,7 +136,7 @@ def clone_snapshot(report, *, snapshot_pk, new_instance_id, gpu_indexes, user_pk
 
 
 @operation_job("snapshot_import_manager", label="Import ComfyUI-Manager snapshot")
-def import_manager_snapshot(report, *, instance_pk, nodes):
+def import_manager_snapshot(report, *, instance_pk, nodes, file_nodes=(), pips=()):
     from instances import customnodes
 
     instance = _instance(instance_pk)
@@ -155,7 +155,12 @@ def import_manager_snapshot(report, *, instance_pk, nodes):
         except customnodes.CustomNodeError as exc:
             failed.append({"url": node["url"], "error": str(exc)})
             report.log(f"{node['url']}: {exc}", "ERROR")
-    result = {"installed": installed, "failed": failed}
+    result = {"installed": installed, "failed": failed, "not_installed": {"file_custom_nodes": list(file_nodes),
+                                                                           "pips": list(pips)}}
+    if file_nodes or pips:
+        report.log(f"Not installed (ComfyHub installs git nodes only): {len(file_nodes)} single-file node(s) "
+                   f"{', '.join(file_nodes)}; {len(pips)} extra pip package(s) {', '.join(pips)}. Install those by "
+                   "hand if the instance needs them.", "WARNING")
     if failed:
         raise OperationError(f"{len(failed)} of {len(nodes)} node(s) failed: "
                              + "; ".join(f"{f['url']}: {f['error']}" for f in failed[:5]))

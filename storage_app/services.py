@@ -128,11 +128,14 @@ def snapshot_restore(*, snapshot, user=None):
 def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None):
     from instances.models import Instance
 
+    from instances.services import check_gpu_selection
+
     problem = layout.instance_id_problem(new_instance_id)
     if problem:
         raise ValidationError({"new_instance_id": [problem]})
     if Instance.objects.filter(instance_id=new_instance_id).exists():
         raise ValidationError({"new_instance_id": [f"An instance '{new_instance_id}' already exists; pick another id."]})
+    check_gpu_selection(indexes=list(gpu_indexes))
     return operations.enqueue(jobs.clone_snapshot, user=user, snapshot_pk=snapshot.pk, new_instance_id=new_instance_id,
                               gpu_indexes=list(gpu_indexes), user_pk=_user_pk(user))
 
@@ -140,7 +143,10 @@ def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None)
 def snapshot_delete(*, snapshot):
     from . import snapshots
 
-    snapshots.delete_archive(snapshot)
+    try:
+        snapshots.delete_archive(snapshot)
+    except (snapshots.SnapshotError, OSError) as exc:
+        raise ValidationError({"snapshot": [f"Could not delete the archive: {exc}"]}) from exc
 
 
 def snapshot_export_manager(*, snapshot) -> dict:
@@ -156,8 +162,9 @@ def snapshot_import_manager(*, instance, data, user=None):
         nodes = snapshots.parse_manager(data)
     except snapshots.SnapshotError as exc:
         raise ValidationError({"file": [str(exc)]}) from exc
+    file_nodes, pips = snapshots.manager_extras(data)
     return operations.enqueue(jobs.import_manager_snapshot, target=instance, user=user, instance_pk=instance.pk,
-                              nodes=nodes)
+                              nodes=nodes, file_nodes=file_nodes, pips=pips)
 
 
 def restore_into_instance(*, snapshot_pk, user_pk=None, report=None) -> dict:
@@ -259,9 +266,13 @@ def legacy_plan(*, source: str, instance_id: str = "", mode: str = "move"):
 
     from . import migration
 
+    instance_id = instance_id or settings.COMFY_INSTANCE_ID
+    if mode not in ("move", "copy"):
+        raise ValidationError({"mode": [f"Unknown mode '{mode}'; use move or copy."]})
+    if problem := layout.instance_id_problem(instance_id):
+        raise ValidationError({"instance_id": [problem]})
     try:
-        return migration.make_plan(Path(source).expanduser(), instance_id=instance_id or settings.COMFY_INSTANCE_ID,
-                                   mode=mode)
+        return migration.make_plan(Path(source).expanduser(), instance_id=instance_id, mode=mode)
     except migration.MigrationError as exc:
         raise ValidationError({"source": [str(exc)]}) from exc
 

@@ -306,6 +306,14 @@ def to_manager(snapshot: Snapshot) -> dict:
     return {"comfyui": "", "git_custom_nodes": git_nodes, "file_custom_nodes": file_nodes, "pips": pips}
 
 
+def manager_extras(data) -> tuple[list[str], list[str]]:
+    """What a ComfyUI-Manager snapshot holds besides git nodes: single-file nodes and pip packages."""
+    files = [str(item.get("filename", item)) if isinstance(item, dict) else str(item)
+             for item in data.get("file_custom_nodes") or []]
+    pips = list((data.get("pips") or {}).keys()) if isinstance(data.get("pips"), dict) else []
+    return files, pips
+
+
 def parse_manager(data) -> list[dict]:
     if not isinstance(data, dict) or not isinstance(data.get("git_custom_nodes", {}), dict):
         raise SnapshotError("Not a ComfyUI-Manager snapshot (expected an object with 'git_custom_nodes').")

@@ -10,3 +10,24 @@ urlpatterns = [
     path("models/export/", views.models_export, name="models-export"),
     path("models/promote/<slug:instance_id>/", views.models_promote, name="models-promote"),
 ]
+
+# Snapshots, the legacy migration and the storage check (views_snapshots.py).
+from . import views_snapshots  # noqa: E402
+
+urlpatterns += [
+    path("snapshots/", views_snapshots.snapshot_list, name="snapshot-list"),
+    path("snapshots/instance/<slug:instance_id>/", views_snapshots.snapshot_instance, name="snapshot-instance"),
+    path("snapshots/instance/<slug:instance_id>/create/", views_snapshots.snapshot_create, name="snapshot-create"),
+    path("snapshots/instance/<slug:instance_id>/import/", views_snapshots.snapshot_import, name="snapshot-import"),
+    path("snapshots/instance/<slug:instance_id>/schedule/", views_snapshots.snapshot_schedule,
+         name="snapshot-schedule"),
+    path("snapshots/<int:pk>/download/", views_snapshots.snapshot_download, name="snapshot-download"),
+    path("snapshots/<int:pk>/manager.json", views_snapshots.snapshot_export, name="snapshot-export"),
+    path("snapshots/<int:pk>/restore/", views_snapshots.snapshot_restore, name="snapshot-restore"),
+    path("snapshots/<int:pk>/clone/", views_snapshots.snapshot_clone, name="snapshot-clone"),
+    path("snapshots/<int:pk>/delete/", views_snapshots.snapshot_delete, name="snapshot-delete"),
+    path("legacy/", views_snapshots.legacy, name="legacy"),
+    path("legacy/migrate/", views_snapshots.legacy_migrate, name="legacy-migrate"),
+    path("storage/", views_snapshots.storage_check, name="storage-check"),
+    path("storage/fix/", views_snapshots.storage_fix, name="storage-fix"),
+]
