@@ -379,9 +379,12 @@ def workflow_check(*, instance: Instance, raw: bytes) -> dict:
     """The dependency pre-flight of a workflow against `instance` (its /object_info when it runs)."""
     from . import workflows
 
-    data = workflows.parse_workflow(raw)
-    live = node_types_of(instance)
-    return workflows.preflight(data, instance, live)
+    try:
+        data = workflows.parse_workflow(raw)
+        live = node_types_of(instance)
+        return workflows.preflight(data, instance, live)
+    except workflows.WorkflowError as exc:
+        raise ValidationError({"file": [str(exc)]}) from exc
 
 
 def node_types_of(instance: Instance) -> set | None:
@@ -404,29 +407,40 @@ def node_types_of(instance: Instance) -> set | None:
 def workflow_publish(*, instance: Instance, path: str, name: str, user=None):
     from . import workflows
 
+    name = (name or "").strip()
+    if not name or len(name) > 200 or any(c in name for c in "/@\\") or name.startswith("."):
+        raise ValidationError({"name": ["A library name is 1-200 characters without '/', '\\' or '@' (the '@' "
+                                        "separates a name from its version), not starting with '.'."]})
     try:
         return workflows.publish(instance, path, name, user)
     except workflows.WorkflowError as exc:
         raise ValidationError({"path": [str(exc)]}) from exc
 
 
-def workflow_install(*, spec: str, instances: list[Instance], user=None):
-    """Install `NAME[@VERSION]` from the library into instances (an operation)."""
-    from . import jobs
+def workflow_version_resolve(*, spec: str):
+    """`NAME[@VERSION]` (no version: the latest) -> WorkflowVersion, or ValidationError saying what exists."""
     from .models import WorkflowEntry
 
-    name, _, number = spec.partition("@")
+    name, _, number = (spec or "").partition("@")
     entry = WorkflowEntry.objects.filter(name=name).first()
     if entry is None:
         raise ValidationError({"name": [f"No workflow '{name}' in the library."]})
     version = entry.versions.filter(number=int(number)).first() if number.isdigit() else \
         (entry.latest() if not number else None)
     if version is None:
-        raise ValidationError({"name": [f"'{spec}': no such version (have: "
-                                        f"{', '.join(str(v.number) for v in entry.versions.all())})."]})
+        have = ", ".join(str(v.number) for v in entry.versions.order_by("number"))
+        raise ValidationError({"name": [f"'{spec}': no such version (have: {have})."]})
+    return version
+
+
+def workflow_install(*, spec: str, instances: list[Instance], user=None):
+    """Install `NAME[@VERSION]` from the library into instances (an operation)."""
+    from . import jobs
+
+    version = workflow_version_resolve(spec=spec)
     if not instances:
         raise ValidationError({"instances": ["Choose at least one instance."]})
-    return operations.enqueue(jobs.install_workflow, target=entry, user=user, version_pk=version.pk,
+    return operations.enqueue(jobs.install_workflow, target=version.entry, user=user, version_pk=version.pk,
                               instance_pks=[i.pk for i in instances])
 
 
@@ -435,8 +449,9 @@ def template_create(*, name: str, description: str = "", image: str = "", extra_
     from .models import InstanceTemplate
     from .templating import validate_template
 
-    if not layout.INSTANCE_ID_RE.match(name or ""):
-        raise ValidationError({"name": ["Use lowercase letters, digits and '-' for a template name."]})
+    if not layout.INSTANCE_ID_RE.match(name or "") or name == "new":
+        raise ValidationError({"name": ["Use lowercase letters, digits and '-' for a template name ('new' is "
+                                        "taken by the page that creates one)."]})
     if InstanceTemplate.objects.filter(name=name).exists():
         raise ValidationError({"name": [f"A template '{name}' already exists."]})
     validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
@@ -455,12 +470,13 @@ def instance_create_from_template(*, template, instance_id: str, host_port: int 
     from .templating import free_gpus
 
     node = node or local_node()
-    instance = instance_create(instance_id=instance_id, display_name=display_name, image=template.image,
-                               extra_args=template.extra_args, extra_env=template.extra_env, host_port=host_port,
-                               gpu_indexes=free_gpus(node, template.gpu_count), node=node, user=user)
-    Instance.objects.filter(pk=instance.pk).update(template=template)
-    instance.refresh_from_db()
-    return instance, template_apply(template=template, instance=instance, user=user)
+    with transaction.atomic():  # no queue to apply it: no half-made instance either
+        instance = instance_create(instance_id=instance_id, display_name=display_name, image=template.image,
+                                   extra_args=template.extra_args, extra_env=template.extra_env, host_port=host_port,
+                                   gpu_indexes=free_gpus(node, template.gpu_count), node=node, user=user)
+        Instance.objects.filter(pk=instance.pk).update(template=template)
+        instance.refresh_from_db()
+        return instance, template_apply(template=template, instance=instance, user=user)
 
 
 def template_apply(*, template, instance: Instance, user=None):

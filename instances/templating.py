@@ -40,6 +40,8 @@ def validate_template(*, image: str, extra_args, extra_env, custom_nodes, settin
     from . import runtime
 
     errors = {}
+    if image and (any(c.isspace() for c in image) or len(image) > 300):
+        errors.setdefault("image", []).append("Give an image name such as 'repository/comfyui:tag' (no spaces).")
     for arg in extra_args or []:
         if problem := runtime.argument_problem(str(arg)):
             errors.setdefault("extra_args", []).append(problem)
@@ -47,8 +49,11 @@ def validate_template(*, image: str, extra_args, extra_env, custom_nodes, settin
         if problem := runtime.environment_problem(key):
             errors.setdefault("extra_env", []).append(problem)
     for node in custom_nodes or []:
+        node = node if isinstance(node, dict) else {}
         try:
-            customnodes.check_url(node.get("url", "") if isinstance(node, dict) else "")
+            customnodes.check_name(customnodes.name_from_url(customnodes.check_url(node.get("url", ""))))
+            if str(node.get("ref", "")).startswith("-"):
+                raise customnodes.CustomNodeError(f"'{node['ref']}' is not a branch, tag or commit.")
         except customnodes.CustomNodeError as exc:
             errors.setdefault("custom_nodes", []).append(str(exc))
     if not isinstance(settings or {}, dict):
@@ -69,7 +74,7 @@ def apply(template: InstanceTemplate, instance: Instance, report=None) -> dict:
         result["settings"] = len(template.settings)
         _log(report, f"wrote {len(template.settings)} setting(s) into comfy.settings.json")
     for version in template.starter_workflows.select_related("entry"):
-        outcome, path = workflows.install(version, instance, on_conflict="rename")
+        outcome, path = workflows.install(version, instance)
         result["workflows"].append({"workflow": str(version), "result": outcome, "path": path})
         _log(report, f"workflow {version}: {outcome} ({path})")
     for spec in template.custom_nodes:

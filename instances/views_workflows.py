@@ -156,8 +156,8 @@ def workflow_check_file(request, instance_id):
         try:
             # One byte over the limit is enough for the service to refuse it with its own message.
             result = services.workflow_check(instance=instance, raw=upload.read(workflows.MAX_WORKFLOW_BYTES + 1))
-        except workflows.WorkflowError as exc:
-            form.add_error("file", f"{upload.name}: {exc}")
+        except ValidationError as exc:
+            form.add_error("file", f"{upload.name}: {' '.join(exc.messages)}")
         else:
             checks = [{"path": upload.name, "error": "", "results": [_result(instance, result)]}]
     if request.htmx:
@@ -261,9 +261,8 @@ def template_new_instance(request, name):
         except ValidationError as exc:
             form.add_service_error(exc)
         except QueueUnavailable as exc:
-            # The instance exists by now; only applying the template's files could not be queued.
-            messages.warning(request, f"Instance '{data['instance_id']}' was created, but applying the template "
-                                      f"could not be queued: {exc} Apply it from this page once the queue is back.")
+            # Nothing was created: an instance whose template cannot be applied would only be half made.
+            messages.error(request, f"Instance '{data['instance_id']}' was not created: {exc}")
             return redirect("template-detail", template.name)
         else:
             messages.success(request, f"Instance '{instance}' created from template '{template}' on port "

@@ -335,10 +335,12 @@ def preflight(data: dict, target: Instance, node_types: set | None = None) -> di
         pool = models.get(folder, set()) if folder else everything
         if normalized in pool:
             continue
-        base = normalized.rsplit("/", 1)[-1]
         candidates = sorted(pool if folder else everything)
-        near = difflib.get_close_matches(base, [c.rsplit("/", 1)[-1] for c in candidates], n=3, cutoff=0.6)
-        near_paths = [c for c in candidates if c.rsplit("/", 1)[-1] in near][:3]
+        # Compare names without folders and extensions: ".safetensors" alone would make everything look alike.
+        stems = {c: os.path.splitext(c.rsplit("/", 1)[-1])[0] for c in candidates}
+        wanted = os.path.splitext(normalized.rsplit("/", 1)[-1])[0]
+        near = difflib.get_close_matches(wanted, list(set(stems.values())), n=3, cutoff=0.6)
+        near_paths = [c for c in candidates if stems[c] in near][:3]
         missing_models.append({"folder": folder or "?", "name": name, "near": near_paths})
     return {
         "format": needs.format,
@@ -379,8 +381,17 @@ def publish(instance: Instance, relpath: str, name: str, user=None) -> tuple[Wor
     raise WorkflowError("The library changed while publishing; try again.")
 
 
-def install(version: WorkflowVersion, instance: Instance, on_conflict: str = "overwrite") -> tuple[str, str]:
+def install(version: WorkflowVersion, instance: Instance) -> tuple[str, str]:
+    """Write `version` as <name>.json. A file that is some library version of this workflow is replaced (an
+    upgrade); one changed in the instance is kept, and the version is written beside it under a new name."""
     relpath = f"{version.entry.name}.json"
+    on_conflict = "overwrite"
+    try:
+        current = hashlib.sha256(read_workflow(instance, relpath)).hexdigest()
+    except WorkflowError:
+        current = None  # not there (or not a plain file: write_workflow refuses that itself)
+    if current and not version.entry.versions.filter(sha256=current).exists():
+        on_conflict = "rename"
     outcome, written = write_workflow(instance, relpath, version.content.encode("utf-8"), on_conflict)
     if not outcome.startswith("skipped"):
         WorkflowInstall.objects.update_or_create(instance=instance, path=written, defaults={"version": version})

@@ -347,7 +347,7 @@ def test_install_writes_a_library_version_into_instances(published, pair, worker
 
 @pytest.mark.parametrize("args, message", [
     (["nope", "target"], "name: No workflow 'nope' in the library."),
-    (["hello@7", "target"], "name: 'hello@7': no such version (have: 2, 1)."),
+    (["hello@7", "target"], "name: 'hello@7': no such version (have: 1, 2)."),
     (["hello", "nope"], "No instance 'nope'. Known: source, target"),
 ])
 def test_install_refuses_an_unknown_library_name_or_version_with_exit_code_2(published, args, message):
@@ -414,7 +414,7 @@ def test_templates_create_saves_every_option_and_list_json_shows_them(starter, r
 
 
 @pytest.mark.parametrize("args, message", [
-    (["Bad_Name"], "name: Use lowercase letters, digits and '-' for a template name."),
+    (["Bad_Name"], "name: Use lowercase letters, digits and '-' for a template name ('new' is taken by the page that creates one)."),
     (["t", "--node", "not a url"], "custom_nodes: 'not a url' is not a git URL"),
     (["t", "--node=--upload-pack=evil"], "custom_nodes: '--upload-pack=evil' is not a git URL"),
     (["t", "--setting", "Comfy.Locale=en"], "settings: 'Comfy.Locale=en' is not KEY=JSON"),

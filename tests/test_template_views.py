@@ -135,7 +135,7 @@ def test_an_operator_creates_a_template_with_everything(client, operator, starte
 
 
 @pytest.mark.parametrize("data, field, message", [
-    ({"name": "Bad Name"}, "name", "Use lowercase letters, digits and '-' for a template name."),
+    ({"name": "Bad Name"}, "name", "Use lowercase letters, digits and '-' for a template name ('new' is taken by the page that creates one)."),
     ({"name": "studio"}, "name", "A template 'studio' already exists."),
     ({"extra_args": "--base-directory /x"}, "extra_args", "keep instances isolated"),
     ({"extra_args": "--foo 'unclosed"}, "extra_args", "Line 1 (--foo 'unclosed): No closing quotation"),
@@ -197,12 +197,11 @@ def test_a_template_wanting_more_gpus_than_are_free_says_so(client, operator, te
     assert not Instance.objects.filter(instance_id="late").exists()
 
 
-def test_a_new_instance_is_kept_when_the_queue_cannot_apply_the_template(client, operator, template, redis_down):
+def test_no_instance_is_made_when_the_queue_cannot_apply_the_template(client, operator, template, redis_down):
     client.force_login(operator)
     response = client.post(url("template-new-instance", "studio"), {"instance_id": "queue-less"}, follow=True)
-    assert Instance.objects.get(instance_id="queue-less").template == template
-    assert any("applying the template could not be queued" in m and "The job queue is unavailable" in m
-               for m in messages_of(response))
+    assert not Instance.objects.filter(instance_id="queue-less").exists()
+    assert any("was not created" in m and "The job queue is unavailable" in m for m in messages_of(response))
     assert not Operation.objects.exists()
 
 

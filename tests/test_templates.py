@@ -97,3 +97,28 @@ def test_template_names_are_checked(template):
         services.template_create(name="studio-sdxl")
     with pytest.raises(ValidationError, match="lowercase"):
         services.template_create(name="Bad Name")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image", "has spaces:1", "no spaces"),
+    ("custom_nodes", [{"url": "https://example.org/.git"}], "cannot name a custom node folder"),
+    ("custom_nodes", [{"url": "https://example.org/x.git", "ref": "--evil"}], "not a branch, tag or commit"),
+])
+def test_template_images_and_nodes_are_checked_up_front(field, value, message):
+    with pytest.raises(ValidationError, match=message):
+        services.template_create(name="checked", **{field: value})
+
+
+def test_a_template_cannot_be_called_new():
+    with pytest.raises(ValidationError, match="'new' is taken"):
+        services.template_create(name="new")
+
+
+def test_without_a_queue_no_instance_is_made_from_a_template(template, settings):
+    dead = "unix:///nonexistent/redis.sock?db=0"
+    settings.RQ_QUEUES = {name: {"URL": dead} for name in settings.RQ_QUEUES}
+    from comfyhub.queues import QueueUnavailable
+
+    with pytest.raises(QueueUnavailable):
+        services.instance_create_from_template(template=template, instance_id="half-made")
+    assert not Instance.objects.filter(instance_id="half-made").exists()

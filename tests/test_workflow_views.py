@@ -312,8 +312,8 @@ def test_publishing_says_new_version_or_nothing_new(client, operator, source):
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"path": "a.json", "name": "a/b"}, "A library name is 1-200 characters without '/'."),
-    ({"path": "a.json", "name": ""}, "A library name is 1-200 characters without '/'."),
+    ({"path": "a.json", "name": "a/b"}, "A library name is 1-200 characters without '/', '\\' or '@'"),
+    ({"path": "a.json", "name": ""}, "A library name is 1-200 characters without '/', '\\' or '@'"),
     ({"path": "../a.json", "name": "x"}, "is not a workflow path inside the workflows folder"),
     ({"path": "missing.json", "name": "x"}, "'missing.json' does not exist."),
 ])

@@ -158,9 +158,9 @@ def test_the_target_instances_own_models_count_for_the_preflight(pair, storage):
 
 def test_something_that_is_not_a_workflow_is_a_clear_error(pair):
     _, target = pair
-    with pytest.raises(workflows.WorkflowError, match="Not a ComfyUI workflow"):
+    with pytest.raises(ValidationError, match="Not a ComfyUI workflow"):
         services.workflow_check(instance=target, raw=b'{"hello": "world"}')
-    with pytest.raises(workflows.WorkflowError, match="Not valid JSON"):
+    with pytest.raises(ValidationError, match="Not valid JSON"):
         services.workflow_check(instance=target, raw=b"[1, 2")
 
 
@@ -196,3 +196,36 @@ def test_installing_a_version_writes_it_and_the_library_knows_who_holds_what(pai
         services.workflow_install(spec="portrait@9", instances=[target])
     with pytest.raises(ValidationError, match="No workflow 'nope'"):
         services.workflow_install(spec="nope", instances=[target])
+
+
+def test_library_names_cannot_hold_an_at_sign(pair):
+    source, _ = pair
+    put_workflow(source, "a.json", UI_WORKFLOW)
+    with pytest.raises(ValidationError) as excinfo:
+        services.workflow_publish(instance=source, path="a.json", name="a@b")
+    assert "separates a name from its version" in excinfo.value.message_dict["name"][0]
+
+
+def test_installing_a_new_version_replaces_an_unmodified_file_and_keeps_an_edited_one(pair):
+    source, target = pair
+    put_workflow(source, "a.json", UI_WORKFLOW)
+    v1, _ = services.workflow_publish(instance=source, path="a.json", name="flow")
+    put_workflow(source, "a.json", API_WORKFLOW)
+    v2, _ = services.workflow_publish(instance=source, path="a.json", name="flow")
+    assert workflows.install(v1, target) == ("written", "flow.json")
+    assert workflows.install(v2, target) == ("overwritten", "flow.json")  # an upgrade
+    put_workflow(target, "flow.json", {"nodes": [], "edited": True})
+    assert workflows.install(v1, target) == ("renamed", "flow (2).json")
+    assert json.loads((workflows.workflows_dir(target) / "flow.json").read_text())["edited"] is True
+
+
+def test_near_matches_compare_names_not_extensions(pair, storage):
+    _, target = pair
+    for name in ("dreamy_v1.safetensors", "dup.safetensors"):
+        path = storage["shared"] / "models" / "checkpoints" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    library.scan()
+    workflow = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "dreamy_v2.safetensors"}}}
+    [missing] = workflows.preflight(workflow, target)["missing_models"]
+    assert missing["near"] == ["dreamy_v1.safetensors"]

@@ -185,17 +185,11 @@ def parse_node(spec: str) -> dict:
 
 
 def library_version(spec: str):
-    """NAME[@VERSION] → (WorkflowVersion, "") or (None, the problem)."""
-    name, _, number = spec.partition("@")
-    entry = WorkflowEntry.objects.filter(name=name).first()
-    if entry is None:
-        return None, f"No workflow '{name}' in the library."
-    version = entry.versions.filter(number=int(number)).first() if number.isdigit() else \
-        (entry.latest() if not number else None)
-    if version is None:
-        have = ", ".join(str(v.number) for v in entry.versions.order_by("number"))
-        return None, f"'{spec}': no such version (have: {have})."
-    return version, ""
+    """NAME[@VERSION] -> (WorkflowVersion, "") or (None, the problem), by the library's own rule."""
+    try:
+        return services.workflow_version_resolve(spec=spec), ""
+    except ValidationError as exc:
+        return None, " ".join(exc.messages)
 
 
 def shown(value) -> str:

@@ -14,6 +14,8 @@ from django.core.management.base import CommandError
 
 from comfyhub import cli
 from comfyhub.cli import EXIT_FAILED, find_instance, find_instances, human_size, input_error, iso, local_time
+from django.core.exceptions import ValidationError
+
 from instances import services, workflows
 from instances.models import WorkflowEntry
 
@@ -111,8 +113,8 @@ class Command(cli.Command):
         raw = self.read_workflow_argument(options["file"])
         try:
             report = services.workflow_check(instance=instance, raw=raw)
-        except workflows.WorkflowError as exc:
-            raise input_error({"file": [f"{options['file']}: {exc}"]}) from exc
+        except ValidationError as exc:
+            raise input_error({"file": [f"{options['file']}: {' '.join(exc.messages)}"]}) from exc
         lacking = bool(report["missing_node_types"] or report["missing_models"])
         if options["json"]:
             self.write_json({"instance": instance.instance_id, "file": options["file"], "ready": not lacking,
