@@ -19,6 +19,7 @@ urlpatterns = [
     path("instances/<slug:instance_id>/logs/download/", views.instance_logs_download, name="instance-logs-download"),
     path("gpus/", views.gpu_list, name="gpu-list"),
     path("gpus/discover/", views.gpu_discover, name="gpu-discover"),
+    path("gpus/<int:pk>/shareable/", views.gpu_shareable, name="gpu-shareable"),
 ]
 
 # An instance's workflows and custom nodes, the workflow library and templates (views_workflows.py).

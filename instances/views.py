@@ -261,6 +261,19 @@ def gpu_list(request):
 
 @require_POST
 @permission_required("instances.change_instance", raise_exception=True)
+def gpu_shareable(request, pk):
+    gpu = get_object_or_404(GPU, pk=pk)
+    try:
+        services.gpu_set_shareable(gpu=gpu, shareable=request.POST.get("shareable") == "1")
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, f"{gpu} is now {'shareable' if gpu.shareable else 'exclusive'}.")
+    return redirect("gpu-list")
+
+
+@require_POST
+@permission_required("instances.change_instance", raise_exception=True)
 def gpu_discover(request):
     try:
         source, gpus = services.discover_gpus()

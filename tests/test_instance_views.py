@@ -432,3 +432,28 @@ def test_rediscovering_with_no_gpus_declared_says_none(client, operator, setting
     response = client.post(url("gpu-discover"), follow=True)
     assert "(source: none)" in response.content.decode()
     assert not GPU.objects.filter(present=True).exists()
+
+
+def test_an_operator_toggles_a_gpu_between_shareable_and_exclusive_on_the_gpu_page(client, operator, stranger):
+    from instances.models import GPU
+
+    gpu = GPU.objects.get(index=1)
+    client.force_login(stranger)
+    assert client.post(reverse("gpu-shareable", args=[gpu.pk]), {"shareable": "1"}).status_code == 403
+    client.force_login(operator)
+    assert "make shareable" in client.get(reverse("gpu-list")).content.decode()
+    client.post(reverse("gpu-shareable", args=[gpu.pk]), {"shareable": "1"})
+    gpu.refresh_from_db()
+    assert gpu.shareable
+    services.instance_create(instance_id="one", gpu_indexes=[1])
+    services.instance_create(instance_id="two", gpu_indexes=[1])
+    response = client.post(reverse("gpu-shareable", args=[gpu.pk]), {"shareable": "0"}, follow=True)
+    assert "free it on all but one" in response.content.decode()
+    gpu.refresh_from_db()
+    assert gpu.shareable
+
+
+def test_the_instance_page_links_to_its_snapshots(client, stranger):
+    instance = services.instance_create(instance_id="linked")
+    client.force_login(stranger)
+    assert reverse("snapshot-instance", args=["linked"]) in client.get(instance.get_absolute_url()).content.decode()
