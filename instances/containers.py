@@ -138,6 +138,9 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
                 status=Instance.Status.HEALTHY, status_detail="", checked_at=timezone.now(), restart_count=0,
             )
             report.progress(100, "healthy")
+            from .services import node_types_of
+
+            node_types_of(instance)  # remembered for workflow pre-flights while it is stopped
             devices = [d.get("name", "") for d in stats.get("devices", [])]
             report.log(f"ComfyUI answers on {instance.url} ({', '.join(devices) or 'no devices'})")
             return {"url": instance.url, "devices": devices}

@@ -201,3 +201,11 @@ def docker_engine_state(instance):
         return docker_engine.container_state(engine, instance.container_name)
     finally:
         engine.close()
+
+
+def test_a_start_remembers_the_node_types_comfyui_offers(image, run_worker, storage):
+    instance = services.instance_create(instance_id="typed", image=image)
+    (storage["instances"] / "typed" / "custom_nodes" / "MyPack").mkdir(parents=True)
+    assert run(services.instance_start(instance=instance), run_worker).status == Operation.Status.SUCCEEDED
+    instance.refresh_from_db()
+    assert "KSampler" in instance.node_types and "MyPack" in instance.node_types

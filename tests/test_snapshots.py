@@ -262,3 +262,25 @@ def test_the_admin_restores_through_an_operation_and_deletes_archives(instance, 
     assert Operation.objects.filter(kind="snapshot_restore").exists()
     client.post(changelist, {"action": "delete_with_archive", "_selected_action": [snapshot.pk]})
     assert not Snapshot.objects.exists() and not archive.exists()
+
+
+@pytest.mark.docker
+def test_restoring_a_running_instance_stops_it_first_and_starts_it_again(comfyui_double_image, docker_cleanup,
+                                                                         run_worker, storage):
+    from instances import docker_engine
+
+    running = instance_services.instance_create(instance_id="busy", image=comfyui_double_image)
+    assert run(instance_services.instance_start(instance=running), run_worker).status == Operation.Status.SUCCEEDED
+    workflow = storage["instances"] / "busy" / "user" / "default" / "workflows" / "w.json"
+    workflow.write_text('{"nodes": [], "v": 1}')
+    snapshot = snapshots.create(running, kind="config")
+    workflow.write_text('{"nodes": [], "v": 2}')
+    engine = docker_engine.require_engine()
+    started_before = docker_engine.container_state(engine, running.container_name).started_at
+    operation = run(services.snapshot_restore(snapshot=snapshot), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    assert operation.result["restarted"] is True and "ComfyUI answers on" in operation.log
+    assert json.loads(workflow.read_text())["v"] == 1
+    after = docker_engine.container_state(engine, running.container_name)
+    assert after.running and after.started_at != started_before  # stopped for the restore, started again
+    engine.close()
