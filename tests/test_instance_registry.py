@@ -45,14 +45,17 @@ def test_the_default_instance_id_comes_from_the_environment(settings):
     assert Instance.objects.get().instance_id == "studio"
 
 
-def test_ports_are_allocated_from_the_range_skipping_taken_and_bound_ones(settings):
+def test_ports_are_allocated_from_the_range_skipping_taken_and_bound_ones():
+    node = services.local_node()
+    # A range of its own, away from the ports other tests' containers publish.
+    Node.objects.filter(pk=node.pk).update(port_range_start=39188, port_range_end=39199)
     first = services.instance_create(instance_id="first")
-    assert first.host_port == 18188
+    assert first.host_port == 39188
     with socket.socket() as held:
-        held.bind(("127.0.0.1", 18189))
+        held.bind(("127.0.0.1", 39189))
         held.listen()
         second = services.instance_create(instance_id="second")
-    assert second.host_port == 18190
+    assert second.host_port == 39190
 
 
 @pytest.mark.parametrize("instance_id, message", [
