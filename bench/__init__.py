@@ -4,4 +4,7 @@ Each benchmark is a module with `NAME`, `TARGET` and `main()`, run in a process 
 only once per process, and each benchmark builds a private environment before Django is imported).
 """
 
-BENCHMARKS = ("roundtrip", "pages")
+BENCHMARKS = (
+    "roundtrip", "pages", "start_latency", "dashboard_instances", "reconcile", "hashing", "incremental_verify",
+    "verify_memory", "preflight", "workflow_copy", "snapshot",
+)
