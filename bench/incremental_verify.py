@@ -72,24 +72,6 @@ def main() -> int:
         if rescanned.unchanged != FILES:
             raise BenchError(f"the second scan found {rescanned.unchanged} unchanged files, expected {FILES}")
 
-        # Where the incremental time goes (information): loading the rows, and the per-file checks alone.
-        begin = time.perf_counter()
-        assets = list(ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).order_by("-size"))
-        load_seconds = time.perf_counter() - begin
-        begin = time.perf_counter()
-        real_root = os.path.realpath(models)
-        for asset in assets:
-            path = models / asset.path
-            os.path.commonpath([os.path.realpath(path), real_root])
-            library.needs_hashing(asset, os.stat(path), False)
-        check_seconds = time.perf_counter() - begin
-        proposed = []
-        for _ in range(ROUNDS):
-            begin = time.perf_counter()
-            todo, skipped = _proposed_pass(models, ModelAsset)
-            proposed.append(time.perf_counter() - begin)
-            if todo or skipped != FILES:
-                raise BenchError(f"the proposed pass found {len(todo)} to hash, {skipped} unchanged")
         connection.close()
 
     ratio = median(incremental) / full_seconds
@@ -98,55 +80,12 @@ def main() -> int:
           flush=True)
     print(f"  library.scan() again with nothing changed (the models_verify job runs it before verify): "
           f"{ms(rescan_seconds)}")
-    print(f"  incremental, where the time goes: loading {len(assets):,} ModelAsset rows {ms(load_seconds)}; "
-          f"realpath + stat + needs_hashing per file {ms(check_seconds)}")
-    print(f"  a proposed incremental pass (bench/incremental_verify.py _proposed_pass: values_list of the compared "
-          f"columns, realpath once per folder, one lstat per file) median {ms(median(proposed))}, ratio "
-          f"{median(proposed) / full_seconds:.4f} (information; not the project as it is)")
     print(f"{NAME}: incremental verify median {ms(median(incremental))} (runs: "
           f"{', '.join(ms(s) for s in incremental)}) | baseline full verify {ms(full_seconds)} | ratio {ratio:.4f} "
           f"(target <= {TARGET}) {verdict(ok)}", flush=True)
     save_result(NAME, {"target_ratio": TARGET, "ratio": ratio, "pass": ok, "files": FILES,
-                       "scan_s": scan_seconds, "rescan_s": rescan_seconds, "full_s": full_seconds, "incremental_s": incremental,
-                       "load_rows_s": load_seconds, "checks_s": check_seconds, "proposed_s": proposed})
+                       "scan_s": scan_seconds, "rescan_s": rescan_seconds, "full_s": full_seconds, "incremental_s": incremental})
     return 0 if ok else 1
-
-
-def _proposed_pass(models, ModelAsset):
-    """What verify() needs to decide "unchanged" for every file, done cheaply (a suggestion, measured here): only
-    the compared columns, the library-containment check once per folder (a file that is itself a link still gets
-    the full realpath check), and one lstat per file (its result is the stat when the file is not a link)."""
-    import stat as stat_module
-
-    root = os.fspath(models)
-    real_root = os.path.realpath(root)
-    inside = real_root + os.sep
-    folders: dict[str, bool] = {}
-    todo, skipped = [], 0
-    rows = ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).values_list(
-        "pk", "path", "sha256", "hashed_size", "hashed_mtime_ns", "hashed_inode")
-    for pk, relpath, sha256, hashed_size, hashed_mtime_ns, hashed_inode in rows.iterator(chunk_size=2000):
-        path = os.path.join(root, relpath)
-        folder = os.path.dirname(path)
-        ok = folders.get(folder)
-        if ok is None:
-            real = os.path.realpath(folder)
-            ok = folders[folder] = real == real_root or real.startswith(inside)
-        if not ok:
-            continue
-        try:
-            info = os.lstat(path)
-            if stat_module.S_ISLNK(info.st_mode):
-                if not os.path.realpath(path).startswith(inside):
-                    continue
-                info = os.stat(path)
-        except OSError:
-            continue
-        if sha256 and (hashed_size, hashed_mtime_ns, hashed_inode) == (info.st_size, info.st_mtime_ns, info.st_ino):
-            skipped += 1
-        else:
-            todo.append(pk)
-    return todo, skipped
 
 
 if __name__ == "__main__":

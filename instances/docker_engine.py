@@ -105,14 +105,9 @@ def forget_cached_status():
 
 
 def require_engine(base_url: str | None = None) -> docker.DockerClient:
-    """A client whose engine answered a ping, or EngineUnavailable with the engine's address."""
-    engine = client(base_url)
-    try:
-        engine.ping()
-    except (DockerException, RequestException) as exc:
-        engine.close()
-        raise EngineUnavailable(unavailable_message(base_url, exc)) from exc
-    return engine
+    """A client whose engine answered (negotiating the API version is the round trip that proves it), or
+    EngineUnavailable with the engine's address."""
+    return client(base_url)
 
 
 # --- Containers ----------------------------------------------------------------------------------------------
@@ -222,28 +217,25 @@ def list_containers(engine, label: str | None = None) -> list[ContainerState]:
 
 
 def create_container(engine, spec) -> str:
-    """Create (not start) the container `spec` describes; returns its id."""
-    kwargs = dict(
-        image=spec.image,
-        command=spec.command,
-        name=spec.name,
-        environment=spec.environment,
-        labels=spec.labels,
+    """Create (not start) the container `spec` describes; returns its id (one API call, no inspect after)."""
+    host_config = engine.api.create_host_config(
         mounts=[docker.types.Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
                 for m in spec.mounts],
-        ports={f"{spec.container_port}/tcp": (spec.host_ip, spec.host_port)},
+        port_bindings={spec.container_port: (spec.host_ip, spec.host_port)},
         restart_policy={"Name": "on-failure", "MaximumRetryCount": spec.restart_max},
         security_opt=list(spec.security_opt),
         shm_size=spec.shm_size,
         init=True,
         log_config=docker.types.LogConfig(type="json-file", config={"max-size": "20m", "max-file": "3"}),
-        detach=True,
+        device_requests=[docker.types.DeviceRequest(device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])]
+        if spec.gpu_ids else None,
     )
-    if spec.gpu_ids:
-        kwargs["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpu_ids),
-                                                                capabilities=[["gpu"]])]
     with _translated(f"Could not create container {spec.name}", engine):
-        return engine.containers.create(**kwargs).id
+        created = engine.api.create_container(
+            image=spec.image, command=spec.command, name=spec.name, environment=spec.environment,
+            labels=spec.labels, ports=[spec.container_port], host_config=host_config, detach=True,
+        )
+        return created["Id"]
 
 
 def start_container(engine, name: str):

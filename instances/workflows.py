@@ -122,8 +122,12 @@ def parse_workflow(raw: bytes) -> dict:
     return data
 
 
-def write_workflow(instance: Instance, relpath: str, raw: bytes, on_conflict: str) -> tuple[str, str]:
-    """Write atomically under the instance's workflows folder. Returns (what happened, final relpath)."""
+def write_workflow(instance: Instance, relpath: str, raw: bytes, on_conflict: str,
+                   durable: bool = True) -> tuple[str, str]:
+    """Write atomically under the instance's workflows folder. Returns (what happened, final relpath).
+
+    With `durable=False` the caller flushes to disk once for a whole batch (os.sync) instead of once per file;
+    a reader still never sees a half-written file."""
     if on_conflict not in CONFLICT_POLICIES:
         raise WorkflowError(f"Unknown conflict policy '{on_conflict}'; use skip, overwrite or rename.")
     relpath = clean_relpath(relpath)
@@ -148,7 +152,8 @@ def write_workflow(instance: Instance, relpath: str, raw: bytes, on_conflict: st
         with handle:
             handle.write(raw)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if outcome == "renamed" or outcome == "written":
             os.link(handle.name, target)  # never replaces: a file that appeared meanwhile makes this fail
         else:
@@ -212,7 +217,7 @@ def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], 
     for target in targets:
         for relpath, raw in contents.items():
             try:
-                outcome, written = write_workflow(target, relpath, raw, on_conflict)
+                outcome, written = write_workflow(target, relpath, raw, on_conflict, durable=False)
                 if written != relpath:
                     outcome = f"{outcome} to {written}"
             except (WorkflowError, OSError) as exc:
@@ -223,6 +228,7 @@ def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], 
             done += 1
             if report is not None:
                 report.progress(100 * done / total, f"{done} of {total}")
+        os.sync()  # one flush per target instead of one per file
     return result
 
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 import re
+from stat import S_ISLNK
 import shutil
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 
@@ -110,6 +112,7 @@ def scan(report=None, root: Path | None = None) -> ScanResult:
     result = ScanResult()
     known = {asset.path: asset for asset in ModelAsset.objects.all()}
     seen = set()
+    unchanged = []
     for found in walk(root):
         seen.add(found.relpath)
         asset = known.get(found.relpath)
@@ -134,7 +137,7 @@ def scan(report=None, root: Path | None = None) -> ScanResult:
         same = (asset.size, asset.mtime_ns, asset.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
         if same and asset.status not in (ModelAsset.Status.MISSING, ModelAsset.Status.UNREADABLE):
             result.unchanged += 1
-            ModelAsset.objects.filter(pk=asset.pk).update(last_seen_at=now)
+            unchanged.append(asset.pk)
             continue
         asset.size, asset.mtime_ns, asset.inode, asset.last_seen_at = st.st_size, st.st_mtime_ns, st.st_ino, now
         asset.status = ModelAsset.Status.CHANGED if asset.sha256 else ModelAsset.Status.NEW
@@ -143,6 +146,9 @@ def scan(report=None, root: Path | None = None) -> ScanResult:
         asset.save()
         result.changed += 1
         _log(report, f"changed: {found.relpath}")
+    with transaction.atomic():
+        for start in range(0, len(unchanged), 900):
+            ModelAsset.objects.filter(pk__in=unchanged[start:start + 900]).update(last_seen_at=now)
     gone = [path for path in known if path not in seen and known[path].status != ModelAsset.Status.MISSING]
     ModelAsset.objects.filter(path__in=gone).update(status=ModelAsset.Status.MISSING,
                                                     status_reason="not found in the library by the last scan")
@@ -181,13 +187,6 @@ class VerifyResult:
     problems: list = field(default_factory=list)
 
 
-def needs_hashing(asset: ModelAsset, stat: os.stat_result, full: bool) -> bool:
-    if full or not asset.sha256:
-        return True
-    return (asset.hashed_size, asset.hashed_mtime_ns, asset.hashed_inode) != (stat.st_size, stat.st_mtime_ns,
-                                                                              stat.st_ino)
-
-
 def verify(report=None, *, full: bool = False, root: Path | None = None, workers: int | None = None,
            with_blake3: bool | None = None) -> VerifyResult:
     """Hash what needs hashing (everything with `full`), spread over the cores, and record the outcome."""
@@ -196,18 +195,32 @@ def verify(report=None, *, full: bool = False, root: Path | None = None, workers
     result = VerifyResult()
     todo = []
     real_root = os.path.realpath(root)
-    for asset in ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).order_by("-size"):
-        path = root / asset.path
-        if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
-            continue  # a link out of the library (the scan recorded why): never read what it points at
+    folders_inside: dict[str, bool] = {}
+    fields = ("id", "path", "sha256", "hashed_size", "hashed_mtime_ns", "hashed_inode")
+    for row in ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).values_list(*fields):
+        pk, relpath, sha256, hashed_size, hashed_mtime_ns, hashed_inode = row
+        path = os.path.join(root, relpath)
         try:
-            stat = os.stat(path)
+            stat = os.lstat(path)
+            if S_ISLNK(stat.st_mode):  # a link is read only if it stays inside the library
+                if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+                    continue  # the scan recorded why: never read what it points at
+                stat = os.stat(path)
         except OSError:
             continue  # the next scan records it as missing/unreadable; hashing it would say the same
-        if needs_hashing(asset, stat, full):
-            todo.append((asset, path, stat))
+        folder = os.path.dirname(path)
+        if folder not in folders_inside:  # a folder swapped for a link since the scan
+            folders_inside[folder] = os.path.commonpath([os.path.realpath(folder), real_root]) == real_root
+        if not folders_inside[folder]:
+            continue
+        unchanged = sha256 and (hashed_size, hashed_mtime_ns, hashed_inode) == (stat.st_size, stat.st_mtime_ns,
+                                                                             stat.st_ino)
+        if full or not unchanged:
+            todo.append((pk, path, stat))
         else:
             result.skipped += 1
+    todo.sort(key=lambda item: -item[2].st_size)  # big files first: the cores stay busy to the end
+    assets = ModelAsset.objects.in_bulk([pk for pk, _, _ in todo])
     total = sum(stat.st_size for _, _, stat in todo)
     _log(report, f"{len(todo)} file(s) to hash ({_human(total)}), {result.skipped} unchanged since last verified")
 
@@ -217,15 +230,18 @@ def verify(report=None, *, full: bool = False, root: Path | None = None, workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
         futures = {
             pool.submit(hashing.hash_file, path, with_blake3=with_blake3, on_bytes=progress.add,
-                        cancelled=cancelled): asset
-            for asset, path, _ in todo
+                        cancelled=cancelled): assets[pk]
+            for pk, path, _ in todo
         }
         pending = set(futures)
         try:
             while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    _record(futures[future], future, result, report)
+                # Whatever finished within half a second is recorded together.
+                done, pending = wait(pending, timeout=0.5, return_when=ALL_COMPLETED)
+                # One transaction per batch, not one commit per file.
+                with transaction.atomic():
+                    for future in done:
+                        _record(futures[future], future, result, report)
                 if report is not None:
                     report.progress(progress.percent, progress.describe())
         except BaseException:
