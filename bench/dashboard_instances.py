@@ -31,7 +31,6 @@ TIME_TARGET = 3.0
 SMALL, LARGE = 10, 500
 REQUESTS = int(os.environ.get("BENCH_PAGES_REQUESTS", "20"))
 WARMUP = 3
-PAGE = 50  # the what-if page size (information only)
 URL = "/"
 CHECKS = ("shared storage is read-only", "instance storage is its own", "GPUs match the assignment",
           "no other container writes its folders", "its port is its own")
@@ -155,54 +154,12 @@ def main() -> int:
                 get()
                 results["times"].append(time.perf_counter() - begin)
 
-        # Where the time goes with 500: the view's queryset and per-row work vs the template.
-        from instances import views
-
-        use_database(connection, large_db)
-        connection.ensure_connection()
-        listing = []
-        for _ in range(5):
-            begin = time.perf_counter()
-            views._listed_instances()
-            listing.append(time.perf_counter() - begin)
-
-        # What a page of PAGE rows would cost (information; not the project as it is): the view's listing cut to
-        # the first PAGE instances in SQL, on both databases, alternating.
-        from instances import services
-
-        original = views._listed_instances
-
-        def first_page():
-            instances = list(services.instances_with_relations()[:PAGE])
-            for instance in instances:
-                instance.checks_summary = views._checks_summary(instance)
-            return instances
-
-        paged = {"small": [], "large": []}
-        views._listed_instances = first_page
-        try:
-            for number in range(REQUESTS):
-                for size in ("small", "large") if number % 2 == 0 else ("large", "small"):
-                    use_database(connection, databases[size][0])
-                    connection.ensure_connection()
-                    begin = time.perf_counter()
-                    get()
-                    paged[size].append(time.perf_counter() - begin)
-        finally:
-            views._listed_instances = original
-
     same_queries = small["queries"] == large["queries"]
     ratio = median(large["times"]) / median(small["times"])
     ok = same_queries and ratio <= TIME_TARGET
     print(f"{NAME}: {REQUESTS} requests per size; rows shown {small['rows_shown']} vs {large['rows_shown']}, "
           f"page {small['bytes'] / 1024:.0f} KiB vs {large['bytes'] / 1024:.0f} KiB; instances made in "
           f"{setup_seconds:.1f}s", flush=True)
-    print(f"  views._listed_instances() with {LARGE} (queryset + prefetch + checks summary): median "
-          f"{ms(median(listing))}; the rest of the {LARGE}-instance request is mostly template rendering")
-    print(f"  what-if, the instance list cut to its first {PAGE} rows in SQL (as a paginated list would be): render "
-          f"median {ms(median(paged['small']))} -> {ms(median(paged['large']))}, ratio "
-          f"{median(paged['large']) / median(small['times']):.2f} vs the {SMALL}-instance page as it is "
-          f"(information; not the project as it is)")
     print(f"{NAME}: dashboard ({URL}) queries {small['queries']} with {SMALL} vs {large['queries']} with {LARGE} "
           f"({verdict(same_queries)} same) | render median {ms(median(small['times']))} -> "
           f"{ms(median(large['times']))} (p90 {ms(percentile(small['times'], 0.9))} -> "
@@ -212,8 +169,7 @@ def main() -> int:
         more = Counter(large["sql"]) - Counter(small["sql"])
         print("    extra queries with 500: " + (" | ".join(f"{n} x {sql[:200]}" for sql, n in more.items())
                                                 or "(none; fewer than with 10)"))
-    save_result(NAME, {"time_target": TIME_TARGET, "ratio": ratio, "pass": ok, "small": small, "large": large,
-                       "listed_instances_500": listing, "whatif_first_page": paged})
+    save_result(NAME, {"time_target": TIME_TARGET, "ratio": ratio, "pass": ok, "small": small, "large": large})
     return 0 if ok else 1
 
 

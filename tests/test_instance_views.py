@@ -457,3 +457,16 @@ def test_the_instance_page_links_to_its_snapshots(client, stranger):
     instance = services.instance_create(instance_id="linked")
     client.force_login(stranger)
     assert reverse("snapshot-instance", args=["linked"]) in client.get(instance.get_absolute_url()).content.decode()
+
+
+def test_the_dashboard_shows_instances_fifty_at_a_time(client, stranger):
+    node = services.local_node()
+    Instance.objects.bulk_create(Instance(instance_id=f"bulk-{n:03}", node=node, image="i", host_port=20000 + n)
+                                 for n in range(60))
+    client.force_login(stranger)
+    first = client.get("/").content.decode()
+    assert "bulk-049" in first and "bulk-050" not in first and "Instances 1–50 of 60" in first
+    second = client.get("/?page=2").content.decode()
+    assert "bulk-050" in second and "bulk-059" in second
+    rows = client.get(reverse("instance-rows") + "?page=2").content.decode()
+    assert "bulk-059" in rows and "bulk-000" not in rows
