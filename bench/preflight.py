@@ -25,7 +25,6 @@ from .environment import BenchError, PrivateEnvironment, median, ms, percentile,
 NAME = "preflight"
 TARGET_SECONDS = 0.050
 RUNS = int(os.environ.get("BENCH_PREFLIGHT_RUNS", "30"))
-CANDIDATES = 20  # for the proposed near-match (information only)
 LIBRARY = {"checkpoints": 300, "loras": 1200, "vae": 50, "controlnet": 150, "upscale_models": 50, "embeddings": 250}
 SUBFOLDERS = ("", "sdxl/", "sd15/", "flux/", "style/", "character/")
 CUSTOM_TYPES = [f"Custom{name}Node" for name in ("Wildcard", "TextConcat", "ImageResize", "FaceDetailer", "Upscale",
@@ -148,14 +147,6 @@ def main() -> int:
                 samples.append(time.perf_counter() - begin)
             parts[label] = median(samples)
         parts.update(_near_match_parts(workflows, data, instance))
-        samples = []
-        for _ in range(10):
-            begin = time.perf_counter()
-            proposed = _proposed_near_matches(workflows, data, instance)
-            samples.append(time.perf_counter() - begin)
-        parts[f"proposed: token index, {CANDIDATES} best candidates to difflib (incl. available_models)"] = \
-            median(samples)
-        agree = sum(1 for item in result["missing_models"] if set(item["near"]) & set(proposed.get(item["name"], [])))
 
     ratio = median(ours) / median(baseline)
     ok = median(ours) <= TARGET_SECONDS
@@ -166,8 +157,6 @@ def main() -> int:
     print("  where the time goes (each part timed alone; difflib is per missing model, summed):")
     for label, seconds in parts.items():
         print(f"    {label:88s} {ms(seconds):>9s}")
-    print(f"    (the proposed near matches share at least one suggestion with preflight's for {agree} of "
-          f"{len(result['missing_models'])} missing models)")
     print(f"{NAME}: preflight median {ms(median(ours))} p90 {ms(percentile(ours, 0.9))} | baseline json.loads median "
           f"{ms(median(baseline))} | ratio {ratio:.1f} (information) | target <= {ms(TARGET_SECONDS)} {verdict(ok)}",
           flush=True)
@@ -205,48 +194,6 @@ def _near_match_parts(workflows, data, instance):
         sums[labels[1]] += after - middle
         sums[labels[2]] += end - after
     return sums
-
-
-def _proposed_near_matches(workflows, data, instance):
-    """A suggestion, measured: index each pool once by name tokens (letter and digit runs, the extension dropped),
-    rank the names sharing its rarer tokens with the missing one by rarity-weighted overlap (a token held by k names
-    weighs 1/k), and run difflib only over the best CANDIDATES of them."""
-    import difflib
-    import heapq
-    import re
-
-    token_re = re.compile(r"[a-z]+|[0-9]+")
-    needs = workflows.workflow_needs(data)
-    models = workflows.available_models(instance)
-    models[""] = set().union(*models.values())
-    indexes = {}
-    found = {}
-    for folder, name in sorted(needs.models):
-        pool = models.get(folder, set())
-        normalized = name.replace("\\", "/")
-        if normalized in pool:
-            continue
-        index = indexes.get(folder)
-        if index is None:
-            index = indexes[folder] = {}
-            for path in pool:
-                base = path.rsplit("/", 1)[-1]
-                for token in set(token_re.findall(base.rsplit(".", 1)[0].lower())):
-                    index.setdefault(token, []).append((base, path))
-        base = normalized.rsplit("/", 1)[-1]
-        shared = {}
-        tokens = [index.get(token, ()) for token in set(token_re.findall(base.rsplit(".", 1)[0].lower()))]
-        common = max(50, len(pool) // 10)  # tokens most names carry ("lora", "v1") say little: skip them
-        for holders in [h for h in tokens if 0 < len(h) <= common] or tokens:
-            for candidate, path in holders:
-                shared[path] = shared.get(path, 0.0) + 1.0 / len(holders)
-        ranked = heapq.nsmallest(CANDIDATES, shared, key=lambda path: (-shared[path], path))
-        by_base = {}
-        for path in ranked:
-            by_base.setdefault(path.rsplit("/", 1)[-1], []).append(path)
-        near = difflib.get_close_matches(base, list(by_base), n=3, cutoff=0.6)
-        found[name] = [path for candidate in near for path in by_base[candidate]][:3]
-    return found
 
 
 if __name__ == "__main__":

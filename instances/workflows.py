@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import heapq
 import json
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -335,19 +337,15 @@ def preflight(data: dict, target: Instance, node_types: set | None = None) -> di
     known_types = node_types if node_types is not None else set(target.node_types or [])
     models = available_models(target)
     everything = set().union(*models.values()) if models else set()
+    indexes: dict[str, _NameIndex] = {}
     missing_models = []
     for folder, name in sorted(needs.models):
         normalized = name.replace("\\", "/")
         pool = models.get(folder, set()) if folder else everything
         if normalized in pool:
             continue
-        candidates = sorted(pool if folder else everything)
-        # Compare names without folders and extensions: ".safetensors" alone would make everything look alike.
-        stems = {c: os.path.splitext(c.rsplit("/", 1)[-1])[0] for c in candidates}
-        wanted = os.path.splitext(normalized.rsplit("/", 1)[-1])[0]
-        near = difflib.get_close_matches(wanted, list(set(stems.values())), n=3, cutoff=0.6)
-        near_paths = [c for c in candidates if stems[c] in near][:3]
-        missing_models.append({"folder": folder or "?", "name": name, "near": near_paths})
+        index = indexes.get(folder) or indexes.setdefault(folder, _NameIndex(pool))
+        missing_models.append({"folder": folder or "?", "name": name, "near": index.near(normalized)})
     return {
         "format": needs.format,
         "node_types": sorted(needs.node_types),
@@ -356,6 +354,40 @@ def preflight(data: dict, target: Instance, node_types: set | None = None) -> di
         "models": [{"folder": f or "?", "name": n} for f, n in sorted(needs.models)],
         "missing_models": missing_models,
     }
+
+
+class _NameIndex:
+    """Near matches for model names in a big pool, fast: names sharing a rare word or number with the wanted
+    one are ranked first, and only the best few are compared letter by letter (difflib is slow on thousands)."""
+
+    TOKEN = re.compile(r"[a-z]+|\d+")
+
+    def __init__(self, pool):
+        self.stems = {path: os.path.splitext(path.rsplit("/", 1)[-1])[0] for path in sorted(pool)}
+        self.by_token: dict[str, set] = {}
+        for path, stem in self.stems.items():
+            for token in set(self.TOKEN.findall(stem.lower())):
+                self.by_token.setdefault(token, set()).add(path)
+        self.common = max(10, len(self.stems) // 10)
+
+    def near(self, wanted: str, limit: int = 3) -> list[str]:
+        # Names without folders and extensions: ".safetensors" alone would make everything look alike.
+        stem = os.path.splitext(wanted.rsplit("/", 1)[-1])[0]
+        if len(self.stems) <= 50:
+            candidates = list(self.stems)
+        else:
+            scores: dict[str, int] = {}
+            for token in set(self.TOKEN.findall(stem.lower())):
+                paths = self.by_token.get(token, ())
+                if len(paths) <= self.common:
+                    for path in paths:
+                        scores[path] = scores.get(path, 0) + 1
+            candidates = heapq.nlargest(20, scores, key=lambda path: (scores[path], path))
+        by_stem: dict[str, list] = {}
+        for path in candidates:
+            by_stem.setdefault(self.stems[path], []).append(path)
+        close = difflib.get_close_matches(stem, list(by_stem), n=limit, cutoff=0.6)
+        return sorted(path for found in close for path in by_stem[found])[:limit]
 
 
 # --- The shared library --------------------------------------------------------------------------------------
