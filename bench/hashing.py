@@ -92,6 +92,10 @@ def main() -> int:
             many.append(str(path))
         del block
         written = time.perf_counter() - begin
+        # A model library is at rest: its files were written long ago (hashing.MMAP_QUIET_SECONDS matters for BLAKE3).
+        old = time.time() - 24 * 3600
+        for path in [big, *many]:
+            os.utime(path, (old, old))
         begin = time.perf_counter()
         _warm([big, *many])
         warmed = time.perf_counter() - begin

@@ -311,3 +311,19 @@ def test_a_verify_that_finds_a_mismatch_fails_and_says_which(models_dir, run_wor
     operation.refresh_from_db()
     assert operation.status == Operation.Status.FAILED
     assert "vae/m.pt" in operation.error
+
+
+@pytest.mark.parametrize("with_sha256", [True, False])
+def test_blake3_of_a_file_at_rest_matches_the_streaming_one(models_dir, with_sha256):
+    import blake3
+
+    content = os.urandom(5 << 20)
+    path = put(models_dir, "checkpoints/rest.ckpt", content)
+    old = os.stat(path).st_mtime - 3600
+    os.utime(path, (old, old))  # at rest: BLAKE3 maps it
+    at_rest = hashing.hash_file(path, with_sha256=with_sha256, with_blake3=True)
+    assert at_rest.blake3 == blake3.blake3(content).hexdigest()
+    assert at_rest.sha256 == (hashlib.sha256(content).hexdigest() if with_sha256 else "")
+    assert at_rest.size == len(content)
+    os.utime(path)  # just written: streamed
+    assert hashing.hash_file(path, with_sha256=with_sha256, with_blake3=True).blake3 == at_rest.blake3
