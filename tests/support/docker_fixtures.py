@@ -32,10 +32,25 @@ def docker_engine_handle() -> EngineHandle:
         handle.client.close()
 
 
+# The session's engine client once some test asked for it: every test after that gets its containers removed.
+_session_client: docker.DockerClient | None = None
+
+
 @pytest.fixture(scope="session")
 def docker_engine(docker_engine_handle: EngineHandle) -> docker.DockerClient:
     """A DockerClient on a real engine (started for the session if none answered)."""
+    global _session_client
+    _session_client = docker_engine_handle.client
     return docker_engine_handle.client
+
+
+@pytest.fixture(autouse=True)
+def _no_container_outlives_its_test():
+    """Containers a test made (ComfyHub's own included: they carry this session's label) are removed after it,
+    whether or not the test asked for docker_cleanup, so no port or GPU stays taken for the next test."""
+    yield
+    if _session_client is not None:
+        remove_test_objects(_session_client)
 
 
 @pytest.fixture(scope="session")
