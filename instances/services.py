@@ -179,6 +179,9 @@ def _port_problem(port: int, node: Node, instance: Instance | None) -> str | Non
 def port_bound_on_host(address: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Connections that just closed linger in TIME_WAIT on the port; they do not stop Docker from publishing
+        # it (nor should they make a port look taken), only a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((address, port))
         except OSError as exc:

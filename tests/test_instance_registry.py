@@ -269,3 +269,19 @@ def test_nvml_only_discovery_says_when_there_is_no_driver(settings):
     settings.COMFY_GPU_DISCOVERY = "nvml"
     with pytest.raises(ImproperlyConfigured, match="NVML does not answer"):
         gpu_discovery.gpus_discover(services.local_node())
+
+
+def test_a_port_whose_last_connection_lingers_in_time_wait_is_free():
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 39250))
+        server.listen()
+        client = socket.create_connection(("127.0.0.1", 39250))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT on 39250
+        client.close()
+    assert not services.port_bound_on_host("127.0.0.1", 39250)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 39251))
+        listener.listen()
+        assert services.port_bound_on_host("127.0.0.1", 39251)
