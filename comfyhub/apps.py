@@ -9,3 +9,4 @@ class ComfyhubConfig(AppConfig):
 
     def ready(self):
         from . import signals  # noqa: F401  (creates the operators group after migrate)
+        from . import jobs  # noqa: F401  (declares its operation kinds, so every process knows their labels)

@@ -1,9 +1,7 @@
 """The RQ worker ComfyHub runs: RQ's forking worker, warmed up once so every work horse starts with the jobs
 imported and the ORM ready (forking a cold Django per job costs more than the job itself)."""
-import importlib
 import uuid
 
-from django.apps import apps
 from django.db import connections
 from rq import Worker
 
@@ -15,12 +13,7 @@ class ComfyHubWorker(Worker):
 
 
 def warm_up():
-    for config in apps.get_app_configs():
-        try:
-            importlib.import_module(f"{config.name}.jobs")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{config.name}.jobs":
-                raise
+    # The apps import their jobs when Django starts; what is left to warm is the ORM's first query.
     from .models import Operation
 
     nobody = uuid.UUID(int=0)

@@ -12,4 +12,4 @@ class InstancesConfig(AppConfig):
     )
 
     def ready(self):
-        from . import signals  # noqa: F401
+        from . import jobs, signals  # noqa: F401  (jobs declare the operation kinds the pages filter by)

@@ -91,3 +91,22 @@ def test_cancel_only_accepts_post(client, operator):
     operation = Operation.objects.create(kind="noop")
     client.force_login(operator)
     assert client.get(reverse("operation-cancel", args=[operation.pk])).status_code == 405
+
+
+def test_a_fresh_web_process_knows_every_operation_kind_to_filter_by():
+    """Kinds are declared where the jobs are; a process that never imported a jobs module must still list them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, worker_database_url
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', "
+         "'comfyhub.settings'); django.setup(); from comfyhub.forms import OperationFilterForm; "
+         "print(' '.join(k for k, _ in OperationFilterForm().fields['kind'].choices if k))"],
+        cwd=REPO, env={**os.environ, "DATABASE_URL": worker_database_url()}, capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode == 0, done.stderr
+    kinds = set(done.stdout.split())
+    assert {"diagnostics", "instance_start", "models_verify", "snapshot_restore", "workflows_copy"} <= kinds
