@@ -11,11 +11,12 @@ import logging
 import threading
 import time
 import traceback as traceback_module
+import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
-from django.db import close_old_connections, connection, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq import Callback, get_current_job
@@ -211,10 +212,21 @@ class _Heartbeat(threading.Thread):
             connection.close()
 
 
+def drop_unusable_connections():
+    """Before a job: close the database connections an earlier job left broken (or in a changed autocommit mode)
+    and keep the healthy ones, which a worker's kept work horse reuses from job to job: a new connection costs
+    more than a quick job's own queries. An idle connection the server dropped is found here (`is_usable()`)."""
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is None or conn.in_atomic_block:
+            continue
+        if conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"] or not conn.is_usable():
+            conn.close()
+
+
 def _run(func, kwargs):
     rq_job = get_current_job()
     operation_id = rq_job.id
-    close_old_connections()
+    drop_unusable_connections()
     now = timezone.now()
     claimed = Operation.objects.filter(pk=operation_id, status=Operation.Status.QUEUED).update(
         status=Operation.Status.RUNNING,
@@ -271,7 +283,7 @@ def _finish(operation_id, status, *, from_statuses=(Operation.Status.RUNNING,), 
 # RQ callbacks: they cover what the runner itself cannot record (a killed work horse, a stop command).
 
 def on_rq_failure(job, connection, exc_type, exc_value, tb):
-    close_old_connections()
+    drop_unusable_connections()
     reason = f"{getattr(exc_type, '__name__', exc_type)}: {exc_value}"
     if exc_type is not None and exc_type.__name__ == "AbandonedJobError":
         reason = "The worker running this operation died before it finished (RQ found the job abandoned)."
@@ -283,8 +295,27 @@ def on_rq_failure(job, connection, exc_type, exc_value, tb):
     )
 
 
+def on_work_horse_killed(job_id: str, how: str):
+    """The worker saw the process running this job die (`how`: "killed by SIGKILL ..."): say so at once, rather
+    than leave the operation running until the sweep notices its silent heartbeat."""
+    try:
+        operation_id = uuid.UUID(job_id)
+    except ValueError:
+        return  # not an operation's job
+    drop_unusable_connections()
+    _finish(
+        operation_id,
+        Operation.Status.FAILED,
+        from_statuses=Operation.ACTIVE_STATUSES,
+        error=(
+            f"The worker process running this operation died before it finished ({how}). "
+            "Check the worker's log and the host's memory, then run it again."
+        )[:ERROR_LIMIT],
+    )
+
+
 def on_rq_stopped(job, connection):
-    close_old_connections()
+    drop_unusable_connections()
     _finish(job.id, Operation.Status.CANCELLED, from_statuses=Operation.ACTIVE_STATUSES)
 
 

@@ -119,6 +119,7 @@ class WorkerProcess:
         self.process.wait(timeout=10)
 
     def stop(self):
+        below = descendants(self.process.pid)  # its work horse leads a process group of its own
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -126,6 +127,17 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        # Whatever outlived it: a horse busy when a test failed, RQ's scheduler process after a worker killed
+        # alone (it stays in the worker's group).
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.log is not subprocess.DEVNULL:
             self.log.close()
 

@@ -1,6 +1,10 @@
 """Jobs that exist only for tests of the operation machinery (imported by workers in other processes too)."""
 import logging
+import os
 import time
+from pathlib import Path
+
+from django.db import connection
 
 from comfyhub.operations import OperationError, operation_job
 
@@ -34,3 +38,29 @@ def sleep(report, *, seconds=60.0, cooperative=True):
             report.progress(0, "sleeping")
         time.sleep(0.1)
     return {"slept": seconds}
+
+
+@operation_job("test_whereami", label="Test where am I")
+def whereami(report):
+    """Where it ran: its process, that process's parent, and how many jobs have used its database connection
+    (a TEMP table lives as long as the connection)."""
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TEMP TABLE IF NOT EXISTS jobs_on_this_connection (n INTEGER)")
+        cursor.execute("INSERT INTO jobs_on_this_connection VALUES (1)")
+        cursor.execute("SELECT COUNT(*) FROM jobs_on_this_connection")
+        (count,) = cursor.fetchone()
+    return {"pid": os.getpid(), "parent": os.getppid(), "jobs_on_connection": count}
+
+
+@operation_job("test_tell_pid_and_sleep", label="Test tell pid and sleep")
+def tell_pid_and_sleep(report, *, path, seconds=60.0):
+    """Writes its process id to `path`, then sleeps without checking for cancellation."""
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
+@operation_job("test_overrun", label="Test overrun", timeout=1)
+def overrun(report, *, seconds=30.0):
+    """Runs longer than its one-second RQ timeout allows."""
+    time.sleep(seconds)
