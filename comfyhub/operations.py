@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from rq import Callback, get_current_job
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from . import queues
 from .models import Operation
@@ -357,6 +357,21 @@ class SweepResult:
     lost: int = 0
 
 
+def _why_queued_job_will_never_run(job_id: str, conn) -> str:
+    """Why the RQ job of a long-queued operation will never run, or "" while it still may."""
+    try:
+        job = Job.fetch(job_id, connection=conn)
+    except NoSuchJobError:
+        return ("The job disappeared from the queue before any worker ran it (was Redis flushed or restarted "
+                "without persistence?). Run it again.")
+    if job.get_status() in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+        latest = job.latest_result()
+        detail = (latest.exc_string or "").strip().splitlines()[-1:] if latest is not None else []
+        return (f"RQ gave up on the job before any worker ran it ({detail[0] if detail else job.get_status().value}); "
+                "a worker probably died while taking it from the queue. Run it again.")[:ERROR_LIMIT]
+    return ""
+
+
 def operations_sweep() -> SweepResult:
     """Fail operations whose worker died (no heartbeat) and queued ones that vanished from Redis."""
     now = timezone.now()
@@ -380,11 +395,9 @@ def operations_sweep() -> SweepResult:
         try:
             conn = queues.get_connection("default")
             for operation in queued:
-                if not Job.exists(str(operation.pk), connection=conn) and _finish(
-                    operation.pk,
-                    Operation.Status.FAILED,
-                    from_statuses=(Operation.Status.QUEUED,),
-                    error="The job disappeared from the queue before any worker ran it (was Redis flushed or restarted without persistence?). Run it again.",
+                reason = _why_queued_job_will_never_run(str(operation.pk), conn)
+                if reason and _finish(
+                    operation.pk, Operation.Status.FAILED, from_statuses=(Operation.Status.QUEUED,), error=reason
                 ):
                     result.lost += 1
         except RedisError:

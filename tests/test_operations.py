@@ -6,6 +6,7 @@ import sys
 import pytest
 from django.db import transaction
 from django.test import override_settings
+from rq import SimpleWorker
 from rq.job import Job
 
 from comfyhub import operations, queues
@@ -149,6 +150,35 @@ def test_the_sweep_fails_a_queued_operation_that_vanished_from_redis(settings):
     operation.refresh_from_db()
     assert operation.status == Operation.Status.FAILED
     assert "disappeared from the queue" in operation.error
+
+
+def test_the_sweep_fails_a_queued_operation_whose_job_rq_gave_up_on():
+    """RQ fails a job stuck in its intermediate queue (a worker died while taking it) without running it."""
+    operation = operations.enqueue(noop)
+    connection = queues.get_connection()
+    job = Job.fetch(str(operation.pk), connection=connection)
+    SimpleWorker([queues.get_queue()], connection=connection).handle_job_failure(
+        job, queues.get_queue(), exc_string="Job was stuck in intermediate queue."
+    )
+    assert operations.operations_sweep().lost == 0  # not queued long enough to tell
+    Operation.objects.filter(pk=operation.pk).update(
+        created_at=operation.created_at - operations.timezone.timedelta(minutes=5)
+    )
+
+    assert operations.operations_sweep().lost == 1
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.FAILED
+    assert "RQ gave up on the job before any worker ran it (Job was stuck in intermediate queue.)" in operation.error
+
+
+def test_the_sweep_leaves_alone_a_queued_operation_still_waiting_for_a_worker():
+    operation = operations.enqueue(noop)
+    Operation.objects.filter(pk=operation.pk).update(
+        created_at=operation.created_at - operations.timezone.timedelta(minutes=5)
+    )
+
+    assert operations.operations_sweep().lost == 0
+    assert Operation.objects.get(pk=operation.pk).status == Operation.Status.QUEUED
 
 
 def test_diagnostics_checks_each_part_and_succeeds_on_a_healthy_system(run_worker, docker_engine):
