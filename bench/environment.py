@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import quote, urlencode
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -56,10 +55,9 @@ def descendants(pid: int) -> list[int]:
 
 
 class PrivateEnvironment:
-    def __init__(self, name: str, extra_env: dict[str, str] | None = None, sqlite_init_command: str = ""):
+    def __init__(self, name: str, extra_env: dict[str, str] | None = None):
         self.name = name
         self.extra_env = extra_env or {}
-        self.sqlite_init_command = sqlite_init_command
         self.root: Path | None = None
         self.redis: subprocess.Popen | None = None
         self.processes: list[tuple[subprocess.Popen, object]] = []
@@ -106,7 +104,7 @@ class PrivateEnvironment:
                 "SECRET_KEY": "bench-only-" + secrets.token_urlsafe(40),
                 "DEBUG": "false",
                 "COMFYHUB_DATA_DIR": str(self.root / "var"),
-                "DATABASE_URL": self._database_url(),
+                "DATABASE_URL": f"sqlite:///{self.root / 'var' / 'comfyhub.sqlite3'}",
                 "REDIS_URL": self.redis_url,
                 "COMFY_SHARED_PATH": str(self.root / "storage" / "shared"),
                 "COMFY_INSTANCES_PATH": str(self.root / "storage" / "instances"),
@@ -114,14 +112,6 @@ class PrivateEnvironment:
                 **self.extra_env,
             }
         )
-
-    def _database_url(self) -> str:
-        url = f"sqlite:///{self.root / 'var' / 'comfyhub.sqlite3'}"
-        # Extra SQLite statements per connection (bench/whatif.py), passed the way a deployment could: django-environ
-        # turns URL query parameters into DATABASES OPTIONS.
-        if self.sqlite_init_command:
-            url += "?" + urlencode({"init_command": self.sqlite_init_command}, quote_via=quote)
-        return url
 
     def _start_redis(self):
         server = shutil.which("redis-server")

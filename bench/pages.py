@@ -23,7 +23,6 @@ from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
-from . import whatif
 from .environment import BenchError, PrivateEnvironment, run, median, ms, percentile, save_result, verdict
 
 NAME = "pages"
@@ -101,14 +100,11 @@ def use_database(connection, path):
 
 
 def main() -> int:
-    switches = [name for name in whatif.selected() if name in ("wal", "redis-client")]  # the rest act on workers
     with PrivateEnvironment(
         NAME,
         extra_env={"DOCKER_STATUS_CACHE_SECONDS": "86400"},
-        sqlite_init_command=whatif.sqlite_init_command(switches),
     ) as env:
         env.setup_django()
-        whatif.apply_in_client(switches)
 
         from django.conf import settings
         from django.contrib.auth.models import User
@@ -208,15 +204,14 @@ def main() -> int:
             listed = " | ".join(f"{count} x {sql[:200]}" for sql, count in more.items())
             lines.append(f"    extra queries with {LARGE:,} rows: {listed or '(none; fewer than with 10)'}")
     print(f"{NAME}: {REQUESTS} requests per page and size"
-          + (f" (what-if: {', '.join(switches)}; not the project as it is)" if switches else "")
           + "; rows shown (10 vs 10k): "
           + ", ".join(f"{label} {small[label]['rows_shown']} vs {large[label]['rows_shown']}" for label, _ in PAGES),
           flush=True)
     for line in lines:
         print(line, flush=True)
     save_result(
-        NAME + ("-whatif" if switches else ""),
-        {"whatif": switches, "time_target": TIME_TARGET, "pass": ok_all, "small": small, "large": large},
+        NAME,
+        {"time_target": TIME_TARGET, "pass": ok_all, "small": small, "large": large},
     )
     return 0 if ok_all else 1
 

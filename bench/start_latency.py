@@ -23,7 +23,7 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone as dt_timezone
 
-from . import docker_support, whatif
+from . import docker_support
 from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict
 
 NAME = "start_latency"
@@ -73,22 +73,19 @@ def _delta(later, earlier):
 
 
 def main() -> int:
-    switches = whatif.selected()
     token = docker_support.run_token(NAME)
     engine, image = docker_support.client()
-    with PrivateEnvironment(NAME, extra_env=docker_support.extra_env(token, INSTANCE_PORT_RANGE="41800-41899"),
-                            sqlite_init_command=whatif.sqlite_init_command(switches)) as env:
+    with PrivateEnvironment(NAME, extra_env=docker_support.extra_env(token, INSTANCE_PORT_RANGE="41800-41899")) as env:
         try:
-            return _measure(env, engine, image, token, switches)
+            return _measure(env, engine, image, token)
         finally:
             removed = docker_support.remove_labelled(engine, token)
             print(f"{NAME}: removed {removed} container(s) labelled {docker_support.BENCH_LABEL}={token}", flush=True)
             engine.close()
 
 
-def _measure(env, engine, image, token, switches) -> int:
+def _measure(env, engine, image, token) -> int:
     env.setup_django()
-    whatif.apply_in_client(switches)
 
     from rq import Worker
 
@@ -98,7 +95,7 @@ def _measure(env, engine, image, token, switches) -> int:
     from instances.models import Instance
 
     redis = queues.get_connection("default")
-    worker = env.start_process("worker", whatif.worker_argv(sys.executable, switches, ["rqworker", "default"]))
+    worker = env.start_process("worker", [sys.executable, "manage.py", "rqworker", "default"])
 
     def listening():
         if worker.poll() is not None:
@@ -210,8 +207,7 @@ def _measure(env, engine, image, token, switches) -> int:
     ratio = median(comfyhub["total"]) / median(baseline["total"])
     ok = ratio <= TARGET
     print(f"{NAME}: {RUNS} cold starts each (after {WARMUP} warm-up), image {image}, GPU 0 requested; DB polled "
-          f"every {POLL_INTERVAL * 1000:g} ms, the baseline's /system_stats every {HTTP_POLL_INTERVAL * 1000:g} ms"
-          + (f" (what-if: {', '.join(switches)}; not the project as it is)" if switches else ""), flush=True)
+          f"every {POLL_INTERVAL * 1000:g} ms, the baseline's /system_stats every {HTTP_POLL_INTERVAL * 1000:g} ms", flush=True)
     for label, samples, call in (("ComfyHub start operation (rqworker)", comfyhub, "enqueue call"),
                                  ("docker run -d + health wait", baseline, "docker run call")):
         calls = samples["enqueue_call"] if "enqueue_call" in samples else samples["run_call"]
@@ -225,8 +221,7 @@ def _measure(env, engine, image, token, switches) -> int:
         print(f"      {step:74s} median {ms(median(values)):>10s}")
     print(f"{NAME}: ComfyHub median {ms(median(comfyhub['total']))} | baseline docker run median "
           f"{ms(median(baseline['total']))} | ratio {ratio:.2f} (target <= {TARGET}) {verdict(ok)}", flush=True)
-    save_result(NAME + ("-whatif" if switches else ""), {"target_ratio": TARGET, "ratio": ratio, "pass": ok,
-                                                         "runs": RUNS, "whatif": switches,
+    save_result(NAME, {"target_ratio": TARGET, "ratio": ratio, "pass": ok, "runs": RUNS,
                        "comfyhub": comfyhub, "baseline": baseline, "engine_steps": steps,
                        "docker_run_argv": argv})
     return 0 if ok else 1
