@@ -213,9 +213,10 @@ class _Heartbeat(threading.Thread):
 
 
 def drop_unusable_connections():
-    """Before a job: close the database connections an earlier job left broken (or in a changed autocommit mode)
-    and keep the healthy ones, which a worker's kept work horse reuses from job to job: a new connection costs
-    more than a quick job's own queries. An idle connection the server dropped is found here (`is_usable()`)."""
+    """Close the database connections left broken (or in a changed autocommit mode) and keep the healthy ones:
+    a worker's kept work horse calls this before every job and reuses its connection from job to job, since a new
+    one costs more than a quick job's own queries; the RQ callbacks, which may run after a long idle spell in the
+    worker, call it too. An idle connection the server dropped is found here (`is_usable()`)."""
     for conn in connections.all(initialized_only=True):
         if conn.connection is None or conn.in_atomic_block:
             continue
@@ -226,7 +227,6 @@ def drop_unusable_connections():
 def _run(func, kwargs):
     rq_job = get_current_job()
     operation_id = rq_job.id
-    drop_unusable_connections()
     now = timezone.now()
     claimed = Operation.objects.filter(pk=operation_id, status=Operation.Status.QUEUED).update(
         status=Operation.Status.RUNNING,

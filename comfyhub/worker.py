@@ -16,7 +16,6 @@ execution and monitors; the horse runs `perform_job` exactly as RQ's horse does.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ MESSAGE_LIMIT = 65536
 class ComfyHubWorker(Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.horse_max_jobs = max(1, settings.WORKER_HORSE_MAX_JOBS)
+        self.horse_max_jobs = settings.WORKER_HORSE_MAX_JOBS
         self.horse_max_memory = settings.WORKER_HORSE_MAX_MEMORY_MB * 1024 * 1024
         self._kept: KeptHorse | None = None
         self._fork_hooks_registered = False
@@ -67,10 +66,7 @@ class ComfyHubWorker(Worker):
     def fork_work_horse(self, job, queue):
         """Hand the job to the kept horse (forking one if there is none, or if the one there died while idle)."""
         if self._kept is not None and self._kept.has_exited():
-            pid, status, _rusage = self._kept.reap()
-            self.log.warning("Worker %s: idle work horse %s had died (%s); forking a new one",
-                             self.name, pid, describe_exit(status))
-            self._kept = None
+            self._forget_dead_horse("while it waited for work")
         message = {"job": job.id, "queue": queue.name, "execution": self.execution.id if self.execution else None}
         for attempt in (1, 2):
             if self._kept is None:
@@ -78,11 +74,8 @@ class ComfyHubWorker(Worker):
             try:
                 self._kept.send(message)
                 break
-            except OSError as exc:  # it died just now, between the check above and the send
-                pid, status, _rusage = self._kept.reap()
-                self._kept = None
-                self.log.warning("Worker %s: work horse %s died (%s) before it got job %s: %s",
-                                 self.name, pid, describe_exit(status), job.id, exc)
+            except OSError:  # it died just now, between the check above and the send
+                self._forget_dead_horse(f"before it got job {job.id}")
                 if attempt == 2:
                     raise
         self._horse_pid = self._kept.pid
@@ -106,6 +99,12 @@ class ComfyHubWorker(Worker):
             kept.reap()
             self._kept = None
         return kept.pid, os.EX_OK, None
+
+    def _forget_dead_horse(self, when: str):
+        pid, status, _rusage = self._kept.reap()
+        self._kept = None
+        self.log.warning("Worker %s: work horse %s died %s (%s); forking a new one",
+                         self.name, pid, when, describe_exit(status))
 
     def kill_horse(self, sig=SHUTDOWN_SIGNAL):
         # Called from RQ's command thread too: read the pid once, and never killpg(getpgid(0)), which would be
@@ -188,6 +187,7 @@ class ComfyHubWorker(Worker):
         self.setup_work_horse_signals()
         self._is_horse = True
         self.log = logger
+        os.environ["RQ_WORKER_ID"] = self.name
         try:
             warm_up()  # the copy-on-write faults of a first connection and query, paid while no job waits
         except Exception:  # noqa: BLE001 - a database hiccup now is the first job's to report, not a reason to die
@@ -219,10 +219,9 @@ class ComfyHubWorker(Worker):
         from .operations import drop_unusable_connections
 
         job_id = message["job"]
-        os.environ["RQ_WORKER_ID"] = self.name
         os.environ["RQ_JOB_ID"] = job_id
         try:
-            drop_unusable_connections()  # for every job, also those that are no operation (the cron's)
+            drop_unusable_connections()  # before every job, also those that are no operation (the cron's)
             job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
             queue = next((q for q in self.queues if q.name == message["queue"]), None) or self.queue_class(
                 message["queue"], connection=self.connection, job_class=self.job_class, serializer=self.serializer
@@ -256,12 +255,11 @@ class KeptHorse:
         except (AttributeError, OSError):  # no pidfds (Linux < 5.3): end-of-file on the socket tells instead
             self.pidfd = None
         self.reply = None
-        self.taken = True
-        self.busy = False
+        self.busy = False  # sent a job whose reply is not taken off the socket yet
         self.ended = None
 
     def send(self, message: dict):
-        self.reply, self.taken, self.busy = None, False, True
+        self.reply, self.busy = None, True
         self.sock.send(json.dumps(message).encode())
 
     def has_exited(self) -> bool:
@@ -279,13 +277,12 @@ class KeptHorse:
                 self.reply = json.loads(data)
             elif data == b"" or self.pidfd in ready:
                 self.reply = self.DIED
-        if not self.taken:
+        if self.busy:
             try:
                 self.sock.recv(MESSAGE_LIMIT, socket.MSG_DONTWAIT)
             except (BlockingIOError, ConnectionError):
                 pass  # taken already by a call that was cut short, or nothing to take (it died)
-            self.taken = True
-        self.busy = False
+            self.busy = False
         return self.reply
 
     def _peek(self):
@@ -336,11 +333,7 @@ class KeptHorse:
     def close(self):
         self.sock.close()
         if self.pidfd is not None:
-            try:
-                os.close(self.pidfd)
-            except OSError as exc:
-                if exc.errno != errno.EBADF:
-                    raise
+            os.close(self.pidfd)
             self.pidfd = None
 
 
