@@ -140,12 +140,17 @@ def test_an_operation_whose_worker_is_killed_ends_failed_with_the_reason(worker_
     assert "no heartbeat since" in operation.error
 
 
-def test_the_sweep_fails_a_queued_operation_that_vanished_from_redis(settings):
-    operation = operations.enqueue(noop)
-    queues.get_connection().flushdb()
+def queued_five_minutes_ago(operation):
+    """As if the operation had waited long enough for the sweep to judge it."""
     Operation.objects.filter(pk=operation.pk).update(
         created_at=operation.created_at - operations.timezone.timedelta(minutes=5)
     )
+
+
+def test_the_sweep_fails_a_queued_operation_that_vanished_from_redis(settings):
+    operation = operations.enqueue(noop)
+    queues.get_connection().flushdb()
+    queued_five_minutes_ago(operation)
     assert operations.operations_sweep().lost == 1
     operation.refresh_from_db()
     assert operation.status == Operation.Status.FAILED
@@ -161,9 +166,7 @@ def test_the_sweep_fails_a_queued_operation_whose_job_rq_gave_up_on():
         job, queues.get_queue(), exc_string="Job was stuck in intermediate queue."
     )
     assert operations.operations_sweep().lost == 0  # not queued long enough to tell
-    Operation.objects.filter(pk=operation.pk).update(
-        created_at=operation.created_at - operations.timezone.timedelta(minutes=5)
-    )
+    queued_five_minutes_ago(operation)
 
     assert operations.operations_sweep().lost == 1
     operation.refresh_from_db()
@@ -173,9 +176,7 @@ def test_the_sweep_fails_a_queued_operation_whose_job_rq_gave_up_on():
 
 def test_the_sweep_leaves_alone_a_queued_operation_still_waiting_for_a_worker():
     operation = operations.enqueue(noop)
-    Operation.objects.filter(pk=operation.pk).update(
-        created_at=operation.created_at - operations.timezone.timedelta(minutes=5)
-    )
+    queued_five_minutes_ago(operation)
 
     assert operations.operations_sweep().lost == 0
     assert Operation.objects.get(pk=operation.pk).status == Operation.Status.QUEUED
