@@ -2,6 +2,7 @@
 
 Defaults let a fresh checkout run (SQLite and a local Redis under `var/`); `.env.example` documents each variable.
 """
+import re
 from pathlib import Path
 
 import environ
@@ -223,6 +224,36 @@ INSTANCE_HEALTH_INTERVAL = env.int("INSTANCE_HEALTH_INTERVAL", default=30)
 INSTANCE_HEALTH_TIMEOUT = env.float("INSTANCE_HEALTH_TIMEOUT", default=3.0)
 # Extra labels on every container ComfyHub creates, e.g. "team=vision,env=prod".
 CONTAINER_EXTRA_LABELS = env.dict("CONTAINER_EXTRA_LABELS", default={})
+
+# Containers are named <prefix><instance id>. Two ComfyHubs (or test sessions) sharing one engine need different ones.
+CONTAINER_NAME_PREFIX = env.str("CONTAINER_NAME_PREFIX", default="comfyhub-")
+if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,60}", CONTAINER_NAME_PREFIX):
+    raise ImproperlyConfigured(f"CONTAINER_NAME_PREFIX={CONTAINER_NAME_PREFIX!r}: use letters, digits, '_', '.' and '-'.")
+
+# --- Security: instance folders are hostile (docs/security.md) -------------------------------------------------
+# Images an instance may run: shell-style patterns matched against the whole reference. Default: the repository
+# of COMFY_IMAGE, any tag or digest.
+_image_repository = re.sub(r"(@.*|:[^/:]*)$", "", COMFY_IMAGE)
+INSTANCE_IMAGES_ALLOWED = env.list(
+    "INSTANCE_IMAGES_ALLOWED", default=[_image_repository, f"{_image_repository}:*", f"{_image_repository}@*"])
+# Custom nodes from file:// URLs or local paths (a way to read host folders into an instance): off unless set.
+CUSTOM_NODE_LOCAL_SOURCES = env.bool("CUSTOM_NODE_LOCAL_SOURCES", default=False)
+# The image git runs in (clone, fetch, checkout, status) for custom nodes; empty: the instance's own image.
+CUSTOM_NODE_GIT_IMAGE = env.str("CUSTOM_NODE_GIT_IMAGE", default="")
+# A restore stops before unpacking more than this many times the archive's size, and never past the free space
+# of the instances' filesystem minus this margin.
+RESTORE_MAX_UNPACKED_RATIO = env.float("RESTORE_MAX_UNPACKED_RATIO", default=4.0)
+RESTORE_FREE_SPACE_MARGIN_MB = env.int("RESTORE_FREE_SPACE_MARGIN_MB", default=1024)
+if RESTORE_MAX_UNPACKED_RATIO <= 0 or RESTORE_FREE_SPACE_MARGIN_MB < 0:
+    raise ImproperlyConfigured(
+        "RESTORE_MAX_UNPACKED_RATIO must be above 0 and RESTORE_FREE_SPACE_MARGIN_MB 0 or more.")
+# Folders legacy migration may read from (comma-separated). Empty: any folder outside the storage roots.
+LEGACY_SOURCE_ROOTS = [project_path(path) for path in env.list("LEGACY_SOURCE_ROOTS", default=[])]
+# Uploaded JSON (workflows, ComfyUI-Manager snapshots, template settings): largest size and deepest nesting taken.
+UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=32 * 1024 * 1024)
+UPLOAD_MAX_DEPTH = env.int("UPLOAD_MAX_DEPTH", default=64)
+if UPLOAD_MAX_BYTES < 1024 or not 2 <= UPLOAD_MAX_DEPTH <= 500:
+    raise ImproperlyConfigured("UPLOAD_MAX_BYTES must be 1024 or more and UPLOAD_MAX_DEPTH between 2 and 500.")
 
 # --- Model library ---------------------------------------------------------------------------------------------
 # Also compute BLAKE3 (CivitAI's other hash) in the same pass as SHA-256.

@@ -139,7 +139,7 @@ class Instance(models.Model):
 
     @property
     def container_name(self):
-        return f"comfyhub-{self.instance_id}"
+        return f"{settings.CONTAINER_NAME_PREFIX}{self.instance_id}"
 
     @property
     def cpu_only(self):

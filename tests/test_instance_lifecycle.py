@@ -3,6 +3,7 @@ import json
 import urllib.request
 
 import pytest
+from django.conf import settings
 
 from comfyhub.models import Operation
 from instances import docker_engine, health, services
@@ -59,7 +60,7 @@ def test_two_instances_run_isolated_on_their_own_gpus(image, run_worker, docker_
     assert alpha_state.labels["comfyhub.instance"] == "alpha"
     assert len(alpha_state.labels["comfyhub.config-hash"]) == 64
     assert alpha_state.host_ports == [("127.0.0.1", alpha.host_port)]
-    assert alpha_state.name == "comfyhub-alpha"
+    assert alpha_state.name == f"{settings.CONTAINER_NAME_PREFIX}alpha"
     argv = stats_of(alpha)["system"]["argv"]
     assert argv[1:] == ["--listen", "0.0.0.0", "--port", "8188", "--base-directory", "/instance",
                         "--extra-model-paths-config", "/instance/extra_model_paths.yaml", "--disable-auto-launch"]

@@ -40,6 +40,8 @@ os.environ.update(
         # Labelled as test objects, so the harness removes every container tests create.
         "CONTAINER_EXTRA_LABELS": f"comfyhub.test={SESSION}",
         "COMFYHUB_TEST_SESSION": SESSION,
+        # Two test sessions on one engine never reuse each other's container names.
+        "CONTAINER_NAME_PREFIX": f"comfyhub-t{SESSION}-",
         "INSTANCE_PORT_RANGE": "18188-18387",
     }
 )
