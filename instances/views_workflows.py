@@ -12,6 +12,7 @@ from django.db.models import Count, Prefetch
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
+from comfyhub import jsonlimits
 from comfyhub.queues import QueueUnavailable
 
 from . import customnodes, services, templating, workflows
@@ -154,8 +155,11 @@ def workflow_check_file(request, instance_id):
     if form.is_valid():
         upload = form.cleaned_data["file"]
         try:
-            # One byte over the limit is enough for the service to refuse it with its own message.
-            result = services.workflow_check(instance=instance, raw=upload.read(workflows.MAX_WORKFLOW_BYTES + 1))
+            # Refused by its size before it is read; read with a cap.
+            raw = jsonlimits.read_upload(upload, what=f"The workflow file {upload.name}")
+            result = services.workflow_check(instance=instance, raw=raw)
+        except jsonlimits.JSONInputError as exc:
+            form.add_error("file", str(exc))
         except ValidationError as exc:
             form.add_error("file", f"{upload.name}: {' '.join(exc.messages)}")
         else:
