@@ -1,26 +1,80 @@
 """Custom nodes per instance: git clones under the instance's custom_nodes/, their Python requirements installed
-into the instance's own python-packages/ (so a recreated container keeps them), ComfyUI's `.disabled` convention."""
+into the instance's own python-packages/ (so a recreated container keeps them), ComfyUI's `.disabled` convention.
+
+The instance's folder is writable by the code it runs, so git never runs on the host there: clone, fetch and checkout
+run in a throw-away container (as PUID:PGID, only the instance's folder mounted, a network only to clone or fetch),
+and listings read the repository as files (gitrepo.py). Host-side file operations go through storage_app.safefs.
+"""
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import uuid
+import secrets
+import stat
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
-from storage_app import layout
+from storage_app import layout, safefs
 
+from . import gitrepo
 from .models import CustomNode, Instance
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-URL_RE = re.compile(r"^(https?|git|ssh|file)://[^\s]+$|^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+:[^\s]+$")
+URL_RE = re.compile(r"^(https?|git|ssh)://[^\s]+$|^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+:[^\s]+$")
+LOCAL_URL_RE = re.compile(r"^(file://|/|\./|\.\./|~)")
 GIT_TIMEOUT = 600
 PACKAGES_DIR = "python-packages"
 CONTAINER_PACKAGES = f"{layout.CONTAINER_INSTANCE}/{PACKAGES_DIR}"
+NODES = "custom_nodes"
+CONTAINER_NODES = f"{layout.CONTAINER_INSTANCE}/{NODES}"
+CONTAINER_SOURCE = "/comfyhub-source"  # where a local source is mounted, read-only, for a clone or fetch
+REQUIREMENTS_LIMIT = 1024 * 1024
+
+# git inside the container. The container is the sandbox, but the repository's own settings that run commands are
+# switched off anyway; command-line settings win over the repository's config.
+GIT_OPTIONS = ("-c 'safe.directory=*' -c core.fsmonitor=false -c core.hooksPath=/dev/null -c core.pager=cat "
+               "-c credential.helper= -c protocol.ext.allow=never -c advice.detachedHead=false "
+               "-c submodule.recurse=false")
+GIT_ENV = {"HOME": "/tmp", "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true", "LC_ALL": "C",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/tmp/comfyhub-gitconfig"}
+NO_GIT = 127
+SCRIPT_PRELUDE = f"""set -u
+command -v git >/dev/null 2>&1 || {{ echo "comfyhub: no git in this image" >&2; exit {NO_GIT}; }}
+# A local clone's upload-pack drops command-line settings: the clones and a local source belong to other users.
+printf '[safe]\n\tdirectory = *\n' > "$GIT_CONFIG_GLOBAL" || exit 3
+g() {{ git {GIT_OPTIONS} -c "protocol.file.allow=$COMFYHUB_FILE_PROTOCOL" "$@"; }}
+"""
+# $1 the URL, $2 the new folder (in custom_nodes/), $3 the URL to record as origin
+CLONE_SCRIPT = """cd "$COMFYHUB_NODES" || exit 3
+g clone --quiet --no-checkout --no-recurse-submodules -- "$1" "$2" || exit 10
+cd "$2" && g remote set-url origin "$3" || exit 10
+"""
+# $1 the folder, $2 the URL
+FETCH_SCRIPT = """cd "$COMFYHUB_NODES/$1" || exit 3
+g fetch --quiet --tags --force --no-recurse-submodules -- "$2" "+refs/heads/*:refs/remotes/origin/*" || exit 13
+"""
+# $1 the folder, $2 a branch, tag or commit ("" for the default branch), $3 "1" to refuse local changes
+CHECKOUT_SCRIPT = """cd "$COMFYHUB_NODES/$1" || exit 3
+if [ "$3" = 1 ]; then
+  changes=$(g status --porcelain --untracked-files=no) || exit 15
+  [ -z "$changes" ] || exit 14
+fi
+ref=$2
+if [ -z "$ref" ]; then
+  ref=$(g rev-parse --abbrev-ref origin/HEAD) || exit 11
+  ref=${ref#origin/}
+fi
+target=""
+for candidate in "refs/remotes/origin/$ref" "refs/tags/$ref^{commit}" "$ref^{commit}"; do
+  target=$(g rev-parse --verify --quiet "$candidate" 2>/dev/null) && break
+  target=""
+done
+[ -n "$target" ] || exit 11
+g checkout --quiet --detach "$target" || exit 12
+echo "comfyhub-commit $(g rev-parse HEAD)"
+"""
 
 
 class CustomNodeError(Exception):
@@ -28,7 +82,11 @@ class CustomNodeError(Exception):
 
 
 def nodes_dir(instance: Instance) -> Path:
-    return layout.instance_dir(instance.instance_id, instance.node) / "custom_nodes"
+    return instance_root(instance) / NODES
+
+
+def instance_root(instance: Instance) -> Path:
+    return layout.instance_dir(instance.instance_id, instance.node)
 
 
 def name_from_url(url: str) -> str:
@@ -36,11 +94,46 @@ def name_from_url(url: str) -> str:
     return name[:-4] if name.endswith(".git") else name
 
 
+def is_local_source(url: str) -> bool:
+    """file:// URLs and paths on the host (what git would clone from the worker's own disk)."""
+    return bool(LOCAL_URL_RE.match((url or "").strip()))
+
+
 def check_url(url: str) -> str:
     url = (url or "").strip()
+    if is_local_source(url):
+        return _check_local_url(url)
     if not URL_RE.match(url) or url.startswith("-") or "::" in url.split("://", 1)[0]:
-        raise CustomNodeError(f"'{url}' is not a git URL (https://…, ssh://…, git@host:path or file://…).")
+        raise CustomNodeError(f"'{url}' is not a git URL (https://…, ssh://…, git@host:path, or file://… where "
+                              "CUSTOM_NODE_LOCAL_SOURCES allows it).")
     return url
+
+
+def _check_local_url(url: str) -> str:
+    if not settings.CUSTOM_NODE_LOCAL_SOURCES:
+        raise CustomNodeError(
+            f"'{url}' is a local source (file:// or a path on this host); ComfyHub refuses those, as they read host "
+            "folders into an instance. Use an https://, ssh:// or git@host: URL, or set "
+            "CUSTOM_NODE_LOCAL_SOURCES=true for the web server and the workers to allow them.")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not path.startswith("/") or any(c.isspace() for c in path) or "\0" in path:
+        raise CustomNodeError(f"'{url}' is not a local source ComfyHub can use: give an absolute path (file:///path "
+                              "or /path) to a repository on this host.")
+    return url
+
+
+def local_source_folder(url: str, step: str = "clone") -> Path:
+    """The host folder a local source names, resolved; never one inside the instances' folders (their content is
+    the instances', links included)."""
+    path = url[len("file://"):] if url.startswith("file://") else url
+    resolved = Path(os.path.realpath(path))
+    if not resolved.is_dir():
+        raise CustomNodeError(f"git {step} failed: {path} is not a folder on this host.")
+    instances = Path(os.path.realpath(settings.COMFY_INSTANCES_PATH))
+    if resolved == instances or resolved.is_relative_to(instances):
+        raise CustomNodeError(f"{path} is inside the instances' folders ({instances}); ComfyHub does not clone "
+                              "from there.")
+    return resolved
 
 
 def check_name(name: str) -> str:
@@ -49,52 +142,173 @@ def check_name(name: str) -> str:
     return name
 
 
-def git(*args, cwd=None, timeout=GIT_TIMEOUT) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "LC_ALL": "C"}
-    try:
-        # The clones belong to PUID:PGID, not to the worker's user: git must not refuse them as "unsafe".
-        done = subprocess.run(["git", "-c", "safe.directory=*", *args], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise CustomNodeError(f"git {args[0]} took longer than {timeout} s and was stopped.") from exc
-    except FileNotFoundError as exc:
-        raise CustomNodeError("git is not installed on the worker's host (apt-get install git).") from exc
-    if done.returncode != 0:
-        message = (done.stderr or done.stdout).strip().splitlines()
-        raise CustomNodeError(f"git {args[0]} failed: {' '.join(message[-3:]) or f'exit {done.returncode}'}")
-    return done.stdout.strip()
+def check_ref(ref: str) -> str:
+    if ref.startswith("-") or any(c.isspace() or c in "\0\\" for c in ref) or len(ref) > 255:
+        raise CustomNodeError(f"'{ref}' is not a branch, tag or commit.")
+    return ref
 
 
-def folder_of(instance: Instance, name: str) -> Path | None:
-    """The node's folder, enabled or disabled, or None."""
-    for candidate in (nodes_dir(instance) / name, nodes_dir(instance) / f"{name}.disabled"):
-        if os.path.lexists(candidate):
+def folder_name(instance: Instance, name: str) -> str | None:
+    """The node's entry in custom_nodes/ (enabled or disabled, whatever it is: a link is not followed), or None."""
+    for candidate in (name, f"{name}.disabled"):
+        if safefs.lstat(instance_root(instance), f"{NODES}/{candidate}") is not None:
             return candidate
     return None
 
 
+def folder_of(instance: Instance, name: str) -> Path | None:
+    """The node's folder, enabled or disabled, or None."""
+    found = folder_name(instance, name)
+    return nodes_dir(instance) / found if found else None
+
+
+def _real_folder(instance: Instance, name: str) -> str:
+    """The node's entry in custom_nodes/, which must be a real folder (never a link)."""
+    found = folder_name(instance, name)
+    if found is None:
+        raise CustomNodeError(f"custom_nodes/{name} is gone from {instance}; reinstall it.")
+    info = safefs.lstat(instance_root(instance), f"{NODES}/{found}")
+    if not stat.S_ISDIR(info.st_mode):
+        kind = "a link" if stat.S_ISLNK(info.st_mode) else "not a folder"
+        raise CustomNodeError(f"{nodes_dir(instance) / found} is {kind}; ComfyHub does not touch it. Remove it "
+                              f"(rm '{nodes_dir(instance) / found}') and reinstall the node.")
+    return found
+
+
+# --- git, in a throw-away container ---------------------------------------------------------------------------
+
+def git_image(instance: Instance) -> str:
+    return settings.CUSTOM_NODE_GIT_IMAGE or instance.image
+
+
+def _run_git(instance: Instance, step: str, script: str, args: list[str], *, network: bool, source=None,
+             timeout: int = GIT_TIMEOUT):
+    """Run `script` (sh, with the `g` git function) in a container of the git image that sees only the instance's
+    folder (and, read-only, a local source), as PUID:PGID; returns the engine's RunResult."""
+    from . import docker_engine
+
+    image = git_image(instance)
+    try:
+        engine = docker_engine.require_engine(instance.node.docker_host or None)
+    except docker_engine.EngineError as exc:
+        raise CustomNodeError(f"Cannot run git {step}: {exc}") from exc
+    try:
+        result = docker_engine.run_container(
+            engine, image=image, command=["sh", "-c", SCRIPT_PRELUDE + script, "sh", *args],
+            workdir=CONTAINER_NODES, mounts=[(str(instance_root(instance)), layout.CONTAINER_INSTANCE)],
+            read_only_mounts=[(str(source), CONTAINER_SOURCE)] if source else [],
+            labels={"comfyhub.managed": "false", "comfyhub.instance": instance.instance_id,
+                    **settings.CONTAINER_EXTRA_LABELS},
+            environment={**GIT_ENV, "COMFYHUB_NODES": CONTAINER_NODES,
+                         "COMFYHUB_FILE_PROTOCOL": "always" if source else "never"},
+            user=f"{settings.PUID}:{settings.PGID}", network=network, drop_capabilities=True, timeout=timeout,
+        )
+    except docker_engine.EngineError as exc:
+        if "executable file not found" in str(exc) or "no such file or directory" in str(exc).lower():
+            raise CustomNodeError(_no_git(image)) from exc
+        raise CustomNodeError(f"Could not run git {step} for {instance}: {exc}") from exc
+    finally:
+        engine.close()
+    if result.exit_code == NO_GIT and "comfyhub: no git" in result.output:
+        raise CustomNodeError(_no_git(image))
+    return result
+
+
+def _no_git(image: str) -> str:
+    return (f"The image {image} has no git; set CUSTOM_NODE_GIT_IMAGE to an image with git (and sh), e.g. one "
+            "with `apt-get install git`.")
+
+
+def _failure(step: str, result) -> CustomNodeError:
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("comfyhub-commit ")]
+    return CustomNodeError(f"git {step} failed: {' '.join(lines[-3:]) or f'exit {result.exit_code}'}")
+
+
+def _source(url: str, step: str) -> tuple[str, Path | None]:
+    """The URL git uses inside the container, and the host folder to mount for a local source."""
+    url = check_url(url)
+    if not is_local_source(url):
+        return url, None
+    return f"file://{CONTAINER_SOURCE}", local_source_folder(url, step)
+
+
+def _clone(instance: Instance, url: str, folder: str):
+    inner_url, source = _source(url, "clone")
+    result = _run_git(instance, "clone", CLONE_SCRIPT, [inner_url, folder, url], network=source is None,
+                      source=source)
+    if result.exit_code != 0:
+        raise _failure("clone", result)
+
+
+def _fetch(instance: Instance, url: str, folder: str):
+    inner_url, source = _source(url, "fetch")
+    result = _run_git(instance, "fetch", FETCH_SCRIPT, [folder, inner_url], network=source is None, source=source)
+    if result.exit_code != 0:
+        raise _failure("fetch", result)
+
+
+def _checkout(instance: Instance, folder: str, ref: str, *, refuse_changes: bool) -> str:
+    """Check out `ref` (detached) without a network; returns the commit."""
+    result = _run_git(instance, "checkout", CHECKOUT_SCRIPT, [folder, ref, "1" if refuse_changes else "0"],
+                      network=False)
+    if result.exit_code == 14:
+        raise CustomNodeError(f"custom_nodes/{folder} has local changes; commit or discard them before updating.")
+    if result.exit_code == 11:
+        raise CustomNodeError(f"'{ref}' is not a branch, tag or commit of that repository." if ref else
+                              f"custom_nodes/{folder} has no default branch (origin/HEAD); name a branch, tag or "
+                              "commit.")
+    if result.exit_code != 0:
+        raise _failure("status" if result.exit_code == 15 else "checkout", result)
+    for line in result.stdout.splitlines():
+        if line.startswith("comfyhub-commit ") and gitrepo.COMMIT_RE.fullmatch(line.split(" ", 1)[1].strip()):
+            return line.split(" ", 1)[1].strip()
+    raise CustomNodeError(f"git checkout in custom_nodes/{folder} did not report a commit.")
+
+
+def _requirements(instance: Instance, folder: str) -> str:
+    try:
+        data = safefs.read_bytes(instance_root(instance), f"{NODES}/{folder}/requirements.txt", REQUIREMENTS_LIMIT)
+    except FileNotFoundError:
+        return ""
+    except safefs.UnsafePathError as exc:
+        raise CustomNodeError(f"Its requirements.txt cannot be read: {exc}") from exc
+    return data.decode("utf-8", errors="replace")
+
+
+# --- Install, update, enable, disable, remove ------------------------------------------------------------------
+
 def install(instance: Instance, url: str, ref: str = "", name: str = "", report=None) -> CustomNode:
     url = check_url(url)
+    check_ref(ref)
     name = check_name(name or name_from_url(url))
+    root = instance_root(instance)
+    try:
+        with safefs.opened_dir(root, NODES, create=True):  # made (PUID:PGID) if missing, never through a link
+            pass
+    except FileNotFoundError:
+        raise CustomNodeError(f"{root} does not exist: build the instance first.") from None
+    except safefs.UnsafePathError as exc:
+        raise CustomNodeError(str(exc)) from exc
     if folder_of(instance, name) is not None:
         raise CustomNodeError(f"custom_nodes/{name} already exists in {instance}; update or remove it first.")
-    root = nodes_dir(instance)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".comfyhub-clone-{name}-{uuid.uuid4().hex[:8]}"
+    staging = f".comfyhub-clone-{name}-{secrets.token_hex(8)}"
     try:
         _log(report, f"cloning {url}")
-        git("clone", "--quiet", "--", url, str(staging))
-        if ref:
-            git("-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", _resolve(staging, ref),
-                cwd=staging)
-        commit = git("rev-parse", "HEAD", cwd=staging)
-        requirements_file = staging / "requirements.txt"
-        requirements = requirements_file.read_text(errors="replace") if requirements_file.is_file() else ""
-        _chown_tree(staging)
-        os.rename(staging, root / name)  # the node appears whole, or not at all
+        _clone(instance, url, staging)
+        info = safefs.lstat(root, f"{NODES}/{staging}")
+        if info is None or not stat.S_ISDIR(info.st_mode):
+            raise CustomNodeError(f"git clone did not leave a folder at {nodes_dir(instance) / staging}.")
+        commit = _checkout(instance, staging, ref, refuse_changes=False)
+        requirements = _requirements(instance, staging)
+        safefs.chown_tree(root, f"{NODES}/{staging}")
+        try:
+            safefs.move(root, f"{NODES}/{staging}", root, f"{NODES}/{name}")  # whole, or not at all
+        except FileExistsError:
+            raise CustomNodeError(f"custom_nodes/{name} appeared in {instance} meanwhile; nothing was replaced.")
+    except safefs.UnsafePathError as exc:
+        raise CustomNodeError(str(exc)) from exc
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        _remove_quietly(root, f"{NODES}/{staging}")
     try:
         if _has_requirements(requirements):
             _log(report, "installing its Python requirements for this instance")
@@ -104,95 +318,105 @@ def install(instance: Instance, url: str, ref: str = "", name: str = "", report=
                 instance=instance, name=name,
                 defaults={"url": url, "ref": ref, "commit": commit, "requirements": requirements})
     except BaseException:
-        shutil.rmtree(root / name, ignore_errors=True)  # nothing half-installed
+        _remove_quietly(root, f"{NODES}/{name}")  # nothing half-installed
         raise
     _log(report, f"installed {name} at {commit[:12]}")
     return node
 
 
-def _resolve(repo: Path, ref: str) -> str:
-    """A branch, tag or commit, as a commit id; a clear error when it does not exist."""
-    if ref.startswith("-"):
-        raise CustomNodeError(f"'{ref}' is not a branch, tag or commit.")
-    for candidate in (f"refs/remotes/origin/{ref}", f"refs/tags/{ref}^{{commit}}", f"{ref}^{{commit}}"):
-        try:
-            return git("rev-parse", "--verify", "--quiet", candidate, cwd=repo)
-        except CustomNodeError:
-            continue
-    raise CustomNodeError(f"'{ref}' is not a branch, tag or commit of that repository.")
+def _remove_quietly(root: Path, relpath: str):
+    try:
+        if safefs.lstat(root, relpath) is not None:
+            safefs.remove_tree(root, relpath)
+    except (OSError, safefs.UnsafePathError):
+        pass
 
 
 def update(node: CustomNode, ref: str | None = None, report=None) -> CustomNode:
-    folder = folder_of(node.instance, node.name)
-    if folder is None:
-        raise CustomNodeError(f"custom_nodes/{node.name} is gone from {node.instance}; reinstall it.")
-    if status(node)["dirty"]:
-        raise CustomNodeError(f"custom_nodes/{node.name} has local changes; commit or discard them before updating.")
-    ref = node.ref if ref is None else ref
-    git("fetch", "--quiet", "--tags", "origin", cwd=folder)
-    target = _resolve(folder, ref) if ref else _resolve(folder, git("rev-parse", "--abbrev-ref", "origin/HEAD",
-                                                                    cwd=folder).split("/", 1)[-1])
-    git("-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", target, cwd=folder)
-    node.commit, node.ref = git("rev-parse", "HEAD", cwd=folder), ref
-    requirements_file = folder / "requirements.txt"
-    node.requirements = requirements_file.read_text(errors="replace") if requirements_file.is_file() else ""
+    instance = node.instance
+    folder = _real_folder(instance, node.name)
+    ref = check_ref(node.ref if ref is None else ref)
+    _log(report, f"fetching {node.url}")
+    _fetch(instance, node.url, folder)
+    commit = _checkout(instance, folder, ref, refuse_changes=True)
+    node.commit, node.ref = commit, ref
+    node.requirements = _requirements(instance, folder)
+    try:
+        safefs.chown_tree(instance_root(instance), f"{NODES}/{folder}")
+    except safefs.UnsafePathError as exc:
+        raise CustomNodeError(str(exc)) from exc
     if _has_requirements(node.requirements):
-        install_requirements(node.instance, folder.name, report)
+        install_requirements(instance, folder, report)
     node.save()
     _log(report, f"{node.name} now at {node.commit[:12]}")
     return node
 
 
 def set_enabled(node: CustomNode, enabled: bool) -> CustomNode:
-    folder = folder_of(node.instance, node.name)
-    if folder is None:
-        raise CustomNodeError(f"custom_nodes/{node.name} is gone from {node.instance}.")
-    wanted = nodes_dir(node.instance) / (node.name if enabled else f"{node.name}.disabled")
+    folder = _real_folder(node.instance, node.name)
+    wanted = node.name if enabled else f"{node.name}.disabled"
     if folder != wanted:
-        if os.path.lexists(wanted):
-            raise CustomNodeError(f"{wanted.name} already exists; move it away first.")
-        os.rename(folder, wanted)
+        root = instance_root(node.instance)
+        try:
+            safefs.move(root, f"{NODES}/{folder}", root, f"{NODES}/{wanted}")
+        except FileExistsError:
+            raise CustomNodeError(f"{wanted} already exists; move it away first.") from None
+        except safefs.UnsafePathError as exc:
+            raise CustomNodeError(str(exc)) from exc
     return node
 
 
 def remove(node: CustomNode, report=None):
-    folder = folder_of(node.instance, node.name)
-    if folder is not None:
-        if folder.is_symlink() or folder.resolve().parent != nodes_dir(node.instance).resolve():
-            raise CustomNodeError(f"custom_nodes/{node.name} is not a folder of this instance; not removed.")
-        shutil.rmtree(folder)
+    if folder_name(node.instance, node.name) is not None:
+        folder = _real_folder(node.instance, node.name)
+        try:
+            safefs.remove_tree(instance_root(node.instance), f"{NODES}/{folder}")
+        except safefs.UnsafePathError as exc:
+            raise CustomNodeError(str(exc)) from exc
     node.delete()
     _log(report, f"removed {node.name}")
 
 
+# --- Listing: the repository read as files, git never runs -----------------------------------------------------
+
 def status(node: CustomNode) -> dict:
-    folder = folder_of(node.instance, node.name)
-    if folder is None:
-        return {"present": False, "enabled": False, "commit": "", "dirty": False}
-    try:
-        commit = git("rev-parse", "HEAD", cwd=folder, timeout=30)
-        dirty = bool(git("status", "--porcelain", cwd=folder, timeout=30))
-    except CustomNodeError:
-        commit, dirty = "", False
-    return {"present": True, "enabled": not folder.name.endswith(".disabled"), "commit": commit, "dirty": dirty}
+    """Where the node's folder is, read without running git. `dirty` is None: whether the checkout has local
+    changes is only known to git (run by an update, which refuses them)."""
+    instance = node.instance
+    found = folder_name(instance, node.name)
+    if found is None:
+        return {"present": False, "enabled": False, "commit": "", "dirty": None, "problem": ""}
+    state = {"present": True, "enabled": not found.endswith(".disabled"), "commit": "", "dirty": None,
+             "problem": ""}
+    info = safefs.lstat(instance_root(instance), f"{NODES}/{found}")
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        state["problem"] = f"custom_nodes/{found} is a link; ComfyHub does not follow it."
+    elif info is not None and stat.S_ISDIR(info.st_mode):
+        repo = gitrepo.read(instance_root(instance), f"{NODES}/{found}")
+        state["commit"], state["problem"] = repo.commit, repo.problem
+    return state
 
 
 def list_nodes(instance: Instance) -> list[dict]:
     """Installed packages: ComfyHub's records plus any folder found in custom_nodes/ (installed by hand)."""
     recorded = {node.name: node for node in instance.custom_nodes.all()}
-    found = []
-    root = nodes_dir(instance)
     names = set(recorded)
-    if root.is_dir():
-        for entry in os.scandir(root):
-            if entry.name.startswith(".") or entry.name == "__pycache__" or not entry.is_dir():
-                continue
-            names.add(entry.name[:-9] if entry.name.endswith(".disabled") else entry.name)
+    try:
+        with safefs.opened_dir(instance_root(instance), NODES) as fd:
+            for entry in os.scandir(fd):
+                if entry.name.startswith(".") or entry.name == "__pycache__":
+                    continue
+                if entry.is_dir(follow_symlinks=False) or entry.is_symlink():
+                    names.add(entry.name[:-9] if entry.name.endswith(".disabled") else entry.name)
+    except FileNotFoundError:
+        pass
+    except safefs.UnsafePathError:
+        pass  # custom_nodes itself is a link: only the records are listed, each without a folder
+    found = []
     for name in sorted(names):
         node = recorded.get(name) or CustomNode(instance=instance, name=name)
-        state = status(node)
         found.append({"name": name, "url": node.url, "ref": node.ref, "recorded_commit": node.commit,
-                      "managed": name in recorded, **state})
+                      "managed": name in recorded, **status(node)})
     return found
 
 
@@ -217,10 +441,10 @@ def install_requirements(instance: Instance, name: str, report=None):
             command=["python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
                      "--target", CONTAINER_PACKAGES, "-r", "requirements.txt"],
             workdir=f"{layout.CONTAINER_INSTANCE}/custom_nodes/{name}",
-            mounts=[(str(layout.instance_dir(instance.instance_id, instance.node)), layout.CONTAINER_INSTANCE)],
+            mounts=[(str(instance_root(instance)), layout.CONTAINER_INSTANCE)],
             labels={"comfyhub.managed": "false", "comfyhub.instance": instance.instance_id,
                     **settings.CONTAINER_EXTRA_LABELS},
-            timeout=GIT_TIMEOUT,
+            environment={"HOME": "/tmp"}, user=f"{settings.PUID}:{settings.PGID}", timeout=GIT_TIMEOUT,
         )
     except docker_engine.EngineError as exc:
         raise CustomNodeError(f"Installing the requirements of {name} failed: {exc}") from exc
@@ -228,14 +452,6 @@ def install_requirements(instance: Instance, name: str, report=None):
         engine.close()
     for line in output.splitlines()[-5:]:
         _log(report, line)
-
-
-def _chown_tree(path: Path):
-    if os.geteuid() != 0:
-        return
-    for dirpath, dirnames, filenames in os.walk(path):
-        for entry in (dirpath, *[os.path.join(dirpath, n) for n in dirnames + filenames]):
-            os.chown(entry, settings.PUID, settings.PGID, follow_symlinks=False)
 
 
 def _log(report, message, level="INFO"):

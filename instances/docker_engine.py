@@ -318,15 +318,30 @@ def _split_image(image: str) -> tuple[str, str]:
     return name, "latest"
 
 
-def run_once(engine, *, image: str, command: list[str], workdir: str, mounts: list[tuple[str, str]], labels: dict,
-             timeout: int = 600) -> str:
-    """Run `command` in a throw-away container of `image` (its entrypoint replaced), with `mounts` read-write;
-    return its output, or raise EngineError with the last lines when it fails."""
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int
+    output: str  # stdout and stderr together
+    stdout: str
+
+
+def run_container(engine, *, image: str, command: list[str], workdir: str, mounts: list[tuple[str, str]],
+                  labels: dict, timeout: int = 600, user: str | None = None, network: bool = True,
+                  read_only_mounts: list[tuple[str, str]] = (), environment: dict | None = None,
+                  drop_capabilities: bool = False) -> RunResult:
+    """Run `command` in a throw-away container of `image` (its entrypoint replaced) and return its exit code and
+    output, whatever the code. `mounts` are (host path, container path) pairs mounted read-write,
+    `read_only_mounts` read-only; `user` ("uid:gid") replaces the image's user; without `network` the container
+    has none at all; `drop_capabilities` drops every Linux capability."""
     with _translated(f"Could not run {command[0]} in {image}", engine):
         container = engine.containers.create(
             image, entrypoint=[command[0]], command=command[1:], working_dir=workdir, labels=labels,
-            mounts=[docker.types.Mount(target=target, source=source, type="bind") for source, target in mounts],
-            security_opt=["no-new-privileges"], detach=True,
+            mounts=[docker.types.Mount(target=target, source=source, type="bind") for source, target in mounts]
+            + [docker.types.Mount(target=target, source=source, type="bind", read_only=True)
+               for source, target in read_only_mounts],
+            security_opt=["no-new-privileges"], detach=True, user=user or "", environment=environment or {},
+            network_mode=None if network else "none",
+            cap_drop=["ALL"] if drop_capabilities else None,
         )
         try:
             container.start()
@@ -336,9 +351,19 @@ def run_once(engine, *, image: str, command: list[str], workdir: str, mounts: li
                 container.kill()
                 raise EngineError(f"{command[0]} did not finish within {timeout} s.") from exc
             output = container.logs(stdout=True, stderr=True).decode("utf-8", errors="replace")
+            stdout = container.logs(stdout=True, stderr=False).decode("utf-8", errors="replace")
         finally:
             container.remove(force=True)
-    if outcome.get("StatusCode", 1) != 0:
-        tail = "\n".join(output.strip().splitlines()[-8:])
-        raise EngineError(f"{' '.join(command[:4])} exited with code {outcome.get('StatusCode')}:\n{tail}")
-    return output
+    return RunResult(exit_code=int(outcome.get("StatusCode", 1)), output=output, stdout=stdout)
+
+
+def run_once(engine, *, image: str, command: list[str], workdir: str, mounts: list[tuple[str, str]], labels: dict,
+             timeout: int = 600, **options) -> str:
+    """Run `command` in a throw-away container (see `run_container` for the options); return its output, or raise
+    EngineError with the last lines when it fails."""
+    result = run_container(engine, image=image, command=command, workdir=workdir, mounts=mounts, labels=labels,
+                           timeout=timeout, **options)
+    if result.exit_code != 0:
+        tail = "\n".join(result.output.strip().splitlines()[-8:])
+        raise EngineError(f"{' '.join(command[:4])} exited with code {result.exit_code}:\n{tail}")
+    return result.output

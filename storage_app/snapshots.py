@@ -57,33 +57,35 @@ def registry_config(instance) -> dict:
 
 
 def custom_node_manifest(instance) -> list[dict]:
-    from instances.customnodes import git as run_git, CustomNodeError
+    """Each entry of custom_nodes/: its origin URL and commit, read as files (instances.gitrepo), never by running
+    git, whose configuration the instance's code could have written. `dirty` is None: only git knows it."""
+    from instances import gitrepo
 
-    root = layout.instance_dir(instance.instance_id, instance.node) / "custom_nodes"
+    from . import safefs
+
+    root = layout.instance_dir(instance.instance_id, instance.node)
     found = []
-    if not root.is_dir():
+    try:
+        with safefs.opened_dir(root, "custom_nodes") as fd:
+            entries = sorted(((e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                              for e in os.scandir(fd)))
+    except (FileNotFoundError, safefs.UnsafePathError):
         return found
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith(".") or entry.name == "__pycache__":
+    for entry_name, is_dir, is_file in entries:
+        if entry_name.startswith(".") or entry_name == "__pycache__":
             continue
-        disabled = entry.name.endswith(".disabled")
-        name = entry.name[:-9] if disabled else entry.name
-        item = {"folder": name, "disabled": disabled, "git_url": "", "commit": "", "dirty": False,
-                "pip": [], "file": entry.is_file()}
-        path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False) and (path / ".git").exists():
+        disabled = entry_name.endswith(".disabled")
+        item = {"folder": entry_name[:-9] if disabled else entry_name, "disabled": disabled, "git_url": "",
+                "commit": "", "dirty": None, "pip": [], "file": is_file}
+        folder = f"custom_nodes/{entry_name}"
+        if is_dir:
+            repo = gitrepo.read(root, folder)
+            item["git_url"], item["commit"] = repo.origin_url, repo.commit
             try:
-                item["git_url"] = run_git("config", "--get", "remote.origin.url", cwd=path, timeout=30)
-            except CustomNodeError:
-                pass
-            try:
-                item["commit"] = run_git("rev-parse", "HEAD", cwd=path, timeout=30)
-                item["dirty"] = bool(run_git("status", "--porcelain", cwd=path, timeout=30))
-            except CustomNodeError:
-                pass
-        requirements = path / "requirements.txt"
-        if entry.is_dir(follow_symlinks=False) and requirements.is_file():
-            item["pip"] = [line.strip() for line in requirements.read_text(errors="replace").splitlines()
+                requirements = safefs.read_bytes(root, f"{folder}/requirements.txt", 1024 * 1024)
+            except (FileNotFoundError, safefs.UnsafePathError):
+                requirements = b""
+            item["pip"] = [line.strip() for line in requirements.decode("utf-8", errors="replace").splitlines()
                            if line.strip() and not line.strip().startswith("#")]
         found.append(item)
     return found

@@ -1,4 +1,4 @@
-"""Custom nodes per instance from real git repositories (file:// URLs)."""
+"""Custom nodes per instance from real git repositories (file:// URLs), git running in a real container."""
 import os
 
 import pytest
@@ -8,9 +8,9 @@ from comfyhub.models import Operation
 from instances import customnodes, services
 from instances.models import CustomNode
 from storage_app import layout
-from tests.support.gitrepos import make_node_repo
+from tests.support.gitrepos import add_commit, make_node_repo
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker, pytest.mark.usefixtures("node_git")]
 
 
 @pytest.fixture
@@ -87,9 +87,27 @@ def test_update_moves_to_another_ref_and_refuses_a_dirty_tree(instance, repo):
     assert customnodes.update(node, "main").commit == commits["main"]
     (customnodes.folder_of(instance, node.name) / "__init__.py").write_text("# edited\n")
     listed = customnodes.list_nodes(instance)
-    assert listed[0]["dirty"] is True and listed[0]["commit"] == commits["main"]
+    assert listed[0]["dirty"] is None and listed[0]["commit"] == commits["main"]
     with pytest.raises(customnodes.CustomNodeError, match="local changes"):
         customnodes.update(node, "v1")
+    assert customnodes.list_nodes(instance)[0]["commit"] == commits["main"]
+
+
+def test_update_fetches_what_the_repository_gained_since_the_install(instance, tmp_path):
+    url, commits = make_node_repo(tmp_path / "repos")
+    node = customnodes.install(instance, url, "main")
+    third = add_commit(tmp_path / "repos" / "ComfyUI-Test-Nodes", "THIRD", "third\n")
+    assert customnodes.update(node).commit == third != commits["main"]
+    assert (customnodes.folder_of(instance, node.name) / "THIRD").read_text() == "third\n"
+
+
+def test_the_clone_belongs_to_the_instances_user_and_records_its_origin(instance, repo, storage, settings):
+    url, _ = repo
+    customnodes.install(instance, url)
+    folder = storage["instances"] / "noded" / "custom_nodes" / "ComfyUI-Test-Nodes"
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [folder, *folder.rglob("*")]}
+    assert owners == {(settings.PUID, settings.PGID)}
+    assert f"url = {url}" in (folder / ".git" / "config").read_text()
 
 
 def test_disable_and_enable_use_comfyuis_convention(instance, repo, run_worker, storage):
@@ -119,7 +137,8 @@ def test_nodes_installed_by_hand_are_listed_too(instance, storage):
 
 @pytest.mark.docker
 def test_requirements_that_cannot_be_installed_roll_the_node_back(instance, tmp_path, storage, comfyui_double_image,
-                                                                  docker_cleanup):
+                                                                  docker_cleanup, settings):
+    settings.INSTANCE_IMAGES_ALLOWED = [comfyui_double_image]
     services.instance_update(instance=instance, display_name="", description="", image=comfyui_double_image,
                              extra_args=[], extra_env={}, host_port=None, gpu_indexes=[])
     instance.refresh_from_db()

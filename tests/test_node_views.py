@@ -7,9 +7,9 @@ from comfyhub.models import Operation
 from instances import customnodes, services
 from instances.models import CustomNode
 from storage_app import layout
-from tests.support.gitrepos import make_node_repo
+from tests.support.gitrepos import git, make_node_repo
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker, pytest.mark.usefixtures("node_git")]
 
 DEAD_REDIS = "unix:///nonexistent/comfyhub-redis.sock?db=0"
 NODE = "ComfyUI-Test-Nodes"
@@ -90,7 +90,7 @@ def test_the_page_lists_each_node_with_its_commit_state_and_who_manages_it(clien
     row = row_of(content, NODE)
     assert f"<code class=\"small\">{node_url}</code>" in row and "<td>v1</td>" in row
     assert f'<code title="{commits["v1"]}">{commits["v1"][:12]}</code>' in row
-    assert ">enabled<" in row and ">dirty<" in row and "<td>yes</td>" in row
+    assert ">enabled<" in row and "<td>yes</td>" in row and "unreadable" not in row
     assert 'value="update"' in row and 'value="disable"' in row and 'value="remove"' in row
     assert 'onclick="return confirm(this.dataset.confirm);"' in row
     assert ('data-confirm="Remove ComfyUI-Test-Nodes from noded? Its folder custom_nodes/ComfyUI-Test-Nodes is '
@@ -102,8 +102,8 @@ def test_the_page_lists_each_node_with_its_commit_state_and_who_manages_it(clien
 def test_a_node_whose_checkout_moved_shows_both_commits(client, operator, instance, repo):
     node_url, commits = repo
     customnodes.install(instance, node_url, "v1")
-    customnodes.git("-c", "advice.detachedHead=false", "checkout", "--quiet", commits["main"],
-                    cwd=customnodes.folder_of(instance, NODE))
+    git("-c", "safe.directory=*", "-c", "advice.detachedHead=false", "checkout", "--quiet", commits["main"],
+        cwd=customnodes.folder_of(instance, NODE))
     client.force_login(operator)
     row = row_of(client.get(url("instance-nodes", instance)).content.decode(), NODE)
     assert f">{commits['main'][:12]}</code>" in row

@@ -17,7 +17,7 @@ import docker.errors
 import pytest
 
 from tests.support.engine import EngineHandle, ensure_engine
-from tests.support.images import CACHED_TAGS, DOUBLE_TAG, TEST_LABEL, ensure_test_images
+from tests.support.images import BASE_TAG, CACHED_TAGS, DOUBLE_TAG, TEST_LABEL, ensure_test_images
 
 __all__ = ["TEST_LABEL", "DOUBLE_TAG", "wait_for_http", "published_port", "remove_test_objects", "session_label"]
 
@@ -57,6 +57,18 @@ def _no_container_outlives_its_test():
 def comfyui_double_image(docker_engine: docker.DockerClient) -> str:
     """The tag of the ComfyUI test double image, built now if missing or stale."""
     return ensure_test_images(docker_engine)["comfyui_double"]
+
+
+@pytest.fixture
+def node_git(settings, monkeypatch, docker_engine: docker.DockerClient) -> str:
+    """Custom nodes from the tests' own repositories (file:// URLs): git runs in the test base image, and local
+    sources are allowed, in this process and in the worker processes the test starts."""
+    ensure_test_images(docker_engine)
+    settings.CUSTOM_NODE_GIT_IMAGE = BASE_TAG
+    settings.CUSTOM_NODE_LOCAL_SOURCES = True
+    monkeypatch.setenv("CUSTOM_NODE_GIT_IMAGE", BASE_TAG)
+    monkeypatch.setenv("CUSTOM_NODE_LOCAL_SOURCES", "true")
+    return BASE_TAG
 
 
 @pytest.fixture

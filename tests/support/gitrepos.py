@@ -1,4 +1,6 @@
-"""Real git repositories made by tests, reachable through file:// URLs."""
+"""Real git repositories made by tests, reachable through file:// URLs. ComfyHub clones those only where
+CUSTOM_NODE_LOCAL_SOURCES allows it, and runs git in a container: tests that install from them use the node_git
+fixture (tests/support/docker_fixtures.py)."""
 import subprocess
 
 
@@ -24,3 +26,11 @@ def make_node_repo(root, name="ComfyUI-Test-Nodes", files=None):
     git("commit", "--quiet", "-m", "second", cwd=repo)
     second = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     return f"file://{repo}", {"v1": first, "main": second}
+
+
+def add_commit(repo, relpath, content):
+    """Commit one more file on the repository's current branch; returns the new commit."""
+    (repo / relpath).write_text(content)
+    git("add", "-A", cwd=repo)
+    git("commit", "--quiet", "-m", f"add {relpath}", cwd=repo)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()

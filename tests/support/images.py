@@ -1,7 +1,8 @@
 """The two images the tests run, built offline on this machine and reused by tag.
 
-- comfyhub-test-base:bookworm: a minimal Debian bookworm with python3 and python3-yaml, made with debootstrap and
-  `docker import` (nothing can be pulled from a registry here). Built only when the tag is missing.
+- comfyhub-test-base:bookworm: a minimal Debian bookworm with python3, python3-yaml and git (custom nodes are cloned
+  in a throw-away container of it), made with debootstrap and `docker import` (nothing can be pulled from a registry
+  here). Built when the tag is missing or its label comfyhub.test.base-packages differs from BASE_PACKAGES.
 - comfyhub-comfyui-double:test: the ComfyUI test double (tests/comfyui_double) on top of it. Rebuilt when the label
   comfyhub.test.inputs-hash differs from the hash of its inputs (server.py, Dockerfile and the base image's id).
 """
@@ -26,6 +27,9 @@ DOUBLE_TAG = "comfyhub-comfyui-double:test"
 CACHED_TAGS = (BASE_TAG, DOUBLE_TAG)
 TEST_LABEL = "comfyhub.test"
 INPUTS_HASH_LABEL = "comfyhub.test.inputs-hash"
+PACKAGES_LABEL = "comfyhub.test.base-packages"
+# What debootstrap adds to the minimal base; changing the list rebuilds the base (and so the double) once.
+BASE_PACKAGES = ("python3", "python3-yaml", "git", "ca-certificates")
 
 DOUBLE_DIR = Path(__file__).resolve().parent.parent / "comfyui_double"
 DOUBLE_INPUTS = ("Dockerfile", "server.py")
@@ -64,9 +68,11 @@ def double_inputs_hash(base_image_id: str) -> str:
 
 def _ensure_base_image(client: docker.DockerClient):
     try:
-        return client.images.get(BASE_TAG)
+        current = client.images.get(BASE_TAG)
     except docker.errors.ImageNotFound:
-        pass
+        current = None
+    if current is not None and (current.labels or {}).get(PACKAGES_LABEL) == ",".join(BASE_PACKAGES):
+        return current
     debootstrap = shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if debootstrap is None:
         raise ImageBuildError(f"Building {BASE_TAG} needs debootstrap: apt-get install -y debootstrap")
@@ -77,7 +83,7 @@ def _ensure_base_image(client: docker.DockerClient):
     rootfs = Path(tempfile.mkdtemp(prefix="comfyhub-test-base-"))
     try:
         result = subprocess.run(
-            [debootstrap, "--variant=minbase", "--include=python3,python3-yaml", "bookworm", str(rootfs),
+            [debootstrap, "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "bookworm", str(rootfs),
              DEBIAN_MIRROR],
             stdin=subprocess.DEVNULL, capture_output=True, text=True,
         )
@@ -91,6 +97,12 @@ def _ensure_base_image(client: docker.DockerClient):
         _import_rootfs(client, rootfs)
     finally:
         shutil.rmtree(rootfs, ignore_errors=True)
+    if current is not None:
+        # The previous base is now untagged; drop it once nothing is built on it any more.
+        try:
+            client.images.remove(current.id, noprune=False)
+        except docker.errors.APIError:
+            pass
     print(f"[comfyhub tests] built {BASE_TAG} in {time.monotonic() - started:.0f} s", flush=True)
     return client.images.get(BASE_TAG)
 
@@ -112,6 +124,7 @@ def _import_rootfs(client: docker.DockerClient, rootfs: Path) -> None:
             chunks(), repository=repository, tag=tag,
             changes=[
                 f"LABEL {TEST_LABEL}=1",
+                f"LABEL {PACKAGES_LABEL}={','.join(BASE_PACKAGES)}",
                 "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "ENV LANG=C.UTF-8",
                 'CMD ["/bin/bash"]',

@@ -60,9 +60,9 @@ class Command(cli.Command):
 
     def list_nodes(self, options):
         instance = find_instance(options["instance_id"])
-        nodes = [node_data(node) for node in customnodes.list_nodes(instance)]
+        nodes = customnodes.list_nodes(instance)  # read from the folders' files: git never runs here
         if options["json"]:
-            self.write_json(nodes)
+            self.write_json([node_data(node) for node in nodes])
             return
         if not nodes:
             self.stdout.write(f"No custom nodes in {customnodes.nodes_dir(instance)}.")
@@ -70,8 +70,8 @@ class Command(cli.Command):
         rows = [("NAME", "STATE", "COMMIT", "REF", "URL")]
         for node in nodes:
             state = ("enabled" if node["enabled"] else "disabled") if node["present"] else "missing"
-            if node["dirty"]:
-                state += ", changed"
+            if node["problem"]:
+                state += ", unreadable"
             if not node["managed"]:
                 state += ", by hand"
             commit = node["commit"][:12] or "-"
@@ -82,6 +82,7 @@ class Command(cli.Command):
 
 
 def node_data(node: dict) -> dict:
-    """The documented JSON of one custom node (docs/cli.md); add keys, never rename or remove them."""
+    """The documented JSON of one custom node (docs/cli.md); add keys, never rename or remove them. `dirty` is
+    always null: listings never run git (see docs/security.md)."""
     return {key: node[key] for key in ("name", "url", "ref", "commit", "recorded_commit", "dirty", "enabled",
                                        "managed", "present")}
