@@ -251,7 +251,7 @@ def test_delete_with_yes_removes_the_row_and_the_archive(studio):
 # --- ComfyUI-Manager snapshots -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def repo(tmp_path):
+def repo(tmp_path, node_git):
     return make_node_repo(tmp_path / "repos")
 
 

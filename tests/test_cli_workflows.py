@@ -93,7 +93,7 @@ def pair(storage):
 
 
 @pytest.fixture
-def repo(tmp_path):
+def repo(tmp_path, node_git):
     return make_node_repo(tmp_path / "repos")
 
 
@@ -547,7 +547,7 @@ def test_nodes_list_json_holds_the_documented_keys(studio, repo, storage):
     by_hand, managed = data
     assert (managed["name"], managed["url"], managed["ref"], managed["commit"], managed["recorded_commit"]) == (
         "ComfyUI-Test-Nodes", url, "v1", commits["v1"], commits["v1"])
-    assert (managed["dirty"], managed["enabled"], managed["managed"], managed["present"]) == (False, True, True, True)
+    assert (managed["dirty"], managed["enabled"], managed["managed"], managed["present"]) == (None, True, True, True)
     assert (by_hand["name"], by_hand["managed"], by_hand["url"]) == ("By-Hand", False, "")
     assert table[0].split() == ["NAME", "STATE", "COMMIT", "REF", "URL"]
     assert table[2].split() == ["ComfyUI-Test-Nodes", "enabled", commits["v1"][:12], "v1", url]
@@ -578,7 +578,7 @@ def test_nodes_disable_enable_update_and_remove_wait_for_the_worker(studio, repo
     assert not folder.exists() and not CustomNode.objects.exists()
 
 
-def test_a_node_install_that_fails_exits_1_and_leaves_nothing(studio, worker_process, tmp_path, storage):
+def test_a_node_install_that_fails_exits_1_and_leaves_nothing(studio, worker_process, tmp_path, storage, node_git):
     worker_process()
 
     result = run("nodes", "install", "studio", f"file://{tmp_path}/no-such-repo")
@@ -591,8 +591,8 @@ def test_a_node_install_that_fails_exits_1_and_leaves_nothing(studio, worker_pro
 
 
 @pytest.mark.parametrize("args, message", [
-    (["install", "studio", "not a url"], "url: 'not a url' is not a git URL (https://…, ssh://…, git@host:path or "
-                                         "file://…)."),
+    (["install", "studio", "not a url"], "url: 'not a url' is not a git URL (https://…, ssh://…, git@host:path, or "
+                                         "file://… where CUSTOM_NODE_LOCAL_SOURCES allows it)."),
     (["install", "studio", "ftp://example.org/x.git"], "url: 'ftp://example.org/x.git' is not a git URL"),
     (["install", "studio", "https://example.org/x.git", "--ref=-x"], "ref: '-x' is not a branch, tag or commit."),
     (["install", "nope", "https://example.org/x.git"], "No instance 'nope'. Known: studio"),

@@ -201,7 +201,7 @@ def test_download_of_a_missing_archive_says_so(client, operator, snapshot):
     assert f"The archive {snapshot.archive} is missing" in response.content.decode()
 
 
-def test_export_downloads_the_comfyui_manager_json(client, operator, instance, tmp_path):
+def test_export_downloads_the_comfyui_manager_json(client, operator, instance, tmp_path, node_git):
     from instances import customnodes
 
     url, commits = make_node_repo(tmp_path / "repos")
@@ -291,7 +291,8 @@ def test_delete_asks_first_then_removes_the_row_and_the_archive(client, operator
 
 # --- ComfyUI-Manager import ----------------------------------------------------------------------------------
 
-def test_a_comfyui_manager_snapshot_installs_its_nodes(client, operator, instance, storage, tmp_path, run_worker):
+def test_a_comfyui_manager_snapshot_installs_its_nodes(client, operator, instance, storage, tmp_path, run_worker,
+                                                       node_git):
     url, commits = make_node_repo(tmp_path / "repos")
     manager = {"comfyui": "", "git_custom_nodes": {url: {"hash": commits["v1"], "disabled": False}},
                "file_custom_nodes": [], "pips": {}}

@@ -60,7 +60,7 @@ def test_a_config_snapshot_holds_user_data_and_registry_settings(instance, run_w
     assert snapshots.archive_path(snapshot).is_relative_to(storage["backups"])
 
 
-def test_a_full_snapshot_adds_nodes_and_the_inbox_and_output_only_when_asked(instance, tmp_path):
+def test_a_full_snapshot_adds_nodes_and_the_inbox_and_output_only_when_asked(instance, tmp_path, node_git):
     url, commits = make_node_repo(tmp_path / "repos")
     customnodes.install(instance, url, "v1")
     full = snapshots.create(instance, kind="full")
@@ -69,7 +69,7 @@ def test_a_full_snapshot_adds_nodes_and_the_inbox_and_output_only_when_asked(ins
     assert not any(n.startswith("output") for n in names)
     node = full.manifest["custom_nodes"][0]
     assert (node["folder"], node["git_url"], node["commit"], node["dirty"], node["disabled"]) == (
-        "ComfyUI-Test-Nodes", url, commits["v1"], False, False)
+        "ComfyUI-Test-Nodes", url, commits["v1"], None, False)
     with_output = snapshots.create(instance, kind="full", include_output=True)
     assert "output/image.png" in names_in(with_output)
 
@@ -218,7 +218,7 @@ def test_a_disk_that_fills_up_during_restore_leaves_the_instance_exactly_as_it_w
         subprocess.run(["umount", str(small)], check=True)
 
 
-def test_manager_snapshots_export_and_import(instance, tmp_path, run_worker, storage):
+def test_manager_snapshots_export_and_import(instance, tmp_path, run_worker, storage, node_git):
     url, commits = make_node_repo(tmp_path / "repos")
     node = customnodes.install(instance, url, "v1")
     customnodes.set_enabled(node, False)

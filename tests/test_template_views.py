@@ -26,7 +26,7 @@ def starter(storage):
 
 
 @pytest.fixture
-def node_repo(tmp_path):
+def node_repo(tmp_path, node_git):
     url, _ = make_node_repo(tmp_path / "repos")
     return url
 

@@ -24,7 +24,7 @@ def starter(storage):
 
 
 @pytest.fixture
-def template(starter, tmp_path):
+def template(starter, tmp_path, node_git):
     url, _ = make_node_repo(tmp_path / "repos")
     return services.template_create(
         name="studio-sdxl", image="comfy:sdxl", extra_args=["--preview-method", "auto"], extra_env={"TEAM": "art"},
