@@ -188,13 +188,31 @@ def scheduled_snapshots():
     return queued
 
 
+@operation_job("legacy_plan", label="Plan legacy migration", queue="long")
+def legacy_plan(report, *, source, instance_id="", mode="move"):
+    """The plan behind the migration page: the folder is looked at here, on a worker, never in the request."""
+    from django.core.exceptions import ValidationError
+
+    from .services import legacy_plan as make_plan
+
+    report.log(f"Planning the migration of {source} into instance '{instance_id}' ({mode}).")
+    try:
+        plan = make_plan(source=source, instance_id=instance_id, mode=mode)
+    except ValidationError as exc:
+        raise OperationError(" ".join(exc.messages)) from exc
+    report.progress(100, f"{len(plan.entries)} file(s) to carry, {len(plan.conflicts)} conflict(s)")
+    return plan.as_dict(limit=LEGACY_PLAN_LIMIT)
+
+
+LEGACY_PLAN_LIMIT = 500  # files, conflicts and reports kept in the operation's result (the counts stay whole)
+
+
 @operation_job("legacy_migrate", label="Migrate legacy install", queue="long", timeout=48 * 3600)
 def legacy_migrate(report, *, source, instance_id="", mode="move", user_pk=None):
     from django.contrib.auth import get_user_model
+    from django.core.exceptions import ValidationError
 
     from .services import legacy_migrate_now
-
-    from django.core.exceptions import ValidationError
 
     user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
     try:

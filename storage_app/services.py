@@ -261,20 +261,39 @@ def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_p
 
 # --- Legacy migration ------------------------------------------------------------------------------------------
 
-def legacy_plan(*, source: str, instance_id: str = "", mode: str = "move"):
+def _legacy_choices(*, source: str, instance_id: str, mode: str, absolute: bool = False) -> str:
+    """The checks that need no file system (so a page that runs them reveals nothing about the host); the folder
+    itself is checked by the job. Returns the instance id to use."""
     from django.conf import settings
-
-    from . import migration
 
     instance_id = instance_id or settings.COMFY_INSTANCE_ID
     if mode not in ("move", "copy"):
         raise ValidationError({"mode": [f"Unknown mode '{mode}'; use move or copy."]})
     if problem := layout.instance_id_problem(instance_id):
         raise ValidationError({"instance_id": [problem]})
+    if not source or not source.strip() or any(ord(char) < 32 for char in source):
+        raise ValidationError({"source": ["Give the old install's folder as a path (no line breaks)."]})
+    if absolute and not Path(source).is_absolute():
+        raise ValidationError({"source": ["Give the folder as an absolute path, e.g. /srv/ComfyUI."]})
+    return instance_id
+
+
+def legacy_plan(*, source: str, instance_id: str = "", mode: str = "move"):
+    """The plan, computed here (the CLI, and the planning job). A source that overlaps ComfyHub's storage or lies
+    outside LEGACY_SOURCE_ROOTS is refused before anything is looked at."""
+    from . import migration
+
+    instance_id = _legacy_choices(source=source, instance_id=instance_id, mode=mode)
     try:
         return migration.make_plan(Path(source).expanduser(), instance_id=instance_id, mode=mode)
     except migration.MigrationError as exc:
         raise ValidationError({"source": [str(exc)]}) from exc
+
+
+def legacy_plan_start(*, source: str, instance_id: str = "", mode: str = "move", user=None):
+    """Plan on a worker (the page): the request itself never looks at the host's folders."""
+    instance_id = _legacy_choices(source=source, instance_id=instance_id, mode=mode, absolute=True)
+    return operations.enqueue(jobs.legacy_plan, user=user, source=source, instance_id=instance_id, mode=mode)
 
 
 def legacy_register(*, instance_id: str, user=None):
@@ -294,30 +313,39 @@ def legacy_register(*, instance_id: str, user=None):
 
 
 def legacy_migrate_now(*, source: str, instance_id: str = "", mode: str = "move", user=None, report=None) -> dict:
-    """Plan and carry out a migration in this process (the CLI, and the job behind the page)."""
+    """Plan and carry out a migration in this process (the CLI, and the job behind the page). Run again after an
+    interruption, it finishes what the interrupted run left, even when that run had emptied the source."""
+    from comfyhub.operations import OperationError
+
     from . import migration
 
     plan = legacy_plan(source=source, instance_id=instance_id, mode=mode)
     instance = legacy_register(instance_id=plan.instance_id, user=user)
-    layout.build_shared_tree(instance.node)
-    layout.build_instance_tree(instance.instance_id, instance.node)
+    try:
+        layout.build_shared_tree(instance.node)
+        layout.build_instance_tree(instance.instance_id, instance.node)
+    except layout.LayoutError as exc:  # e.g. a link planted where a folder belongs: refused before anything moved
+        raise ValidationError({"instance_id": [f"{exc} Nothing was moved."]}) from exc
     plan = legacy_plan(source=source, instance_id=plan.instance_id, mode=mode)  # again: the build made folders
     if report is not None:
+        if plan.previous and plan.previous["files_done"]:
+            report.log(f"An earlier run carried {plan.previous['files_done']} file(s) already"
+                       + (" and was interrupted: finishing it." if plan.previous["unfinished"] else "."))
         totals = plan.totals()
-        report.log(f"{len(plan.entries)} file(s) to carry: " + ", ".join(
-            f"{group}: {t['files']} ({library.human_size(t['bytes'])})" for group, t in totals.items()))
+        report.log(f"{len(plan.entries)} file(s) to carry: " + (", ".join(
+            f"{group}: {t['files']} ({library.human_size(t['bytes'])})" for group, t in totals.items()) or "none"))
     try:
         done = migration.execute(plan, report)
-    except migration.MigrationError as exc:
-        from comfyhub.operations import OperationError
-
+    except (migration.MigrationError, layout.LayoutError) as exc:
         raise OperationError(str(exc)) from exc
-    migration.chown_destinations(plan)
+    except OSError as exc:  # a full disk, a folder made read-only: what was carried is journaled
+        raise OperationError(f"The migration stopped: {exc}. Fix that and run it again: it resumes.") from exc
     layout.link_shared_input(instance.instance_id, instance.node)
     return {"instance": instance.instance_id, "port": instance.host_port, **done}
 
 
 def legacy_migrate(*, source: str, instance_id: str = "", mode: str = "move", user=None):
-    legacy_plan(source=source, instance_id=instance_id, mode=mode)  # refuse a bad source before queueing
+    """Queue the migration; the job checks the folder and plans again before moving anything."""
+    instance_id = _legacy_choices(source=source, instance_id=instance_id, mode=mode, absolute=True)
     return operations.enqueue(jobs.legacy_migrate, user=user, source=source, instance_id=instance_id, mode=mode,
                               user_pk=_user_pk(user))

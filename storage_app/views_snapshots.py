@@ -9,8 +9,10 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils.http import content_disposition_header
+from django.urls import reverse
+from django.utils.http import content_disposition_header, urlencode
 from django.views.decorators.http import require_http_methods, require_POST
+from django_htmx.http import HttpResponseStopPolling
 
 from comfyhub.models import Operation
 from comfyhub.queues import QueueUnavailable
@@ -210,20 +212,50 @@ def snapshot_delete(request, pk):
 
 # --- Legacy migration ----------------------------------------------------------------------------------------
 
+MIGRATE = (RESTORE, "instances.add_instance")
+
+
 def legacy(request):
-    """The form, and with ?source=... the plan: nothing is moved by looking."""
-    form = LegacyPlanForm(request.GET if "source" in request.GET else None)
-    plan = None
-    if form.is_bound and form.is_valid():
-        try:
-            plan = services.legacy_plan(**form.cleaned_data).as_dict()
-        except ValidationError as exc:
-            form.add_service_error(exc)
-    return _legacy_page(request, form, plan)
+    """The form. Planning is an operation (`legacy_plan`): this page never looks at the host's folders."""
+    form = LegacyPlanForm(initial=_legacy_initial(request.GET))
+    return _legacy_page(request, form, None)
 
 
 @require_POST
-@permission_required((RESTORE, "instances.add_instance"), raise_exception=True)
+@permission_required(MIGRATE, raise_exception=True)
+def legacy_plan(request):
+    form = LegacyPlanForm(request.POST)
+    if form.is_valid():
+        try:
+            operation = services.legacy_plan_start(**form.cleaned_data, user=request.user)
+        except ValidationError as exc:
+            form.add_service_error(exc)
+        except QueueUnavailable as exc:
+            messages.error(request, str(exc))
+        else:
+            return redirect(f"{reverse('legacy-plan-result', args=[operation.pk])}?{urlencode(form.cleaned_data)}")
+    return _legacy_page(request, form, None)
+
+
+@permission_required(MIGRATE, raise_exception=True)
+def legacy_plan_result(request, pk):
+    operation = get_object_or_404(Operation, pk=pk, kind="legacy_plan")
+    initial = _legacy_initial(operation.result if operation.status == Operation.Status.SUCCEEDED else request.GET)
+    return _legacy_page(request, LegacyPlanForm(initial=initial), operation)
+
+
+@permission_required(MIGRATE, raise_exception=True)
+def legacy_plan_live(request, pk):
+    """The plan's live part; htmx stops polling once the planning operation is over."""
+    operation = get_object_or_404(Operation, pk=pk, kind="legacy_plan")
+    response = render(request, "storage_app/legacy_plan.html", _plan_context(request, operation))
+    if operation.is_terminal:
+        response.status_code = HttpResponseStopPolling.status_code
+    return response
+
+
+@require_POST
+@permission_required(MIGRATE, raise_exception=True)
 def legacy_migrate(request):
     form = LegacyPlanForm(request.POST)
     if form.is_valid():
@@ -240,7 +272,15 @@ def legacy_migrate(request):
     return _legacy_page(request, form, None)
 
 
-def _legacy_page(request, form, plan):
+def _legacy_initial(values) -> dict:
+    values = values or {}
+    initial = {"instance_id": settings.COMFY_INSTANCE_ID, "mode": "move"}
+    initial.update({key: values[key] for key in ("source", "instance_id", "mode") if values.get(key)})
+    return initial
+
+
+def _plan_context(request, operation) -> dict:
+    plan = operation.result if operation is not None and operation.status == Operation.Status.SUCCEEDED else None
     destinations = []
     if plan is not None:
         folder_of_group = {group: name for name, group in migration.CARRIED.items()}
@@ -248,11 +288,14 @@ def _legacy_page(request, form, plan):
             name = folder_of_group.get(group) or group.split(":", 1)[-1]
             _, root = migration.destination_root(name, plan["instance_id"])
             destinations.append({"group": group, "path": str(root), **totals})
-    return render(request, "storage_app/legacy.html", {
-        "form": form, "plan": plan, "destinations": destinations,
-        "files": plan["files"][:PLAN_FILES_SHOWN] if plan else [], "files_shown": PLAN_FILES_SHOWN,
-        "may_migrate": request.user.has_perms((RESTORE, "instances.add_instance")),
-    }, status=400 if form.errors else 200)
+    return {"operation": operation, "plan": plan, "destinations": destinations,
+            "files": plan["files"][:PLAN_FILES_SHOWN] if plan else [], "files_shown": PLAN_FILES_SHOWN,
+            "may_migrate": request.user.has_perms(MIGRATE)}
+
+
+def _legacy_page(request, form, operation):
+    return render(request, "storage_app/legacy.html", {"form": form, **_plan_context(request, operation)},
+                  status=400 if form.errors else 200)
 
 
 # --- Storage check -------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""`manage.py legacy plan|migrate --from PATH`: bring a single-instance install into the multi-instance layout."""
+"""`manage.py legacy plan|migrate --from PATH`: bring a single-instance install into the multi-instance layout.
+Exit codes: 0 done (also a rerun that finishes an interrupted migration), 1 the migration stopped partway (run it
+again: it resumes), 2 refused before anything moved (a bad source, id or mode)."""
 import json
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from comfyhub.operations import OperationError
 from storage_app import library, services
 
 
@@ -29,6 +32,8 @@ class Command(BaseCommand):
             return self.migrate(options)
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages), returncode=2) from exc
+        except OperationError as exc:
+            raise CommandError(f"{exc} Run the same command again to resume.", returncode=1) from exc
 
     def plan(self, options):
         plan = services.legacy_plan(source=options["source"], instance_id=options["instance_id"],
@@ -47,6 +52,8 @@ class Command(BaseCommand):
             self.stdout.write(f"  {conflict['kind']}: {conflict['path']} -> {where} ({conflict['resolution']})")
         for item in plan.reports:
             self.stdout.write(f"  {item['kind']}: {item['path']} ({item['note']})")
+        if plan.previous:
+            self.stdout.write(_previous_line(plan.previous))
         if not plan.entries:
             self.stdout.write("Nothing to carry.")
 
@@ -54,6 +61,10 @@ class Command(BaseCommand):
         report = _Printer(self.stdout)
         result = services.legacy_migrate_now(source=options["source"], instance_id=options["instance_id"],
                                              mode=options["mode"], report=report)
+        if result["previous"]:
+            self.stdout.write(_previous_line(result["previous"]))
+        for refused in result["refused"]:
+            self.stdout.write(self.style.WARNING(f"  left in place: {refused['path']}: {refused['reason']}"))
         self.stdout.write(self.style.SUCCESS(
             f"Done: {result['moved']} moved, {result['copied']} copied, {result['deduplicated']} deduplicated, "
             f"{result['renamed']} renamed ({library.human_size(result['bytes'])}); "
@@ -61,6 +72,14 @@ class Command(BaseCommand):
         self.stdout.write(f"Instance '{result['instance']}' is registered on port {result['port']}: "
                           f"python manage.py instances start {result['instance']}")
         self.stdout.write(f"Journal: {result['journal']}\nReport: {result['report']}")
+
+
+def _previous_line(previous: dict) -> str:
+    if previous["unfinished"]:
+        return (f"Resuming an interrupted migration (started {previous['started_at'][:19]}): "
+                f"{previous['files_done']} file(s) were already carried by it.")
+    return (f"Migrated before (finished {previous['finished_at'][:19]}): {previous['files_done']} file(s) already "
+            "carried.")
 
 
 class _Printer:
