@@ -69,12 +69,35 @@ def parse_env(pairs) -> dict[str, str]:
         pairs = [line for line in pairs.splitlines() if line.strip()]
     env = {}
     for pair in pairs:
-        key, sep, value = pair.strip().partition("=")
-        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise ValidationError({"extra_env": [f"'{pair.strip()}' is not KEY=VALUE with a KEY of letters, digits "
-                                                 "and '_'."]})
+        key, sep, value = str(pair).strip().partition("=")
+        if not sep or not runtime.ENV_KEY_RE.fullmatch(key):
+            raise ValidationError({"extra_env": [f"'{str(pair).strip()}' is not KEY=VALUE with a KEY of letters "
+                                                 "A-Z, digits and '_', not starting with a digit."]})
         env[key] = value
     return env
+
+
+def checked_config(extra_args, extra_env) -> tuple[list, dict]:
+    """Extra arguments as a list and the environment as a dict (numbers become text), or ValidationError: the
+    admin and the CLI's JSON hand over whatever was typed, and list('abc') or dict([...]) would silently make
+    something else of it."""
+    errors: dict[str, list[str]] = {}
+    args, env = [], {}
+    if isinstance(extra_args, (list, tuple)):
+        args = [_as_text(arg) for arg in extra_args]
+    elif extra_args not in (None, ""):
+        errors["extra_args"] = ['Extra arguments are a list of strings, e.g. ["--preview-method", "auto"].']
+    if isinstance(extra_env, dict):
+        env = {key: _as_text(value) for key, value in extra_env.items()}
+    elif extra_env not in (None, ""):
+        errors["extra_env"] = ['The extra environment is an object of names and values, e.g. {"TEAM": "art"}.']
+    if errors:
+        raise ValidationError(errors)
+    return args, env
+
+
+def _as_text(value):
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 # --- Validation ----------------------------------------------------------------------------------------------
@@ -110,17 +133,14 @@ def _validate(fields: InstanceFields, node: Node, instance: Instance | None = No
     if len(fields.display_name or "") > 100:
         errors.setdefault("display_name", []).append("A display name has at most 100 characters.")
 
-    image = (fields.image or "").strip()
-    if not image or any(c.isspace() for c in image):
-        errors.setdefault("image", []).append("Give an image name such as 'repository/comfyui:tag' (no spaces).")
+    if problem := runtime.image_problem(fields.image):
+        errors.setdefault("image", []).append(problem)
 
     for arg in fields.extra_args or []:
-        problem = runtime.argument_problem(str(arg))
-        if problem:
+        if problem := runtime.argument_problem(arg):
             errors.setdefault("extra_args", []).append(problem)
-    for key in (fields.extra_env or {}):
-        problem = runtime.environment_problem(key)
-        if problem:
+    for key, value in (fields.extra_env or {}).items():
+        if problem := runtime.environment_problem(key, value):
             errors.setdefault("extra_env", []).append(problem)
 
     if fields.host_port is not None:
@@ -202,9 +222,11 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
                     extra_args=None, extra_env=None, host_port: int | None = None, gpu_indexes=None,
                     node: Node | None = None, user=None) -> Instance:
     node = node or local_node()
-    fields = InstanceFields(instance_id=(instance_id or "").strip(), display_name=display_name,
+    # The id is taken as given (never trimmed): "abc\n" is refused, not quietly made into "abc".
+    extra_args, extra_env = checked_config(extra_args, extra_env)
+    fields = InstanceFields(instance_id=instance_id or "", display_name=display_name,
                             description=description, image=image or settings.COMFY_IMAGE,
-                            extra_args=list(extra_args or []), extra_env=dict(extra_env or {}),
+                            extra_args=extra_args, extra_env=extra_env,
                             host_port=host_port, gpu_indexes=list(gpu_indexes or []))
     gpus = _validate(fields, node)
     ports = [host_port] if host_port is not None else _free_ports(node)
@@ -246,10 +268,9 @@ def _assign(instance: Instance, gpus: list[GPU]):
 def instance_update(*, instance: Instance, display_name: str, description: str, image: str, extra_args, extra_env,
                     host_port: int | None, gpu_indexes, user=None) -> Instance:
     """Change an instance's configuration; a running container is recreated with it on the next start."""
-    fields = InstanceFields(instance_id=instance.instance_id, display_name=display_name, description=description,
-                            image=image or settings.COMFY_IMAGE, extra_args=list(extra_args or []),
-                            extra_env=dict(extra_env or {}), host_port=host_port, gpu_indexes=list(gpu_indexes or []))
-    gpus = _validate(fields, instance.node, instance)
+    fields, gpus = instance_update_check(instance=instance, display_name=display_name, description=description,
+                                         image=image, extra_args=extra_args, extra_env=extra_env,
+                                         host_port=host_port, gpu_indexes=gpu_indexes)
     if host_port is None:
         host_port = instance.host_port
     try:
@@ -264,6 +285,16 @@ def instance_update(*, instance: Instance, display_name: str, description: str, 
         raise
     instance.refresh_from_db()
     return instance
+
+
+def instance_update_check(*, instance: Instance, display_name: str, description: str, image: str, extra_args,
+                          extra_env, host_port: int | None, gpu_indexes):
+    """Every rule instance_update applies, without saving (the admin's form shows the refusals on its fields)."""
+    extra_args, extra_env = checked_config(extra_args, extra_env)
+    fields = InstanceFields(instance_id=instance.instance_id, display_name=display_name, description=description,
+                            image=image or settings.COMFY_IMAGE, extra_args=extra_args, extra_env=extra_env,
+                            host_port=host_port, gpu_indexes=list(gpu_indexes or []))
+    return fields, _validate(fields, instance.node, instance)
 
 
 def instance_pending_changes(instance: Instance) -> bool:
@@ -447,23 +478,50 @@ def workflow_install(*, spec: str, instances: list[Instance], user=None):
                               instance_pks=[i.pk for i in instances])
 
 
+def template_name_problem(name) -> str | None:
+    """Why `name` cannot name a template, or None (the same shape as an instance id, taken as given)."""
+    if not isinstance(name, str) or not layout.INSTANCE_ID_RE.fullmatch(name) or name == "new":
+        return ("Use lowercase letters, digits and '-' for a template name ('new' is taken by the page that creates "
+                "one).")
+    return None
+
+
 def template_create(*, name: str, description: str = "", image: str = "", extra_args=None, extra_env=None,
                     gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=()):
     from .models import InstanceTemplate
     from .templating import validate_template
 
-    if not layout.INSTANCE_ID_RE.match(name or "") or name == "new":
-        raise ValidationError({"name": ["Use lowercase letters, digits and '-' for a template name ('new' is "
-                                        "taken by the page that creates one)."]})
+    if problem := template_name_problem(name):
+        raise ValidationError({"name": [problem]})
     if InstanceTemplate.objects.filter(name=name).exists():
         raise ValidationError({"name": [f"A template '{name}' already exists."]})
     validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
                       settings=settings_values)
+    extra_args, extra_env = checked_config(extra_args, extra_env)
     template = InstanceTemplate.objects.create(
-        name=name, description=description, image=image, extra_args=list(extra_args or []),
-        extra_env=dict(extra_env or {}), gpu_count=gpu_count, custom_nodes=list(custom_nodes or []),
+        name=name, description=description, image=image, extra_args=extra_args,
+        extra_env=extra_env, gpu_count=gpu_count, custom_nodes=list(custom_nodes or []),
         settings=dict(settings_values or {}))
     template.starter_workflows.set(starter_workflows)
+    return template
+
+
+def template_update(*, template, description: str = "", image: str = "", extra_args=None, extra_env=None,
+                    gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=()):
+    """Change a template (its name stays: instances and commands refer to it). Instances made from it keep their
+    configuration; their drift shows what differs."""
+    from .models import InstanceTemplate
+    from .templating import validate_template
+
+    validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
+                      settings=settings_values)
+    extra_args, extra_env = checked_config(extra_args, extra_env)
+    with transaction.atomic():
+        InstanceTemplate.objects.filter(pk=template.pk).update(
+            description=description, image=image, extra_args=extra_args, extra_env=extra_env, gpu_count=gpu_count,
+            custom_nodes=list(custom_nodes or []), settings=dict(settings_values or {}))
+        template.starter_workflows.set(starter_workflows)
+    template.refresh_from_db()
     return template
 
 
