@@ -31,7 +31,8 @@ class Command(cli.Command):
 
         install = actions.add_parser("install", parents=[waiting], help="Clone a custom node into an instance.")
         install.add_argument("instance_id", metavar="ID")
-        install.add_argument("url", metavar="URL", help="A git URL: https://…, ssh://…, git@host:path or file://….")
+        install.add_argument("url", metavar="URL", help="A git URL: https://…, ssh://… or git@host:path (file://… and host paths only with "
+                                  "CUSTOM_NODE_LOCAL_SOURCES=true).")
         install.add_argument("--ref", default="", help="A branch, tag or commit (default: the default branch).")
 
         for action, text in ACTIONS.items():
