@@ -51,8 +51,9 @@ class GPUCheckboxField(forms.MultipleChoiceField):
 class InstanceForm(forms.Form):
     """Create (with `instance=None`) or edit an instance; `arguments()` gives the service's keyword arguments."""
 
+    # Not stripped: an id is taken exactly as typed, so "abc\n" is refused rather than becoming "abc".
     instance_id = forms.CharField(
-        label="Instance id", required=False,
+        label="Instance id", required=False, strip=False,
         help_text="Names its folder and container: lowercase letters, digits and '-'. It cannot be changed later.",
     )
     display_name = forms.CharField(
@@ -112,9 +113,6 @@ class InstanceForm(forms.Form):
         return options
 
     # --- Converting input ------------------------------------------------------------------------------------
-
-    def clean_instance_id(self):
-        return self.cleaned_data["instance_id"].strip()
 
     def clean_extra_args(self):
         args = []
@@ -250,7 +248,7 @@ class LibraryInstallForm(forms.Form):
 class TemplateForm(forms.Form):
     """A new instance template; `arguments()` gives services.template_create's keyword arguments."""
 
-    name = forms.CharField(required=False, help_text="Lowercase letters, digits and '-'.")
+    name = forms.CharField(required=False, strip=False, help_text="Lowercase letters, digits and '-'.")
     description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
     image = forms.CharField(required=False, help_text="Docker image; empty means the default image.")
     extra_args = InstanceForm.base_fields["extra_args"]
@@ -281,9 +279,6 @@ class TemplateForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["starter_workflows"].queryset = WorkflowVersion.objects.select_related("entry").order_by(
             "entry__name", "-number")
-
-    def clean_name(self):
-        return self.cleaned_data["name"].strip()
 
     def clean_custom_nodes(self):
         nodes = []
@@ -325,8 +320,6 @@ class TemplateInstanceForm(forms.Form):
     instance_id = InstanceForm.base_fields["instance_id"]
     display_name = InstanceForm.base_fields["display_name"]
     host_port = InstanceForm.base_fields["host_port"]
-
-    clean_instance_id = InstanceForm.clean_instance_id
 
     def add_service_error(self, exc: ValidationError):
         add_service_error(self, exc)

@@ -2,13 +2,17 @@
 docs/runtime-contract.md): mounts, arguments, environment, labels, ports, GPUs, restart policy and hardening."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 from django.conf import settings
 
 from storage_app import layout
+
+from . import comfyui_flags
 
 CONTAINER_PORT = 8188
 LABEL_MANAGED = "comfyhub.managed"
@@ -16,12 +20,26 @@ LABEL_INSTANCE = "comfyhub.instance"
 LABEL_NODE = "comfyhub.node"
 LABEL_CONFIG = "comfyhub.config-hash"
 
-# Arguments ComfyHub sets itself: an instance's extra arguments may not touch them (they would break isolation).
+# Arguments ComfyHub sets itself: an instance's extra arguments may not touch them (they would break isolation),
+# nor any abbreviation ComfyUI's parser would read as one of them (argparse's allow_abbrev: `--i` is
+# --input-directory).
 RESERVED_ARGS = ("--base-directory", "--extra-model-paths-config", "--listen", "--port", "--cuda-device",
                  "--models-directory", "--input-directory", "--output-directory", "--temp-directory",
                  "--user-directory", "--default-device")
-RESERVED_ENV = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "HIP_VISIBLE_DEVICES")
-RESERVED_ENV_PREFIXES = ("COMFY_",)
+# Environment variables ComfyHub sets, or that choose the GPUs and the code every process in the container loads.
+# Compared without regard to case.
+RESERVED_ENV = ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "PUID", "PGID")
+_GPU_VARIABLES = ("is set by ComfyHub from the instance's assigned GPUs (every NVIDIA_* and CUDA_* name is reserved, "
+                  "in any case); assign GPUs instead")
+RESERVED_ENV_PREFIXES = {
+    "COMFY_": "is reserved: ComfyHub sets the COMFY_* variables of the storage contract itself (in any case); "
+              "remove it",
+    "NVIDIA_": _GPU_VARIABLES,
+    "CUDA_": _GPU_VARIABLES,
+    "LD_": "is refused: LD_* variables (LD_PRELOAD, LD_LIBRARY_PATH, ...) change the code every program in the "
+           "container loads; put libraries into the image instead",
+}
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -118,23 +136,126 @@ def container_spec(instance) -> ContainerSpec:
     return spec.with_hash_label()
 
 
+def comfyui_reads_as(arg: str) -> list[str]:
+    """The option strings ComfyUI's parser could take `arg` for, following argparse (Python 3.11-3.13,
+    `_parse_optional` and `_get_option_tuples` with allow_abbrev=True): an exact option string, or the option part
+    before '=', wins; otherwise a `--prefix` stands for every option string it begins (argparse accepts it when
+    there is exactly one and refuses it as ambiguous otherwise). A single dash never reaches a `--` option. []
+    for a value."""
+    options = set(comfyui_flags.OPTION_STRINGS) | set(RESERVED_ARGS)
+    if len(arg) < 2 or arg[0] not in comfyui_flags.PREFIX_CHARS or arg == "--":  # '--' ends the options
+        return []
+    if arg in options:
+        return [arg]
+    option, _, _ = arg.partition("=")
+    if option in options:
+        return [option]
+    if arg[1] not in comfyui_flags.PREFIX_CHARS or not comfyui_flags.ALLOW_ABBREV:
+        return []
+    return sorted(name for name in options if name.startswith(option))
+
+
 def argument_problem(arg: str) -> str | None:
     """Why an extra ComfyUI argument is refused, or None."""
+    if not isinstance(arg, str):
+        return f"{json.dumps(arg)} is not an argument; give each argument as a string."
+    if "\0" in arg:
+        return f"{arg!r} holds a NUL character, which no program argument can carry; remove it."
     if arg.startswith("-") and any(c.isspace() for c in arg.split("=", 1)[0]):
         return (f"'{arg}' holds a flag and its value in one item; give them as separate items "
                 f"('{arg.split()[0]}', '{' '.join(arg.split()[1:])}').")
     flag = arg.split("=", 1)[0]
-    # argparse also accepts unambiguous abbreviations (`--base` for `--base-directory`).
-    reserved = flag.startswith("--") and len(flag) > 3 and any(name.startswith(flag) for name in RESERVED_ARGS)
+    reserved = [name for name in comfyui_reads_as(arg) if name in RESERVED_ARGS]
+    # A prefix of a reserved flag is refused even where today's flag list makes it ambiguous: another ComfyUI
+    # version, with fewer flags, would read it as the reserved one.
+    if not reserved and flag.startswith("--") and len(flag) > 2:
+        reserved = [name for name in RESERVED_ARGS if name.startswith(flag)]
     if reserved or (flag.startswith("--") and flag.endswith("-directory")):
-        return (f"'{flag}' is set by ComfyHub to keep instances isolated (directories, listening address, port and "
-                "GPUs come from the instance's settings); remove it.")
+        read_as = f": ComfyUI takes it for {' or '.join(reserved)}" if reserved and reserved != [flag] else ""
+        return (f"'{flag}' is set by ComfyHub to keep instances isolated{read_as} (directories, listening address, "
+                "port and GPUs come from the instance's settings); remove it.")
     return None
 
 
-def environment_problem(key: str) -> str | None:
-    if key in RESERVED_ENV:
-        return f"'{key}' is set by ComfyHub from the instance's assigned GPUs; assign GPUs instead."
-    if key.startswith(RESERVED_ENV_PREFIXES):
-        return f"'{key}' is reserved: ComfyHub sets the COMFY_* variables of the storage contract itself."
+def environment_problem(key: str, value="") -> str | None:
+    """Why an extra environment variable is refused, or None."""
+    if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
+        return (f"{json.dumps(key)} is not a variable name: use letters A-Z, digits and '_', not starting with a "
+                "digit.")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return f"The value of '{key}' must be text (or a number), not {json.dumps(value)}."
+    if "\0" in str(value):
+        return f"The value of '{key}' holds a NUL character, which no environment variable can carry; remove it."
+    upper = key.upper()
+    if upper in RESERVED_ENV:
+        return (f"'{key}' is reserved: ComfyHub sets it from the instance's settings (GPUs, owner of its files); "
+                "remove it.")
+    for prefix, why in RESERVED_ENV_PREFIXES.items():
+        if upper.startswith(prefix):
+            return f"'{key}' {why}."
     return None
+
+
+# --- Images ------------------------------------------------------------------------------------------------
+# The grammar of a Docker image reference (github.com/distribution/reference, regexp.go):
+#   [DOMAIN[:PORT]/]PATH[:TAG][@DIGEST]
+_ALNUM = r"[a-z0-9]+"
+_PATH_COMPONENT = rf"{_ALNUM}(?:(?:[._]|__|-+){_ALNUM})*"
+_PATH_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN_RE = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_DIGEST_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
+NAME_MAX = 255
+IMAGE_EXAMPLE = "Give an image name such as 'repository/comfyui:tag' (no spaces)"
+
+
+def image_reference_problem(image: str) -> str | None:
+    """Why `image` is not a Docker image reference, or None."""
+    if not isinstance(image, str) or not image:
+        return f"{IMAGE_EXAMPLE}."
+    if any(c.isspace() for c in image) or "\0" in image:
+        return f"{IMAGE_EXAMPLE}; got {image!r}."
+    rest, at, digest = image.partition("@")
+    problem = None
+    if at and not _DIGEST_RE.fullmatch(digest):
+        problem = f"'{digest}' is not a digest (ALGORITHM:HEX, e.g. sha256: and 64 hexadecimal digits)"
+    name, tag = rest, ""
+    if ":" in rest.rsplit("/", 1)[-1]:
+        name, _, tag = rest.rpartition(":")
+        if not _TAG_RE.fullmatch(tag):
+            problem = problem or (f"'{tag}' is not a tag (letters, digits, '_', '.' and '-', at most 128, not "
+                                  "starting with '.' or '-')")
+    first, slash, path = name.partition("/")
+    # Docker's rule: the first component names a registry only when it holds '.' or ':' or is localhost.
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        if not _DOMAIN_RE.fullmatch(first):
+            problem = problem or f"'{first}' is not a registry host[:port]"
+    else:
+        path = name
+    if not problem and not _PATH_RE.fullmatch(path):
+        problem = (f"the repository path '{path}' must be lowercase letters and digits, separated by '/', '.', '_', "
+                   "'__' or '-'")
+        if _PATH_RE.fullmatch(path.lower()):
+            problem += f" (try '{image.replace(path, path.lower(), 1)}')"
+    if not problem and len(name) > NAME_MAX:
+        problem = f"the name is longer than {NAME_MAX} characters"
+    if problem:
+        return (f"'{image}' is not a Docker image reference: {problem}. Write it as "
+                "[REGISTRY[:PORT]/]PATH[:TAG][@DIGEST], e.g. 'ghcr.io/comfyhub/comfyui:latest'.")
+    return None
+
+
+def image_allowed_problem(image: str) -> str | None:
+    """Why `image` may not run here (INSTANCE_IMAGES_ALLOWED), or None."""
+    patterns = list(settings.INSTANCE_IMAGES_ALLOWED)
+    if any(fnmatch.fnmatchcase(image, pattern) for pattern in patterns):
+        return None
+    allowed = ", ".join(f"'{pattern}'" for pattern in patterns) or "none"
+    return (f"Image '{image}' is not allowed on this ComfyHub: INSTANCE_IMAGES_ALLOWED permits {allowed}. Pick an "
+            "image that matches, or have the administrator add a pattern to INSTANCE_IMAGES_ALLOWED.")
+
+
+def image_problem(image: str) -> str | None:
+    """Why an instance may not run `image`: not a reference, or not allowed. None when it may."""
+    return image_reference_problem(image) or image_allowed_problem(image)

@@ -37,20 +37,33 @@ def free_gpus(node, count: int) -> list[int]:
 
 
 def validate_template(*, image: str, extra_args, extra_env, custom_nodes, settings) -> None:
-    from . import runtime
+    """The rules a template's configuration obeys: those of an instance's (image, arguments, environment), since
+    instances are made from it, plus well-formed custom nodes and settings."""
+    from . import runtime, services
 
     errors = {}
-    if image and (any(c.isspace() for c in image) or len(image) > 300):
-        errors.setdefault("image", []).append("Give an image name such as 'repository/comfyui:tag' (no spaces).")
-    for arg in extra_args or []:
-        if problem := runtime.argument_problem(str(arg)):
+    if image and (problem := runtime.image_problem(image)):
+        errors.setdefault("image", []).append(problem)
+    try:
+        extra_args, extra_env = services.checked_config(extra_args, extra_env)
+    except ValidationError as exc:
+        errors.update(exc.message_dict)
+        extra_args, extra_env = [], {}
+    for arg in extra_args:
+        if problem := runtime.argument_problem(arg):
             errors.setdefault("extra_args", []).append(problem)
-    for key in extra_env or {}:
-        if problem := runtime.environment_problem(key):
+    for key, value in extra_env.items():
+        if problem := runtime.environment_problem(key, value):
             errors.setdefault("extra_env", []).append(problem)
+    if not isinstance(custom_nodes or [], list):
+        errors.setdefault("custom_nodes", []).append(
+            'Custom nodes are a list of {"url": "...", "ref": "..."} objects.')
+        custom_nodes = []
     for node in custom_nodes or []:
         node = node if isinstance(node, dict) else {}
         try:
+            if not isinstance(node.get("url", ""), str) or not isinstance(node.get("ref", ""), str):
+                raise customnodes.CustomNodeError(f"{json.dumps(node)}: a custom node's url and ref are text.")
             customnodes.check_name(customnodes.name_from_url(customnodes.check_url(node.get("url", ""))))
             if str(node.get("ref", "")).startswith("-"):
                 raise customnodes.CustomNodeError(f"'{node['ref']}' is not a branch, tag or commit.")

@@ -93,8 +93,9 @@ class SnapshotScheduleForm(forms.ModelForm):
 
 
 class SnapshotCloneForm(forms.Form):
-    new_instance_id = forms.CharField(
-        label="New instance id", help_text="Names its folder and container: lowercase letters, digits and '-'.")
+    new_instance_id = forms.CharField(  # not stripped: "abc\n" is refused, never quietly made into "abc"
+        label="New instance id", strip=False,
+        help_text="Names its folder and container: lowercase letters, digits and '-'.")
     gpus = forms.MultipleChoiceField(label="GPUs", required=False, widget=forms.CheckboxSelectMultiple,
                                      help_text="Free GPUs of this node; none checked: the clone runs on the CPU.")
 
@@ -102,9 +103,6 @@ class SnapshotCloneForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.free_gpus = free_gpus()
         self.fields["gpus"].choices = [(str(gpu.index), str(gpu)) for gpu in self.free_gpus]
-
-    def clean_new_instance_id(self):
-        return self.cleaned_data["new_instance_id"].strip()
 
     def clean_gpus(self):
         return [int(index) for index in self.cleaned_data["gpus"]]
@@ -128,7 +126,7 @@ class LegacyPlanForm(forms.Form):
     source = forms.CharField(label="Source folder", help_text="The old install: a ComfyUI folder, or the ./data "
                                                               "folder of the single-instance setup.",
                              widget=forms.TextInput(attrs={"placeholder": "/srv/ComfyUI"}))
-    instance_id = forms.CharField(label="Instance id", required=False,
+    instance_id = forms.CharField(label="Instance id", required=False, strip=False,
                                   help_text="The instance that receives custom_nodes, user and output.")
     mode = forms.ChoiceField(choices=[("move", "Move (rename; the source is emptied)"),
                                       ("copy", "Copy (the source is kept)")], initial="move",
@@ -142,7 +140,7 @@ class LegacyPlanForm(forms.Form):
         return self.cleaned_data["source"].strip()
 
     def clean_instance_id(self):
-        return self.cleaned_data["instance_id"].strip() or settings.COMFY_INSTANCE_ID
+        return self.cleaned_data["instance_id"] or settings.COMFY_INSTANCE_ID
 
     def add_service_error(self, exc: ValidationError):
         add_service_error(self, exc)

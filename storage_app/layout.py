@@ -47,8 +47,9 @@ EXTRA_MODEL_PATHS_FILE = "extra_model_paths.yaml"
 CONTAINER_SHARED = "/shared"
 CONTAINER_INSTANCE = "/instance"
 
-# Instance ids: DNS labels (they name a directory, a container and a host name).
-INSTANCE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Instance ids: DNS labels (they name a directory, a container and a host name). `\Z`, not `$`: `$` also accepts a
+# trailing newline.
+INSTANCE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 RESERVED_IDS = frozenset({"shared", "instances", "backups", "models", "input", "storage", "tmp", "temp", "new", "all",
                           "comfyhub", "admin", "api", "static"})
 
@@ -59,11 +60,11 @@ class LayoutError(Exception):
 
 def instance_id_problem(instance_id: str) -> str | None:
     """Why `instance_id` cannot name an instance, or None when it can."""
-    if not instance_id:
+    if not isinstance(instance_id, str) or not instance_id:
         return "An instance id is required."
     if len(instance_id) > 63:
         return "An instance id has at most 63 characters."
-    if not INSTANCE_ID_RE.match(instance_id):
+    if not INSTANCE_ID_RE.fullmatch(instance_id):
         return ("Use lowercase letters a-z, digits and '-', starting and ending with a letter or digit "
                 f"(e.g. '{_suggest_id(instance_id)}').")
     if instance_id in RESERVED_IDS:

@@ -133,6 +133,15 @@ def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None)
     problem = layout.instance_id_problem(new_instance_id)
     if problem:
         raise ValidationError({"new_instance_id": [problem]})
+    # The clone runs the snapshot's image: refused up front when this ComfyHub no longer allows it.
+    from django.conf import settings
+
+    from instances import runtime
+
+    config = (snapshot.manifest or {}).get("instance")
+    image = (config.get("image") if isinstance(config, dict) else "") or settings.COMFY_IMAGE
+    if problem := runtime.image_problem(image):
+        raise ValidationError({"snapshot": [problem]})
     if Instance.objects.filter(instance_id=new_instance_id).exists():
         raise ValidationError({"new_instance_id": [f"An instance '{new_instance_id}' already exists; pick another id."]})
     check_gpu_selection(indexes=list(gpu_indexes))

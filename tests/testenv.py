@@ -43,6 +43,10 @@ os.environ.update(
         # Two test sessions on one engine never reuse each other's container names.
         "CONTAINER_NAME_PREFIX": f"comfyhub-t{SESSION}-",
         "INSTANCE_PORT_RANGE": "18188-18387",
+        # The default image's repository, the test double and the made-up images tests name (never pulled).
+        "INSTANCE_IMAGES_ALLOWED": "ghcr.io/comfyhub/comfyui,ghcr.io/comfyhub/comfyui:*,ghcr.io/comfyhub/comfyui@*,"
+                                   "comfyhub-comfyui-double:*,comfyhub-test-*:*,example/comfyui:*,comfy:*,img:*,"
+                                   "other:*,registry.invalid/*",
     }
 )
 (ROOT / "var" / "static").mkdir(parents=True)
