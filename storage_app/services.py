@@ -192,14 +192,23 @@ def restore_into_instance(*, snapshot_pk, user_pk=None, report=None) -> dict:
     if instance is None:
         raise OperationError(f"Instance '{snapshot.instance_label}' no longer exists; clone the snapshot instead.")
     user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    root = layout.instance_dir(instance.instance_id, instance.node)
     try:
-        snapshots.verify_archive(snapshot)
+        report.progress(2, "checking the archive")
+        plan = snapshots.check_archive(snapshot, snapshots.staging_parent(root))  # refuse before anything changes
+        report.log(f"the archive passed every check: {', '.join(plan.trees) or 'nothing'} to restore, "
+                   f"{plan.unpacked} bytes unpacked (at most {plan.limit.bytes})")
+        for item in (snapshot.manifest or {}).get("skipped", []) if isinstance(snapshot.manifest, dict) else []:
+            report.log(f"not in this snapshot (left out when it was taken): {item.get('path')} ({item.get('why')})",
+                       "WARNING")
         report.progress(5, "taking a snapshot of the current state first")
         undo = snapshots.create(instance, kind=snapshot.kind, include_output=snapshot.include_output,
                                 note=f"automatic, before restoring snapshot {snapshot.pk}", user=user,
                                 automatic="before-restore", report=report)
     except snapshots.SnapshotError as exc:
-        raise OperationError(f"{exc} Nothing was restored.") from exc
+        message = str(exc)
+        raise OperationError(message if "Nothing was restored" in message or "nothing was restored" in message
+                             else f"{message} Nothing was restored.") from exc
     was_running = instance.desired_state == Instance.DesiredState.RUNNING
     if was_running:
         report.progress(20, "stopping the instance")

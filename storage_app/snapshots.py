@@ -1,27 +1,38 @@
 """Snapshots of an instance: archives under COMFY_BACKUPS_PATH, restores that swap in only complete trees, clones.
 
-Archives are gzipped tar files made by GNU tar (fast on many small files). Restores never trust them: the hash is
-checked first, every member is inspected (no absolute paths, no '..', no links leaving the tree, no devices), the
-archive is extracted into a staging folder next to the instance, and only a complete extraction is swapped in.
+An instance's folder is written by code ComfyHub does not trust, so both directions treat it as hostile (see
+docs/security.md). Creating walks the folder through descriptors (never following a link) and writes the tar stream
+itself, leaving out, with a line in the operation's log, what a restore would refuse: links that resolve outside the
+instance folder (chains included), devices, fifos, sockets. Restoring never trusts the archive: the hash is checked
+first; the folders replaced come from the snapshot's kind, never from the archive; every member is checked (plain
+folders, files and links only, inside those folders, every link resolving inside the instance over the whole
+archive, a cap on what it unpacks to); it is extracted through descriptors into a staging folder ComfyHub made, with
+PUID:PGID and sane modes, and only a complete extraction is swapped in, all or nothing.
 """
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import stat
 import subprocess
 import tarfile
-import tempfile
+import time
 import uuid
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import layout
+from . import layout, safefs
 from .models import Snapshot
 
 MANIFEST_NAME = "comfyhub-snapshot.json"
@@ -91,42 +102,116 @@ def custom_node_manifest(instance) -> list[dict]:
     return found
 
 
+# --- Which folders a snapshot holds ---------------------------------------------------------------------------
+
+def trees_for(kind: str, include_output: bool = False) -> tuple[str, ...]:
+    """The instance folders a snapshot of this kind holds: the only paths a restore ever replaces. They come from
+    the Snapshot row's kind (written by ComfyHub), never from anything inside the archive."""
+    if kind == Snapshot.Kind.CONFIG:
+        trees = CONFIG_TREES
+    elif kind == Snapshot.Kind.FULL:
+        trees = FULL_TREES
+    else:
+        raise SnapshotError(f"'{kind}' is not a snapshot kind (config or full); nothing was restored.")
+    if include_output:
+        trees += ("output",)
+    return tuple(tree for tree in trees if tree in layout.INSTANCE_SUBDIRS)
+
+
+MAX_LINK_HOPS = 40  # the kernel's own limit on links followed while resolving one path
+MAX_DEPTH = 128  # folders nested deeper than this are left out of a snapshot (and logged)
+MANIFEST_LIMIT = 1 << 20
+
+
+def link_problem(path: str, target: str, kinds: dict[str, str], targets: dict[str, str]) -> str | None:
+    """Why the link at `path` (relative to the instance folder) would lead outside that folder, or None when it
+    stays inside. Resolved as the kernel would, through a virtual tree: `kinds` maps each relative path to 'dir',
+    'file' or 'link', `targets` each link to its target, so a chain (`y -> x/..` after `x -> ..`) is followed link
+    by link. Names not in the tree count as plain folders."""
+    if not target or "\0" in target:
+        return "its target is empty or holds a NUL byte"
+    if target.startswith("/"):
+        return f"it points to the absolute path {target}"
+    position = list(PurePosixPath(path).parts[:-1])
+    pending = list(PurePosixPath(target).parts)
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not position:
+                return (f"'{target}' climbs above the instance folder" if hops == 0 else
+                        f"through the links it passes, '{target}' climbs above the instance folder")
+            position.pop()
+            continue
+        candidate = "/".join(position + [part])
+        kind = kinds.get(candidate)
+        if kind == "link":
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                return f"resolving it follows more than {MAX_LINK_HOPS} links (a loop)"
+            onward = targets.get(candidate, "")
+            if not onward or onward.startswith("/"):
+                return f"it passes through the link '{candidate}', which points to {onward or 'nothing'}"
+            pending[:0] = list(PurePosixPath(onward).parts)
+            continue
+        if kind == "file" and pending:
+            return None  # the kernel stops at a file in the middle of a path (ENOTDIR): nothing outside is reached
+        position.append(part)
+    return None
+
+
 # --- Create ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Content:
+    """What a snapshot will hold, found by walking the instance folder without following any link."""
+    trees: list[str] = field(default_factory=list)
+    entries: list[tuple[str, str]] = field(default_factory=list)  # ('dir' | 'file', relative path), parents first
+    links: list[tuple[str, str]] = field(default_factory=list)  # (relative path, target) that resolve inside
+    skipped: list[dict] = field(default_factory=list)  # {'path', 'why'}: left out, each logged
+
 
 def create(instance, *, kind: str, include_output: bool = False, note: str = "", user=None, automatic: str = "",
            report=None) -> Snapshot:
     root = layout.instance_dir(instance.instance_id, instance.node)
     if not root.is_dir():
         raise SnapshotError(f"{root} does not exist: build the instance first.")
-    trees = [t for t in (CONFIG_TREES if kind == Snapshot.Kind.CONFIG else FULL_TREES) if (root / t).exists()]
-    if include_output and (root / "output").exists():
-        trees.append("output")
+    try:
+        content = _collect(root, trees_for(kind, include_output))
+    except safefs.UnsafePathError as exc:
+        raise SnapshotError(f"Cannot take a snapshot: {exc}") from exc
+    for item in content.skipped:
+        _log(report, f"left out of the snapshot: {item['path']} ({item['why']})", "WARNING")
     manifest = {
-        "format": 1, "kind": kind, "include_output": include_output, "trees": trees,
+        "format": 2, "kind": kind, "include_output": include_output, "trees": content.trees,
         "created_at": timezone.now().isoformat(), "instance": registry_config(instance),
-        "custom_nodes": custom_node_manifest(instance),
+        "custom_nodes": custom_node_manifest(instance), "skipped": content.skipped,
     }
     folder = backups_root() / instance.instance_id
     folder.mkdir(parents=True, exist_ok=True)
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     name = f"{instance.instance_id}-{kind}-{stamp}-{uuid.uuid4().hex[:6]}.tar.gz"
     final = folder / name
-    staging = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=folder))
+    partial = folder / f".{name}.partial"
+    _log(report, f"archiving {', '.join(content.trees) or 'nothing'} of {instance}")
     try:
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        partial = folder / f".{name}.partial"
-        _log(report, f"archiving {', '.join(trees) or 'nothing'} of {instance}")
-        _tar_create(partial, [(staging, MANIFEST_NAME)] + [(root, tree) for tree in trees])
+        unpacked = _write_archive(partial, root, content, json.dumps(manifest, indent=2).encode(), report)
         digest, size = _sha256(partial)
         os.replace(partial, final)
     except OSError as exc:
-        _cleanup(folder / f".{name}.partial")
+        _cleanup(partial)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SnapshotError(f"The backups disk is full ({backups_root()}); free space and try again. "
                                 "Nothing was written.") from exc
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        _cleanup(partial)
+        raise
+    # What the archive unpacks to, measured while ComfyHub wrote it: the restore's size cap allows at least this
+    # much for this archive (its hash is checked first, so it is exactly the archive measured).
+    manifest["unpacked_bytes"] = unpacked
     snapshot = Snapshot.objects.create(
         instance=instance, instance_label=instance.instance_id, kind=kind, include_output=include_output,
         automatic=automatic, note=note, archive=str(final.relative_to(backups_root())), size=size, sha256=digest,
@@ -135,16 +220,290 @@ def create(instance, *, kind: str, include_output: bool = False, note: str = "",
     return snapshot
 
 
-def _tar_create(target: Path, members: list[tuple[Path, str]]):
-    command = ["tar", "--create", "--gzip", "--file", str(target), "--numeric-owner", "--no-wildcards"]
-    for base, name in members:
-        command += ["-C", str(base), name]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        message = done.stderr.strip() or f"tar exited with {done.returncode}"
+def _collect(root: Path, trees) -> _Content:
+    """Walk each tree through descriptors (O_NOFOLLOW at every level), then keep only the links that resolve inside
+    the instance folder over the whole walked tree, chains included, as a restore will judge them."""
+    content = _Content()
+    kinds: dict[str, str] = {}
+    targets: dict[str, str] = {}
+    found_links: list[tuple[str, str]] = []
+    for tree in trees:
+        info = safefs.lstat(root, tree)
+        if info is None:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            with safefs.parent_of(root, tree) as (fd, name):
+                target = os.readlink(name, dir_fd=fd)
+            kinds[tree], targets[tree] = "link", target
+            content.skipped.append({"path": tree, "target": target,
+                                    "why": f"the folder is a link to {target}; ComfyHub never follows links in an "
+                                           "instance folder"})
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            content.skipped.append({"path": tree, "why": "not a folder"})
+            continue
+        content.trees.append(tree)
+        content.entries.append(("dir", tree))
+        kinds[tree] = "dir"
+        _walk_tree(root, tree, content, kinds, targets, found_links)
+    for path, target in found_links:
+        problem = link_problem(path, target, kinds, targets)
+        if problem:
+            content.skipped.append({"path": path, "target": target,
+                                    "why": f"a link that cannot be restored: {problem}"})
+        else:
+            content.links.append((path, target))
+    return content
+
+
+def _walk_tree(root: Path, tree: str, content: _Content, kinds, targets, found_links):
+    top = safefs.open_dir(root, tree)
+    stack = [(top, tree, iter(_listing(top)))]
+    try:
+        while stack:
+            dir_fd, here, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                os.close(dir_fd)
+                stack.pop()
+                continue
+            name, kind = entry
+            path = f"{here}/{name}"
+            if kind == "link":
+                try:
+                    target = os.readlink(name, dir_fd=dir_fd)
+                except OSError:
+                    continue  # removed meanwhile
+                kinds[path], targets[path] = "link", target
+                found_links.append((path, target))
+            elif kind == "dir":
+                if len(stack) >= MAX_DEPTH:
+                    content.skipped.append({"path": path, "why": f"nested deeper than {MAX_DEPTH} folders"})
+                    continue
+                try:
+                    child = os.open(name, safefs.DIR_FLAGS, dir_fd=dir_fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                        continue  # swapped for a link or removed since it was listed
+                    raise
+                kinds[path] = "dir"
+                content.entries.append(("dir", path))
+                stack.append((child, path, iter(_listing(child))))
+            elif kind == "file":
+                kinds[path] = "file"
+                content.entries.append(("file", path))
+            else:
+                content.skipped.append({"path": path, "why": f"a {kind}, which a snapshot cannot hold"})
+    finally:
+        for dir_fd, _here, _entries in stack:
+            os.close(dir_fd)
+
+
+def _listing(dir_fd: int) -> list[tuple[str, str]]:
+    found = []
+    for entry in os.scandir(dir_fd):
+        if entry.is_symlink():
+            kind = "link"
+        elif entry.is_dir(follow_symlinks=False):
+            kind = "dir"
+        elif entry.is_file(follow_symlinks=False):
+            kind = "file"
+        else:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue
+            kind = ("fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                    else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+        found.append((entry.name, kind))
+    found.sort()
+    return found
+
+
+class _DirCache:
+    """Descriptors of folders below a trusted base, each reached through O_NOFOLLOW opens, a few kept open."""
+
+    def __init__(self, open_rel, size: int = 32):
+        self.open_rel, self.size, self.fds = open_rel, size, {}
+
+    def get(self, relpath: str) -> int:
+        if relpath in self.fds:
+            return self.fds[relpath]
+        if len(self.fds) >= self.size:
+            oldest = next(iter(self.fds))
+            os.close(self.fds.pop(oldest))
+        self.fds[relpath] = fd = self.open_rel(relpath)
+        return fd
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _write_archive(partial: Path, root: Path, content: _Content, manifest: bytes, report) -> int:
+    """Write the archive: a tar stream made here, from descriptors, piped through gzip (as `tar -z` does) into
+    `partial`, created exclusively. Returns the length of the uncompressed stream."""
+    out_fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        gzip_process = subprocess.Popen(["gzip", "-c", "-6", "-n"], stdin=subprocess.PIPE, stdout=out_fd,
+                                        stderr=subprocess.PIPE, bufsize=1 << 20)
+    finally:
+        os.close(out_fd)
+    writer = _TarWriter(gzip_process.stdin)
+    failure = None
+    try:
+        _write_members(writer, root, content, manifest, report)
+        writer.finish()
+    except BrokenPipeError as exc:
+        failure = exc
+    except BaseException:
+        gzip_process.kill()
+        gzip_process.wait()
+        raise
+    finally:
+        try:
+            gzip_process.stdin.close()
+        except BrokenPipeError:
+            pass
+    errors = gzip_process.stderr.read().decode(errors="replace").strip()
+    gzip_process.stderr.close()
+    if gzip_process.wait() != 0 or failure is not None:
+        message = errors or f"gzip exited with {gzip_process.returncode}"
         if "No space left" in message:
             raise OSError(errno.ENOSPC, message)
         raise SnapshotError(f"Creating the archive failed: {message}")
+    return writer.count
+
+
+def _write_members(writer, root: Path, content: _Content, manifest: bytes, report):
+    info = tarfile.TarInfo(MANIFEST_NAME)
+    info.size, info.mtime, info.mode = len(manifest), int(time.time()), 0o644
+    writer.add(info, data=manifest)
+    dirs = _DirCache(lambda relpath: safefs.open_dir(root, relpath))
+    lost: list[str] = []  # folders that turned into something else while archived: their content is left out
+
+    def parent_fd(path: str) -> int | None:
+        parent = path.rpartition("/")[0]
+        if any(parent == gone or parent.startswith(gone + "/") for gone in lost):
+            return None
+        try:
+            return dirs.get(parent)
+        except (OSError, safefs.UnsafePathError) as exc:
+            lost.append(parent)
+            _log(report, f"left out of the snapshot: {root / parent} changed while it was archived ({exc})",
+                 "WARNING")
+            return None
+
+    try:
+        for kind, path in content.entries:
+            fd = parent_fd(path)
+            if fd is None:
+                continue
+            name = path.rpartition("/")[2]
+            if kind == "dir":
+                try:
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    lost.append(path)
+                    continue
+                if not stat.S_ISDIR(info.st_mode):
+                    lost.append(path)
+                    _log(report, f"left out of the snapshot: {root / path} is no longer a folder", "WARNING")
+                    continue
+                writer.add(_header(path, tarfile.DIRTYPE, info))
+            else:
+                _add_file(writer, fd, name, path, root, report)
+        for path, target in content.links:
+            fd = parent_fd(path)
+            if fd is None:
+                continue
+            name = path.rpartition("/")[2]
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                now = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(info.st_mode) else None
+            except OSError:
+                continue
+            if now != target:
+                _log(report, f"left out of the snapshot: the link {root / path} changed while it was archived",
+                     "WARNING")
+                continue
+            header = _header(path, tarfile.SYMTYPE, info)
+            header.linkname = target
+            writer.add(header)
+    finally:
+        dirs.close()
+
+
+def _add_file(writer, dir_fd: int, name: str, path: str, root: Path, report):
+    # An O_PATH descriptor is looked at before anything is opened for reading: a device or fifo swapped in under
+    # the name is never opened, and the file read is the very inode checked (reopened through /proc/self/fd).
+    try:
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            _log(report, f"left out of the snapshot: {root / path} became a link while it was archived", "WARNING")
+            return
+        raise
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            _log(report, f"left out of the snapshot: {root / path} is no longer a plain file", "WARNING")
+            return
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    finally:
+        os.close(handle)
+    try:
+        header = _header(path, tarfile.REGTYPE, info)
+        header.size = info.st_size
+        writer.add(header, fd=fd, report=report, shown=root / path)
+    finally:
+        os.close(fd)
+
+
+def _header(path: str, kind: bytes, info: os.stat_result) -> tarfile.TarInfo:
+    header = tarfile.TarInfo(path)
+    header.type = kind
+    header.mode = stat.S_IMODE(info.st_mode) & 0o777
+    header.mtime = max(0, int(info.st_mtime))
+    header.uid, header.gid = info.st_uid, info.st_gid
+    return header
+
+
+class _TarWriter:
+    """A POSIX (pax) tar stream written by hand, so every byte comes from a descriptor ComfyHub opened itself."""
+
+    def __init__(self, out):
+        self.out, self.count = out, 0
+
+    def _write(self, data):
+        self.out.write(data)
+        self.count += len(data)
+
+    def add(self, info: tarfile.TarInfo, *, data: bytes | None = None, fd: int | None = None, report=None,
+            shown=None):
+        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if data is not None:
+            self._write(data)
+        elif fd is not None:
+            remaining = info.size
+            while remaining:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+                if not chunk:  # shrank while read: the header already promised the size, so pad it
+                    _log(report, f"{shown} shrank while it was archived; its copy is padded with zeros", "WARNING")
+                    self._write(bytes(remaining))
+                    break
+                self._write(chunk)
+                remaining -= len(chunk)
+        if info.size % tarfile.BLOCKSIZE:
+            self._write(bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
+
+    def finish(self):
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        if self.count % tarfile.RECORDSIZE:
+            self._write(bytes(tarfile.RECORDSIZE - self.count % tarfile.RECORDSIZE))
 
 
 def _sha256(path: Path) -> tuple[str, int]:
@@ -164,7 +523,7 @@ def _cleanup(path: Path):
         pass
 
 
-# --- Check and extract ----------------------------------------------------------------------------------------
+# --- Check ----------------------------------------------------------------------------------------------------
 
 def verify_archive(snapshot: Snapshot) -> Path:
     path = archive_path(snapshot)
@@ -177,114 +536,513 @@ def verify_archive(snapshot: Snapshot) -> Path:
     return path
 
 
-def check_members(archive: Path, allowed_trees) -> list[tarfile.TarInfo]:
-    """Every member, or SnapshotError naming the first one that could escape or is not plain data."""
-    allowed = set(allowed_trees) | {MANIFEST_NAME}
-    with tarfile.open(archive, "r:gz") as tar:
-        members = tar.getmembers()
-    for member in members:
-        name = member.name
-        parts = PurePosixPath(name).parts
-        if name.startswith("/") or ".." in parts:
-            raise SnapshotError(f"Refused: the archive entry '{name}' points outside the instance.")
-        if not parts or parts[0] not in allowed:
-            raise SnapshotError(f"Refused: the archive entry '{name}' is not part of a snapshot.")
-        if member.isdev() or member.isfifo():
-            raise SnapshotError(f"Refused: the archive entry '{name}' is a device or pipe.")
-        if member.issym() or member.islnk():
-            target = member.linkname
-            resolved = PurePosixPath(os.path.normpath(PurePosixPath(name).parent / target)) if member.issym() \
-                else PurePosixPath(os.path.normpath(target))
-            if target.startswith("/") and not target.startswith(f"{layout.CONTAINER_SHARED}/input/"):
-                raise SnapshotError(f"Refused: the link '{name}' points to {target}, outside the instance.")
-            if not target.startswith("/") and (str(resolved).startswith("..") or resolved.is_absolute()):
-                raise SnapshotError(f"Refused: the link '{name}' points to {target}, outside the instance.")
-    return members
+@dataclass
+class Limit:
+    """How many bytes an archive may unpack to, and why that many."""
+    bytes: int
+    reason: str
+    disk: bool  # True when the free space, not the ratio, sets it
+
+
+def unpacked_limit(snapshot: Snapshot, archive: Path, parent: Path) -> Limit:
+    """RESTORE_MAX_UNPACKED_RATIO × the archive's size (or what ComfyHub measured when it wrote this very archive,
+    when that is more), and never more than the free space of `parent`'s filesystem minus
+    RESTORE_FREE_SPACE_MARGIN_MB."""
+    size = archive.stat().st_size
+    ratio = settings.RESTORE_MAX_UNPACKED_RATIO
+    by_ratio = int(ratio * size)
+    reason = (f"RESTORE_MAX_UNPACKED_RATIO ({ratio:g}) × the archive's {size} bytes; raise "
+              "RESTORE_MAX_UNPACKED_RATIO if you trust this archive")
+    recorded = snapshot.manifest.get("unpacked_bytes") if isinstance(snapshot.manifest, dict) else None
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > by_ratio:
+        by_ratio = recorded
+        reason = "the size ComfyHub measured when it wrote this archive"
+    margin = settings.RESTORE_FREE_SPACE_MARGIN_MB * (1 << 20)
+    disk = os.statvfs(parent)
+    free = disk.f_bavail * disk.f_frsize - margin
+    if free < by_ratio:
+        return Limit(max(free, 0), f"the free space of the disk holding {parent} ({disk.f_bavail * disk.f_frsize} "
+                                   f"bytes) minus RESTORE_FREE_SPACE_MARGIN_MB "
+                                   f"({settings.RESTORE_FREE_SPACE_MARGIN_MB} MB)", True)
+    return Limit(by_ratio, reason, False)
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Keeps the names of the tar header itself when a pax header overrides them, so the two can be compared."""
+    header_name = None
+    header_linkname = None
+
+    def _apply_pax_info(self, pax_headers, encoding, errors):
+        self.header_name, self.header_linkname = self.name, self.linkname
+        super()._apply_pax_info(pax_headers, encoding, errors)
+
+
+class _Counted:
+    """The decompressed stream, counted: reading past the limit stops, whatever the headers claim."""
+
+    def __init__(self, raw, limit: Limit, slack: int = 4 * tarfile.RECORDSIZE):
+        self.raw, self.limit, self.allowed, self.count = raw, limit, limit.bytes + slack, 0
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            size = self.allowed - self.count + 1
+        data = self.raw.read(size)
+        self.count += len(data)
+        if self.count > self.allowed:
+            raise SnapshotError(_over_limit("", self.count, self.limit))
+        return data
+
+
+def _over_limit(name: str, total: int, limit: Limit) -> str:
+    if limit.disk:
+        return (f"The disk is too full to restore: the archive unpacks to at least {total} bytes"
+                + (f" (at the entry '{name}')" if name else "")
+                + f" but only {limit.bytes} bytes may be used ({limit.reason}). Free space and try again; "
+                "nothing was restored.")
+    return (f"Refused: the archive unpacks to more than {limit.bytes} bytes"
+            + (f" (at the entry '{name}', {total} bytes so far)" if name else "")
+            + f", the cap set by {limit.reason}. Nothing was restored.")
+
+
+@contextmanager
+def _open_tar(archive: Path, limit: Limit):
+    try:
+        with gzip.open(archive, "rb") as raw:
+            with tarfile.open(fileobj=_Counted(raw, limit), mode="r|", tarinfo=_TarInfo) as tar:
+                yield tar
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise SnapshotError(f"The archive cannot be read as a gzipped tar file ({exc}); nothing was restored.") \
+            from exc
+
+
+ALLOWED_TYPES = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.DIRTYPE: "dir",
+                 tarfile.SYMTYPE: "link", tarfile.LNKTYPE: "hardlink"}
+REFUSED_TYPES = {tarfile.CHRTYPE: "a device (character device)", tarfile.BLKTYPE: "a device (block device)",
+                 tarfile.FIFOTYPE: "a pipe (fifo)", tarfile.CONTTYPE: "a contiguous file",
+                 tarfile.GNUTYPE_SPARSE: "a sparse file"}
+
+
+@dataclass
+class Plan:
+    """An archive that passed every check: its members in order, the trees it will replace, what it unpacks to."""
+    members: list[tuple[str, bytes, int, str]]  # (path, type, size, link target) exactly as checked
+    trees: list[str]
+    unpacked: int
+    manifest: dict
+    limit: Limit
+
+
+def _member_path(raw_name: str, what: str = "entry") -> tuple[str, ...]:
+    if "\0" in raw_name:
+        raise SnapshotError(f"Refused: the archive {what} {raw_name!r} holds a NUL byte in its name.")
+    path = PurePosixPath(raw_name)
+    if raw_name.startswith("/") or ".." in path.parts:
+        raise SnapshotError(f"Refused: the archive {what} '{raw_name}' points outside the instance.")
+    parts = tuple(part for part in path.parts if part not in ("", "."))
+    if not parts:
+        raise SnapshotError(f"Refused: the archive {what} '{raw_name}' has no name.")
+    return parts
+
+
+def inspect_archive(archive: Path, allowed_trees, limit: Limit, kind: str = "") -> Plan:
+    """Every member checked, or SnapshotError naming the first that is not a plain folder, file or link inside the
+    allowed trees, or whose link would lead outside the instance folder, judged over the whole archive."""
+    allowed = tuple(allowed_trees)
+    kinds: dict[str, str] = {}
+    targets: dict[str, str] = {}
+    symlinks: list[str] = []
+    members = []
+    manifest = None
+    unpacked = 0
+    described = f"a {kind} snapshot" if kind else "this snapshot"
+    with _open_tar(archive, limit) as tar:
+        for member in tar:
+            raw = member.name
+            if member.type in REFUSED_TYPES or member.type not in ALLOWED_TYPES:
+                what = REFUSED_TYPES.get(member.type, f"an entry of unknown type {member.type!r}")
+                raise SnapshotError(f"Refused: the archive entry '{raw}' is {what}; a snapshot holds only folders, "
+                                    "files and links.")
+            if any(key.startswith("GNU.sparse") for key in member.pax_headers):
+                raise SnapshotError(f"Refused: the archive entry '{raw}' is a sparse file (pax sparse headers).")
+            parts = _member_path(raw)
+            for field_name, header_value, value in (("name", member.header_name, raw),
+                                                     ("link target", member.header_linkname, member.linkname)):
+                if header_value and header_value != value:
+                    shown = tuple(p for p in PurePosixPath(header_value).parts if p not in ("", "."))
+                    if header_value.startswith("/") or ".." in shown or "\0" in header_value or (
+                            field_name == "name" and shown[:1] != parts[:1]):
+                        raise SnapshotError(f"Refused: the archive entry '{raw}' has a pax header naming its "
+                                            f"{field_name} '{value}' while its tar header says '{header_value}'.")
+            path = "/".join(parts)
+            kind_of_member = ALLOWED_TYPES[member.type]
+            end = member.offset_data + (tarfile.BLOCKSIZE * -(-member.size // tarfile.BLOCKSIZE)
+                                        if kind_of_member == "file" else 0)
+            unpacked = max(unpacked, end)
+            if unpacked > limit.bytes:
+                raise SnapshotError(_over_limit(raw, unpacked, limit))
+            if path == MANIFEST_NAME:
+                if kind_of_member != "file" or manifest is not None or member.size > MANIFEST_LIMIT:
+                    raise SnapshotError(f"Refused: the archive's {MANIFEST_NAME} is not one plain file under "
+                                        f"{MANIFEST_LIMIT} bytes.")
+                manifest = tar.extractfile(member).read(MANIFEST_LIMIT + 1)
+                members.append((path, member.type, member.size, ""))
+                continue
+            if parts[0] not in allowed:
+                raise SnapshotError(f"Refused: the archive entry '{raw}' is not part of {described} (which holds "
+                                    f"only {', '.join(allowed)}).")
+            if len(parts) == 1 and kind_of_member != "dir":
+                raise SnapshotError(f"Refused: the archive entry '{raw}' must be a folder: it is the instance's "
+                                    f"{parts[0]}/ folder.")
+            if path in kinds:
+                raise SnapshotError(f"Refused: the archive entry '{raw}' appears twice in the archive.")
+            for depth in range(1, len(parts)):
+                above = "/".join(parts[:depth])
+                known = kinds.get(above)
+                if known is None:
+                    kinds[above] = "dir"  # a folder the archive implies without listing it
+                elif known != "dir":
+                    raise SnapshotError(f"Refused: the archive entry '{raw}' lies under '{above}', which is a "
+                                        f"{'link' if known == 'link' else 'file'} in the archive.")
+            linkname = ""
+            if kind_of_member == "link":
+                linkname = member.linkname
+                if not linkname or "\0" in linkname or linkname.startswith("/"):
+                    raise SnapshotError(f"Refused: the link '{raw}' points to {linkname!r}, outside the instance.")
+                targets[path] = linkname
+                symlinks.append(path)
+                kinds[path] = "link"
+            elif kind_of_member == "hardlink":
+                source = "/".join(_member_path(member.linkname, "hard link target"))
+                if kinds.get(source) != "file" or source == MANIFEST_NAME:
+                    raise SnapshotError(f"Refused: the hard link '{raw}' points to '{member.linkname}', which is "
+                                        "not a plain file earlier in the archive.")
+                linkname = source
+                kinds[path] = "file"
+            else:
+                kinds[path] = kind_of_member
+            members.append((path, member.type, member.size if kind_of_member == "file" else 0, linkname))
+    if manifest is None:
+        raise SnapshotError(f"The archive has no {MANIFEST_NAME}: not a ComfyHub snapshot. Nothing was restored.")
+    try:
+        manifest = json.loads(manifest)
+    except ValueError as exc:
+        raise SnapshotError(f"The archive's {MANIFEST_NAME} is not valid JSON ({exc}).") from exc
+    if not isinstance(manifest, dict):
+        raise SnapshotError(f"The archive's {MANIFEST_NAME} is not a JSON object.")
+    listed = manifest.get("trees", [])
+    if not isinstance(listed, list) or any(not isinstance(t, str) or t not in allowed for t in listed):
+        extra = [t for t in listed if t not in allowed] if isinstance(listed, list) else [listed]
+        raise SnapshotError(f"Refused: the archive's {MANIFEST_NAME} lists the folder(s) {extra!r}, which "
+                            f"{described} never holds (only {', '.join(allowed)}): a forged archive. Nothing was "
+                            "restored.")
+    for path in symlinks:
+        problem = link_problem(path, targets[path], kinds, targets)
+        if problem:
+            raise SnapshotError(f"Refused: the link '{path}' points to '{targets[path]}', outside the instance: "
+                                f"{problem}.")
+    trees = [tree for tree in allowed if kinds.get(tree) == "dir"]
+    return Plan(members, trees, unpacked, manifest, limit)
+
+
+def check_members(archive: Path, allowed_trees, limit: Limit | None = None) -> list:
+    """The members (path, type, size, link target) of an archive that passes every check, or SnapshotError."""
+    limit = limit or Limit(int(settings.RESTORE_MAX_UNPACKED_RATIO * archive.stat().st_size),
+                           f"RESTORE_MAX_UNPACKED_RATIO ({settings.RESTORE_MAX_UNPACKED_RATIO:g})", False)
+    return inspect_archive(archive, allowed_trees, limit).members
+
+
+def check_archive(snapshot: Snapshot, parent: Path) -> Plan:
+    """Hash, then every member, against the trees of the snapshot's kind and the size cap for `parent`'s disk."""
+    archive = verify_archive(snapshot)
+    allowed = trees_for(snapshot.kind, snapshot.include_output)
+    return inspect_archive(archive, allowed, unpacked_limit(snapshot, archive, parent), snapshot.kind)
 
 
 def read_manifest(archive: Path) -> dict:
     with tarfile.open(archive, "r:gz") as tar:
         try:
-            handle = tar.extractfile(MANIFEST_NAME)
+            member = tar.getmember(MANIFEST_NAME)
         except KeyError as exc:
             raise SnapshotError("The archive has no comfyhub-snapshot.json: not a ComfyHub snapshot.") from exc
-        return json.loads(handle.read(10 << 20))
+        if not member.isfile() or member.size > MANIFEST_LIMIT:
+            raise SnapshotError(f"The archive's {MANIFEST_NAME} is not a plain file under {MANIFEST_LIMIT} bytes.")
+        return json.loads(tar.extractfile(member).read(MANIFEST_LIMIT))
 
 
-def extract_to_staging(archive: Path, parent: Path, trees) -> Path:
-    """Extract into a new staging folder under `parent` (same filesystem as the instance, so the swap is a
-    rename). On any failure, disk full included, the staging folder is removed and the error re-raised."""
-    check_members(archive, trees)
-    staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=parent))
+# --- Extract and swap -----------------------------------------------------------------------------------------
+
+@dataclass
+class Staging:
+    """A folder ComfyHub made for one restore: created exclusively under a random name, used only through its
+    descriptor (`fd`), inside `parent_fd`."""
+    parent: Path
+    parent_fd: int
+    name: str
+    fd: int
+
+    @property
+    def path(self) -> Path:
+        return self.parent / self.name
+
+    def open_rel(self, relpath: str) -> int:
+        """A descriptor of a folder inside the staging folder, every component opened with O_NOFOLLOW."""
+        fd = os.dup(self.fd)
+        try:
+            for part in safefs.parts_of(relpath):
+                next_fd = os.open(part, safefs.DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def remove(self):
+        try:
+            shutil.rmtree(self.name, dir_fd=self.parent_fd)
+        except FileNotFoundError:
+            pass
+
+    def close(self):
+        for fd in (self.fd, self.parent_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def make_staging(parent: Path, prefix: str = ".restore-") -> Staging:
+    parent_fd = safefs.open_root(parent)
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(staging, filter=_safe_filter)
-        return staging
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SnapshotError(f"The disk filled up while extracting into {parent}; the instance was left exactly "
-                                "as it was. Free space and try again.") from exc
+        for _ in range(100):
+            name = f"{prefix}{secrets.token_hex(8)}"
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            except FileExistsError:
+                continue
+            return Staging(parent, parent_fd, name, os.open(name, safefs.DIR_FLAGS, dir_fd=parent_fd))
+        raise SnapshotError(f"Could not create a staging folder in {parent}.")
+    except BaseException:
+        os.close(parent_fd)
         raise
 
 
-def _safe_filter(member, path):
-    member = tarfile.data_filter(member, path)
-    if os.geteuid() == 0 and member is not None:
-        member = member.replace(uid=settings.PUID, gid=settings.PGID, uname="", gname="", deep=False)
-    return member
+def staging_parent(root: Path) -> Path:
+    """Next to the instance (a folder the container cannot write) when that is the same filesystem, so the swap is
+    a rename; otherwise inside the instance, where the staging folder is still made exclusively and used by
+    descriptor only."""
+    try:
+        if os.stat(root, follow_symlinks=False).st_dev != os.stat(root.parent).st_dev:
+            return root
+    except FileNotFoundError:
+        pass
+    return root.parent
 
 
-def swap_in(staging: Path, root: Path, trees) -> None:
-    """Replace root/<tree> with staging/<tree> for each tree; all or nothing."""
-    moved_aside = []
-    token = uuid.uuid4().hex[:8]
+def extract_to_staging(archive: Path, staging: Staging, plan: Plan, report=None) -> None:
+    """Extract the checked archive into the staging folder, through descriptors only, reading the archive again
+    and comparing every member with what was checked. Files, folders and links get PUID:PGID (when running as
+    root) and sane modes: no setuid, setgid or sticky bit, nothing writable by group or others."""
+    expected = iter(plan.members)
+    written = 0
+    dirs = _DirCache(staging.open_rel)
+    folders: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime), set once everything inside is written
+    made: set[str] = set()
+
+    def folder_fd(relpath: str) -> int:
+        if relpath and relpath not in made:
+            parts = relpath.split("/")
+            for depth in range(1, len(parts) + 1):
+                above = "/".join(parts[:depth])
+                if above in made:
+                    continue
+                fd = dirs.get("/".join(parts[:depth - 1]))
+                os.mkdir(parts[depth - 1], 0o700, dir_fd=fd)
+                made.add(above)
+                folders.setdefault(above, (0o755, 0))
+        return dirs.get(relpath)
+
+    try:
+        with _open_tar(archive, plan.limit) as tar:
+            for member in tar:
+                checked = next(expected, None)
+                path = "/".join(p for p in PurePosixPath(member.name).parts if p not in ("", "."))
+                if checked is None or checked[0] != path or checked[1] != member.type:
+                    raise SnapshotError(f"The archive changed while it was read (at '{member.name}'); nothing was "
+                                        "restored.")
+                if path == MANIFEST_NAME:
+                    continue
+                parent, _, name = path.rpartition("/")
+                if member.type == tarfile.DIRTYPE:
+                    folder_fd(path)
+                    folders[path] = (_sane_mode(member.mode, True), _sane_time(member.mtime))
+                    continue
+                fd = folder_fd(parent)
+                if member.type == tarfile.SYMTYPE:
+                    os.symlink(checked[3], name, dir_fd=fd)
+                    if os.geteuid() == 0:
+                        os.chown(name, settings.PUID, settings.PGID, dir_fd=fd, follow_symlinks=False)
+                elif member.type == tarfile.LNKTYPE:
+                    source_parent, _, source_name = checked[3].rpartition("/")
+                    os.link(source_name, name, src_dir_fd=folder_fd(source_parent), dst_dir_fd=fd,
+                            follow_symlinks=False)
+                else:
+                    if member.size != checked[2]:
+                        raise SnapshotError(f"The archive changed while it was read (at '{member.name}').")
+                    written = _extract_file(tar, member, fd, name, written, plan.limit)
+        if next(expected, None) is not None:
+            raise SnapshotError("The archive changed while it was read (it ended early); nothing was restored.")
+        for path in sorted(folders, key=lambda p: -p.count("/")):
+            mode, mtime = folders[path]
+            fd = dirs.get(path)
+            os.chmod(fd, mode)
+            safefs.chown_fd(fd)
+            if mtime:
+                os.utime(fd, (mtime, mtime))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SnapshotError(f"The disk filled up while extracting into {staging.parent}; the instance was left "
+                                "exactly as it was. Free space and try again.") from exc
+        raise
+    finally:
+        dirs.close()
+    _log(report, f"extracted {written} bytes of files")
+
+
+def _extract_file(tar, member, dir_fd: int, name: str, written: int, limit: Limit) -> int:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        source = tar.extractfile(member)
+        while chunk := source.read(1 << 20):
+            written += len(chunk)
+            if written > limit.bytes:
+                raise SnapshotError(_over_limit(member.name, written, limit))
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fchmod(fd, _sane_mode(member.mode, False))
+        safefs.chown_fd(fd)
+        mtime = _sane_time(member.mtime)
+        os.utime(fd, (mtime, mtime))
+    finally:
+        os.close(fd)
+    return written
+
+
+def _sane_mode(mode: int, folder: bool) -> int:
+    """No setuid/setgid/sticky, no write for group or others; the owner may always read and write (and enter)."""
+    return (mode & 0o755) | (0o700 if folder else 0o600)
+
+
+def _sane_time(mtime) -> int:
+    try:
+        return min(max(int(mtime), 0), 2 ** 33)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def swap_in(staging: Staging, root: Path, trees) -> None:
+    """Replace root/<tree> with the staging folder's <tree>, for each tree; all or nothing. The folders replaced
+    are moved into the staging folder (out of the container's reach) and go with it; when any step fails, every
+    step done is undone and a SnapshotError raised (the instance exactly as before)."""
+    root_fd = safefs.open_root(root)
+    done: list[list] = []  # [tree, previous moved aside, incoming moved in]
     try:
         for tree in trees:
-            current, incoming = root / tree, staging / tree
-            if not incoming.exists():
-                continue
-            if os.path.lexists(current):
-                aside = root / f".{tree}.replaced-{token}"
-                os.rename(current, aside)
-                moved_aside.append((aside, current))
-            os.rename(incoming, current)
-    except BaseException:
-        for aside, current in reversed(moved_aside):
-            if os.path.lexists(current):
-                shutil.rmtree(current, ignore_errors=True)
-            os.rename(aside, current)
-        raise
-    for aside, _ in moved_aside:
-        shutil.rmtree(aside, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
+            step = [tree, False, False]
+            done.append(step)
+            if _lexists(root_fd, tree):
+                safefs.rename_noreplace(root_fd, tree, staging.fd, f".previous-{tree}")
+                step[1] = True
+            safefs.rename_noreplace(staging.fd, tree, root_fd, tree)
+            step[2] = True
+    except BaseException as exc:
+        failed_at = done[-1][0] if done else "?"
+        problems = _undo_swap(staging, root_fd, done)
+        os.close(root_fd)
+        if problems:
+            raise SnapshotError(f"Swapping '{failed_at}' into {root} failed ({exc}), and putting everything back "
+                                f"failed too: {'; '.join(problems)}. The previous folders are kept in "
+                                f"{staging.path}.") from exc
+        raise SnapshotError(f"Swapping the restored '{failed_at}' into {root} failed ({exc}); the instance was "
+                            "left exactly as it was.") from exc
+    os.close(root_fd)
+
+
+def _undo_swap(staging: Staging, root_fd: int, done) -> list[str]:
+    problems = []
+    for tree, had_previous, moved_in in reversed(done):
+        try:
+            if moved_in:
+                safefs.rename_noreplace(root_fd, tree, staging.fd, tree)
+            if had_previous:
+                try:
+                    safefs.rename_noreplace(staging.fd, f".previous-{tree}", root_fd, tree)
+                except FileExistsError:  # something was made meanwhile under the name: the previous folder wins
+                    safefs.rename_noreplace(root_fd, tree, staging.fd, f".intruder-{tree}")
+                    safefs.rename_noreplace(staging.fd, f".previous-{tree}", root_fd, tree)
+        except OSError as exc:
+            problems.append(f"{tree}: {exc}")
+    return problems
+
+
+def _lexists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def restore_files(snapshot: Snapshot, instance, report=None) -> list[str]:
-    """Put the snapshot's trees back into `instance`'s folder (which must exist)."""
-    archive = verify_archive(snapshot)
-    manifest = read_manifest(archive)
-    trees = manifest.get("trees", [])
+    """Put the snapshot's trees back into `instance`'s folder (which must exist). Only the folders of the
+    snapshot's kind are replaced; anything that fails leaves the instance as it was and no staging folder."""
     root = layout.instance_dir(instance.instance_id, instance.node)
     root.mkdir(parents=True, exist_ok=True)
-    _log(report, f"extracting {', '.join(trees)} into a staging folder")
-    staging = extract_to_staging(archive, root, trees)
-    _log(report, "swapping the restored folders in")
-    swap_in(staging, root, trees)
-    return trees
+    parent = staging_parent(root)
+    try:
+        plan = check_archive(snapshot, parent)
+        _log(report, f"extracting {', '.join(plan.trees) or 'nothing'} ({plan.unpacked} bytes) into a staging "
+                     "folder")
+        staging = make_staging(parent)
+    except safefs.UnsafePathError as exc:
+        raise SnapshotError(str(exc)) from exc
+    try:
+        extract_to_staging(archive_path(snapshot), staging, plan, report)
+        _log(report, "swapping the restored folders in")
+        swap_in(staging, root, plan.trees)
+    except safefs.UnsafePathError as exc:
+        raise SnapshotError(str(exc)) from exc
+    finally:
+        staging.remove()
+        staging.close()
+    return plan.trees
 
 
 def restore_clone(snapshot: Snapshot, new_root: Path, report=None) -> dict:
     """Extract into a brand-new instance folder (staged next to it, renamed into place when complete)."""
-    archive = verify_archive(snapshot)
-    manifest = read_manifest(archive)
     if os.path.lexists(new_root):
         raise SnapshotError(f"{new_root} already exists; pick another id.")
     new_root.parent.mkdir(parents=True, exist_ok=True)
-    staging = extract_to_staging(archive, new_root.parent, manifest.get("trees", []))
-    (staging / MANIFEST_NAME).unlink(missing_ok=True)
-    os.rename(staging, new_root)
-    return manifest
+    try:
+        plan = check_archive(snapshot, new_root.parent)
+        staging = make_staging(new_root.parent)
+    except safefs.UnsafePathError as exc:
+        raise SnapshotError(str(exc)) from exc
+    try:
+        extract_to_staging(archive_path(snapshot), staging, plan, report)
+        os.chmod(staging.fd, 0o755)
+        safefs.chown_fd(staging.fd)
+        try:
+            safefs.rename_noreplace(staging.parent_fd, staging.name, staging.parent_fd, new_root.name)
+        except FileExistsError as exc:
+            raise SnapshotError(f"{new_root} appeared while the clone was extracted; pick another id.") from exc
+    except BaseException:
+        staging.remove()
+        raise
+    finally:
+        staging.close()
+    return snapshot.manifest if isinstance(snapshot.manifest, dict) and snapshot.manifest else plan.manifest
 
 
 def delete_archive(snapshot: Snapshot):
