@@ -6,7 +6,6 @@ The browser, the admin, the CLI and the jobs all call these functions; validatio
 from __future__ import annotations
 
 import errno
-import shutil
 import socket
 from dataclasses import dataclass
 
@@ -357,12 +356,19 @@ def instance_logs(*, instance: Instance, tail: int = 500) -> str:
 
 def purge_instance_data(instance_id: str, node: Node):
     """Delete an instance's own tree (never anything shared)."""
+    from storage_app import safefs
+
     path = layout.instance_dir(instance_id, node)
-    root = layout.instances_root(node).resolve()
-    if path.is_symlink() or path.resolve().parent != root:
+    root = layout.instances_root(node)
+    if path.is_symlink() or path.resolve().parent != root.resolve():
         raise layout.LayoutError(f"Refusing to delete {path}: it does not resolve to a folder directly under {root}.")
-    if path.exists():
-        shutil.rmtree(path)
+    try:
+        # Through descriptors from the instances root: links inside are removed, never followed.
+        safefs.remove_tree(root, instance_id)
+    except FileNotFoundError:
+        pass
+    except safefs.UnsafePathError as exc:
+        raise layout.LayoutError(f"Refusing to delete {path}: {exc}") from None
 
 
 def gpu_set_shareable(*, gpu: GPU, shareable: bool) -> GPU:

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 from django.core.exceptions import ValidationError
 
-from storage_app import layout
+from storage_app import layout, safefs
 
 from . import customnodes, workflows
 from .models import GPU, Instance, InstanceTemplate
 
 SETTINGS_FILE = ("user", "default", "comfy.settings.json")
+SETTINGS_MAX_BYTES = 16 << 20
 
 
 def settings_path(instance: Instance):
@@ -19,9 +19,18 @@ def settings_path(instance: Instance):
 
 
 def read_settings(instance: Instance) -> dict:
+    """The instance's comfy.settings.json, read without following any link from the instance's folder down (a
+    LayoutError names a planted one); {} when it is missing or not a JSON object."""
     try:
-        data = json.loads(settings_path(instance).read_text())
-    except (OSError, ValueError):
+        raw = safefs.read_bytes(layout.instance_dir(instance.instance_id, instance.node), "/".join(SETTINGS_FILE),
+                                SETTINGS_MAX_BYTES)
+    except safefs.UnsafePathError as exc:
+        raise layout.LayoutError(str(exc)) from None
+    except OSError:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # the container writes this file: it may be anything
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -83,7 +92,8 @@ def apply(template: InstanceTemplate, instance: Instance, report=None) -> dict:
     if template.settings:
         current = read_settings(instance)
         current.update(template.settings)
-        layout.write_generated_file(settings_path(instance), json.dumps(current, indent=4) + "\n")
+        layout.write_generated_file(settings_path(instance), json.dumps(current, indent=4) + "\n",
+                                    root=layout.instance_dir(instance.instance_id, instance.node))
         result["settings"] = len(template.settings)
         _log(report, f"wrote {len(template.settings)} setting(s) into comfy.settings.json")
     for version in template.starter_workflows.select_related("entry"):
@@ -130,12 +140,21 @@ def drift(instance: Instance) -> list[dict]:
                           "instance": "missing"})
         elif spec.get("ref") and spec["ref"] != node.ref:
             found.append({"what": f"custom node {name}", "template": spec["ref"], "instance": node.ref or "default"})
-    current = read_settings(instance)
+    try:
+        current = read_settings(instance)
+    except layout.LayoutError as exc:
+        found.append({"what": "settings", "template": "comfy.settings.json", "instance": f"refused: {exc}"})
+        current = {}
     for key, value in template.settings.items():
         differs(f"setting {key}", value, current.get(key, "(unset)"))
     for version in template.starter_workflows.select_related("entry"):
         path = f"{version.entry.name}.json"
-        if not os.path.exists(workflows.workflows_dir(instance) / path):
+        try:
+            there = safefs.lstat(layout.instance_dir(instance.instance_id, instance.node),
+                                 f"{workflows.WORKFLOWS_FOLDER}/{path}") is not None
+        except safefs.UnsafePathError:
+            there = False  # behind a planted link: not the instance's workflow
+        if not there:
             found.append({"what": f"workflow {version.entry.name}", "template": f"version {version.number}",
                           "instance": "missing"})
     return found

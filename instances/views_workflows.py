@@ -31,8 +31,17 @@ def instance_workflows(request, instance_id):
     return _workflows_page(request, _instance(instance_id))
 
 
+def _listed(request, instance) -> list[dict]:
+    """The instance's workflows; a link planted on the way to them is said on the page instead of followed."""
+    try:
+        return workflows.list_workflows(instance)
+    except workflows.WorkflowError as exc:
+        messages.error(request, f"The workflows of {instance} cannot be listed: {exc}")
+        return []
+
+
 def _workflows_page(request, instance, *, copy_form=None, upload_form=None, checks=None, upload_checks=None):
-    listed = workflows.list_workflows(instance)
+    listed = _listed(request, instance)
     installed = {row.path: row.version for row in
                  WorkflowInstall.objects.filter(instance=instance).select_related("version__entry")}
     for workflow in listed:
@@ -55,7 +64,7 @@ def _workflows_page(request, instance, *, copy_form=None, upload_form=None, chec
 def workflows_check(request, instance_id):
     """The pre-flight of the selected workflows against each chosen target: in place through htmx, or the page."""
     instance = _instance(instance_id)
-    form = WorkflowCopyForm(request.POST, source=instance, workflows=workflows.list_workflows(instance))
+    form = WorkflowCopyForm(request.POST, source=instance, workflows=_listed(request, instance))
     checks = None
     if form.is_valid():
         paths, targets = form.cleaned_data["paths"], list(form.cleaned_data["targets"])
@@ -106,7 +115,7 @@ def _form_errors(form) -> list[str]:
 @permission_required("instances.manage_workflows", raise_exception=True)
 def workflows_copy(request, instance_id):
     instance = _instance(instance_id)
-    form = WorkflowCopyForm(request.POST, source=instance, workflows=workflows.list_workflows(instance))
+    form = WorkflowCopyForm(request.POST, source=instance, workflows=_listed(request, instance))
     if form.is_valid():
         arguments = form.arguments()
         try:

@@ -2,6 +2,7 @@
 following links or leaving half-written files, checking what a workflow needs, and the shared workflow library."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import heapq
@@ -9,19 +10,19 @@ import json
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 
-from storage_app import layout
+from storage_app import layout, safefs
 
 from .models import Instance, WorkflowEntry, WorkflowInstall, WorkflowVersion
 
 MAX_WORKFLOW_BYTES = 20 << 20
 CONFLICT_POLICIES = ("skip", "overwrite", "rename")
+WORKFLOWS_FOLDER = "user/default/workflows"  # inside the instance's folder
 
 
 class WorkflowError(Exception):
@@ -45,71 +46,56 @@ def clean_relpath(relpath: str) -> str:
     return str(path)
 
 
+def _instance_root(instance: Instance) -> Path:
+    return layout.instance_dir(instance.instance_id, instance.node)
+
+
+def _refused(exc: safefs.UnsafePathError) -> WorkflowError:
+    return WorkflowError(str(exc))
+
+
 def list_workflows(instance: Instance) -> list[dict]:
-    """Every .json file under the instance's workflows folder (links are listed as such and never followed)."""
-    root = workflows_dir(instance)
+    """Every .json file under the instance's workflows folder. Walked from the instance's own folder through
+    descriptors that never follow a link: a link on the way there (user/, default/) is refused with a WorkflowError
+    naming it, and a link inside is listed as such, never entered."""
     found = []
-    if not root.is_dir():
-        return found
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.lower().endswith(".json") or name.startswith("."):
-                continue
-            full = os.path.join(dirpath, name)
-            info = os.lstat(full)
-            found.append({
-                "path": os.path.relpath(full, root).replace(os.sep, "/"),
-                "size": info.st_size,
-                "modified": info.st_mtime,
-                "symlink": stat.S_ISLNK(info.st_mode),
-            })
+    try:
+        for folder, dirnames, filenames, links, fd in safefs.walk(_instance_root(instance), WORKFLOWS_FOLDER,
+                                                                   with_fd=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            here = PurePosixPath(folder).relative_to(WORKFLOWS_FOLDER)
+            for name in sorted(filenames + links):
+                if not name.lower().endswith(".json") or name.startswith("."):
+                    continue
+                try:
+                    info = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # removed since it was listed
+                found.append({
+                    "path": (here / name).as_posix(),
+                    "size": info.st_size,
+                    "modified": info.st_mtime,
+                    "symlink": stat.S_ISLNK(info.st_mode),
+                })
+    except FileNotFoundError:
+        return []
+    except safefs.UnsafePathError as exc:
+        raise _refused(exc) from None
     return found
 
 
 def read_workflow(instance: Instance, relpath: str) -> bytes:
-    """The bytes of one workflow file, refusing links (anywhere on the path) and oversized files."""
+    """The bytes of one workflow file, refusing links (anywhere on the path, from the instance's folder down) and
+    oversized files."""
     relpath = clean_relpath(relpath)
-    root = workflows_dir(instance)
-    fd = _open_beneath(root, relpath, os.O_RDONLY)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise WorkflowError(f"'{relpath}' is not a regular file.")
-        if info.st_size > MAX_WORKFLOW_BYTES:
-            raise WorkflowError(f"'{relpath}' is {info.st_size} bytes; workflows over {MAX_WORKFLOW_BYTES} bytes "
-                                "are refused.")
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            return handle.read(MAX_WORKFLOW_BYTES + 1)
-    finally:
-        os.close(fd)
-
-
-def _open_beneath(root: Path, relpath: str, flags: int) -> int:
-    """Open root/relpath walking one component at a time with O_NOFOLLOW, so no link is ever followed."""
-    parts = PurePosixPath(relpath).parts
-    try:
-        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError as exc:
-        raise WorkflowError(f"'{relpath}' does not exist (no workflows folder).") from exc
-    try:
-        for part in parts[:-1]:
-            try:
-                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-            except FileNotFoundError as exc:
-                raise WorkflowError(f"'{relpath}' does not exist.") from exc
-            except OSError as exc:
-                raise WorkflowError(f"'{relpath}' goes through a link or a non-folder; refused.") from exc
-            os.close(dir_fd)
-            dir_fd = next_fd
-        try:
-            return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=dir_fd)
-        except FileNotFoundError as exc:
-            raise WorkflowError(f"'{relpath}' does not exist.") from exc
-        except OSError as exc:
-            raise WorkflowError(f"'{relpath}' is a link or cannot be opened ({exc.strerror}); refused.") from exc
-    finally:
-        os.close(dir_fd)
+        return safefs.read_bytes(_instance_root(instance), f"{WORKFLOWS_FOLDER}/{relpath}", MAX_WORKFLOW_BYTES)
+    except FileNotFoundError:
+        raise WorkflowError(f"'{relpath}' does not exist.") from None
+    except safefs.UnsafePathError as exc:
+        raise _refused(exc) from None
+    except OSError as exc:
+        raise WorkflowError(f"'{relpath}' cannot be read ({exc.strerror}); refused.") from None
 
 
 def parse_workflow(raw: bytes) -> dict:
@@ -170,69 +156,69 @@ def write_workflow(instance: Instance, relpath: str, raw: bytes, on_conflict: st
                    durable: bool = True) -> tuple[str, str]:
     """Write atomically under the instance's workflows folder. Returns (what happened, final relpath).
 
-    With `durable=False` the caller flushes to disk once for a whole batch (os.sync) instead of once per file;
-    a reader still never sees a half-written file."""
+    The folder is reached from the instance's own folder without following any link (missing folders are made);
+    the content goes into a temporary file created exclusively under a random name, owned by PUID:PGID through its
+    descriptor, then renamed into place: without replacing anything for a new or renamed file, and over the old
+    file (never through a link swapped in for it) when overwriting. With `durable=False` the caller flushes to
+    disk once for a whole batch (os.sync) instead of once per file; a reader still never sees a half-written
+    file."""
     if on_conflict not in CONFLICT_POLICIES:
         raise WorkflowError(f"Unknown conflict policy '{on_conflict}'; use skip, overwrite or rename.")
     relpath = clean_relpath(relpath)
-    root = workflows_dir(instance)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / relpath
-    _ensure_real_folders(root, target.parent)
-    outcome = "written"
-    if os.path.lexists(target):
-        if os.path.islink(target) or not os.path.isfile(target):
-            raise WorkflowError(f"'{relpath}' exists in {instance} as a link or folder; not touched.")
-        if on_conflict == "skip":
-            return "skipped (exists)", relpath
-        if on_conflict == "rename":
-            target = _free_name(target)
-            relpath = os.path.relpath(target, root).replace(os.sep, "/")
-            outcome = "renamed"
-        else:
-            outcome = "overwritten"
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=".comfyhub-", suffix=".tmp", delete=False)
+    wanted = PurePosixPath(relpath)
     try:
-        with handle:
-            handle.write(raw)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        if outcome == "renamed" or outcome == "written":
-            os.link(handle.name, target)  # never replaces: a file that appeared meanwhile makes this fail
-        else:
-            os.replace(handle.name, target)
-    except FileExistsError:
-        raise WorkflowError(f"'{relpath}' appeared in {instance} while copying; not touched.") from None
-    finally:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-    if os.geteuid() == 0:
-        from django.conf import settings
-
-        os.chown(target, settings.PUID, settings.PGID)
+        with safefs.opened_dir(_instance_root(instance), PurePosixPath(WORKFLOWS_FOLDER, relpath).parent,
+                               create=True) as folder_fd:
+            name, outcome = wanted.name, "written"
+            info = _lstat_at(folder_fd, name)
+            if info is not None:
+                if not stat.S_ISREG(info.st_mode):
+                    raise WorkflowError(f"'{relpath}' exists in {instance} as a link or folder; not touched.")
+                if on_conflict == "skip":
+                    return "skipped (exists)", relpath
+                if on_conflict == "rename":
+                    name, outcome = _free_name(folder_fd, name), "renamed"
+                    relpath = wanted.with_name(name).as_posix()
+                else:
+                    outcome = "overwritten"
+            tmp_fd, tmp_name = safefs.create_temp(folder_fd)
+            try:
+                with os.fdopen(tmp_fd, "wb") as handle:
+                    handle.write(raw)
+                    handle.flush()
+                    safefs.chown_fd(handle.fileno())
+                    if durable:
+                        os.fsync(handle.fileno())
+                if outcome == "overwritten":
+                    os.rename(tmp_name, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+                else:  # never replaces: a file that appeared meanwhile makes this fail
+                    safefs.rename_noreplace(folder_fd, tmp_name, folder_fd, name)
+                tmp_name = None
+            except FileExistsError:
+                raise WorkflowError(f"'{relpath}' appeared in {instance} while copying; not touched.") from None
+            finally:
+                if tmp_name is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp_name, dir_fd=folder_fd)
+    except safefs.UnsafePathError as exc:
+        raise _refused(exc) from None
     return outcome, relpath
 
 
-def _ensure_real_folders(root: Path, folder: Path):
-    current = root
-    for part in folder.relative_to(root).parts:
-        current = current / part
-        if os.path.islink(current):
-            raise WorkflowError(f"'{current.relative_to(root)}' is a link in the target; refused.")
-        if not current.exists():
-            current.mkdir()
-        elif not current.is_dir():
-            raise WorkflowError(f"'{current.relative_to(root)}' is a file in the target, not a folder.")
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
 
 
-def _free_name(target: Path) -> Path:
-    stem, suffix = target.stem, target.suffix
+def _free_name(dir_fd: int, name: str) -> str:
+    path = PurePosixPath(name)
     for number in range(2, 10_000):
-        candidate = target.with_name(f"{stem} ({number}){suffix}")
-        if not os.path.lexists(candidate):
+        candidate = f"{path.stem} ({number}){path.suffix}"
+        if _lstat_at(dir_fd, candidate) is None:
             return candidate
-    raise WorkflowError(f"No free name for {target.name}.")
+    raise WorkflowError(f"No free name for {name}.")
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Storage validation: what is inconsistent between the registry and the folders, and how to fix it.
 
-Only safe fixes are ever applied automatically: creating missing folders and rewriting generated files."""
+Only safe fixes are ever applied automatically: creating missing folders, rewriting generated files and removing
+links that lead out of an instance's folder (the links, never what they point to). An instance's folder is read
+through descriptors that never follow a link (storage_app.safefs)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from django.conf import settings
 
-from . import layout, library
+from . import layout, library, safefs
 
 
 @dataclass
@@ -48,33 +50,6 @@ def check_storage(*, fix: bool = False) -> list[Finding]:
     real_dirs: dict[str, str] = {}
     for instance in instances:
         folder = layout.instance_dir(instance.instance_id, instance.node)
-        if not folder.is_dir():
-            finding = Finding("missing-directory", instance.instance_id, f"{folder} does not exist.",
-                              "Build the instance's directories (safe).", fixable=True)
-            if fix:
-                layout.build_instance_tree(instance.instance_id, instance.node)
-                finding.fixed = True
-            findings.append(finding)
-            continue
-        missing = [sub for sub in layout.INSTANCE_SUBDIRS if not (folder / sub).is_dir()]
-        if missing:
-            finding = Finding("missing-folders", instance.instance_id,
-                              f"{folder} lacks {', '.join(missing)}.", "Create them (safe).", fixable=True)
-            if fix:
-                layout.build_instance_tree(instance.instance_id, instance.node)
-                finding.fixed = True
-            findings.append(finding)
-        config = folder / layout.EXTRA_MODEL_PATHS_FILE
-        current = config.read_text() if config.is_file() else None
-        if current != yaml_text:
-            finding = Finding(
-                "extra-model-paths", instance.instance_id,
-                f"{config} is {'missing' if current is None else 'not what ComfyHub generates'}: the instance may "
-                "not see the shared library.", "Rewrite the generated file (safe).", fixable=True)
-            if fix:
-                layout.write_generated_file(config, yaml_text)
-                finding.fixed = True
-            findings.append(finding)
         real = os.path.realpath(folder)
         if real in real_dirs:
             findings.append(Finding(
@@ -83,6 +58,50 @@ def check_storage(*, fix: bool = False) -> list[Finding]:
                 "Give one of them its own folder (move the data, remove the link); never let two instances write "
                 "the same files."))
         real_dirs.setdefault(real, instance.instance_id)
+        if folder.is_symlink():
+            findings.append(Finding(
+                "instance-folder-link", instance.instance_id,
+                f"{folder} is a link (to {os.readlink(folder)}); ComfyHub follows no link into an instance's folder, "
+                "so it refuses to build, read or write it.",
+                f"Replace the link with the folder it points to (rm {safefs.shell_quote(folder)}, then move that "
+                "folder here)."))
+            continue
+        if not folder.is_dir():
+            finding = Finding("missing-directory", instance.instance_id, f"{folder} does not exist.",
+                              "Build the instance's directories (safe).", fixable=True)
+            if fix:
+                _build(instance, finding)
+            findings.append(finding)
+            continue
+        # Links first: --fix removes them before it builds what they stood in for.
+        findings.extend(_links_out_of(instance, folder, fix=fix))
+        missing = [sub for sub in layout.INSTANCE_SUBDIRS if safefs.lstat(folder, sub) is None]
+        if missing:
+            finding = Finding("missing-folders", instance.instance_id,
+                              f"{folder} lacks {', '.join(missing)}.", "Create them (safe).", fixable=True)
+            if fix:
+                _build(instance, finding)
+            findings.append(finding)
+        config = folder / layout.EXTRA_MODEL_PATHS_FILE
+        try:
+            current = safefs.read_bytes(folder, layout.EXTRA_MODEL_PATHS_FILE, 1 << 20).decode("utf-8", "replace")
+            state = "not what ComfyHub generates"
+        except FileNotFoundError:
+            current, state = None, "missing"
+        except (OSError, safefs.UnsafePathError) as exc:
+            current, state = None, f"unusable ({exc})"
+        if current != yaml_text:
+            finding = Finding(
+                "extra-model-paths", instance.instance_id,
+                f"{config} is {state}: the instance may not see the shared library.",
+                "Rewrite the generated file (safe).", fixable=True)
+            if fix:
+                try:
+                    layout.write_generated_file(config, yaml_text, root=folder)
+                    finding.fixed = True
+                except layout.LayoutError as exc:
+                    finding.message += f" The fix stopped: {exc}"
+            findings.append(finding)
         inbox = [item for item in library.inbox(instance) if not item["problem"]]
         if inbox:
             findings.append(Finding(
@@ -107,6 +126,42 @@ def check_storage(*, fix: bool = False) -> list[Finding]:
                 "Stop that program or edit the instance to use another port before starting it."))
 
     findings.extend(_writable_shared_files())
+    return findings
+
+
+def _build(instance, finding: Finding) -> None:
+    try:
+        layout.build_instance_tree(instance.instance_id, instance.node)
+        finding.fixed = True
+    except layout.LayoutError as exc:
+        finding.message += f" The fix stopped: {exc}"
+
+
+def _links_out_of(instance, folder, *, fix: bool) -> list[Finding]:
+    """Every link in the instance's folder whose target, resolved as the kernel would (chains included), leaves the
+    folder: inside the container it may mean nothing, but on the host it names a host path. ComfyHub follows none of
+    them; they are listed so a person sees the trap, and --fix removes the links themselves (never their targets).
+    ComfyHub's own input/<name> -> /shared/input/<name> links are expected."""
+    findings = []
+    for relpath, target in safefs.find_links(folder):
+        parts = relpath.split("/")
+        if len(parts) == 2 and parts[0] == "input" and target == f"{layout.CONTAINER_SHARED}/input/{parts[1]}":
+            continue
+        if safefs.link_resolves_inside(folder, relpath):
+            continue
+        path = folder / relpath
+        finding = Finding(
+            "unsafe-link", instance.instance_id,
+            f"{path} is a link to {target}, which leads out of the instance's folder. ComfyHub never follows it; "
+            "code in the container may have planted it to reach the host.",
+            f"rm {safefs.shell_quote(path)} (removes the link only; safe)", fixable=True)
+        if fix:
+            try:
+                safefs.unlink_link(folder, relpath)
+                finding.fixed = True
+            except (OSError, safefs.UnsafePathError) as exc:
+                finding.message += f" Removing it failed: {exc}"
+        findings.append(finding)
     return findings
 
 

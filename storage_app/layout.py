@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+
+from . import safefs
 
 # ComfyUI's model folders (folder_paths.py): key -> sub-folders of models/ searched for it, first one is the default.
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
@@ -143,70 +146,88 @@ def build_shared_tree(node=None, report: BuildReport | None = None) -> BuildRepo
 
 
 def build_instance_tree(instance_id: str, node=None, report: BuildReport | None = None) -> BuildReport:
-    """Create (never delete or overwrite) the instance's tree and its generated files. Idempotent."""
+    """Create (never delete or overwrite) the instance's tree and its generated files. Idempotent.
+
+    Everything below the instance's folder is made through descriptors that never follow a link (the container can
+    write there): a link planted where a folder belongs stops the build with a LayoutError naming it."""
     report = report or BuildReport()
     root = instance_dir(instance_id, node)
     _make_dir(instances_root(node), report)
-    _make_dir(root, report)
+    _make_instance_root(root, report)
     for sub in INSTANCE_SUBDIRS:
-        _make_dir(root / sub, report)
-    _make_dir(root / "user" / "default" / "workflows", report)
-    write_generated_file(root / EXTRA_MODEL_PATHS_FILE, extra_model_paths_yaml())
+        _make_inside(root, sub, report)
+    _make_inside(root, "user/default/workflows", report)
+    write_generated_file(root / EXTRA_MODEL_PATHS_FILE, extra_model_paths_yaml(), root=root)
     link_shared_input(instance_id, node, report)
     return report
 
 
 def link_shared_input(instance_id: str, node=None, report: BuildReport | None = None) -> BuildReport:
     """Make each shared input file appear at the top of the instance's input folder (ComfyUI's LoadImage lists only
-    that level) as a link to its read-only container path. Never replaces a file the instance owns."""
+    that level) as a link to its read-only container path. Never replaces a file the instance owns, and never
+    follows a link in the instance's folder (input/ itself included)."""
     report = report or BuildReport()
-    input_dir = instance_dir(instance_id, node) / "input"
+    root = instance_dir(instance_id, node)
     shared_input = shared_input_dir(node)
     if not shared_input.is_dir():
         return report
-    wanted = set()
-    for entry in os.scandir(shared_input):
-        if not entry.is_file(follow_symlinks=False) or entry.name.startswith("."):
-            continue
-        wanted.add(entry.name)
-        target = f"{CONTAINER_SHARED}/input/{entry.name}"
-        link = input_dir / entry.name
-        if link.is_symlink():
-            if os.readlink(link) == target:
+    try:
+        input_fd = safefs.open_dir(root, "input")
+    except safefs.UnsafePathError as exc:
+        raise LayoutError(str(exc)) from None
+    try:
+        wanted = set()
+        for entry in os.scandir(shared_input):
+            if not entry.is_file(follow_symlinks=False) or entry.name.startswith("."):
                 continue
-            report.skipped_links.append(entry.name)
-            continue
-        if link.exists():
-            report.skipped_links.append(entry.name)  # the instance's own upload of the same name wins
-            continue
-        os.symlink(target, link)
-        _chown(link, follow=False)
-        report.links.append(entry.name)
-    # Drop links to shared files that are gone (only our own links: they point into /shared/input).
-    for entry in os.scandir(input_dir):
-        if entry.is_symlink() and entry.name not in wanted and os.readlink(entry.path).startswith(
-            f"{CONTAINER_SHARED}/input/"
-        ):
-            os.unlink(entry.path)
+            wanted.add(entry.name)
+            target = f"{CONTAINER_SHARED}/input/{entry.name}"
+            try:
+                info = os.lstat(entry.name, dir_fd=input_fd)
+            except FileNotFoundError:
+                info = None
+            if info is not None:
+                if not (stat.S_ISLNK(info.st_mode) and os.readlink(entry.name, dir_fd=input_fd) == target):
+                    report.skipped_links.append(entry.name)  # the instance's own upload of the same name wins
+                continue
+            try:
+                os.symlink(target, entry.name, dir_fd=input_fd)  # never replaces: it appeared meanwhile otherwise
+            except FileExistsError:
+                report.skipped_links.append(entry.name)
+                continue
+            if os.geteuid() == 0:
+                os.chown(entry.name, settings.PUID, settings.PGID, dir_fd=input_fd, follow_symlinks=False)
+            report.links.append(entry.name)
+        # Drop links to shared files that are gone (only our own links: they point into /shared/input).
+        for entry in os.scandir(input_fd):
+            if entry.is_symlink() and entry.name not in wanted:
+                try:
+                    ours = os.readlink(entry.name, dir_fd=input_fd).startswith(f"{CONTAINER_SHARED}/input/")
+                except OSError:
+                    continue
+                if ours:
+                    safefs.unlink_link(root, f"input/{entry.name}")
+    finally:
+        os.close(input_fd)
     return report
 
 
-def write_generated_file(path: Path, content: str):
-    """Atomically (re)write a file ComfyHub generates."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_generated_file(path: Path, content: str, *, root: Path | None = None):
+    """Atomically (re)write a file ComfyHub generates: a temporary file created exclusively under a random name,
+    then renamed over `path` (a link there is replaced, never written through). `root` is the trusted folder the
+    path lies in (the instance's folder): no link is followed below it. Without it, only the file's own folder is
+    trusted."""
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
     try:
-        with open(tmp, "w") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _chown(path)
+        safefs.write_bytes(root, safefs.relative_to_root(root, path), content.encode("utf-8"))
+    except safefs.UnsafePathError as exc:
+        raise LayoutError(str(exc)) from None
 
 
 def _make_dir(path: Path, report: BuildReport):
+    """A folder outside any instance's reach (a storage root, the shared tree): containers cannot write there, so a
+    link in it is the administrator's (a library on another disk) and counts as the folder."""
     if path.is_dir():
         report.existing += 1
         return
@@ -215,6 +236,27 @@ def _make_dir(path: Path, report: BuildReport):
     path.mkdir(parents=True)
     _chown(path)
     report.created.append(str(path))
+
+
+def _make_instance_root(path: Path, report: BuildReport):
+    """The instance's own folder: a real folder (never a link), made if missing."""
+    if path.is_symlink():
+        raise LayoutError(f"{path} is a link ({os.readlink(path)}); an instance's folder must be a real folder, "
+                          "since ComfyHub follows no link into it. Replace the link with the folder it points to.")
+    _make_dir(path, report)
+
+
+def _make_inside(root: Path, relpath: str, report: BuildReport):
+    """root/relpath and its missing parents, made without following any link below root."""
+    created: list[Path] = []
+    try:
+        with safefs.opened_dir(root, relpath, create=True, created=created):
+            pass
+    except safefs.UnsafePathError as exc:
+        raise LayoutError(str(exc)) from None
+    report.created.extend(str(path) for path in created)
+    if not created:
+        report.existing += 1
 
 
 def _chown(path: Path, follow: bool = True):

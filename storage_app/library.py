@@ -5,22 +5,23 @@ and the walk goes on.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
-from stat import S_ISLNK
-import shutil
+from stat import S_ISLNK, S_ISREG
 import threading
 import time
 from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 
-from . import hashing, layout
+from . import hashing, layout, safefs
 from .models import ModelAsset
 
 # ComfyUI's model file extensions (folder_paths.supported_pt_extensions) and GGUF, which popular nodes load.
@@ -396,10 +397,51 @@ def folder_totals() -> list[dict]:
 # --- Instances: inbox and what they see -----------------------------------------------------------------------
 
 def inbox(instance) -> list[dict]:
-    """Model files that nodes downloaded into the instance's own models/ folder."""
-    root = layout.instance_dir(instance.instance_id, instance.node) / "models"
-    return [{"path": f.relpath, "folder": folder_of(f.relpath), "size": f.stat.st_size if f.stat else 0,
-             "problem": f.problem} for f in walk(root)]
+    """Model files that nodes downloaded into the instance's own models/ folder. The container writes there, so it is
+    walked from the instance's folder through descriptors that never follow a link: links are listed as problems
+    (never read), and a models/ folder that is itself a link is one problem naming it."""
+    root = layout.instance_dir(instance.instance_id, instance.node)
+    found = []
+    try:
+        for folder, _dirs, files, links, fd in safefs.walk(root, "models", with_fd=True):
+            here = PurePosixPath(folder).relative_to("models")
+            for name in sorted(files + links):
+                relpath = (here / name).as_posix()
+                try:
+                    relpath.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = os.fsencode(relpath).decode("utf-8", errors="backslashreplace")
+                    found.append(_inbox_item(shown, problem="the file name is not valid UTF-8; rename it so ComfyUI "
+                                                            "and ComfyHub can show it"))
+                    continue
+                is_link = name in links
+                if not is_model_file(relpath) and not (is_link and not os.path.splitext(name)[1]):
+                    continue
+                try:
+                    info = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # removed since it was listed
+                if S_ISLNK(info.st_mode):
+                    try:
+                        target = os.readlink(name, dir_fd=fd)
+                    except OSError:
+                        target = "?"
+                    found.append(_inbox_item(relpath, problem=f"a link (to {target}); ComfyHub never follows links in "
+                                                              f"an instance's folder. Remove it: rm "
+                                                              f"'{root / folder / name}'"))
+                elif not S_ISREG(info.st_mode):
+                    found.append(_inbox_item(relpath, problem="not a regular file"))
+                else:
+                    found.append(_inbox_item(relpath, size=info.st_size))
+    except FileNotFoundError:
+        return []
+    except safefs.UnsafePathError as exc:
+        return [_inbox_item("models", problem=str(exc))]
+    return found
+
+
+def _inbox_item(relpath: str, *, size: int = 0, problem: str = "") -> dict:
+    return {"path": relpath, "folder": folder_of(relpath), "size": size, "problem": problem}
 
 
 class PromoteError(Exception):
@@ -407,40 +449,81 @@ class PromoteError(Exception):
 
 
 def promote(instance, relpath: str, report=None) -> dict:
-    """Move an inbox file into shared/models/<folder>/ without overwriting; drop it if the library already has
-    the same content; never replace a different file."""
-    inbox_root = (layout.instance_dir(instance.instance_id, instance.node) / "models").resolve()
-    source = (inbox_root / relpath)
-    if ".." in Path(relpath).parts or Path(relpath).is_absolute() or source.is_symlink():
-        raise PromoteError(f"'{relpath}' is not a file inside {instance}'s models/ folder.")
-    source = source.resolve()
-    if not source.is_relative_to(inbox_root) or not source.is_file():
-        raise PromoteError(f"'{relpath}' is not a file inside {instance}'s models/ folder.")
+    """Copy an inbox file into shared/models/<folder>/ without overwriting, then drop the inbox copy; drop it as well
+    if the library already has the same content; never replace a different file.
+
+    The instance's folder is hostile: the source is opened from it without following a link at any level, checked to
+    be a regular file, and read only through that descriptor (so nothing the container swaps in, and no host file,
+    can reach the library). It is copied, never moved or hard-linked, so the container keeps no way to write the
+    library's copy. The copy is written under a temporary name created exclusively and renamed into place without
+    replacing anything; no link is followed in the shared tree either."""
+    source_rel = _inbox_relpath(instance, relpath)
     if not is_model_file(relpath) or "/" not in relpath:
         raise PromoteError(f"'{relpath}' is not a model file in a model folder (e.g. checkpoints/x.safetensors).")
     folder = relpath.split("/", 1)[0]
     if folder not in layout.MODEL_FOLDERS and folder not in FOLDER_ALIASES:
         raise PromoteError(f"'{folder}' is not a ComfyUI model folder.")
-    target_rel = relpath
-    target = layout.shared_models_dir(instance.node) / target_rel
-    digest = hashing.hash_file(source, with_blake3=settings.MODEL_HASH_BLAKE3)
+    root = layout.instance_dir(instance.instance_id, instance.node)
+    try:
+        source_fd = safefs.open_file(root, source_rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise PromoteError(f"'{relpath}' is not a file inside {instance}'s models/ folder.") from None
+    except safefs.UnsafePathError as exc:
+        raise PromoteError(f"'{relpath}' cannot be promoted: {exc}") from None
+    try:
+        if not S_ISREG(os.fstat(source_fd).st_mode):
+            raise PromoteError(f"'{relpath}' is not a regular file inside {instance}'s models/ folder.")
+        return _promote_from(instance, root, source_rel, source_fd, relpath, folder, report)
+    finally:
+        os.close(source_fd)
+
+
+def _inbox_relpath(instance, relpath: str) -> str:
+    """models/<relpath>, refusing anything that is not a plain relative path."""
+    try:
+        parts = safefs.parts_of(relpath or "")
+    except safefs.UnsafePathError:
+        parts = ()
+    if not parts or "\\" in relpath:
+        raise PromoteError(f"'{relpath}' is not a file inside {instance}'s models/ folder.")
+    return PurePosixPath("models", *parts).as_posix()
+
+
+def _promote_from(instance, root: Path, source_rel: str, source_fd: int, relpath: str, folder: str, report) -> dict:
+    digest = _hash_fd(source_fd, with_blake3=settings.MODEL_HASH_BLAKE3, what=relpath)
     _log(report, f"{relpath}: sha256 {digest.sha256}")
-    if target.exists():
-        existing = hashing.hash_file(target)
-        if existing.sha256 == digest.sha256:
-            source.unlink()
+    shared = layout.shared_root(instance.node)
+    target_rel = relpath
+    shared_rel = f"models/{target_rel}"
+    try:
+        existing = safefs.lstat(shared, shared_rel)
+    except safefs.UnsafePathError as exc:
+        raise PromoteError(f"The library cannot receive {target_rel}: {exc} Nothing was moved.") from None
+    if existing is not None:
+        if not S_ISREG(existing.st_mode):
+            raise PromoteError(f"The library already has something else than a plain file at {target_rel} (a link "
+                               "or a folder); rename one of them (nothing was moved).")
+        try:
+            existing_fd = safefs.open_file(shared, shared_rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except (OSError, safefs.UnsafePathError) as exc:
+            raise PromoteError(f"The library's {target_rel} cannot be read ({exc}); nothing was moved.") from None
+        try:
+            same = _hash_fd(existing_fd, what=target_rel).sha256 == digest.sha256
+        finally:
+            os.close(existing_fd)
+        if same:
+            _drop_source(root, source_rel, source_fd)
             _log(report, f"the library already has {target_rel} with the same content: dropped the inbox copy")
             return {"result": "deduplicated", "path": target_rel, "sha256": digest.sha256}
         raise PromoteError(f"The library already has a different file at {target_rel}; rename one of them "
                            "(nothing was moved).")
     same = ModelAsset.objects.filter(sha256=digest.sha256).exclude(status=ModelAsset.Status.MISSING).first()
     if same:
-        source.unlink()
+        _drop_source(root, source_rel, source_fd)
         _log(report, f"the library already has this content as {same.path}: dropped the inbox copy")
         return {"result": "deduplicated", "path": same.path, "sha256": digest.sha256}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _move_without_overwrite(source, target, digest.sha256)
-    stat = os.stat(target)
+    stat = _copy_into_library(shared, shared_rel, source_fd, digest.sha256, target_rel)
+    _drop_source(root, source_rel, source_fd)
     ModelAsset.objects.update_or_create(path=target_rel, defaults=dict(
         folder=folder_of(target_rel), size=stat.st_size, mtime_ns=stat.st_mtime_ns, inode=stat.st_ino,
         sha256=digest.sha256, blake3=digest.blake3, hashed_size=stat.st_size, hashed_mtime_ns=stat.st_mtime_ns,
@@ -450,23 +533,59 @@ def promote(instance, relpath: str, report=None) -> dict:
     return {"result": "moved", "path": target_rel, "sha256": digest.sha256}
 
 
-def _move_without_overwrite(source: Path, target: Path, sha256: str):
+def _hash_fd(fd: int, *, with_blake3: bool = False, what: str) -> hashing.FileHash:
+    """Hash the file open at `fd` (its /proc/self/fd entry reopens that very file, never a name)."""
     try:
-        os.link(source, target)  # fails if target exists: never overwrites
-        os.unlink(source)
-        return
+        return hashing.hash_file(f"/proc/self/fd/{fd}", with_blake3=with_blake3)
+    except hashing.FileChangedWhileReading as exc:
+        raise PromoteError(f"'{what}' {exc}.") from None
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: another filesystem
-            if target.exists():
-                raise PromoteError(f"{target} appeared meanwhile; nothing was moved.") from exc
-            raise
-    staging = target.with_name(f".{target.name}.promoting-{os.getpid()}")
+        raise PromoteError(f"'{what}' cannot be read ({exc.strerror or exc}).") from None
+
+
+def _copy_into_library(shared: Path, shared_rel: str, source_fd: int, sha256: str, target_rel: str) -> os.stat_result:
+    """Copy from the descriptor into a temporary file created exclusively beside the target, check its SHA-256 on the
+    way, then rename it into place without replacing anything. Returns the stat of the new file."""
+    parent = PurePosixPath(shared_rel).parent
+    name = PurePosixPath(shared_rel).name
     try:
-        shutil.copyfile(source, staging)
-        if hashing.hash_file(staging).sha256 != sha256:
-            raise PromoteError("the copy into the library did not match the original; nothing was moved")
-        os.link(staging, target)
-    finally:
-        if staging.exists():
-            staging.unlink()
-    os.unlink(source)
+        with safefs.opened_dir(shared, parent, create=True, chown=False) as dst_fd:
+            tmp_fd, tmp_name = safefs.create_temp(dst_fd, prefix=".comfyhub-promoting-")
+            try:
+                hasher = hashlib.sha256()
+                offset = 0
+                with os.fdopen(tmp_fd, "wb", closefd=False) as out:
+                    while chunk := os.pread(source_fd, hashing.CHUNK_SIZE, offset):
+                        hasher.update(chunk)
+                        out.write(chunk)
+                        offset += len(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if hasher.hexdigest() != sha256:
+                    raise PromoteError(f"'{target_rel}' changed while it was copied into the library; nothing was "
+                                       "moved. Try again once it is complete.")
+                try:
+                    safefs.rename_noreplace(dst_fd, tmp_name, dst_fd, name)
+                except FileExistsError:
+                    raise PromoteError(f"{shared / shared_rel} appeared meanwhile; nothing was moved.") from None
+                tmp_name = None
+                return os.fstat(tmp_fd)
+            finally:
+                os.close(tmp_fd)
+                if tmp_name is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp_name, dir_fd=dst_fd)
+    except safefs.UnsafePathError as exc:
+        raise PromoteError(f"The library cannot receive {target_rel}: {exc} Nothing was moved.") from None
+
+
+def _drop_source(root: Path, source_rel: str, source_fd: int) -> None:
+    """Remove the inbox name, if it still names the file that was read (never a link, never something swapped in)."""
+    opened = os.fstat(source_fd)
+    try:
+        with safefs.parent_of(root, source_rel) as (fd, name):
+            current = os.lstat(name, dir_fd=fd)
+            if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                os.unlink(name, dir_fd=fd)
+    except (FileNotFoundError, safefs.UnsafePathError):
+        pass  # moved or swapped meanwhile: the library has its copy, the instance keeps what it put there

@@ -54,6 +54,11 @@ def relative_to_root(root: Path, path: Path) -> str:
         raise UnsafePathError(f"{path} is not inside {root}.", path) from None
 
 
+def shell_quote(path: Path | str) -> str:
+    """The path in single quotes for a shell command a person copies (rm '<path>'), a quote inside escaped."""
+    return "'" + str(path).replace("'", "'\\''") + "'"
+
+
 def _refusal(root: Path, parts, dir_fd: int, name: str) -> UnsafePathError:
     shown = Path(root, *parts)
     try:
@@ -67,7 +72,7 @@ def _refusal(root: Path, parts, dir_fd: int, name: str) -> UnsafePathError:
             target = "?"
         return UnsafePathError(
             f"{shown} is a link (to {target}); ComfyHub never follows links in this folder. Remove the link "
-            f"(rm '{shown}') and try again.", shown)
+            f"(rm {shell_quote(shown)}) and try again.", shown)
     return UnsafePathError(f"{shown} is not a folder; move it away and try again.", shown)
 
 
@@ -82,25 +87,32 @@ def open_root(root: Path) -> int:
         raise
 
 
-def open_dir(root: Path, relpath: str | os.PathLike = "", *, create: bool = False, chown: bool = True) -> int:
+def open_dir(root: Path, relpath: str | os.PathLike = "", *, create: bool = False, chown: bool = True,
+             created: list | None = None) -> int:
     """A descriptor of root/relpath, a real folder reached without following any link. With create, missing folders
-    are made (and given to PUID:PGID when running as root). The caller closes it (or use `opened_dir`)."""
+    are made (and given to PUID:PGID when running as root; each one made is appended to `created` as a Path). The
+    caller closes it (or use `opened_dir`)."""
     parts = parts_of(relpath)
     fd = open_root(root)
     try:
         for index, part in enumerate(parts):
             try:
-                next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
                 try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
-                next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
-                if chown:
-                    chown_fd(next_fd)
+                    next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                        made = True
+                    except FileExistsError:
+                        made = False  # made meanwhile (by us or by the container): opened like any other
+                    next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    if made:
+                        if chown:
+                            chown_fd(next_fd)
+                        if created is not None:
+                            created.append(Path(root, *parts[:index + 1]))
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise _refusal(root, parts[:index + 1], fd, part) from None
@@ -144,8 +156,9 @@ def open_file(root: Path, relpath: str | os.PathLike, flags: int = os.O_RDONLY, 
 
 
 def read_bytes(root: Path, relpath: str | os.PathLike, limit: int) -> bytes:
-    """The content of a regular file, refusing links, non-files and anything over `limit` bytes."""
-    fd = open_file(root, relpath)
+    """The content of a regular file, refusing links, non-files and anything over `limit` bytes. Opened without
+    blocking, so a fifo planted under the name cannot hang the reader."""
+    fd = open_file(root, relpath, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -265,15 +278,15 @@ def _chown_below(dir_fd: int) -> None:
                 os.close(fd)
 
 
-def walk(root: Path, relpath: str | os.PathLike = ""):
+def walk(root: Path, relpath: str | os.PathLike = "", *, with_fd: bool = False):
     """Like os.walk (top-down) below root/relpath, never entering a link: yields (relative folder, folder names,
-    file names, link names) with the folder's descriptor open while the caller handles it. Prune by editing the
-    folder names in place."""
+    file names, link names) with the folder's descriptor open while the caller handles it (with_fd=True adds that
+    descriptor as a fifth item, for *at() calls on the names). Prune by editing the folder names in place."""
     with opened_dir(root, relpath) as fd:
-        yield from _walk(fd, PurePosixPath(*parts_of(relpath)) if parts_of(relpath) else PurePosixPath("."))
+        yield from _walk(fd, PurePosixPath(*parts_of(relpath)) if parts_of(relpath) else PurePosixPath("."), with_fd)
 
 
-def _walk(dir_fd: int, here: PurePosixPath):
+def _walk(dir_fd: int, here: PurePosixPath, with_fd: bool = False):
     dirs, files, links = [], [], []
     for entry in os.scandir(dir_fd):
         if entry.is_symlink():
@@ -283,7 +296,7 @@ def _walk(dir_fd: int, here: PurePosixPath):
         else:
             files.append(entry.name)
     dirs.sort(), files.sort(), links.sort()
-    yield here.as_posix(), dirs, files, links
+    yield (here.as_posix(), dirs, files, links, dir_fd) if with_fd else (here.as_posix(), dirs, files, links)
     for name in dirs:
         try:
             child = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
@@ -292,7 +305,7 @@ def _walk(dir_fd: int, here: PurePosixPath):
                 continue  # swapped for a link or removed since it was listed
             raise
         try:
-            yield from _walk(child, here / name)
+            yield from _walk(child, here / name, with_fd)
         finally:
             os.close(child)
 
@@ -301,13 +314,12 @@ def find_links(root: Path, relpath: str | os.PathLike = "") -> list[tuple[str, s
     """Every link below root/relpath as (path relative to root, its target), without following any."""
     found = []
     try:
-        for folder, _dirs, _files, links in walk(root, relpath):
-            with opened_dir(root, "" if folder == "." else folder) as fd:
-                for name in links:
-                    try:
-                        found.append(((PurePosixPath(folder) / name).as_posix(), os.readlink(name, dir_fd=fd)))
-                    except OSError:
-                        continue
+        for folder, _dirs, _files, links, fd in walk(root, relpath, with_fd=True):
+            for name in links:
+                try:
+                    found.append(((PurePosixPath(folder) / name).as_posix(), os.readlink(name, dir_fd=fd)))
+                except OSError:
+                    continue
     except FileNotFoundError:
         pass
     return found
@@ -327,6 +339,67 @@ def link_stays_inside(link_relpath: str, target: str) -> bool:
         elif part != ".":
             depth += 1
     return True
+
+
+def link_resolves_inside(root: Path, link_relpath: str | os.PathLike, max_links: int = 40) -> bool:
+    """Whether the link at root/link_relpath, resolved the way the kernel would (chains of links included: `x -> .`
+    then `y -> x/..` leaves the root although each spelling stays inside), ends inside root. Only lstat and
+    readlink are used, never an open through a link. Absolute targets, loops and chains over `max_links` count as
+    leaving. A component that does not exist yet counts as a plain folder."""
+    parts = parts_of(link_relpath)
+    if not parts:
+        return True
+    position: list[str] = list(parts[:-1])
+    pending: list[str] = [parts[-1]]
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not position:
+                return False
+            position.pop()
+            continue
+        candidate = PurePosixPath(*position, part)
+        try:
+            info = lstat(root, candidate)
+        except UnsafePathError:
+            return False  # a parent is a link: position only ever holds real folders, so this is a swap
+        if info is not None and stat.S_ISLNK(info.st_mode):
+            hops += 1
+            if hops > max_links:
+                return False
+            try:
+                with parent_of(root, candidate) as (fd, name):
+                    target = os.readlink(name, dir_fd=fd)
+            except (OSError, UnsafePathError):
+                return False
+            if not target or target.startswith("/"):
+                return False
+            pending[:0] = list(PurePosixPath(target).parts)
+            continue
+        if info is not None and not stat.S_ISDIR(info.st_mode) and pending:
+            return True  # a file in the middle: the kernel stops here (ENOTDIR), nothing outside is reached
+        position.append(part)
+    return True
+
+
+def unlink_link(root: Path, relpath: str | os.PathLike) -> bool:
+    """Remove root/relpath if it is a link (the link itself, never its target); False when it is not one (any
+    more)."""
+    try:
+        with parent_of(root, relpath) as (fd, name):
+            try:
+                info = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISLNK(info.st_mode):
+                return False
+            os.unlink(name, dir_fd=fd)
+            return True
+    except FileNotFoundError:
+        return False
 
 
 def remove_tree(root: Path, relpath: str | os.PathLike) -> None:

@@ -1,4 +1,5 @@
 """The registry's safety checks, enforced by the services and, where requests race, by the database."""
+import os
 import socket
 import threading
 
@@ -10,6 +11,8 @@ from django.db import IntegrityError, transaction
 from instances import gpus as gpu_discovery
 from instances import services, signals
 from instances.models import GPU, GPUAssignment, Instance, Node
+from storage_app import layout
+from tests.support.canary import make_canary, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -285,3 +288,15 @@ def test_a_port_whose_last_connection_lingers_in_time_wait_is_free():
         listener.bind(("127.0.0.1", 39251))
         listener.listen()
         assert services.port_bound_on_host("127.0.0.1", 39251)
+
+
+def test_purging_an_instances_data_removes_links_and_never_what_they_point_to(storage, tmp_path):
+    host = make_canary(tmp_path / "host")
+    before = snapshot(host)
+    layout.build_instance_tree("doomed")
+    root = storage["instances"] / "doomed"
+    os.symlink(host, root / "custom_nodes" / "away")
+    os.symlink(host / "secret.txt", root / "user" / "default" / "secret.txt")
+    services.purge_instance_data("doomed", None)
+    assert not os.path.lexists(root)
+    assert snapshot(host) == before

@@ -1,10 +1,12 @@
 """The storage layout: what the directory build creates, what it never touches, and where paths may go."""
 import os
+import shutil
 
 import pytest
 import yaml
 
 from storage_app import layout
+from tests.support.canary import make_canary, snapshot
 
 
 def test_the_build_creates_the_plans_tree_and_the_model_paths_file(settings):
@@ -37,7 +39,7 @@ def test_a_file_where_a_folder_belongs_is_reported_not_replaced(settings):
     root = settings.COMFY_INSTANCES_PATH / "blocked"
     root.mkdir(parents=True)
     (root / "output").write_text("not a folder")
-    with pytest.raises(layout.LayoutError, match="exists but is not a directory"):
+    with pytest.raises(layout.LayoutError, match="output is not a folder; move it away"):
         layout.build_instance_tree("blocked")
     assert (root / "output").read_text() == "not a folder"
 
@@ -75,3 +77,80 @@ def test_created_folders_belong_to_puid_and_pgid_when_running_as_root(settings):
     assert (stat.st_uid, stat.st_gid) == (1234, 2345)
     stat = (settings.COMFY_INSTANCES_PATH / "owned" / "extra_model_paths.yaml").stat()
     assert (stat.st_uid, stat.st_gid) == (1234, 2345)
+
+
+# --- A hostile instance folder: links the container planted ---------------------------------------------------
+
+@pytest.fixture
+def canary(tmp_path):
+    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
+    host = make_canary(tmp_path / "host")
+    before = snapshot(host)
+    yield host
+    assert snapshot(host) == before, "the host folder outside storage changed"
+
+
+def plant(link, canary, how):
+    """A link to the canary: absolute, or relative (climbing out of storage by '..')."""
+    if how == "absolute":
+        os.symlink(canary, link)
+    else:
+        os.symlink(os.path.relpath(canary, link.parent), link)
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative"])
+@pytest.mark.parametrize("level", ["custom_nodes", "user", "user/default", "user/default/workflows", "models",
+                                   "input", "temp"])
+def test_a_build_refuses_a_planted_link_where_a_folder_belongs_and_names_it(settings, canary, level, how):
+    if os.geteuid() == 0:
+        settings.PUID, settings.PGID = 1234, 2345  # a chown through the link would show on the canary
+    layout.build_instance_tree("trapped")
+    link = settings.COMFY_INSTANCES_PATH / "trapped" / level
+    shutil.rmtree(link)
+    plant(link, canary, how)
+    with pytest.raises(layout.LayoutError) as refused:
+        layout.build_instance_tree("trapped")
+    assert f"{link} is a link" in str(refused.value) and f"rm '{link}'" in str(refused.value)
+    assert os.path.islink(link)
+
+
+def test_the_generated_file_replaces_a_planted_link_and_never_writes_through_it(settings, canary):
+    layout.build_instance_tree("generated")
+    root = settings.COMFY_INSTANCES_PATH / "generated"
+    (root / "extra_model_paths.yaml").unlink()
+    os.symlink(canary / "secret.txt", root / "extra_model_paths.yaml")
+    # The old temporary name (predictable: .<name>.tmp-<pid>) planted as a link too: it is never used.
+    os.symlink(canary / "secret.txt", root / f".extra_model_paths.yaml.tmp-{os.getpid()}")
+    layout.build_instance_tree("generated")
+    config = root / "extra_model_paths.yaml"
+    assert not config.is_symlink() and config.read_text() == layout.extra_model_paths_yaml()
+    assert os.path.islink(root / f".extra_model_paths.yaml.tmp-{os.getpid()}")
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".comfyhub-")) == []
+
+
+def test_an_instance_folder_that_is_a_link_is_refused(settings, canary):
+    settings.COMFY_INSTANCES_PATH.mkdir(parents=True)
+    os.symlink(canary, settings.COMFY_INSTANCES_PATH / "aliased")
+    with pytest.raises(layout.LayoutError, match="aliased is a link"):
+        layout.build_instance_tree("aliased")
+
+
+def test_shared_input_links_never_follow_or_chown_what_the_instance_planted(settings, canary):
+    if os.geteuid() == 0:
+        settings.PUID, settings.PGID = 1234, 2345
+    layout.build_shared_tree()
+    layout.build_instance_tree("inputs")
+    shared_input = settings.COMFY_SHARED_PATH / "input"
+    own_input = settings.COMFY_INSTANCES_PATH / "inputs" / "input"
+    (shared_input / "photo.png").write_bytes(b"p")
+    os.symlink(canary / "secret.txt", own_input / "photo.png")  # named like a shared file
+    os.symlink(canary / "sub", own_input / "stale.png")  # not ComfyHub's: kept
+    os.symlink("/shared/input/gone.png", own_input / "gone.png")  # ComfyHub's, its file gone: dropped
+    report = layout.link_shared_input("inputs")
+    assert report.skipped_links == ["photo.png"] and report.links == []
+    assert os.readlink(own_input / "photo.png") == str(canary / "secret.txt")
+    assert os.path.islink(own_input / "stale.png") and not os.path.lexists(own_input / "gone.png")
+    shutil.rmtree(own_input)
+    plant(own_input, canary, "absolute")
+    with pytest.raises(layout.LayoutError, match="input is a link"):
+        layout.link_shared_input("inputs")

@@ -1,6 +1,7 @@
 """What instances see of the shared library, and moving their own downloads (the inbox) into it."""
 import hashlib
 import os
+import shutil
 
 import pytest
 
@@ -8,6 +9,7 @@ from comfyhub.models import Operation
 from instances import health, services as instance_services
 from storage_app import layout, library, services
 from storage_app.models import ModelAsset
+from tests.support.canary import make_canary, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,13 +37,18 @@ def test_the_inbox_lists_model_files_nodes_downloaded_into_the_instance(instance
         {"path": "loras/downloaded.safetensors", "folder": "loras", "size": 1, "problem": ""}]
 
 
-def test_promote_moves_a_file_into_the_library_by_rename(instance, storage):
+def test_promote_copies_a_file_into_the_library_and_drops_the_inbox_copy(instance, storage, settings):
     source = put(storage["instances"] / "studio" / "models", "loras/new.safetensors", b"fresh")
+    os.chown(source, settings.PUID, settings.PGID)
     inode = os.stat(source).st_ino
     result = library.promote(instance, "loras/new.safetensors")
     target = storage["shared"] / "models" / "loras" / "new.safetensors"
     assert result["result"] == "moved" and not source.exists()
-    assert target.read_bytes() == b"fresh" and os.stat(target).st_ino == inode  # moved, not copied
+    # A copy, not the container's inode: nothing the container still holds (an open descriptor, another hard link
+    # in its folder) can write the library's file, and the file is not the instance user's.
+    info = os.stat(target)
+    assert target.read_bytes() == b"fresh" and info.st_ino != inode and info.st_uid == os.geteuid()
+    assert [p.name for p in target.parent.iterdir()] == ["new.safetensors"]  # no temporary file left
     row = ModelAsset.objects.get(path="loras/new.safetensors")
     assert row.sha256 == hashlib.sha256(b"fresh").hexdigest()
 
@@ -138,3 +145,71 @@ def test_a_running_instance_sees_the_library_and_a_hidden_verified_file_fails_is
     assert not check["ok"] and "checkpoints/ghost.ckpt" in check["detail"]
     assert instance.status == instance.Status.UNHEALTHY
     assert instance.library_check["folders"]["checkpoints"]["missing"] == ["ghost.ckpt"]
+
+
+# --- A hostile instance folder: links the container planted ---------------------------------------------------
+
+@pytest.fixture
+def canary(tmp_path):
+    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
+    host = make_canary(tmp_path / "host")
+    before = snapshot(host)
+    yield host
+    assert snapshot(host) == before, "the host folder outside storage changed"
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative"])
+@pytest.mark.parametrize("level", ["models", "models/checkpoints"])
+def test_promote_refuses_a_planted_link_at_any_level_and_moves_no_host_file(instance, storage, canary, level, how):
+    link = storage["instances"] / "studio" / level
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.exists():
+        shutil.rmtree(link)
+    host = canary if level == "models" else canary / "checkpoints"  # either way checkpoints/host.safetensors
+    os.symlink(host if how == "absolute" else os.path.relpath(host, link.parent), link)
+    with pytest.raises(library.PromoteError) as refused:
+        library.promote(instance, "checkpoints/host.safetensors")
+    assert f"{link} is a link" in str(refused.value) and f"rm '{link}'" in str(refused.value)
+    assert not (storage["shared"] / "models" / "checkpoints" / "host.safetensors").exists()
+    assert ModelAsset.objects.count() == 0
+
+
+def test_promote_refuses_a_link_as_the_file_itself(instance, storage, canary):
+    link = storage["instances"] / "studio" / "models" / "loras" / "host.safetensors"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(canary / "host.safetensors", link)
+    with pytest.raises(library.PromoteError, match="host.safetensors is a link"):
+        library.promote(instance, "loras/host.safetensors")
+    assert not (storage["shared"] / "models" / "loras" / "host.safetensors").exists()
+
+
+def test_promote_refuses_a_fifo_without_waiting_for_a_writer(instance, storage):
+    fifo = storage["instances"] / "studio" / "models" / "loras" / "pipe.safetensors"
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    with pytest.raises(library.PromoteError, match="not a regular file"):
+        library.promote(instance, "loras/pipe.safetensors")
+
+
+def test_promote_never_writes_through_a_link_in_the_shared_tree(instance, storage, canary):
+    shutil.rmtree(storage["shared"] / "models" / "vae")
+    os.symlink(canary / "sub", storage["shared"] / "models" / "vae")
+    source = put(storage["instances"] / "studio" / "models", "vae/new.pt", b"instance file")
+    with pytest.raises(library.PromoteError, match="vae is a link"):
+        library.promote(instance, "vae/new.pt")
+    assert source.read_bytes() == b"instance file"  # nothing lost
+
+
+def test_the_inbox_lists_planted_links_as_problems_and_never_what_they_point_to(instance, storage, canary):
+    models = storage["instances"] / "studio" / "models"
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    os.symlink(canary / "host.safetensors", models / "loras" / "host.safetensors")
+    os.symlink(canary, models / "checkpoints")
+    inbox = {item["path"]: item["problem"] for item in library.inbox(instance)}
+    assert set(inbox) == {"checkpoints", "loras/host.safetensors"}
+    assert f"rm '{models / 'loras' / 'host.safetensors'}'" in inbox["loras/host.safetensors"]
+    shutil.rmtree(models / "loras")
+    models.rename(models.with_name("models-moved"))
+    os.symlink(canary, models)
+    [item] = library.inbox(instance)
+    assert f"{models} is a link" in item["problem"]

@@ -8,6 +8,7 @@ from django.core.management import call_command
 from instances import services
 from storage_app import layout
 from storage_app.checks import check_storage
+from tests.support.canary import make_canary, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -75,3 +76,72 @@ def test_the_command_prints_json_and_exits_non_zero_while_findings_remain(storag
     call_command("storage", "check", "--fix")  # fixes everything: exits normally
     call_command("storage", "check")
     assert "Storage is consistent" in capsys.readouterr().out
+
+
+# --- A hostile instance folder: links the container planted ---------------------------------------------------
+
+@pytest.fixture
+def canary(tmp_path):
+    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
+    host = make_canary(tmp_path / "host")
+    before = snapshot(host)
+    yield host
+    assert snapshot(host) == before, "the host folder outside storage changed"
+
+
+def test_it_lists_every_link_out_of_an_instance_and_the_fix_removes_only_the_links(storage, canary):
+    services.instance_create(instance_id="trapped")
+    layout.build_shared_tree()
+    (storage["shared"] / "input" / "photo.png").write_bytes(b"p")
+    layout.build_instance_tree("trapped")  # links input/photo.png -> /shared/input/photo.png: ComfyHub's own
+    root = storage["instances"] / "trapped"
+    (root / "custom_nodes" / "node" / "deep").mkdir(parents=True)
+    os.symlink(canary, root / "custom_nodes" / "node" / "deep" / "absolute")
+    os.symlink("../../../../../host", root / "custom_nodes" / "node" / "relative")  # climbs out of storage
+    os.symlink(".", root / "models" / "here")  # stays inside by itself...
+    os.symlink("here/../..", root / "models" / "chain")  # ...and this one leaves through it
+    os.symlink("../models", root / "user" / "fine")  # stays inside: not a finding
+    os.symlink("/shared/input/secret.txt", root / "user" / "spoofed")  # ComfyHub's target, not ComfyHub's place
+    found = {f.message.split(" is a link")[0]: f for f in check_storage() if f.code == "unsafe-link"}
+    leaving = [root / "custom_nodes/node/deep/absolute", root / "custom_nodes/node/relative", root / "models/chain",
+               root / "user/spoofed"]
+    assert sorted(found) == sorted(str(path) for path in leaving)
+    for path in leaving:
+        assert found[str(path)].fix.startswith(f"rm '{path}'") and found[str(path)].subject == "trapped"
+    fixed = [f for f in check_storage(fix=True) if f.code == "unsafe-link"]
+    assert len(fixed) == 4 and all(f.fixed for f in fixed)
+    assert not any(os.path.lexists(path) for path in leaving)
+    assert os.readlink(root / "input" / "photo.png") == "/shared/input/photo.png"
+    assert os.path.islink(root / "user" / "fine") and os.path.islink(root / "models" / "here")
+    assert check_storage() == []
+
+
+def test_a_planted_link_where_a_folder_belongs_is_removed_then_the_folder_built(storage, canary):
+    services.instance_create(instance_id="swapped")
+    layout.build_instance_tree("swapped")
+    root = storage["instances"] / "swapped"
+    os.rmdir(root / "output")
+    os.symlink(canary, root / "output")
+    (root / "extra_model_paths.yaml").unlink()
+    os.symlink(canary / "secret.txt", root / "extra_model_paths.yaml")
+    findings = {(f.code, f.subject): f for f in check_storage()}
+    assert set(findings) == {("unsafe-link", "swapped"), ("extra-model-paths", "swapped")}
+    assert "is a link" in findings[("extra-model-paths", "swapped")].message  # never read through
+    check_storage(fix=True)
+    assert (root / "output").is_dir() and not (root / "output").is_symlink()
+    assert (root / "extra_model_paths.yaml").read_text() == layout.extra_model_paths_yaml()
+    assert check_storage() == []
+
+
+def test_the_command_prints_each_link_with_its_rm(storage, canary, capsys):
+    services.instance_create(instance_id="cli")
+    layout.build_instance_tree("cli")
+    link = storage["instances"] / "cli" / "temp" / "away"
+    os.symlink(canary, link)
+    with pytest.raises(SystemExit):
+        call_command("storage", "check")
+    out = capsys.readouterr().out
+    assert f"unsafe-link (cli) [fixable with --fix]: {link} is a link to {canary}" in out
+    assert f"fix: rm '{link}'" in out
+    call_command("storage", "check", "--fix")
+    assert not os.path.lexists(link)

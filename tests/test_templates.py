@@ -1,13 +1,16 @@
 """Instance templates: shared configuration, instances made from them, and drift."""
 import json
+import os
+import shutil
 
 import pytest
 from django.core.exceptions import ValidationError
 
 from comfyhub.models import Operation
 from instances import services, templating, workflows
-from instances.models import Instance
+from instances.models import Instance, InstanceTemplate
 from storage_app import layout
+from tests.support.canary import make_canary, snapshot
 from tests.support.gitrepos import make_node_repo
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -122,3 +125,29 @@ def test_without_a_queue_no_instance_is_made_from_a_template(template, settings)
     with pytest.raises(QueueUnavailable):
         services.instance_create_from_template(template=template, instance_id="half-made")
     assert not Instance.objects.filter(instance_id="half-made").exists()
+
+
+def test_settings_are_never_read_or_written_through_a_planted_link(storage, tmp_path):
+    host = make_canary(tmp_path / "host")
+    before = snapshot(host)
+    instance = services.instance_create(instance_id="hostile")
+    layout.build_instance_tree("hostile")
+    template = InstanceTemplate.objects.create(name="plain", settings={"Comfy.LinkRenderMode": 2})
+    settings_file = storage["instances"] / "hostile" / "user" / "default" / "comfy.settings.json"
+    os.symlink(host / "sub" / "deep.json", settings_file)  # a host JSON file: never merged into the instance's
+    with pytest.raises(layout.LayoutError, match="comfy.settings.json is a link"):
+        templating.apply(template, instance)
+    Instance.objects.filter(pk=instance.pk).update(template=template)
+    instance.refresh_from_db()
+    [refused] = [d for d in templating.drift(instance) if d["what"] == "settings"]
+    assert "comfy.settings.json is a link" in refused["instance"]
+    settings_file.unlink()
+    default = settings_file.parent
+    shutil.rmtree(default)
+    os.symlink(host / "sub", default)
+    with pytest.raises(layout.LayoutError, match="default is a link"):
+        templating.apply(template, instance)
+    os.unlink(default)
+    templating.apply(template, instance)
+    assert json.loads(settings_file.read_text()) == {"Comfy.LinkRenderMode": 2}
+    assert snapshot(host) == before

@@ -1,6 +1,7 @@
 """Workflows between instances: listing, copying safely, the dependency pre-flight, and the shared library."""
 import json
 import os
+import shutil
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -9,6 +10,7 @@ from comfyhub.models import Operation
 from instances import services, workflows
 from instances.models import WorkflowInstall
 from storage_app import layout, library
+from tests.support.canary import make_canary, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -229,3 +231,78 @@ def test_near_matches_compare_names_not_extensions(pair, storage):
     workflow = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "dreamy_v2.safetensors"}}}
     [missing] = workflows.preflight(workflow, target)["missing_models"]
     assert missing["near"] == ["dreamy_v1.safetensors"]
+
+
+# --- A hostile instance folder: links the container planted ---------------------------------------------------
+
+@pytest.fixture
+def canary(tmp_path):
+    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
+    host = make_canary(tmp_path / "host")
+    before = snapshot(host)
+    yield host
+    assert snapshot(host) == before, "the host folder outside storage changed"
+
+
+def swap_for_link(path, canary, how):
+    shutil.rmtree(path)
+    os.symlink(canary if how == "absolute" else os.path.relpath(canary, path.parent), path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative"])
+@pytest.mark.parametrize("level", ["user", "user/default", "user/default/workflows"])
+def test_a_planted_link_on_the_way_to_the_workflows_is_refused_everywhere(pair, storage, canary, level, how):
+    source, target = pair
+    link = swap_for_link(storage["instances"] / "source" / level, canary, how)
+    for call in (lambda: workflows.list_workflows(source),
+                 lambda: workflows.read_workflow(source, "sub/deep.json"),
+                 lambda: workflows.write_workflow(source, "new.json", b"{}", "overwrite"),
+                 lambda: workflows.write_workflow(source, "sub/deep.json", b"{}", "overwrite")):
+        with pytest.raises(workflows.WorkflowError) as refused:
+            call()
+        assert f"{link} is a link" in str(refused.value) and f"rm '{link}'" in str(refused.value)
+
+
+def test_a_linked_sub_folder_is_not_listed_and_a_linked_file_is_listed_as_a_link(pair, canary):
+    source, _ = pair
+    os.symlink(canary / "sub", workflows.workflows_dir(source) / "linked")
+    os.symlink(canary / "sub" / "deep.json", workflows.workflows_dir(source) / "linked.json")
+    put_workflow(source, "real.json", UI_WORKFLOW)
+    listed = {w["path"]: w["symlink"] for w in workflows.list_workflows(source)}
+    assert listed == {"linked.json": True, "real.json": False}
+    with pytest.raises(workflows.WorkflowError, match="linked.json is a link"):
+        workflows.read_workflow(source, "linked.json")
+
+
+@pytest.mark.parametrize("policy", ["overwrite", "rename", "skip"])
+def test_a_link_planted_at_the_target_name_is_never_written_through(pair, canary, policy):
+    _, target = pair
+    os.symlink(canary / "sub" / "deep.json", workflows.workflows_dir(target) / "a.json")
+    with pytest.raises(workflows.WorkflowError, match="as a link or folder; not touched"):
+        workflows.write_workflow(target, "a.json", b'{"nodes": []}', policy)
+    assert os.readlink(workflows.workflows_dir(target) / "a.json") == str(canary / "sub" / "deep.json")
+
+
+def test_a_written_workflow_belongs_to_puid_and_leaves_no_temporary_file(pair, settings):
+    if os.geteuid() != 0:
+        pytest.fail("this suite runs as root (make test on CI); ownership cannot be checked otherwise")
+    settings.PUID, settings.PGID = 1234, 2345
+    _, target = pair
+    assert workflows.write_workflow(target, "deep/er/new.json", b"{}", "skip") == ("written", "deep/er/new.json")
+    folder = workflows.workflows_dir(target)
+    for path in ("deep", "deep/er", "deep/er/new.json"):
+        info = os.stat(folder / path)
+        assert (info.st_uid, info.st_gid) == (1234, 2345), path
+    assert os.listdir(folder / "deep" / "er") == ["new.json"]
+
+
+def test_the_workflows_page_says_why_it_lists_nothing_behind_a_planted_link(pair, storage, canary, client,
+                                                                           admin_user):
+    source, _ = pair
+    link = swap_for_link(storage["instances"] / "source" / "user" / "default", canary, "absolute")
+    client.force_login(admin_user)
+    response = client.get(f"/instances/{source.instance_id}/workflows/")
+    text = response.content.decode()
+    assert response.status_code == 200
+    assert f"{link} is a link" in text and "deep.json" not in text

@@ -94,7 +94,10 @@ class Command(cli.Command):
 
     def list_workflows(self, options):
         instance = find_instance(options["instance_id"])
-        found = [workflow_data(item) for item in workflows.list_workflows(instance)]
+        try:
+            found = [workflow_data(item) for item in workflows.list_workflows(instance)]
+        except workflows.WorkflowError as exc:
+            raise CommandError(f"The workflows of {instance} cannot be listed: {exc}") from exc
         if options["json"]:
             self.write_json(found)
             return
