@@ -548,6 +548,7 @@ def _copy_into_library(shared: Path, shared_rel: str, source_fd: int, sha256: st
     way, then rename it into place without replacing anything. Returns the stat of the new file."""
     parent = PurePosixPath(shared_rel).parent
     name = PurePosixPath(shared_rel).name
+    Path(shared).mkdir(parents=True, exist_ok=True)  # the storage root (trusted): below it, no link is followed
     try:
         with safefs.opened_dir(shared, parent, create=True, chown=False) as dst_fd:
             tmp_fd, tmp_name = safefs.create_temp(dst_fd, prefix=".comfyhub-promoting-")
