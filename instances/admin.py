@@ -1,12 +1,34 @@
-"""Admin for the registry. Actions enqueue the same operations as the browser UI and the CLI."""
+"""Admin for the registry. Actions enqueue the same operations as the browser UI and the CLI; edits are checked
+by the same services (their refusals show on the form, nothing is saved) and saved by them."""
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
+from django.http import HttpResponseRedirect
 
 from comfyhub.queues import QueueUnavailable
 
 from . import services
+from .forms import add_service_error
 from .models import GPU, CustomNode, GPUAssignment, Instance, InstanceTemplate, Node, WorkflowEntry, WorkflowVersion
+
+
+class ServiceRefused(Exception):
+    """A service refused a save the form had passed (another request changed something in between)."""
+
+    def __init__(self, error: ValidationError):
+        super().__init__("; ".join(error.messages))
+
+
+class SavedByServices(admin.ModelAdmin):
+    """The form runs the service's checks in clean(); save_model calls the service. Should the service still refuse,
+    nothing is saved and the page says why, never "changed successfully"."""
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except ServiceRefused as exc:  # raised inside the admin's transaction: rolled back, log entry included
+            self.message_user(request, f"Not saved: {exc}", messages.ERROR)
+            return HttpResponseRedirect(request.path)
 
 
 @admin.register(Node)
@@ -65,8 +87,33 @@ class GPUAssignmentInline(admin.TabularInline):
         return False  # assigned through the instance form, which runs the exclusivity checks
 
 
+class InstanceAdminForm(forms.ModelForm):
+    """The admin's instance form: services.instance_update_check judges it, as it judges the instance page."""
+
+    class Meta:
+        model = Instance
+        fields = "__all__"
+
+    CHECKED = ("display_name", "description", "image", "extra_args", "extra_env")
+
+    def clean(self):
+        data = super().clean()
+        if self.instance.pk is None or any(name in self.errors for name in self.CHECKED):
+            return data  # no add in the admin; a field that did not even parse has its own error already
+        instance = Instance.objects.select_related("node").get(pk=self.instance.pk)
+        try:
+            services.instance_update_check(
+                instance=instance, display_name=data.get("display_name", ""), description=data.get("description", ""),
+                image=data.get("image", ""), extra_args=data.get("extra_args"), extra_env=data.get("extra_env"),
+                host_port=None, gpu_indexes=[gpu.index for gpu in instance.assigned_gpus()])
+        except ValidationError as exc:
+            add_service_error(self, exc)
+        return data
+
+
 @admin.register(Instance)
-class InstanceAdmin(admin.ModelAdmin):
+class InstanceAdmin(SavedByServices):
+    form = InstanceAdminForm
     list_display = ("instance_id", "display_name", "node", "host_port", "desired_state", "status", "checked_at")
     list_filter = ("status", "desired_state", "node")
     search_fields = ("instance_id", "display_name", "description", "image")
@@ -86,14 +133,15 @@ class InstanceAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         # Route edits through the service so the admin obeys the same rules as the UI and the CLI.
+        instance = Instance.objects.select_related("node").get(pk=obj.pk)
         try:
             services.instance_update(
-                instance=Instance.objects.get(pk=obj.pk), display_name=obj.display_name,
-                description=obj.description, image=obj.image, extra_args=obj.extra_args, extra_env=obj.extra_env,
-                host_port=obj.host_port, gpu_indexes=[g.index for g in obj.assigned_gpus()], user=request.user,
+                instance=instance, display_name=obj.display_name, description=obj.description, image=obj.image,
+                extra_args=obj.extra_args, extra_env=obj.extra_env, host_port=None,
+                gpu_indexes=[g.index for g in instance.assigned_gpus()], user=request.user,
             )
         except ValidationError as exc:
-            self.message_user(request, "; ".join(exc.messages), messages.ERROR)
+            raise ServiceRefused(exc) from exc
 
     def _enqueue(self, request, queryset, action, verb):
         done = 0
@@ -140,29 +188,65 @@ class InstanceAdmin(admin.ModelAdmin):
 
 
 class InstanceTemplateForm(forms.ModelForm):
+    """The admin's template form: judged by the services' rules for templates, as the template page is."""
+
     class Meta:
         model = InstanceTemplate
         fields = "__all__"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "name" in self.fields:  # taken as typed and judged by the services' rule, as on the template page
+            self.fields["name"] = forms.CharField(max_length=63, strip=False,
+                                                  help_text="Lowercase letters, digits and '-'.")
 
     def clean(self):
         from .templating import validate_template
 
         data = super().clean()
+        if self.instance.pk is None and "name" in data:
+            if problem := services.template_name_problem(data["name"]):
+                self.add_error("name", problem)
         try:
             validate_template(image=data.get("image", ""), extra_args=data.get("extra_args"),
                               extra_env=data.get("extra_env"), custom_nodes=data.get("custom_nodes"),
                               settings=data.get("settings"))
         except ValidationError as exc:
             for field, errors in exc.message_dict.items():
-                self.add_error(field, errors)
+                if field not in self.errors:  # a field that did not parse has its own error already
+                    self.add_error(field if field in self.fields else None, errors)
         return data
 
 
 @admin.register(InstanceTemplate)
-class InstanceTemplateAdmin(admin.ModelAdmin):
+class InstanceTemplateAdmin(SavedByServices):
     form = InstanceTemplateForm
     list_display = ("name", "image", "gpu_count", "description")
     filter_horizontal = ("starter_workflows",)
+    readonly_fields = ("created_at",)
+
+    def get_readonly_fields(self, request, obj=None):
+        # The name is how instances and commands refer to a template: set once, like an instance id.
+        return ("name", *self.readonly_fields) if obj is not None else self.readonly_fields
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        values = dict(description=data["description"], image=data["image"], extra_args=data["extra_args"],
+                      extra_env=data["extra_env"], gpu_count=data["gpu_count"], custom_nodes=data["custom_nodes"],
+                      settings_values=data["settings"], starter_workflows=list(data["starter_workflows"]))
+        try:
+            if change:
+                template = services.template_update(template=InstanceTemplate.objects.get(pk=obj.pk), **values)
+            else:
+                template = services.template_create(name=data["name"], **values)
+        except ValidationError as exc:
+            raise ServiceRefused(exc) from exc
+        obj.pk, obj.created_at = template.pk, template.created_at
+        obj._state.adding = False
+
+    def save_related(self, request, form, formsets, change):
+        for formset in formsets:  # the service has set the starter workflows
+            self.save_formset(request, form, formset, change=change)
 
 
 class WorkflowVersionInline(admin.TabularInline):
@@ -181,6 +265,11 @@ class WorkflowEntryAdmin(admin.ModelAdmin):
     list_display = ("name", "created_at")
     search_fields = ("name",)
     inlines = [WorkflowVersionInline]
+    # The name becomes a file name when a version is installed; publishing checks it, so it is not edited here.
+    readonly_fields = ("name", "created_at")
+
+    def has_add_permission(self, request):
+        return False  # entries come from publishing, which checks the name
 
 
 @admin.register(CustomNode)

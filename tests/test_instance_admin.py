@@ -1,4 +1,6 @@
 """The admin for nodes, GPUs and instances: its actions enqueue the same operations as the UI and the CLI."""
+import html
+
 import pytest
 from django.urls import reverse
 
@@ -79,3 +81,115 @@ def test_a_template_that_would_break_isolation_is_not_saved_from_the_admin(clien
         "created_at_1": "00:00:00"}, follow=True)
     assert "set by ComfyHub to keep instances isolated" in response.content.decode()
     assert not InstanceTemplate.objects.exists()
+
+
+# --- The admin saves through the services (issue #10) ----------------------------------------------------------
+
+def admin_instance_data(**fields):
+    data = {"display_name": "Edited", "description": "", "image": "example/comfyui:1", "extra_args": "[]",
+            "extra_env": "{}", "assignments-TOTAL_FORMS": "0", "assignments-INITIAL_FORMS": "0"}
+    data.update(fields)
+    return data
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"image": "evil.example/x:latest"}, "INSTANCE_IMAGES_ALLOWED permits"),
+    ({"image": "UPPER/case"}, "is not a Docker image reference"),
+    ({"image": "a b"}, "no spaces"),
+    ({"extra_args": '["--i", "/x"]'}, "ComfyUI takes it for --input-directory"),
+    ({"extra_args": '["--liste"]'}, "ComfyUI takes it for --listen"),
+    ({"extra_args": '"--lowvram"'}, "Extra arguments are a list of strings"),
+    ({"extra_args": '[["--lowvram"]]'}, "is not an argument"),
+    ({"extra_env": '{"LD_PRELOAD": "/x.so"}'}, "'LD_PRELOAD' is refused"),
+    ({"extra_env": '{"comfy_instance_id": "other"}'}, "'comfy_instance_id' is reserved"),
+    ({"extra_env": '{"NVIDIA_VISIBLE_DEVICES": "all"}'}, "assign GPUs instead"),
+    ({"extra_env": '["TEAM=a"]'}, "The extra environment is an object"),
+    ({"extra_env": '{"1ST": "x"}'}, "is not a variable name"),
+])
+def test_an_admin_edit_the_pages_would_refuse_is_refused_on_the_form_and_saves_nothing(client, admin_user, fields,
+                                                                                       message):
+    instance = services.instance_create(instance_id="admined", image="example/comfyui:1")
+    before = Instance.objects.values().get(pk=instance.pk)
+    client.force_login(admin_user)
+    url = reverse("admin:instances_instance_change", args=[instance.pk])
+    response = client.post(url, admin_instance_data(**fields), follow=True)
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 200
+    assert message in page and "Please correct the error below." in page
+    assert "was changed successfully" not in page
+    assert Instance.objects.values().get(pk=instance.pk) == before
+
+
+def test_an_admin_edit_the_pages_would_accept_is_saved_by_the_service(client, admin_user):
+    instance = services.instance_create(instance_id="admined", image="example/comfyui:1")
+    client.force_login(admin_user)
+    url = reverse("admin:instances_instance_change", args=[instance.pk])
+    response = client.post(url, admin_instance_data(image="comfy:other", extra_args='["--preview-size", 512]',
+                                                    extra_env='{"TEAM": "art"}'), follow=True)
+    assert "was changed successfully" in response.content.decode()
+    instance.refresh_from_db()
+    assert (instance.display_name, instance.image, instance.extra_args, instance.extra_env) == (
+        "Edited", "comfy:other", ["--preview-size", "512"], {"TEAM": "art"})
+
+
+def admin_template_data(**fields):
+    data = {"name": "fresh", "description": "", "image": "", "extra_args": "[]", "extra_env": "{}", "gpu_count": "0",
+            "custom_nodes": "[]", "settings": "{}"}
+    data.update(fields)
+    return data
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"name": "Bad_Name"}, "Use lowercase letters, digits and '-' for a template name"),
+    ({"name": "fresh\n"}, "Use lowercase letters, digits and '-' for a template name"),
+    ({"name": "new"}, "'new' is taken"),
+    ({"image": "evil.example/x:latest"}, "INSTANCE_IMAGES_ALLOWED permits"),
+    ({"image": "repo:tag:tag"}, "is not a Docker image reference"),
+    ({"extra_args": '["--outp", "/x"]'}, "ComfyUI takes it for --output-directory"),
+    ({"extra_args": '["--port=1"]'}, "'--port' is set by ComfyHub"),
+    ({"extra_env": '{"Comfy_Shared_Path": "/x"}'}, "'Comfy_Shared_Path' is reserved"),
+    ({"extra_env": '{"CUDA_VISIBLE_DEVICES": "0"}'}, "assign GPUs instead"),
+    ({"custom_nodes": '{"url": "https://example.org/x.git"}'}, "Custom nodes are a list"),
+    ({"settings": "[1]"}, "Settings are a JSON object"),
+])
+def test_a_template_the_pages_would_refuse_is_refused_by_the_admin_and_not_saved(client, admin_user, fields, message):
+    from instances.models import InstanceTemplate
+
+    client.force_login(admin_user)
+    response = client.post(reverse("admin:instances_instancetemplate_add"), admin_template_data(**fields), follow=True)
+    page = html.unescape(response.content.decode())
+    assert message in page and "Please correct the error below." in page
+    assert "was added successfully" not in page
+    assert not InstanceTemplate.objects.exists()
+
+
+def test_a_template_added_and_changed_in_the_admin_goes_through_the_services(client, admin_user):
+    from instances.models import InstanceTemplate
+
+    client.force_login(admin_user)
+    response = client.post(reverse("admin:instances_instancetemplate_add"),
+                           admin_template_data(image="comfy:sdxl", extra_env='{"TEAM": "art"}'), follow=True)
+    assert "was added successfully" in response.content.decode()
+    template = InstanceTemplate.objects.get(name="fresh")
+    assert (template.image, template.extra_env) == ("comfy:sdxl", {"TEAM": "art"})
+    change = reverse("admin:instances_instancetemplate_change", args=[template.pk])
+    refused = client.post(change, admin_template_data(name="renamed", image="evil.example/x:1"), follow=True)
+    assert "INSTANCE_IMAGES_ALLOWED permits" in html.unescape(refused.content.decode())
+    template.refresh_from_db()
+    assert template.image == "comfy:sdxl"
+    saved = client.post(change, admin_template_data(name="renamed", image="comfy:other", gpu_count="1"), follow=True)
+    assert "was changed successfully" in saved.content.decode()
+    template.refresh_from_db()
+    # The name is set once (instances and commands refer to it); the rest changed.
+    assert (template.name, template.image, template.gpu_count) == ("fresh", "comfy:other", 1)
+
+
+def test_a_library_entry_cannot_be_renamed_in_the_admin(client, admin_user):
+    from instances.models import WorkflowEntry
+
+    entry = WorkflowEntry.objects.create(name="hello")
+    client.force_login(admin_user)
+    url = reverse("admin:instances_workflowentry_change", args=[entry.pk])
+    client.post(url, {"name": "../../escape", "versions-TOTAL_FORMS": "0", "versions-INITIAL_FORMS": "0"})
+    entry.refresh_from_db()
+    assert entry.name == "hello"  # the name becomes a file name on install; only publishing (which checks it) sets it

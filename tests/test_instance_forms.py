@@ -236,6 +236,52 @@ def test_several_bad_fields_are_all_reported_at_once(client, operator, held_gpu_
     assert Instance.objects.count() == 1
 
 
+@pytest.mark.parametrize("instance_id", ["formed\n", "formed\r\n", " formed", "formed "])
+def test_it_refuses_an_id_with_a_trailing_newline_or_blank_rather_than_trimming_it(client, operator, instance_id):
+    client.force_login(operator)
+    response = client.post(CREATE, create_data(instance_id=instance_id))
+    assert_refused(response, "instance_id", "(e.g. 'formed')")
+    assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize("line, flag", [
+    ("--i /x", "--input-directory"), ("--inp /x", "--input-directory"), ("--input-dir=/x", "--input-directory"),
+    ("--liste", "--listen"), ("--po 1", "--port"), ("--outp /x", "--output-directory"),
+    ("--extra=/x.yaml", "--extra-model-paths-config"), ("--cuda-d 1", "--cuda-device"),
+])
+def test_it_refuses_abbreviations_comfyui_reads_as_a_protected_flag(client, operator, line, flag):
+    client.force_login(operator)
+    response = client.post(CREATE, create_data(extra_args=f"--preview-method auto\n{line}"))
+    assert_refused(response, "extra_args", f"ComfyUI takes it for {flag}")
+    assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("LD_PRELOAD=/x.so", "'LD_PRELOAD' is refused: LD_* variables"),
+    ("comfy_instance_id=x", "'comfy_instance_id' is reserved"),
+    ("Comfy_Shared_Path=/x", "'Comfy_Shared_Path' is reserved"),
+    ("nvidia_visible_devices=all", "'nvidia_visible_devices' is set by ComfyHub from the instance's assigned GPUs"),
+    ("CUDA_HOME=/x", "'CUDA_HOME' is set by ComfyHub from the instance's assigned GPUs"),
+])
+def test_it_refuses_the_whole_reserved_environment_in_any_case(client, operator, line, message):
+    client.force_login(operator)
+    response = client.post(CREATE, create_data(extra_env=f"TEAM=vision\n{line}"))
+    assert_refused(response, "extra_env", message)
+    assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize("image, message", [
+    ("UPPER/case:1", "is not a Docker image reference"),
+    ("repo:tag:tag", "is not a Docker image reference"),
+    ("example/comfyui@sha256:abc", "is not a digest"),
+    ("evil.example/x:latest", "INSTANCE_IMAGES_ALLOWED permits"),
+])
+def test_it_refuses_an_image_that_is_not_a_reference_or_not_allowed(client, operator, image, message):
+    client.force_login(operator)
+    assert_refused(client.post(CREATE, create_data(image=image)), "image", message)
+    assert not Instance.objects.exists()
+
+
 # --- Edit ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture

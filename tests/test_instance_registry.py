@@ -290,6 +290,141 @@ def test_a_port_whose_last_connection_lingers_in_time_wait_is_free():
         assert services.port_bound_on_host("127.0.0.1", 39251)
 
 
+# --- Validation without gaps (issue #10) ---------------------------------------------------------------------
+
+BAD_IDS = ["abc\n", "abc\r\n", "abc ", " abc", "a\nb", "abc\x00"]
+
+
+@pytest.mark.parametrize("instance_id", BAD_IDS)
+def test_it_refuses_an_instance_id_with_a_trailing_newline_or_blank_instead_of_trimming_it(instance_id):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id=instance_id)
+    assert "Use lowercase letters a-z, digits and '-'" in errors_of(excinfo)["instance_id"][0]
+    assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize("name", BAD_IDS)
+def test_it_refuses_a_template_name_with_a_trailing_newline(name):
+    from instances.models import InstanceTemplate
+
+    with pytest.raises(ValidationError) as excinfo:
+        services.template_create(name=name)
+    assert "Use lowercase letters, digits and '-' for a template name" in errors_of(excinfo)["name"][0]
+    assert not InstanceTemplate.objects.exists()
+
+
+@pytest.mark.parametrize("new_instance_id", BAD_IDS)
+def test_it_refuses_a_clone_id_with_a_trailing_newline(new_instance_id):
+    from storage_app import services as storage_services
+    from storage_app.models import Snapshot
+
+    snapshot = Snapshot.objects.create(instance_label="origin", kind="config", archive="origin/1.tar", sha256="0")
+    with pytest.raises(ValidationError) as excinfo:
+        storage_services.snapshot_clone(snapshot=snapshot, new_instance_id=new_instance_id)
+    assert "Use lowercase letters a-z" in errors_of(excinfo)["new_instance_id"][0]
+
+
+@pytest.mark.parametrize("instance_id", BAD_IDS)
+def test_it_refuses_a_legacy_instance_id_with_a_trailing_newline(instance_id, tmp_path):
+    from storage_app import services as storage_services
+
+    (tmp_path / "old" / "models").mkdir(parents=True)
+    with pytest.raises(ValidationError) as excinfo:
+        storage_services.legacy_plan(source=str(tmp_path / "old"), instance_id=instance_id)
+    assert "Use lowercase letters a-z" in " ".join(errors_of(excinfo)["instance_id"])
+
+
+@pytest.mark.parametrize("arg", ["--i", "--inp", "--input-dir", "--liste", "--port=1", "--outp", "--base=/x",
+                                 "--extra=/x.yaml", "--cuda-d=1", "--default-dev", "--user-d", "--mo"])
+def test_create_and_update_refuse_every_abbreviation_of_a_protected_flag(arg):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="abbrev", extra_args=["--preview-method", "auto", arg])
+    assert "is set by ComfyHub to keep instances isolated" in errors_of(excinfo)["extra_args"][0]
+    assert not Instance.objects.exists()
+    instance = services.instance_create(instance_id="abbrev")
+    with pytest.raises(ValidationError):
+        services.instance_update(instance=instance, display_name="", description="", image="", extra_args=[arg],
+                                 extra_env={}, host_port=None, gpu_indexes=[])
+    instance.refresh_from_db()
+    assert instance.extra_args == []
+
+
+@pytest.mark.parametrize("name", ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "LD_PRELOAD", "comfy_instance_id",
+                                  "Comfy_Shared_Path", "nvidia_driver_capabilities", "CUDA_MPS_PIPE_DIRECTORY"])
+def test_create_refuses_the_reserved_environment_in_any_case(name):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="envy", extra_env={"TEAM": "a", name: "x"})
+    assert errors_of(excinfo)["extra_env"][0].startswith(f"'{name}' ")
+    assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize("image, message", [
+    ("UPPER/case", "is not a Docker image reference"),
+    ("a b", "no spaces"),
+    ("repo:tag:tag", "is not a Docker image reference"),
+    ("example/comfyui:1\n", "no spaces"),
+    ("evil.example/x:latest", "INSTANCE_IMAGES_ALLOWED permits"),
+    ("comfyhub-comfyui-double-evil:test", "INSTANCE_IMAGES_ALLOWED permits"),
+])
+def test_create_and_update_refuse_an_image_that_is_malformed_or_not_allowed(image, message):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="imaged", image=image)
+    assert message in errors_of(excinfo)["image"][0]
+    assert not Instance.objects.exists()
+    instance = services.instance_create(instance_id="imaged", image="example/comfyui:1")
+    with pytest.raises(ValidationError):
+        services.instance_update(instance=instance, display_name="", description="", image=image, extra_args=[],
+                                 extra_env={}, host_port=None, gpu_indexes=[])
+    instance.refresh_from_db()
+    assert instance.image == "example/comfyui:1"
+
+
+def test_the_allowed_patterns_are_named_in_the_refusal(settings):
+    settings.INSTANCE_IMAGES_ALLOWED = ["ghcr.io/comfyhub/comfyui:*"]
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="refused", image="example/comfyui:1")
+    assert errors_of(excinfo)["image"] == [
+        "Image 'example/comfyui:1' is not allowed on this ComfyHub: INSTANCE_IMAGES_ALLOWED permits "
+        "'ghcr.io/comfyhub/comfyui:*'. Pick an image that matches, or have the administrator add a pattern to "
+        "INSTANCE_IMAGES_ALLOWED."]
+    assert services.instance_create(instance_id="allowed", image="ghcr.io/comfyhub/comfyui:v1").image == \
+        "ghcr.io/comfyhub/comfyui:v1"
+
+
+def test_a_clone_of_a_snapshot_whose_image_is_no_longer_allowed_is_refused_up_front(settings):
+    from storage_app import services as storage_services
+    from storage_app.models import Snapshot
+
+    snapshot = Snapshot.objects.create(instance_label="origin", kind="config", archive="origin/1.tar", sha256="0",
+                                       manifest={"instance": {"image": "evil.example/x:1"}})
+    with pytest.raises(ValidationError) as excinfo:
+        storage_services.snapshot_clone(snapshot=snapshot, new_instance_id="cloned")
+    assert "INSTANCE_IMAGES_ALLOWED permits" in errors_of(excinfo)["snapshot"][0]
+
+
+@pytest.mark.parametrize("extra_args, extra_env, field", [
+    ("--lowvram", {}, "extra_args"),
+    ({"--lowvram": 1}, {}, "extra_args"),
+    ([], ["TEAM=a"], "extra_env"),
+    ([], "TEAM=a", "extra_env"),
+    ([["--lowvram"]], {}, "extra_args"),
+    ([None], {}, "extra_args"),
+    ([], {"TEAM": ["a"]}, "extra_env"),
+    ([], {"TEAM": None}, "extra_env"),
+])
+def test_arguments_and_environment_of_the_wrong_shape_are_refused_not_converted(extra_args, extra_env, field):
+    with pytest.raises(ValidationError) as excinfo:
+        services.instance_create(instance_id="shaped", extra_args=extra_args, extra_env=extra_env)
+    assert field in errors_of(excinfo)
+    assert not Instance.objects.exists()
+
+
+def test_numbers_in_arguments_and_environment_become_text():
+    instance = services.instance_create(instance_id="numbers", extra_args=["--preview-size", 512],
+                                        extra_env={"WORKERS": 4})
+    assert (instance.extra_args, instance.extra_env) == (["--preview-size", "512"], {"WORKERS": "4"})
+
+
 def test_purging_an_instances_data_removes_links_and_never_what_they_point_to(storage, tmp_path):
     host = make_canary(tmp_path / "host")
     before = snapshot(host)

@@ -146,6 +146,12 @@ def test_an_operator_creates_a_template_with_everything(client, operator, starte
     ({"settings": "[1, 2]"}, "settings", "Settings are a JSON object of comfy.settings.json values."),
     ({"settings": "{oops"}, "settings", "Not valid JSON"),
     ({"gpu_count": "-1"}, "gpu_count", "greater than or equal to 0"),
+    ({"name": "fresh\n"}, "name", "Use lowercase letters, digits and '-' for a template name"),
+    ({"image": "evil.example/x:latest"}, "image", "INSTANCE_IMAGES_ALLOWED permits"),
+    ({"image": "UPPER/case"}, "image", "is not a Docker image reference"),
+    ({"extra_args": "--inp /x"}, "extra_args", "ComfyUI takes it for --input-directory"),
+    ({"extra_env": "LD_PRELOAD=/x.so"}, "extra_env", "'LD_PRELOAD' is refused"),
+    ({"extra_env": "comfy_shared_path=/x"}, "extra_env", "'comfy_shared_path' is reserved"),
 ])
 def test_a_bad_template_says_what_is_wrong_next_to_the_field_and_creates_nothing(client, operator, template, data,
                                                                                  field, message):

@@ -112,6 +112,38 @@ def test_template_images_and_nodes_are_checked_up_front(field, value, message):
         services.template_create(name="checked", **{field: value})
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("name", "studio\n", "Use lowercase letters, digits and '-' for a template name"),
+    ("image", "evil.example/x:latest", "INSTANCE_IMAGES_ALLOWED permits"),
+    ("image", "repo:tag:tag", "is not a Docker image reference"),
+    ("extra_args", ["--liste"], "ComfyUI takes it for --listen"),
+    ("extra_args", "--lowvram", "Extra arguments are a list of strings"),
+    ("extra_env", {"Comfy_Shared_Path": "/x"}, "'Comfy_Shared_Path' is reserved"),
+    ("extra_env", {"LD_PRELOAD": "/x.so"}, "'LD_PRELOAD' is refused"),
+    ("custom_nodes", {"url": "https://example.org/x.git"}, "Custom nodes are a list"),
+])
+def test_a_template_obeys_the_rules_an_instance_made_from_it_would(field, value, message):
+    from instances.models import InstanceTemplate
+
+    arguments = {"name": "checked", field: value}
+    with pytest.raises(ValidationError) as excinfo:
+        services.template_create(**arguments)
+    assert message in " ".join(excinfo.value.messages)
+    assert not InstanceTemplate.objects.exists()
+
+
+def test_a_template_change_obeys_the_same_rules_and_keeps_its_name():
+    template = services.template_create(name="changing", image="comfy:sdxl")
+    with pytest.raises(ValidationError, match="INSTANCE_IMAGES_ALLOWED permits"):
+        services.template_update(template=template, image="evil.example/x:latest")
+    template.refresh_from_db()
+    assert template.image == "comfy:sdxl"
+    services.template_update(template=template, image="comfy:other", extra_env={"TEAM": "art"}, gpu_count=1)
+    template.refresh_from_db()
+    assert (template.name, template.image, template.extra_env, template.gpu_count) == (
+        "changing", "comfy:other", {"TEAM": "art"}, 1)
+
+
 def test_a_template_cannot_be_called_new():
     with pytest.raises(ValidationError, match="'new' is taken"):
         services.template_create(name="new")
