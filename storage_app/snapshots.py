@@ -12,6 +12,7 @@ PUID:PGID and sane modes, and only a complete extraction is swapped in, all or n
 from __future__ import annotations
 
 import errno
+import fcntl
 import gzip
 import hashlib
 import json
@@ -350,6 +351,10 @@ def _write_archive(partial: Path, root: Path, content: _Content, manifest: bytes
                                         stderr=subprocess.PIPE, bufsize=1 << 20)
     finally:
         os.close(out_fd)
+    try:  # a bigger pipe lets this process and gzip work side by side instead of in turns
+        fcntl.fcntl(gzip_process.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
     writer = _TarWriter(gzip_process.stdin)
     failure = None
     try:
@@ -411,7 +416,7 @@ def _write_members(writer, root: Path, content: _Content, manifest: bytes, repor
                     lost.append(path)
                     _log(report, f"left out of the snapshot: {root / path} is no longer a folder", "WARNING")
                     continue
-                writer.add(_header(path, tarfile.DIRTYPE, info))
+                writer.add_header(path, tarfile.DIRTYPE, info)
             else:
                 _add_file(writer, fd, name, path, root, report)
         for path, target in content.links:
@@ -428,9 +433,7 @@ def _write_members(writer, root: Path, content: _Content, manifest: bytes, repor
                 _log(report, f"left out of the snapshot: the link {root / path} changed while it was archived",
                      "WARNING")
                 continue
-            header = _header(path, tarfile.SYMTYPE, info)
-            header.linkname = target
-            writer.add(header)
+            writer.add_header(path, tarfile.SYMTYPE, info, linkname=target)
     finally:
         dirs.close()
 
@@ -452,28 +455,28 @@ def _add_file(writer, dir_fd: int, name: str, path: str, root: Path, report):
         if not stat.S_ISREG(info.st_mode):
             _log(report, f"left out of the snapshot: {root / path} is no longer a plain file", "WARNING")
             return
-        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except FileNotFoundError:  # no /proc: open the name again, and make sure it is still the inode checked
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+            again = os.fstat(fd)
+            if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(again.st_mode):
+                os.close(fd)
+                _log(report, f"left out of the snapshot: {root / path} changed while it was archived", "WARNING")
+                return
     finally:
         os.close(handle)
     try:
-        header = _header(path, tarfile.REGTYPE, info)
-        header.size = info.st_size
-        writer.add(header, fd=fd, report=report, shown=root / path)
+        writer.add_file(path, info, fd, report=report, root=root)
     finally:
         os.close(fd)
 
 
-def _header(path: str, kind: bytes, info: os.stat_result) -> tarfile.TarInfo:
-    header = tarfile.TarInfo(path)
-    header.type = kind
-    header.mode = stat.S_IMODE(info.st_mode) & 0o777
-    header.mtime = max(0, int(info.st_mtime))
-    header.uid, header.gid = info.st_uid, info.st_gid
-    return header
-
-
 class _TarWriter:
-    """A POSIX (pax) tar stream written by hand, so every byte comes from a descriptor ComfyHub opened itself."""
+    """A POSIX (pax) tar stream written by hand, so every byte comes from a descriptor ComfyHub opened itself. Plain
+    ustar headers are built directly (tarfile's are several times slower); anything they cannot hold (long or
+    non-ASCII names, huge numbers) goes through tarfile's pax headers."""
 
     def __init__(self, out):
         self.out, self.count = out, 0
@@ -482,28 +485,60 @@ class _TarWriter:
         self.out.write(data)
         self.count += len(data)
 
-    def add(self, info: tarfile.TarInfo, *, data: bytes | None = None, fd: int | None = None, report=None,
-            shown=None):
+    def add(self, info: tarfile.TarInfo, *, data: bytes = b""):
         self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        if data is not None:
-            self._write(data)
-        elif fd is not None:
-            remaining = info.size
-            while remaining:
-                chunk = os.read(fd, min(remaining, 1 << 20))
-                if not chunk:  # shrank while read: the header already promised the size, so pad it
-                    _log(report, f"{shown} shrank while it was archived; its copy is padded with zeros", "WARNING")
-                    self._write(bytes(remaining))
-                    break
-                self._write(chunk)
-                remaining -= len(chunk)
-        if info.size % tarfile.BLOCKSIZE:
-            self._write(bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
+        self._write(data)
+        self._pad(len(data))
+
+    def add_header(self, path: str, kind: bytes, info: os.stat_result, *, size: int = 0, linkname: str = ""):
+        mode, mtime = stat.S_IMODE(info.st_mode) & 0o777, max(0, int(info.st_mtime))
+        header = _ustar_header(path, kind, mode, info.st_uid, info.st_gid, size, mtime, linkname)
+        if header is None:
+            slow = tarfile.TarInfo(path)
+            slow.type, slow.mode, slow.mtime, slow.size, slow.linkname = kind, mode, mtime, size, linkname
+            slow.uid, slow.gid = info.st_uid, info.st_gid
+            header = slow.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        self._write(header)
+
+    def add_file(self, path: str, info: os.stat_result, fd: int, *, report=None, root=None):
+        self.add_header(path, tarfile.REGTYPE, info, size=info.st_size)
+        remaining = info.st_size
+        while remaining:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:  # shrank while read: the header already promised the size, so pad it
+                _log(report, f"{root / path} shrank while it was archived; its copy is padded with zeros", "WARNING")
+                self._write(bytes(remaining))
+                break
+            self._write(chunk)
+            remaining -= len(chunk)
+        self._pad(info.st_size)
+
+    def _pad(self, size: int):
+        if size % tarfile.BLOCKSIZE:
+            self._write(bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
 
     def finish(self):
         self._write(bytes(2 * tarfile.BLOCKSIZE))
         if self.count % tarfile.RECORDSIZE:
             self._write(bytes(tarfile.RECORDSIZE - self.count % tarfile.RECORDSIZE))
+
+
+def _ustar_header(name: str, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+                  linkname: str) -> bytes | None:
+    """A POSIX ustar header (as tarfile writes it), or None when a field does not fit one."""
+    if kind == tarfile.DIRTYPE:
+        name += "/"
+    try:
+        name_bytes, link_bytes = name.encode("ascii"), linkname.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if len(name_bytes) > 100 or len(link_bytes) > 100 or max(uid, gid) >= 8 ** 7 or max(size, mtime) >= 8 ** 11:
+        return None
+    header = b"".join((
+        name_bytes.ljust(100, b"\0"), b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid, b"%011o\0" % size,
+        b"%011o\0" % mtime, b" " * 8, kind, link_bytes.ljust(100, b"\0"), tarfile.POSIX_MAGIC, bytes(64 + 16),
+        bytes(155 + 12)))
+    return header[:148] + b"%06o\0" % sum(header) + header[155:]
 
 
 def _sha256(path: Path) -> tuple[str, int]:
