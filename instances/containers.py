@@ -83,6 +83,9 @@ def ensure_image(engine, instance: Instance, report):
 def start(instance: Instance, report) -> dict:
     with instance_lock(instance, report):
         instance.refresh_from_db()
+        # Saved before INSTANCE_IMAGES_ALLOWED was narrowed, or written past the services: it does not run.
+        if problem := runtime.image_problem(instance.image):
+            raise OperationError(f"{problem} Nothing was started; change the instance's image.")
         engine = engine_for(instance)
         try:
             report.progress(5, "building directories")

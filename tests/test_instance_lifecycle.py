@@ -172,6 +172,16 @@ def test_a_missing_image_on_an_offline_host_is_a_clear_error(run_worker, docker_
     assert "If this host is offline" in operation.error
 
 
+def test_an_instance_whose_image_is_no_longer_allowed_does_not_start(run_worker, settings, docker_cleanup):
+    outdated = services.instance_create(instance_id="outdated", image="example/comfyui:1")
+    settings.INSTANCE_IMAGES_ALLOWED = ["ghcr.io/comfyhub/comfyui:*"]
+    operation = run(services.instance_start(instance=outdated), run_worker)
+    assert operation.status == Operation.Status.FAILED
+    assert "INSTANCE_IMAGES_ALLOWED permits 'ghcr.io/comfyhub/comfyui:*'" in operation.error
+    assert "Nothing was started" in operation.error
+    assert not layout.instance_dir("outdated").exists()  # refused before anything was built
+
+
 def test_a_stopped_engine_fails_the_operation_and_leaves_the_registry_intact(image, run_worker, settings):
     instance = services.instance_create(instance_id="steady", image=image, gpu_indexes=[0])
     assert run(services.instance_build(instance=instance), run_worker).status == Operation.Status.SUCCEEDED
