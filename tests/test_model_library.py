@@ -2,6 +2,7 @@
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 
@@ -276,10 +277,14 @@ def test_a_file_that_grows_while_being_read_is_recorded(models_dir):
     stop = threading.Event()
 
     def append():
+        # Bounded (at most 256 MiB) and paced, so a slow reader on a busy machine can never fill the disk.
         with open(growing, "ab") as handle:
-            while not stop.is_set():
+            for _ in range(4096):
+                if stop.is_set():
+                    break
                 handle.write(b"y" * 65536)
                 handle.flush()
+                time.sleep(0.001)
 
     writer = threading.Thread(target=append)
     writer.start()
