@@ -62,7 +62,8 @@ def fingerprint(folder):
             if stat.S_ISLNK(info.st_mode):
                 detail = "link:" + os.readlink(path)
             elif stat.S_ISREG(info.st_mode):
-                detail = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                with open(path, "rb") as handle:
+                    detail = hashlib.sha256(handle.read()).hexdigest()
             else:
                 detail = stat.S_IFMT(info.st_mode)
             found[os.path.relpath(path, folder)] = (stat.filemode(info.st_mode), info.st_uid, info.st_gid, detail)
@@ -380,3 +381,29 @@ def test_a_swap_that_fails_partway_leaves_nothing_behind(instance, storage, run_
         assert not [p for p in root.iterdir() if p.name.startswith(".")]
     finally:
         subprocess.run(["umount", str(root / "models")], check=True)
+
+
+def test_an_archive_made_by_gnu_tar_before_still_restores(instance, storage, run_worker, tmp_path, trusting):
+    # Snapshots taken before ComfyHub wrote its own tar stream were made by GNU tar: long names as ././@LongLink,
+    # hard links between equal files, folders with a trailing slash.
+    source = tmp_path / "old"
+    deep = source / "user" / "default" / ("a-rather-long-folder-name-" * 3) / ("and-a-long-file-name-" * 3 + ".json")
+    deep.parent.mkdir(parents=True)
+    deep.write_text('{"old": true}')
+    os.link(deep, source / "user" / "default" / "same.json")
+    os.symlink("same.json", source / "user" / "default" / "alias.json")
+    (source / snapshots.MANIFEST_NAME).write_text(json.dumps({"format": 1, "kind": "config", "trees": ["user"]}))
+    archive = storage["backups"] / "snappy" / "old.tar.gz"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "--create", "--gzip", "--file", str(archive), "--numeric-owner", "-C", str(source),
+                    snapshots.MANIFEST_NAME, "user"], check=True)
+    digest, size = snapshots._sha256(archive)
+    snapshot = Snapshot.objects.create(instance=instance, instance_label="snappy", kind="config",
+                                       archive="snappy/old.tar.gz", size=size, sha256=digest)
+    operation = run(services.snapshot_restore(snapshot=snapshot), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    restored = storage["instances"] / "snappy" / deep.relative_to(source)
+    assert json.loads(restored.read_text()) == {"old": True}
+    default = storage["instances"] / "snappy" / "user" / "default"
+    assert (default / "same.json").read_text() == '{"old": true}' and os.readlink(default / "alias.json") == "same.json"
+    assert not (default / "workflows").exists()  # the whole user/ folder was replaced
