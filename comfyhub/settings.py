@@ -2,6 +2,7 @@
 
 Defaults let a fresh checkout run (SQLite and a local Redis under `var/`); `.env.example` documents each variable.
 """
+import fnmatch
 import re
 from pathlib import Path
 
@@ -234,8 +235,12 @@ if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,60}", CONTAINER_NAME_PREFIX):
 # Images an instance may run: shell-style patterns matched against the whole reference. Default: the repository
 # of COMFY_IMAGE, any tag or digest.
 _image_repository = re.sub(r"(@.*|:[^/:]*)$", "", COMFY_IMAGE)
-INSTANCE_IMAGES_ALLOWED = env.list(
-    "INSTANCE_IMAGES_ALLOWED", default=[_image_repository, f"{_image_repository}:*", f"{_image_repository}@*"])
+INSTANCE_IMAGES_ALLOWED = [pattern for pattern in env.list("INSTANCE_IMAGES_ALLOWED", default=[]) if pattern] or [
+    _image_repository, f"{_image_repository}:*", f"{_image_repository}@*"]
+if not any(fnmatch.fnmatchcase(COMFY_IMAGE, pattern) for pattern in INSTANCE_IMAGES_ALLOWED):
+    raise ImproperlyConfigured(
+        f"INSTANCE_IMAGES_ALLOWED ({','.join(INSTANCE_IMAGES_ALLOWED)}) does not allow COMFY_IMAGE={COMFY_IMAGE}: "
+        "add a pattern for it, or change COMFY_IMAGE.")
 # Custom nodes from file:// URLs or local paths (a way to read host folders into an instance): off unless set.
 CUSTOM_NODE_LOCAL_SOURCES = env.bool("CUSTOM_NODE_LOCAL_SOURCES", default=False)
 # The image git runs in (clone, fetch, checkout, status) for custom nodes; empty: the instance's own image.

@@ -103,7 +103,7 @@ def check_url(url: str) -> str:
     url = (url or "").strip()
     if is_local_source(url):
         return _check_local_url(url)
-    if not URL_RE.match(url) or url.startswith("-") or "::" in url.split("://", 1)[0]:
+    if not URL_RE.fullmatch(url) or url.startswith("-") or "::" in url.split("://", 1)[0]:
         raise CustomNodeError(f"'{url}' is not a git URL (https://…, ssh://…, git@host:path, or file://… where "
                               "CUSTOM_NODE_LOCAL_SOURCES allows it).")
     return url
@@ -137,7 +137,7 @@ def local_source_folder(url: str, step: str = "clone") -> Path:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or "") or name.endswith(".disabled") or name == "__pycache__":
+    if not NAME_RE.fullmatch(name or "") or name.endswith(".disabled") or name == "__pycache__":
         raise CustomNodeError(f"'{name}' cannot name a custom node folder (letters, digits, '.', '_', '-').")
     return name
 

@@ -110,3 +110,19 @@ def test_check_deploy_is_clean_with_production_settings():
 def test_check_deploy_warns_when_https_is_off():
     result = manage("check", "--deploy", env={**PRODUCTION, "HTTPS": "false"})
     assert "security.W004" in result.stderr + result.stdout  # HSTS unset
+
+
+def test_an_image_allow_list_that_refuses_the_default_image_is_refused_naming_both():
+    result = manage("check", env={"DEBUG": "true", "INSTANCE_IMAGES_ALLOWED": "registry.example.org/*",
+                                  "COMFY_IMAGE": "ghcr.io/comfyhub/comfyui:latest"})
+    assert result.returncode != 0
+    assert "INSTANCE_IMAGES_ALLOWED (registry.example.org/*) does not allow COMFY_IMAGE" in result.stderr
+
+
+def test_the_default_image_allow_list_is_the_default_images_repository():
+    result = run_python(
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE']='comfyhub.settings'; django.setup();"
+        "from django.conf import settings; print(settings.INSTANCE_IMAGES_ALLOWED)",
+        env={"DEBUG": "true", "INSTANCE_IMAGES_ALLOWED": "", "COMFY_IMAGE": "registry.example.org:5000/team/comfy:v2"})
+    assert result.stdout.strip() == ("['registry.example.org:5000/team/comfy', 'registry.example.org:5000/team/comfy:*', "
+                                     "'registry.example.org:5000/team/comfy@*']"), result.stderr
