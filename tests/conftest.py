@@ -13,6 +13,7 @@ from rq import SimpleWorker
 
 from comfyhub import queues
 from comfyhub.signals import OPERATORS_GROUP
+from tests.support.canary import make_canary, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,16 @@ def storage(settings, tmp_path, monkeypatch):
 def clean_redis():
     queues.get_connection("default").flushdb()
     yield
+
+
+@pytest.fixture
+def canary(tmp_path):
+    """A host folder outside storage that a hostile instance folder's links point to; checked byte-for-byte
+    unchanged (contents, owners, modes, times) after the test."""
+    host = make_canary(tmp_path / "host")
+    before = snapshot(host)
+    yield host
+    assert snapshot(host) == before, "the host folder outside storage changed"
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from storage_app import layout
-from tests.support.canary import make_canary, snapshot
 
 
 def test_the_build_creates_the_plans_tree_and_the_model_paths_file(settings):
@@ -80,15 +79,6 @@ def test_created_folders_belong_to_puid_and_pgid_when_running_as_root(settings):
 
 
 # --- A hostile instance folder: links the container planted ---------------------------------------------------
-
-@pytest.fixture
-def canary(tmp_path):
-    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
-    host = make_canary(tmp_path / "host")
-    before = snapshot(host)
-    yield host
-    assert snapshot(host) == before, "the host folder outside storage changed"
-
 
 def plant(link, canary, how):
     """A link to the canary: absolute, or relative (climbing out of storage by '..')."""

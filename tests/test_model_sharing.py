@@ -9,7 +9,6 @@ from comfyhub.models import Operation
 from instances import health, services as instance_services
 from storage_app import layout, library, services
 from storage_app.models import ModelAsset
-from tests.support.canary import make_canary, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -148,15 +147,6 @@ def test_a_running_instance_sees_the_library_and_a_hidden_verified_file_fails_is
 
 
 # --- A hostile instance folder: links the container planted ---------------------------------------------------
-
-@pytest.fixture
-def canary(tmp_path):
-    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
-    host = make_canary(tmp_path / "host")
-    before = snapshot(host)
-    yield host
-    assert snapshot(host) == before, "the host folder outside storage changed"
-
 
 @pytest.mark.parametrize("how", ["absolute", "relative"])
 @pytest.mark.parametrize("level", ["models", "models/checkpoints"])

@@ -5,16 +5,6 @@ import os
 import pytest
 
 from storage_app import safefs
-from tests.support.canary import make_canary, snapshot
-
-
-@pytest.fixture
-def canary(tmp_path):
-    """A host folder outside the hostile tree; checked byte-for-byte unchanged after each test."""
-    host = make_canary(tmp_path / "host")
-    before = snapshot(host)
-    yield host
-    assert snapshot(host) == before, "the folder outside the hostile tree changed"
 
 
 @pytest.fixture

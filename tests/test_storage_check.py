@@ -8,7 +8,6 @@ from django.core.management import call_command
 from instances import services
 from storage_app import layout
 from storage_app.checks import check_storage
-from tests.support.canary import make_canary, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -79,15 +78,6 @@ def test_the_command_prints_json_and_exits_non_zero_while_findings_remain(storag
 
 
 # --- A hostile instance folder: links the container planted ---------------------------------------------------
-
-@pytest.fixture
-def canary(tmp_path):
-    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
-    host = make_canary(tmp_path / "host")
-    before = snapshot(host)
-    yield host
-    assert snapshot(host) == before, "the host folder outside storage changed"
-
 
 def test_it_lists_every_link_out_of_an_instance_and_the_fix_removes_only_the_links(storage, canary):
     services.instance_create(instance_id="trapped")

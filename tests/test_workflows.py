@@ -10,7 +10,6 @@ from comfyhub.models import Operation
 from instances import services, workflows
 from instances.models import WorkflowInstall
 from storage_app import layout, library
-from tests.support.canary import make_canary, snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -234,15 +233,6 @@ def test_near_matches_compare_names_not_extensions(pair, storage):
 
 
 # --- A hostile instance folder: links the container planted ---------------------------------------------------
-
-@pytest.fixture
-def canary(tmp_path):
-    """A host folder outside storage; checked byte-for-byte unchanged after each test."""
-    host = make_canary(tmp_path / "host")
-    before = snapshot(host)
-    yield host
-    assert snapshot(host) == before, "the host folder outside storage changed"
-
 
 def swap_for_link(path, canary, how):
     shutil.rmtree(path)
