@@ -341,16 +341,21 @@ def link_stays_inside(link_relpath: str, target: str) -> bool:
     return True
 
 
-def link_resolves_inside(root: Path, link_relpath: str | os.PathLike, max_links: int = 40) -> bool:
-    """Whether the link at root/link_relpath, resolved the way the kernel would (chains of links included: `x -> .`
-    then `y -> x/..` leaves the root although each spelling stays inside), ends inside root. Only lstat and
-    readlink are used, never an open through a link. Absolute targets, loops and chains over `max_links` count as
-    leaving. A component that does not exist yet counts as a plain folder."""
-    parts = parts_of(link_relpath)
-    if not parts:
-        return True
-    position: list[str] = list(parts[:-1])
-    pending: list[str] = [parts[-1]]
+MAX_LINK_HOPS = 40  # the kernel's own limit on links followed while resolving one path
+
+
+def link_problem(link_relpath: str, target: str, entry_of, max_links: int = MAX_LINK_HOPS) -> str | None:
+    """Why the link at link_relpath (relative to a root) would lead outside that root, or None when it stays
+    inside. Resolved as the kernel would, chains included (`x -> .` then `y -> x/..` leaves the root although each
+    spelling stays inside). `entry_of(relpath)` tells what is at a path: ('dir' | 'file' | 'link' | None, the link's
+    target or None); None counts as a plain folder. The real filesystem (link_resolves_inside) and an archive's
+    members (snapshots.py) both answer it."""
+    if not target or "\0" in target:
+        return "its target is empty or holds a NUL byte"
+    if target.startswith("/"):
+        return f"it points to the absolute path {target}"
+    position = list(PurePosixPath(link_relpath).parts[:-1])
+    pending = list(PurePosixPath(target).parts)
     hops = 0
     while pending:
         part = pending.pop(0)
@@ -358,31 +363,49 @@ def link_resolves_inside(root: Path, link_relpath: str | os.PathLike, max_links:
             continue
         if part == "..":
             if not position:
-                return False
+                return (f"'{target}' climbs above the instance folder" if hops == 0 else
+                        f"through the links it passes, '{target}' climbs above the instance folder")
             position.pop()
             continue
-        candidate = PurePosixPath(*position, part)
-        try:
-            info = lstat(root, candidate)
-        except UnsafePathError:
-            return False  # a parent is a link: position only ever holds real folders, so this is a swap
-        if info is not None and stat.S_ISLNK(info.st_mode):
+        candidate = "/".join(position + [part])
+        kind, onward = entry_of(candidate)
+        if kind == "link":
             hops += 1
             if hops > max_links:
-                return False
-            try:
-                with parent_of(root, candidate) as (fd, name):
-                    target = os.readlink(name, dir_fd=fd)
-            except (OSError, UnsafePathError):
-                return False
-            if not target or target.startswith("/"):
-                return False
-            pending[:0] = list(PurePosixPath(target).parts)
+                return f"resolving it follows more than {max_links} links (a loop)"
+            if not onward or onward.startswith("/"):
+                return f"it passes through the link '{candidate}', which points to {onward or 'nothing'}"
+            pending[:0] = list(PurePosixPath(onward).parts)
             continue
-        if info is not None and not stat.S_ISDIR(info.st_mode) and pending:
-            return True  # a file in the middle: the kernel stops here (ENOTDIR), nothing outside is reached
+        if kind == "file" and pending:
+            return None  # the kernel stops at a file in the middle of a path (ENOTDIR): nothing outside is reached
         position.append(part)
-    return True
+    return None
+
+
+def link_resolves_inside(root: Path, link_relpath: str | os.PathLike, max_links: int = MAX_LINK_HOPS) -> bool:
+    """Whether the link at root/link_relpath ends inside root (see link_problem), looked at with lstat and readlink
+    only, never an open through a link. A parent that is a link (a swap since it was listed) counts as leaving."""
+    parts = parts_of(link_relpath)
+    if not parts:
+        return True
+
+    def entry_of(relpath):
+        info = lstat(root, relpath)
+        if info is None:
+            return None, None
+        if stat.S_ISLNK(info.st_mode):
+            with parent_of(root, relpath) as (fd, name):
+                return "link", os.readlink(name, dir_fd=fd)
+        return ("dir" if stat.S_ISDIR(info.st_mode) else "file"), None
+
+    try:
+        kind, target = entry_of("/".join(parts))
+        if kind != "link":
+            return True
+        return link_problem("/".join(parts), target, entry_of, max_links) is None
+    except (OSError, UnsafePathError):
+        return False
 
 
 def unlink_link(root: Path, relpath: str | os.PathLike) -> bool:

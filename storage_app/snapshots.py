@@ -119,48 +119,15 @@ def trees_for(kind: str, include_output: bool = False) -> tuple[str, ...]:
     return tuple(tree for tree in trees if tree in layout.INSTANCE_SUBDIRS)
 
 
-MAX_LINK_HOPS = 40  # the kernel's own limit on links followed while resolving one path
 MAX_DEPTH = 128  # folders nested deeper than this are left out of a snapshot (and logged)
 MANIFEST_LIMIT = 1 << 20
 
 
 def link_problem(path: str, target: str, kinds: dict[str, str], targets: dict[str, str]) -> str | None:
     """Why the link at `path` (relative to the instance folder) would lead outside that folder, or None when it
-    stays inside. Resolved as the kernel would, through a virtual tree: `kinds` maps each relative path to 'dir',
-    'file' or 'link', `targets` each link to its target, so a chain (`y -> x/..` after `x -> ..`) is followed link
-    by link. Names not in the tree count as plain folders."""
-    if not target or "\0" in target:
-        return "its target is empty or holds a NUL byte"
-    if target.startswith("/"):
-        return f"it points to the absolute path {target}"
-    position = list(PurePosixPath(path).parts[:-1])
-    pending = list(PurePosixPath(target).parts)
-    hops = 0
-    while pending:
-        part = pending.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not position:
-                return (f"'{target}' climbs above the instance folder" if hops == 0 else
-                        f"through the links it passes, '{target}' climbs above the instance folder")
-            position.pop()
-            continue
-        candidate = "/".join(position + [part])
-        kind = kinds.get(candidate)
-        if kind == "link":
-            hops += 1
-            if hops > MAX_LINK_HOPS:
-                return f"resolving it follows more than {MAX_LINK_HOPS} links (a loop)"
-            onward = targets.get(candidate, "")
-            if not onward or onward.startswith("/"):
-                return f"it passes through the link '{candidate}', which points to {onward or 'nothing'}"
-            pending[:0] = list(PurePosixPath(onward).parts)
-            continue
-        if kind == "file" and pending:
-            return None  # the kernel stops at a file in the middle of a path (ENOTDIR): nothing outside is reached
-        position.append(part)
-    return None
+    stays inside, resolved through a virtual tree: `kinds` maps each relative path to 'dir', 'file' or 'link',
+    `targets` each link to its target (safefs.link_problem follows the chains)."""
+    return safefs.link_problem(path, target, lambda relpath: (kinds.get(relpath), targets.get(relpath)))
 
 
 # --- Create ---------------------------------------------------------------------------------------------------
