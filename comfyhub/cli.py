@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from comfyhub import queues
@@ -49,8 +50,32 @@ def waiting_options() -> argparse.ArgumentParser:
     return waiting
 
 
+class InputParser(CommandParser):
+    """Argument errors are bad input, exit code 2, also through call_command() (Django's parser says 1 there; on the
+    command line argparse itself exits 2)."""
+
+    def error(self, message):
+        if self.called_from_command_line:
+            super().error(message)
+        raise CommandError(f"Error: {message}", returncode=EXIT_INPUT)
+
+
+def input_errors(parser: CommandParser) -> CommandParser:
+    """Make argument errors of `parser` and of its sub-command parsers exit code 2 (BaseCommand builds plain
+    CommandParsers before a command can choose the class)."""
+    parser.__class__ = InputParser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                input_errors(sub)
+    return parser
+
+
 class Command(BaseCommand):
     """A command with sub-commands: `handlers` maps each action to the name of the method that runs it."""
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        return input_errors(super().create_parser(prog_name, subcommand, **kwargs))
 
     handlers: dict[str, str] = {}
 
@@ -184,6 +209,15 @@ def input_error(errors) -> CommandError:
     return CommandError("\n".join(lines), returncode=EXIT_INPUT)
 
 
+def whole_number(value: str, *, low: int, high: int) -> int | None:
+    """An integer typed on the command line, from `low` to `high`; None for anything else (the caller says what
+    it wanted). Only ASCII digits: '²'.isdigit() is true but int('²') fails."""
+    text = (value or "").strip()
+    if text.isascii() and text.isdigit() and len(text) <= 18 and low <= int(text) <= high:
+        return int(text)
+    return None
+
+
 def unknown(what: str, name, known) -> CommandError:
     """`No instance 'x'. Known: a, b` (exit code 2)."""
     known = ", ".join(str(k) for k in known) or "none"
@@ -216,15 +250,27 @@ def find_instances(instance_ids) -> list:
 # --- Files ------------------------------------------------------------------------------------------------------
 
 def read_input(name: str, *, field: str = "file", binary: bool = False):
-    """The contents of FILE, or of stdin for '-'; a file that cannot be read is exit code 2."""
-    if name == STDIO:
-        return sys.stdin.buffer.read() if binary else sys.stdin.read()
+    """The contents of FILE, or of stdin for '-'; a file that cannot be read, is not UTF-8 text (unless `binary`)
+    or is over UPLOAD_MAX_BYTES (refused by its size before it is read) is exit code 2."""
+    from comfyhub import jsonlimits
+
+    shown = "stdin" if name == STDIO else name
     try:
-        path = Path(name)
-        return path.read_bytes() if binary else path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise input_error({field: [f"Cannot read {name}: {reason}."]}) from exc
+        if name == STDIO:
+            raw = jsonlimits.read_stream(sys.stdin.buffer, what=shown)
+        else:
+            with open(name, "rb") as handle:
+                jsonlimits.check_size(os.fstat(handle.fileno()).st_size, what=shown)
+                raw = jsonlimits.read_stream(handle, what=shown)
+        return raw if binary else raw.decode("utf-8")
+    except jsonlimits.JSONInputError as exc:
+        raise input_error({field: [str(exc)]}) from exc
+    except UnicodeDecodeError as exc:
+        raise input_error({field: [f"Cannot read {shown}: it is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                                   f"at offset {exc.start})."]}) from exc
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise input_error({field: [f"Cannot read {shown}: {reason}."]}) from exc
 
 
 def write_output(command: BaseCommand, name: str, text: str, *, field: str = "file") -> bool:

@@ -78,6 +78,13 @@ def loads(raw: bytes | str, *, what: str = "The JSON"):
     return data
 
 
+def kind_of(value) -> str:
+    """'a string', 'a list', ... for messages about a value of the wrong type."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number; write a number or null instead.")
 

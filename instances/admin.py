@@ -4,6 +4,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.http import HttpResponseRedirect
+from django.shortcuts import redirect
 
 from comfyhub.queues import QueueUnavailable
 
@@ -170,9 +171,15 @@ class InstanceAdmin(SavedByServices):
     def restart(self, request, queryset):
         self._enqueue(request, queryset, services.instance_restart, "Restart")
 
-    @admin.action(description="Delete (container and registry entry; data is kept)", permissions=["remove"])
+    @admin.action(description="Delete (asks for the instance id on its delete page)", permissions=["remove"])
     def delete_keeping_data(self, request, queryset):
-        self._enqueue(request, queryset, services.instance_delete, "Delete")
+        # Deleting asks for the id typed out; the instance's delete page does that (and offers purging the data).
+        instances = list(queryset[:2])
+        if len(instances) != 1:
+            self.message_user(request, "Choose one instance to delete: its delete page asks for its id to confirm.",
+                              messages.ERROR)
+            return None
+        return redirect("instance-delete", instances[0].instance_id)
 
     def has_delete_permission(self, request, obj=None):
         return False  # deleting must remove the container too: the action above does it as an operation

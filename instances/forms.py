@@ -156,11 +156,22 @@ class InstanceForm(forms.Form):
 
 
 class InstanceDeleteForm(forms.Form):
+    """Deleting asks for the instance id typed out: a bare POST (a stray click, a forged form) deletes nothing."""
+
     purge_data = forms.BooleanField(
         label="Also delete its data", required=False,
         help_text="Its folder: workflows, outputs, custom nodes and settings. Shared models are never touched.",
     )
-    confirm = forms.CharField(label="Type the instance id to delete its data", required=False)
+    confirm = forms.CharField(label="Type the instance id to confirm", required=False, strip=False)
+
+    def __init__(self, *args, instance: Instance, **kwargs):
+        self.instance = instance
+        super().__init__(*args, **kwargs)
+
+    def clean_confirm(self):
+        if self.cleaned_data["confirm"] != self.instance.instance_id:
+            raise ValidationError(f"Type the instance id '{self.instance.instance_id}' exactly to delete it.")
+        return self.cleaned_data["confirm"]
 
     def add_service_error(self, exc: ValidationError):
         add_service_error(self, exc)
@@ -293,15 +304,15 @@ class TemplateForm(forms.Form):
         return nodes
 
     def clean_settings(self):
-        import json
+        from comfyhub import jsonlimits
 
         text = self.cleaned_data["settings"].strip()
         if not text:
             return {}
         try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise ValidationError(f"Not valid JSON: {exc}") from exc
+            return jsonlimits.loads(text, what="The settings")
+        except jsonlimits.JSONInputError as exc:
+            raise ValidationError(str(exc)) from exc
 
     def arguments(self) -> dict:
         data = self.cleaned_data

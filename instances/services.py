@@ -55,7 +55,7 @@ def parse_gpu_selection(value) -> list[int]:
         parts = [p.strip() for p in value.split(",") if p.strip()]
     else:
         parts = [str(p).strip() for p in value]
-    if not all(p.isdigit() for p in parts):
+    if not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
         raise ValidationError({"gpus": [f"GPUs are given by index, e.g. '0,1', or 'none' for CPU mode; got "
                                         f"{', '.join(parts)}."]})
     indexes = sorted({int(p) for p in parts})
@@ -465,7 +465,8 @@ def workflow_version_resolve(*, spec: str):
     entry = WorkflowEntry.objects.filter(name=name).first()
     if entry is None:
         raise ValidationError({"name": [f"No workflow '{name}' in the library."]})
-    version = entry.versions.filter(number=int(number)).first() if number.isdigit() else \
+    digits = number.isascii() and number.isdigit() and len(number) <= 9
+    version = entry.versions.filter(number=int(number)).first() if digits else \
         (entry.latest() if not number else None)
     if version is None:
         have = ", ".join(str(v.number) for v in entry.versions.order_by("number"))

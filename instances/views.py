@@ -158,7 +158,7 @@ def instance_edit(request, instance_id):
 @permission_required("instances.delete_instance", raise_exception=True)
 def instance_delete(request, instance_id):
     instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
-    form = InstanceDeleteForm(request.POST if request.method == "POST" else None)
+    form = InstanceDeleteForm(request.POST if request.method == "POST" else None, instance=instance)
     if form.is_bound and form.is_valid():
         purge = form.cleaned_data["purge_data"]
         try:
@@ -172,7 +172,8 @@ def instance_delete(request, instance_id):
             kept = "and its data" if purge else "(its data is kept)"
             messages.success(request, f"Deleting instance '{instance}' {kept}.")
             return redirect(operation)
-    return render(request, "instances/instance_delete.html", {"form": form, "instance": instance})
+    return render(request, "instances/instance_delete.html", {"form": form, "instance": instance},
+                  status=400 if form.errors else 200)
 
 
 # --- Actions: each one queues an operation -------------------------------------------------------------------
@@ -217,7 +218,9 @@ def _queue_action(request, instance_id, service, done):
 def _back(request, instance):
     """Where the action was asked from (a dashboard button says so), else the instance's page."""
     target = request.POST.get("next", "")
-    if target and url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
+    # Only a path: redirect() would take any other word for the name of a view (and fail on it).
+    if target.startswith("/") and url_has_allowed_host_and_scheme(target, {request.get_host()},
+                                                                  request.is_secure()):
         return redirect(target)
     return redirect(instance)
 

@@ -102,54 +102,50 @@ def parse_workflow(raw: bytes) -> dict:
     """A workflow's JSON within UPLOAD_MAX_BYTES and UPLOAD_MAX_DEPTH, checked to have the shape workflow_needs()
     reads (a person's file: any part of it may be the wrong type)."""
     from comfyhub import jsonlimits
+    from comfyhub.jsonlimits import kind_of
 
     try:
         data = jsonlimits.loads(raw, what="The workflow")
     except jsonlimits.JSONInputError as exc:
         raise WorkflowError(str(exc)) from None
     if not isinstance(data, dict):
-        raise WorkflowError(f"Not a ComfyUI workflow: the JSON is {_a(data)}, not an object.")
+        raise WorkflowError(f"Not a ComfyUI workflow: the JSON is {kind_of(data)}, not an object.")
     if "nodes" in data:
         _check_ui_shape(data)
     else:
         for key, node in data.items():
             if isinstance(node, dict) and "class_type" in node:
                 if not isinstance(node["class_type"], str):
-                    raise WorkflowError(f"Node '{key}': 'class_type' is {_a(node['class_type'])}; it should be "
+                    raise WorkflowError(f"Node '{key}': 'class_type' is {kind_of(node['class_type'])}; it should be "
                                         "the node's type name (a string).")
                 if not isinstance(node.get("inputs") or {}, dict):
-                    raise WorkflowError(f"Node '{key}': 'inputs' is {_a(node['inputs'])}; it should be an object "
+                    raise WorkflowError(f"Node '{key}': 'inputs' is {kind_of(node['inputs'])}; it should be an object "
                                         "of input names and values.")
     return data
 
 
 def _check_ui_shape(data: dict) -> None:
+    from comfyhub.jsonlimits import kind_of
+
     if not isinstance(data["nodes"], list):
-        raise WorkflowError(f"'nodes' is {_a(data['nodes'])}; a UI-format workflow has a list of nodes there.")
+        raise WorkflowError(f"'nodes' is {kind_of(data['nodes'])}; a UI-format workflow has a list of nodes there.")
     nodes = list(data["nodes"])
     definitions = data.get("definitions") or {}
     if not isinstance(definitions, dict):
-        raise WorkflowError(f"'definitions' is {_a(definitions)}; it should be an object (with 'subgraphs').")
+        raise WorkflowError(f"'definitions' is {kind_of(definitions)}; it should be an object (with 'subgraphs').")
     subgraphs = definitions.get("subgraphs") or []
     if not isinstance(subgraphs, list) or not all(isinstance(s, dict) for s in subgraphs):
         raise WorkflowError("'definitions.subgraphs' should be a list of objects.")
     for number, subgraph in enumerate(subgraphs, start=1):
         if not isinstance(subgraph.get("nodes") or [], list):
-            raise WorkflowError(f"Subgraph {number}: 'nodes' is {_a(subgraph['nodes'])}; it should be a list.")
+            raise WorkflowError(f"Subgraph {number}: 'nodes' is {kind_of(subgraph['nodes'])}; it should be a list.")
         if isinstance(subgraph.get("id"), (dict, list)):
-            raise WorkflowError(f"Subgraph {number}: 'id' is {_a(subgraph['id'])}; it should be a string.")
+            raise WorkflowError(f"Subgraph {number}: 'id' is {kind_of(subgraph['id'])}; it should be a string.")
         nodes.extend(subgraph.get("nodes") or [])
     for node in nodes:
         if isinstance(node, dict) and node.get("type") is not None and not isinstance(node["type"], str):
-            raise WorkflowError(f"Node {node.get('id', '?')!s:.40}: 'type' is {_a(node['type'])}; it should be the "
-                                "node's type name (a string).")
-
-
-def _a(value) -> str:
-    """'a string', 'a list', ... for messages about a value of the wrong type."""
-    names = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+            raise WorkflowError(f"Node {node.get('id', '?')!s:.40}: 'type' is {kind_of(node['type'])}; it should be "
+                                "the node's type name (a string).")
 
 
 def write_workflow(instance: Instance, relpath: str, raw: bytes, on_conflict: str,

@@ -2,6 +2,7 @@
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
+from django.shortcuts import redirect
 
 from comfyhub.queues import QueueUnavailable
 
@@ -79,13 +80,16 @@ class SnapshotAdmin(admin.ModelAdmin):
                 return
         self.message_user(request, "Restore queued; see Operations.")
 
-    @admin.action(description="Delete (with the archive file)", permissions=["restore"])
+    @admin.action(description="Delete with the archive file (asks for the number on its delete page)",
+                  permissions=["restore"])
     def delete_with_archive(self, request, queryset):
-        count = 0
-        for snapshot in queryset:
-            services.snapshot_delete(snapshot=snapshot)
-            count += 1
-        self.message_user(request, f"Deleted {count} snapshot(s) and their archives.")
+        # Deleting asks for the number typed out; the snapshot's delete page does that.
+        snapshots = list(queryset[:2])
+        if len(snapshots) != 1:
+            self.message_user(request, "Choose one snapshot to delete: its delete page asks for its number to "
+                                       "confirm.", messages.ERROR)
+            return None
+        return redirect("snapshot-delete", snapshots[0].pk)
 
     def has_restore_permission(self, request):
         return request.user.has_perm("storage_app.restore_snapshot")

@@ -1,5 +1,3 @@
-import json
-
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -59,21 +57,36 @@ class ManagerImportForm(forms.Form):
         help_text="The .json file ComfyUI-Manager saves under user/default/ComfyUI-Manager/snapshots/.")
 
     def clean_file(self):
+        from comfyhub import jsonlimits
+
         upload = self.cleaned_data["file"]
         if upload.size > MANAGER_SNAPSHOT_MAX_BYTES:
             raise ValidationError(f"That file is {filesizeformat(upload.size)}; a ComfyUI-Manager snapshot is a few "
                                   "kilobytes. Check you picked the right file.")
         try:
-            self.cleaned_data["data"] = json.loads(upload.read().decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ValidationError("That file is not text (not UTF-8): pick the snapshot's .json file.") from exc
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"That file is not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                                  f"{exc.colno}): pick the .json file ComfyUI-Manager saved.") from exc
+            self.cleaned_data["data"] = jsonlimits.loads(jsonlimits.read_upload(upload),
+                                                         what=f"The snapshot file {upload.name}")
+        except jsonlimits.JSONInputError as exc:
+            raise ValidationError(f"{exc} Pick the .json file ComfyUI-Manager saved.") from exc
         return upload
 
     def add_service_error(self, exc: ValidationError):
         add_service_error(self, exc)
+
+
+class SnapshotDeleteForm(forms.Form):
+    """Deleting a snapshot asks for its number typed out: a bare POST deletes nothing."""
+
+    confirm = forms.CharField(label="Type the snapshot number to confirm", required=False, strip=False)
+
+    def __init__(self, *args, snapshot: Snapshot, **kwargs):
+        self.snapshot = snapshot
+        super().__init__(*args, **kwargs)
+
+    def clean_confirm(self):
+        if self.cleaned_data["confirm"] != str(self.snapshot.pk):
+            raise ValidationError(f"Type the snapshot number {self.snapshot.pk} exactly to delete it.")
+        return self.cleaned_data["confirm"]
 
 
 class SnapshotScheduleForm(forms.ModelForm):

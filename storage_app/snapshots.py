@@ -1069,20 +1069,57 @@ def to_manager(snapshot: Snapshot) -> dict:
 
 
 def manager_extras(data) -> tuple[list[str], list[str]]:
-    """What a ComfyUI-Manager snapshot holds besides git nodes: single-file nodes and pip packages."""
-    files = [str(item.get("filename", item)) if isinstance(item, dict) else str(item)
-             for item in data.get("file_custom_nodes") or []]
-    pips = list((data.get("pips") or {}).keys()) if isinstance(data.get("pips"), dict) else []
-    return files, pips
+    """What a ComfyUI-Manager snapshot holds besides git nodes: single-file nodes and pip packages (its shape was
+    checked by parse_manager)."""
+    files = [item["filename"] if isinstance(item, dict) else item for item in data.get("file_custom_nodes") or []]
+    return files, list(data.get("pips") or {})
 
 
 def parse_manager(data) -> list[dict]:
-    if not isinstance(data, dict) or not isinstance(data.get("git_custom_nodes", {}), dict):
-        raise SnapshotError("Not a ComfyUI-Manager snapshot (expected an object with 'git_custom_nodes').")
+    """The git nodes of a ComfyUI-Manager snapshot: [{url, commit, disabled}]. Every part a person's file may get
+    wrong is checked here, so the import never stumbles on a list where an object belongs."""
+    from comfyhub.jsonlimits import kind_of
+
+    if not isinstance(data, dict):
+        raise SnapshotError(f"Not a ComfyUI-Manager snapshot: the JSON is {kind_of(data)}, not an object with "
+                            "'git_custom_nodes'.")
+    if not data.keys() & {"comfyui", "git_custom_nodes", "file_custom_nodes", "pips"}:
+        raise SnapshotError("Not a ComfyUI-Manager snapshot: it has none of 'comfyui', 'git_custom_nodes', "
+                            "'file_custom_nodes' and 'pips'. Pick the .json file ComfyUI-Manager saved.")
+    git_nodes = data.get("git_custom_nodes")
+    if git_nodes is None:
+        git_nodes = {}
+    if not isinstance(git_nodes, dict):
+        raise SnapshotError(f"Not a ComfyUI-Manager snapshot: 'git_custom_nodes' is {kind_of(git_nodes)}; it "
+                            'should be an object of git URLs, e.g. {"https://github.com/o/n": {"hash": "...", '
+                            '"disabled": false}}.')
     nodes = []
-    for url, info in data.get("git_custom_nodes", {}).items():
-        info = info if isinstance(info, dict) else {}
-        nodes.append({"url": url, "commit": str(info.get("hash", "")), "disabled": bool(info.get("disabled"))})
+    for url, info in git_nodes.items():
+        shown = url[:200]
+        if not url.strip():
+            raise SnapshotError("'git_custom_nodes' has an empty URL; every key is a custom node's git URL.")
+        if info is None:
+            info = {}
+        if not isinstance(info, dict):
+            raise SnapshotError(f"'git_custom_nodes' → '{shown}' is {kind_of(info)}; it should be an object with "
+                                "'hash' and 'disabled'.")
+        commit = info.get("hash")
+        if commit is not None and not isinstance(commit, str):
+            raise SnapshotError(f"'git_custom_nodes' → '{shown}' → 'hash' is {kind_of(commit)}; it should be a "
+                                "commit (a string).")
+        if not isinstance(info.get("disabled", False), (bool, type(None))):
+            raise SnapshotError(f"'git_custom_nodes' → '{shown}' → 'disabled' is {kind_of(info['disabled'])}; it "
+                                "should be true or false.")
+        nodes.append({"url": url, "commit": commit or "", "disabled": bool(info.get("disabled"))})
+    files = data.get("file_custom_nodes") or []
+    if not isinstance(files, list) or not all(
+            isinstance(item, str) or (isinstance(item, dict) and isinstance(item.get("filename"), str))
+            for item in files):
+        raise SnapshotError("'file_custom_nodes' should be a list of file names or of objects with a 'filename' "
+                            "string.")
+    pips = data.get("pips") or {}
+    if not isinstance(pips, dict):
+        raise SnapshotError(f"'pips' is {kind_of(pips)}; it should be an object whose keys are pip requirements.")
     return nodes
 
 

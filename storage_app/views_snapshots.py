@@ -20,7 +20,8 @@ from instances.models import Instance
 
 from . import migration, services, snapshots
 from .checks import check_storage
-from .forms import LegacyPlanForm, ManagerImportForm, SnapshotCloneForm, SnapshotCreateForm, SnapshotScheduleForm
+from .forms import (LegacyPlanForm, ManagerImportForm, SnapshotCloneForm, SnapshotCreateForm, SnapshotDeleteForm,
+                    SnapshotScheduleForm)
 from .models import Snapshot
 
 PAGE_SIZE = 100
@@ -198,16 +199,18 @@ def snapshot_clone(request, pk):
 @permission_required(RESTORE, raise_exception=True)
 def snapshot_delete(request, pk):
     snapshot = get_object_or_404(Snapshot.objects.select_related("instance"), pk=pk)
-    if request.method == "POST":
+    form = SnapshotDeleteForm(request.POST if request.method == "POST" else None, snapshot=snapshot)
+    if form.is_bound and form.is_valid():
         number = snapshot.pk  # deleting the row clears it
         try:
             services.snapshot_delete(snapshot=snapshot)
-        except (snapshots.SnapshotError, OSError) as exc:
-            messages.error(request, f"Snapshot {number} was not deleted: {exc}")
+        except ValidationError as exc:
+            messages.error(request, f"Snapshot {number} was not deleted: {' '.join(exc.messages)}")
         else:
             messages.success(request, f"Deleted snapshot {number} of '{snapshot.instance_label}' and its archive.")
         return _back_to(snapshot)
-    return render(request, "storage_app/snapshot_delete.html", {"snapshot": snapshot})
+    return render(request, "storage_app/snapshot_delete.html", {"snapshot": snapshot, "form": form},
+                  status=400 if form.errors else 200)
 
 
 # --- Legacy migration ----------------------------------------------------------------------------------------

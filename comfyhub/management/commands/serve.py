@@ -25,6 +25,11 @@ from comfyhub.queues import redis_address
 class Command(BaseCommand):
     help = "Run ComfyHub (web server, workers, scheduler and, unless REDIS_URL is set, a local Redis)."
 
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        from comfyhub.cli import input_errors
+
+        return input_errors(super().create_parser(prog_name, subcommand, **kwargs))  # bad arguments: exit code 2
+
     def add_arguments(self, parser):
         parser.add_argument("--bind", default=os.environ.get("COMFYHUB_BIND", "127.0.0.1:8000"),
                             help="Address for the web server (default 127.0.0.1:8000, env COMFYHUB_BIND).")

@@ -91,7 +91,7 @@ class Command(cli.Command):
         except ValidationError as exc:
             errors.update(exc.message_dict)
         port = options["port"].strip().lower()
-        if port.isdigit():
+        if port.isascii() and port.isdigit():
             host_port = int(port)
         elif port not in ("", "auto"):
             errors["host_port"] = [f"'{options['port']}' is not a port number; give one from 1024 to 65535, or "

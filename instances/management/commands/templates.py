@@ -10,10 +10,12 @@ import json
 
 from django.core.exceptions import ValidationError
 
-from comfyhub import cli
+from comfyhub import cli, jsonlimits
 from comfyhub.cli import ARG_HELP, find_instance, input_error, iso
 from instances import services, templating
 from instances.models import InstanceTemplate, WorkflowEntry
+
+MAX_TEMPLATE_GPUS = 32767  # the form's bound too (a small integer column)
 
 
 class Command(cli.Command):
@@ -70,12 +72,13 @@ class Command(cli.Command):
     def new(self, options):
         template = find_template(options["template"])
         port = options["port"].strip().lower()
-        if port not in ("", "auto") and not port.isdigit():
+        digits = port.isascii() and port.isdigit()
+        if port not in ("", "auto") and not digits:
             raise input_error({"host_port": [f"'{options['port']}' is not a port number; give one from 1024 to "
                                              "65535, or leave --port out to choose one automatically."]})
         instance, operation = cli.call_service(
             services.instance_create_from_template, template=template, instance_id=options["instance_id"],
-            host_port=int(port) if port.isdigit() else None, display_name=options["name"])
+            host_port=int(port) if digits else None, display_name=options["name"])
         gpus = ", ".join(str(gpu.index) for gpu in instance.assigned_gpus()) or "none (CPU mode)"
         self.stdout.write(f"Created instance '{instance}' from template '{template}': port {instance.host_port}, "
                           f"GPUs {gpus}, image {instance.image}.")
@@ -116,22 +119,24 @@ class Command(cli.Command):
             env = services.parse_env(options["env"])
         except ValidationError as exc:
             errors.update(exc.message_dict)
-        if options["gpus"].strip().isdigit():
-            gpu_count = int(options["gpus"])
-        else:
-            errors["gpu_count"] = [f"'{options['gpus']}' is not a number of GPUs; give 0 for CPU mode, or 1, 2, ..."]
+        gpu_count = cli.whole_number(options["gpus"], low=0, high=MAX_TEMPLATE_GPUS)
+        if gpu_count is None:
+            errors["gpu_count"] = [f"'{options['gpus'][:100]}' is not a number of GPUs; give 0 for CPU mode, or 1, "
+                                   f"2, ... up to {MAX_TEMPLATE_GPUS}."]
         custom_nodes = [parse_node(spec) for spec in options["nodes"]]
         settings_values = {}
         for pair in options["settings_values"]:
             key, sep, value = pair.partition("=")
-            try:
-                if not sep or not key.strip():
-                    raise ValueError("no KEY=")
-                settings_values[key.strip()] = json.loads(value)
-            except ValueError:
+            if not sep or not key.strip():
                 errors.setdefault("settings", []).append(
-                    f"'{pair}' is not KEY=JSON; give the value in JSON, e.g. Comfy.LinkRenderMode=2 or "
+                    f"'{pair[:200]}' is not KEY=JSON; give the value in JSON, e.g. Comfy.LinkRenderMode=2 or "
                     "'Comfy.Locale=\"en\"'.")
+                continue
+            try:
+                settings_values[key.strip()] = jsonlimits.loads(value, what=f"The value of setting {key.strip()[:200]}")
+            except jsonlimits.JSONInputError as exc:
+                errors.setdefault("settings", []).append(
+                    f"{exc} Give the value in JSON, e.g. Comfy.LinkRenderMode=2 or 'Comfy.Locale=\"en\"'.")
         starters = []
         for spec in options["workflows"]:
             version, problem = library_version(spec)

@@ -9,7 +9,7 @@ import json
 
 from django.core.management.base import CommandError
 
-from comfyhub import cli
+from comfyhub import cli, jsonlimits
 from comfyhub.cli import EXIT_INPUT, find_instance, human_size, input_error, iso, local_time
 from instances import services as instance_services
 from instances.models import Instance
@@ -103,11 +103,11 @@ class Command(cli.Command):
 
     def import_manager(self, options):
         instance = find_instance(options["instance_id"])
-        text = cli.read_input(options["file"])
+        raw = cli.read_input(options["file"], binary=True)
         try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise input_error({"file": [f"{options['file']} is not JSON: {exc}."]}) from exc
+            data = jsonlimits.loads(raw, what=f"The snapshot file {options['file']}")
+        except jsonlimits.JSONInputError as exc:
+            raise input_error({"file": [str(exc)]}) from exc
         operation = cli.call_service(services.snapshot_import_manager, instance=instance, data=data)
         done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
         if done is not None:
@@ -158,8 +158,9 @@ class Command(cli.Command):
 
 
 def find_snapshot(number: str) -> Snapshot:
+    number = number.strip()
     snapshot = Snapshot.objects.select_related("instance__node").filter(pk=int(number)).first() \
-        if number.isdigit() else None
+        if number.isascii() and number.isdigit() and len(number) <= 18 else None
     if snapshot is None:
         known = list(Snapshot.objects.values_list("pk", flat=True)[:KNOWN_SHOWN + 1])
         raise cli.unknown("snapshot", number, known[:KNOWN_SHOWN] + (["..."] if len(known) > KNOWN_SHOWN else []))
