@@ -289,9 +289,14 @@ def test_import_manager_installs_the_nodes_at_their_commits(studio, repo, tmp_pa
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", "file: {path} is not JSON: "),
-    ('["a list"]', "file: Not a ComfyUI-Manager snapshot (expected an object with 'git_custom_nodes')."),
-    ('{"git_custom_nodes": []}', "file: Not a ComfyUI-Manager snapshot (expected an object with 'git_custom_nodes')."),
+    ("{not json", "file: The snapshot file {path} is not valid JSON: "),
+    ('["a list"]', "file: Not a ComfyUI-Manager snapshot: the JSON is a list, not an object with 'git_custom_nodes'."),
+    ('{"git_custom_nodes": []}', "file: Not a ComfyUI-Manager snapshot: 'git_custom_nodes' is a list; it should be "
+                                 "an object of git URLs"),
+    ('{"git_custom_nodes": {"https://example.com/a/b": {"hash": 5}}}',
+     "file: 'git_custom_nodes' → 'https://example.com/a/b' → 'hash' is a number; it should be a commit"),
+    ("[" * 5000 + "]" * 5000, "file: The snapshot file {path} nests 5,000 levels deep; at most 64 are taken "
+                              "(UPLOAD_MAX_DEPTH)."),
 ])
 def test_import_manager_refuses_a_bad_file_with_exit_code_2(studio, tmp_path, content, message):
     manager = tmp_path / "manager.json"

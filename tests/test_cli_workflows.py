@@ -263,8 +263,8 @@ def test_check_says_when_the_node_types_of_an_instance_are_not_known_yet(pair, l
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("notes.json", "{not json", "file: {path}: Not valid JSON: "),
-    ("list.json", "[1, 2]", "file: {path}: Not a ComfyUI workflow (the JSON is not an object)."),
+    ("notes.json", "{not json", "file: {path}: The workflow is not valid JSON: "),
+    ("list.json", "[1, 2]", "file: {path}: Not a ComfyUI workflow: the JSON is a list, not an object."),
     ("empty.json", "{}", "file: {path}: Not a ComfyUI workflow: no 'nodes' list (UI format)"),
     ("absent.json", None, "file: Cannot read {path}: No such file or directory."),
 ])
@@ -417,7 +417,10 @@ def test_templates_create_saves_every_option_and_list_json_shows_them(starter, r
     (["Bad_Name"], "name: Use lowercase letters, digits and '-' for a template name ('new' is taken by the page that creates one)."),
     (["t", "--node", "not a url"], "custom_nodes: 'not a url' is not a git URL"),
     (["t", "--node=--upload-pack=evil"], "custom_nodes: '--upload-pack=evil' is not a git URL"),
-    (["t", "--setting", "Comfy.Locale=en"], "settings: 'Comfy.Locale=en' is not KEY=JSON"),
+    (["t", "--setting", "Comfy.Locale=en"], "settings: The value of setting Comfy.Locale is not valid JSON"),
+    (["t", "--setting", "k=" + "[" * 5000 + "]" * 5000], "settings: The value of setting k nests 5,000 levels deep; "
+                                                         "at most 64 are taken (UPLOAD_MAX_DEPTH)."),
+    (["t", "--gpus", "²"], "gpu_count: '²' is not a number of GPUs"),
     (["t", "--setting", "novalue"], "settings: 'novalue' is not KEY=JSON"),
     (["t", "--workflow", "nope"], "starter_workflows: No workflow 'nope' in the library."),
     (["t", "--workflow", "hello@9"], "starter_workflows: 'hello@9': no such version (have: 1)."),

@@ -22,11 +22,14 @@ def test_admin_actions_enqueue_operations(client, admin_user):
         assert Operation.objects.filter(kind=kind, target_id=str(instance.pk), requested_by=admin_user).exists()
 
 
-def test_admin_delete_goes_through_an_operation_and_keeps_the_row_until_it_runs(client, admin_user, run_worker):
+def test_admin_delete_leads_to_the_delete_page_that_asks_for_the_id(client, admin_user, run_worker):
     instance = services.instance_create(instance_id="doomed")
     client.force_login(admin_user)
     changelist = reverse("admin:instances_instance_changelist")
-    client.post(changelist, {"action": "delete_keeping_data", "_selected_action": [instance.pk]})
+    response = client.post(changelist, {"action": "delete_keeping_data", "_selected_action": [instance.pk]})
+    assert response.status_code == 302 and response["Location"] == reverse("instance-delete", args=["doomed"])
+    assert not Operation.objects.filter(kind="instance_delete").exists()
+    client.post(response["Location"], {"confirm": "doomed"})
     assert Operation.objects.filter(kind="instance_delete").exists()
     assert Instance.objects.filter(pk=instance.pk).exists()
     response = client.post(changelist, {"action": "delete_selected", "_selected_action": [instance.pk]}, follow=True)

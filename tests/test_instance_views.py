@@ -325,10 +325,10 @@ def test_the_delete_page_asks_before_deleting(client, operator, alpha):
 
 def test_deleting_its_data_needs_the_instance_id_typed(client, operator, alpha, django_capture_on_commit_callbacks):
     client.force_login(operator)
-    for typed in ("", "view-alph", "VIEW-ALPHA"):
+    for typed in ("", "view-alph", "VIEW-ALPHA", "view-alpha\n", " view-alpha"):
         response = client.post(url("instance-delete", alpha), {"purge_data": "on", "confirm": typed})
-        assert response.status_code == 200
-        assert "type the instance id &#x27;view-alpha&#x27; exactly" in response.content.decode()
+        assert response.status_code == 400
+        assert "Type the instance id &#x27;view-alpha&#x27; exactly to delete it." in response.content.decode()
         assert response.context["form"].errors["confirm"]
     assert not Operation.objects.exists()
     with django_capture_on_commit_callbacks(execute=True):
@@ -338,10 +338,16 @@ def test_deleting_its_data_needs_the_instance_id_typed(client, operator, alpha, 
     assert operation.kind == "instance_delete" and queued_kwargs(operation)["purge_data"] is True
 
 
-def test_deleting_without_its_data_needs_no_typing(client, operator, alpha, django_capture_on_commit_callbacks):
+def test_deleting_needs_the_instance_id_typed_even_keeping_its_data(client, operator, alpha,
+                                                                   django_capture_on_commit_callbacks):
     client.force_login(operator)
+    for data in ({}, {"confirm": ""}, {"confirm": "view-alpha\n"}):
+        refused = client.post(url("instance-delete", alpha), data)
+        assert refused.status_code == 400
+        assert "Type the instance id &#x27;view-alpha&#x27; exactly to delete it." in refused.content.decode()
+    assert not Operation.objects.exists()
     with django_capture_on_commit_callbacks(execute=True):
-        response = client.post(url("instance-delete", alpha), {"confirm": ""}, follow=True)
+        response = client.post(url("instance-delete", alpha), {"confirm": "view-alpha"}, follow=True)
     operation = Operation.objects.get()
     assert queued_kwargs(operation)["purge_data"] is False
     assert "(its data is kept)" in response.content.decode()
@@ -349,7 +355,7 @@ def test_deleting_without_its_data_needs_no_typing(client, operator, alpha, djan
 
 def test_delete_says_the_job_queue_is_unavailable(client, operator, alpha, redis_down):
     client.force_login(operator)
-    response = client.post(url("instance-delete", alpha), {})
+    response = client.post(url("instance-delete", alpha), {"confirm": "view-alpha"})
     assert response.status_code == 200 and "The job queue is unavailable" in response.content.decode()
     assert Instance.objects.filter(pk=alpha.pk).exists() and not Operation.objects.exists()
 

@@ -283,7 +283,11 @@ def test_delete_asks_first_then_removes_the_row_and_the_archive(client, operator
     text = client.get(reverse("snapshot-delete", args=[snapshot.pk])).content.decode()
     assert "deletes the snapshot and its archive file for good" in text
     assert Snapshot.objects.exists()
-    response = client.post(reverse("snapshot-delete", args=[snapshot.pk]), follow=True)
+    refused = client.post(reverse("snapshot-delete", args=[snapshot.pk]), {"confirm": f"{snapshot.pk}\n"})
+    assert refused.status_code == 400
+    assert f"Type the snapshot number {snapshot.pk} exactly to delete it." in refused.content.decode()
+    assert Snapshot.objects.exists() and archive.exists()
+    response = client.post(reverse("snapshot-delete", args=[snapshot.pk]), {"confirm": str(snapshot.pk)}, follow=True)
     assert response.redirect_chain[-1][0] == "/snapshots/instance/snappy/"
     assert f"Deleted snapshot {snapshot.pk} of &#x27;snappy&#x27; and its archive." in response.content.decode()
     assert not Snapshot.objects.exists() and not archive.exists()
@@ -307,10 +311,13 @@ def test_a_comfyui_manager_snapshot_installs_its_nodes(client, operator, instanc
 
 
 @pytest.mark.parametrize("content, message", [
-    (b'{"git_custom_nodes": {', "That file is not valid JSON (Expecting property name enclosed in double quotes "
-                               "at line 1, column 23)"),
-    (b'["a", "list"]', "Not a ComfyUI-Manager snapshot (expected an object with &#x27;git_custom_nodes&#x27;)."),
-    (b"\xff\xfe\x00binary", "That file is not text (not UTF-8)"),
+    (b'{"git_custom_nodes": {', "The snapshot file snapshot.json is not valid JSON: Expecting property name "
+                               "enclosed in double quotes at line 1, column 23."),
+    (b'["a", "list"]', "Not a ComfyUI-Manager snapshot: the JSON is a list, not an object with "
+                       "&#x27;git_custom_nodes&#x27;."),
+    (b'{"git_custom_nodes": [1, 2]}', "&#x27;git_custom_nodes&#x27; is a list; it should be an object of git URLs"),
+    (b'{"nodes": []}', "Not a ComfyUI-Manager snapshot: it has none of"),
+    (b"\xff\xfe\x00binary", "The snapshot file snapshot.json is not UTF-8 text (byte 0xff at offset 0)"),
     (b" " * (2 << 20) + b"{}", "a ComfyUI-Manager snapshot is a few kilobytes"),
 ])
 def test_a_file_that_is_not_a_manager_snapshot_is_refused_clearly(client, operator, instance, content, message):

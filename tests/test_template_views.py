@@ -144,7 +144,7 @@ def test_an_operator_creates_a_template_with_everything(client, operator, starte
     ({"custom_nodes": "not-a-url"}, "custom_nodes", "'not-a-url' is not a git URL"),
     ({"custom_nodes": "https://example.org/a.git v1 extra"}, "custom_nodes", "give a git URL and at most one ref"),
     ({"settings": "[1, 2]"}, "settings", "Settings are a JSON object of comfy.settings.json values."),
-    ({"settings": "{oops"}, "settings", "Not valid JSON"),
+    ({"settings": "{oops"}, "settings", "The settings is not valid JSON"),
     ({"gpu_count": "-1"}, "gpu_count", "greater than or equal to 0"),
     ({"name": "fresh\n"}, "name", "Use lowercase letters, digits and '-' for a template name"),
     ({"image": "evil.example/x:latest"}, "image", "INSTANCE_IMAGES_ALLOWED permits"),

@@ -232,7 +232,7 @@ def test_check_names_a_workflow_it_cannot_read(client, operator, source, target)
     content = client.post(url("instance-workflows-check", source),
                           {"paths": ["broken.json", "../x.json"], "targets": ["wf-target"]},
                           headers={"HX-Request": "true"}).content.decode()
-    assert "Not valid JSON" in content.split('data-path="broken.json"')[1]
+    assert "The workflow is not valid JSON" in content.split('data-path="broken.json"')[1]
     assert "is not a workflow path inside the workflows folder" in content.split('data-path="../x.json"')[1]
 
 
@@ -344,9 +344,12 @@ def test_an_uploaded_workflow_is_checked_against_this_instance(client, operator,
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"{not json", "mine.json: Not valid JSON"),
+    (b"{not json", "mine.json: The workflow is not valid JSON: Expecting property name"),
     (b'{"hello": "world"}', "mine.json: Not a ComfyUI workflow"),
-    (b"[1, 2]", "mine.json: Not a ComfyUI workflow (the JSON is not an object)."),
+    (b"[1, 2]", "mine.json: Not a ComfyUI workflow: the JSON is a list, not an object."),
+    (b'{"nodes": "KSampler"}', "mine.json: 'nodes' is a string; a UI-format workflow has a list of nodes there."),
+    (b"[" * 5000 + b"]" * 5000, "mine.json: The workflow nests 5,000 levels deep; at most 64 are taken "
+                                "(UPLOAD_MAX_DEPTH)."),
     (b"", "The submitted file is empty."),
 ])
 def test_an_upload_that_is_no_workflow_says_so(client, operator, source, content, message):
@@ -355,16 +358,18 @@ def test_an_upload_that_is_no_workflow_says_so(client, operator, source, content
     assert message in errors.replace("&#x27;", "'")
 
 
-def test_an_oversized_upload_is_refused_without_reading_all_of_it(client, operator, source):
+def test_an_oversized_upload_is_refused_by_its_size_naming_the_setting(client, operator, source, settings):
+    settings.UPLOAD_MAX_BYTES = 4096
     client.force_login(operator)
-    content = upload(client, source, b" " * (workflows.MAX_WORKFLOW_BYTES + 10)).content.decode()
-    assert f"The workflow is over {workflows.MAX_WORKFLOW_BYTES} bytes." in content
+    content = upload(client, source, b" " * 5000).content.decode()
+    assert "The workflow file mine.json is 4.9 KiB; at most 4.0 KiB is taken (UPLOAD_MAX_BYTES)." in content
 
 
 def test_an_upload_without_htmx_shows_the_whole_page(client, operator, source):
     client.force_login(operator)
     content = upload(client, source, b"{not json", htmx=False).content.decode()
-    assert "<html" in content and "mine.json: Not valid JSON" in content.split('data-testid="upload-result"')[1]
+    assert "<html" in content and "mine.json: The workflow is not valid JSON" in \
+        content.split('data-testid="upload-result"')[1]
 
 
 # --- The library ---------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_invalid_and_huge_json_are_refused_and_nothing_is_half_copied(pair, run_
     run_worker()
     operation.refresh_from_db()
     assert operation.status == Operation.Status.FAILED
-    assert "Not valid JSON" in operation.error and "refused" in operation.error
+    assert "is not valid JSON" in operation.error and "refused" in operation.error
     assert list(workflows.workflows_dir(target).iterdir()) == []  # no temp files either
 
 
@@ -161,7 +161,7 @@ def test_something_that_is_not_a_workflow_is_a_clear_error(pair):
     _, target = pair
     with pytest.raises(ValidationError, match="Not a ComfyUI workflow"):
         services.workflow_check(instance=target, raw=b'{"hello": "world"}')
-    with pytest.raises(ValidationError, match="Not valid JSON"):
+    with pytest.raises(ValidationError, match="The workflow is not valid JSON"):
         services.workflow_check(instance=target, raw=b"[1, 2")
 
 
