@@ -129,7 +129,7 @@ class Command(cli.Command):
 
     def read_workflow_argument(self, name: str) -> bytes:
         """A path on disk, '-' for stdin, or OTHER:PATH naming a workflow of another instance."""
-        match = INSTANCE_WORKFLOW.match(name)
+        match = INSTANCE_WORKFLOW.fullmatch(name)
         if name == cli.STDIO or Path(name).exists() or match is None:
             return cli.read_input(name, binary=True)
         other = find_instance(match["instance"])
