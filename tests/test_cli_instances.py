@@ -173,7 +173,7 @@ def test_the_command_line_prints_one_field_message_line_per_problem(transactiona
     assert result.err.splitlines() == [
         "instance_id: Use lowercase letters a-z, digits and '-', starting and ending with a letter or digit "
         "(e.g. 'bad-id').",
-        "extra_env: 'COMFY_X' is reserved: ComfyHub sets the COMFY_* variables of the storage contract itself.",
+        "extra_env: 'COMFY_X' is reserved: ComfyHub sets the COMFY_* variables of the storage contract itself (in any case); remove it.",
     ]
     assert not Instance.objects.exists()
 
