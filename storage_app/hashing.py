@@ -150,6 +150,8 @@ def read_safetensors_header(path, limit: int = SAFETENSORS_HEADER_LIMIT) -> Safe
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise HeaderError(f"header is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise HeaderError("header nests too deeply to be safetensors") from None
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

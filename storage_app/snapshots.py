@@ -727,7 +727,7 @@ def inspect_archive(archive: Path, allowed_trees, limit: Limit, kind: str = "") 
         raise SnapshotError(f"The archive has no {MANIFEST_NAME}: not a ComfyHub snapshot. Nothing was restored.")
     try:
         manifest = json.loads(manifest)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise SnapshotError(f"The archive's {MANIFEST_NAME} is not valid JSON ({exc}).") from exc
     if not isinstance(manifest, dict):
         raise SnapshotError(f"The archive's {MANIFEST_NAME} is not a JSON object.")
@@ -768,7 +768,10 @@ def read_manifest(archive: Path) -> dict:
             raise SnapshotError("The archive has no comfyhub-snapshot.json: not a ComfyHub snapshot.") from exc
         if not member.isfile() or member.size > MANIFEST_LIMIT:
             raise SnapshotError(f"The archive's {MANIFEST_NAME} is not a plain file under {MANIFEST_LIMIT} bytes.")
-        return json.loads(tar.extractfile(member).read(MANIFEST_LIMIT))
+        try:
+            return json.loads(tar.extractfile(member).read(MANIFEST_LIMIT))
+        except (ValueError, RecursionError) as exc:
+            raise SnapshotError(f"The archive's {MANIFEST_NAME} is not valid JSON ({exc}).") from exc
 
 
 # --- Extract and swap -----------------------------------------------------------------------------------------

@@ -332,3 +332,12 @@ def test_blake3_of_a_file_at_rest_matches_the_streaming_one(models_dir, with_sha
     assert at_rest.size == len(content)
     os.utime(path)  # just written: streamed
     assert hashing.hash_file(path, with_sha256=with_sha256, with_blake3=True).blake3 == at_rest.blake3
+
+
+def test_a_safetensors_header_nested_too_deeply_is_reported_not_fatal(models_dir):
+    header = b"[" * 200_000 + b"]" * 200_000
+    path = models_dir / "checkpoints" / "deep.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(hashing.HeaderError, match="nests too deeply"):
+        hashing.read_safetensors_header(path)
