@@ -32,6 +32,13 @@ def storage(settings, tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Django's default hasher spends ~0.5 s per password on purpose; tests create and log in users by the
+    thousand (the PBKDF2 rounds are Django's to test, not ours)."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def clean_redis():
     queues.get_connection("default").flushdb()
     yield
