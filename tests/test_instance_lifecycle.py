@@ -94,7 +94,7 @@ def test_the_shared_library_is_visible_and_read_only_inside(image, run_worker, s
     link = settings.COMFY_INSTANCES_PATH / "reader" / "input" / "shared-picture.png"
     assert link.is_symlink() and str(link.readlink()) == "/shared/input/shared-picture.png"
     engine = docker_engine.require_engine()
-    result = engine.containers.get("comfyhub-reader").exec_run(["python3", "-c",
+    result = engine.containers.get(instance.container_name).exec_run(["python3", "-c",
         "open('/shared/models/checkpoints/evil', 'w')"])
     assert result.exit_code != 0 and b"Read-only file system" in result.output
 
