@@ -74,7 +74,8 @@ def stranger(db):
 
 @pytest.fixture
 def run_worker():
-    """Drain every queue with a non-forking RQ worker in this process, as production workers would."""
+    """Drain every queue with RQ's non-forking SimpleWorker in this process: for tests that need only a job's
+    effect. How an operation runs (failure, cancel, stop, timeout, a killed job) is tested on `production_worker`."""
 
     def run():
         worker = SimpleWorker(
@@ -107,7 +108,8 @@ def descendants(pid):
 
 
 class WorkerProcess:
-    """A real `manage.py rqworker` in its own process group, sharing the test database file."""
+    """A real `manage.py rqworker` (RQ["WORKER_CLASS"], ComfyHubWorker, as `serve` starts it) in its own process
+    group, sharing the test database."""
 
     def __init__(self, *queue_names, env=None, log_path=None):
         environment = {**os.environ, "DATABASE_URL": worker_database_url(), **(env or {})}
@@ -127,8 +129,23 @@ class WorkerProcess:
             time.sleep(0.1)
         return self
 
+    def drain(self, timeout=60):
+        """Wait until every operation has ended and the queues are empty: what `run_worker()` does, on this worker."""
+        from comfyhub.models import Operation
+
+        def drained():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the RQ worker exited; log: {self.log_path}")
+            return not Operation.objects.filter(status__in=Operation.ACTIVE_STATUSES).exists() and all(
+                queues.get_queue(name).count == 0 and queues.get_queue(name).started_job_registry.count == 0
+                for name in settings.RQ_QUEUES
+            )
+
+        wait_for(drained, timeout=timeout, interval=0.05, message="the worker to run every queued operation")
+        return self
+
     def kill_hard(self):
-        """SIGKILL the worker and its work horse (RQ puts the horse in a session of its own)."""
+        """SIGKILL the worker and its work horse (RQ puts the horse in a process group of its own)."""
         for pid in [self.process.pid, *descendants(self.process.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -173,6 +190,29 @@ def worker_process(transactional_db, tmp_path):
     yield start
     for worker in started:
         worker.stop()
+
+
+class ProductionWorker:
+    """One worker process for a test, started when first needed: `production_worker()` runs every queued operation
+    (as `run_worker()` does) and `production_worker.start()` only starts it; both return the WorkerProcess."""
+
+    def __init__(self, start):
+        self._start = start
+        self.process = None
+
+    def start(self, *queue_names, env=None) -> WorkerProcess:
+        if self.process is None:
+            self.process = self._start(*queue_names, env=env)
+        return self.process
+
+    def __call__(self, timeout=60) -> WorkerProcess:
+        return self.start().drain(timeout)
+
+
+@pytest.fixture
+def production_worker(worker_process):
+    """The worker class production runs (ComfyHubWorker, RQ's forking worker), in a process of its own."""
+    return ProductionWorker(worker_process)
 
 
 def wait_for(condition, timeout=30, interval=0.1, message="condition"):
