@@ -176,7 +176,7 @@ RQ_QUEUES = {
 RQ = {
     # comfyhub.operations defers enqueueing to transaction commit itself.
     "COMMIT_MODE": "auto",
-    # RQ's forking worker, keeping its warm work horse from one job to the next (WORKER_HORSE_MAX_JOBS below).
+    # RQ's forking worker, a work horse per job, plus the socket hygiene and reporting of comfyhub/worker.py.
     "WORKER_CLASS": "comfyhub.worker.ComfyHubWorker",
 }
 RQ_SHOW_ADMIN_LINK = True
@@ -188,12 +188,6 @@ OPERATION_HEARTBEAT_SECONDS = env.float("OPERATION_HEARTBEAT_SECONDS", default=5
 OPERATION_HEARTBEAT_TIMEOUT = env.float("OPERATION_HEARTBEAT_TIMEOUT", default=45.0)
 OPERATION_SWEEP_INTERVAL = env.int("OPERATION_SWEEP_INTERVAL", default=30)
 OPERATION_LOG_MAX_LINES = env.int("OPERATION_LOG_MAX_LINES", default=5000)
-# A worker keeps the work horse it forks for this many jobs (1: a fresh fork per job, as plain RQ), and retires it
-# sooner after a failed job or once it holds more memory than this (comfyhub/worker.py).
-WORKER_HORSE_MAX_JOBS = env.int("WORKER_HORSE_MAX_JOBS", default=100)
-WORKER_HORSE_MAX_MEMORY_MB = env.int("WORKER_HORSE_MAX_MEMORY_MB", default=1024)
-if WORKER_HORSE_MAX_JOBS < 1 or WORKER_HORSE_MAX_MEMORY_MB < 1:
-    raise ImproperlyConfigured("WORKER_HORSE_MAX_JOBS and WORKER_HORSE_MAX_MEMORY_MB must be 1 or more.")
 
 # --- Storage (the contract of ../shared/MULTI_INSTANCE_PLAN.md) --------------------------------------------------
 COMFY_SHARED_PATH = project_path(env.str("COMFY_SHARED_PATH", default="./storage/shared"))
