@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection, connections, transaction
+from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq import Callback, get_current_job
@@ -212,18 +212,6 @@ class _Heartbeat(threading.Thread):
             connection.close()
 
 
-def drop_unusable_connections():
-    """Close the database connections left broken (or in a changed autocommit mode) and keep the healthy ones:
-    a worker's kept work horse calls this before every job and reuses its connection from job to job, since a new
-    one costs more than a quick job's own queries; the RQ callbacks, which may run after a long idle spell in the
-    worker, call it too. An idle connection the server dropped is found here (`is_usable()`)."""
-    for conn in connections.all(initialized_only=True):
-        if conn.connection is None or conn.in_atomic_block:
-            continue
-        if conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"] or not conn.is_usable():
-            conn.close()
-
-
 def _run(func, kwargs):
     rq_job = get_current_job()
     operation_id = rq_job.id
@@ -281,9 +269,14 @@ def _finish(operation_id, status, *, from_statuses=(Operation.Status.RUNNING,), 
 
 
 # RQ callbacks: they cover what the runner itself cannot record (a killed work horse, a stop command).
+# RQ calls them in the worker, which may have idled for days, or in a horse after a failed job, never inside a
+# transaction: each starts as Django starts a request, with close_old_connections(). With the default CONN_MAX_AGE=0
+# that closes every connection, so one the server dropped meanwhile is never used; a longer CONN_MAX_AGE wants
+# CONN_HEALTH_CHECKS, as for the web server. (The copy it replaced pinged each connection instead, for a work horse
+# that kept its connection from job to job; horses now live for one job.)
 
 def on_rq_failure(job, connection, exc_type, exc_value, tb):
-    drop_unusable_connections()
+    close_old_connections()
     reason = f"{getattr(exc_type, '__name__', exc_type)}: {exc_value}"
     if exc_type is not None and exc_type.__name__ == "AbandonedJobError":
         reason = "The worker running this operation died before it finished (RQ found the job abandoned)."
@@ -302,7 +295,7 @@ def on_work_horse_killed(job_id: str, how: str):
         operation_id = uuid.UUID(job_id)
     except ValueError:
         return  # not an operation's job
-    drop_unusable_connections()
+    close_old_connections()
     _finish(
         operation_id,
         Operation.Status.FAILED,
@@ -315,7 +308,7 @@ def on_work_horse_killed(job_id: str, how: str):
 
 
 def on_rq_stopped(job, connection):
-    drop_unusable_connections()
+    close_old_connections()
     _finish(job.id, Operation.Status.CANCELLED, from_statuses=Operation.ACTIVE_STATUSES)
 
 
