@@ -1,4 +1,4 @@
-"""The Operation lifecycle against a real Redis and real RQ workers."""
+"""The Operation lifecycle against a real Redis and the worker production runs, in a process of its own."""
 import os
 import subprocess
 import sys
@@ -22,12 +22,12 @@ DEAD_REDIS = {
 }
 
 
-def test_it_records_a_successful_job_with_progress_log_and_result(admin_user, run_worker):
+def test_it_records_a_successful_job_with_progress_log_and_result(admin_user, production_worker):
     operation = operations.enqueue(jobs_for_tests.steps, user=admin_user, count=4)
     assert operation.status == Operation.Status.QUEUED
     assert Job.exists(str(operation.pk), connection=queues.get_connection())
 
-    run_worker()
+    production_worker()
 
     operation.refresh_from_db()
     assert operation.status == Operation.Status.SUCCEEDED
@@ -39,9 +39,23 @@ def test_it_records_a_successful_job_with_progress_log_and_result(admin_user, ru
     assert operation.error == ""
 
 
-def test_it_records_an_unexpected_failure_with_its_traceback(run_worker):
+def test_a_running_operation_shows_its_progress_and_log_before_it_ends(production_worker):
+    production_worker.start()
+    operation = operations.enqueue(jobs_for_tests.steps, count=4, pause=1.0)
+
+    midway = wait_for(
+        lambda: Operation.objects.filter(pk=operation.pk, status=Operation.Status.RUNNING, progress__gt=0).first(),
+        message="progress while it runs",
+    )
+
+    assert midway.progress < 100
+    assert "step 1 of 4" in midway.log
+    assert midway.heartbeat_at is not None
+
+
+def test_it_records_an_unexpected_failure_with_its_traceback(production_worker):
     operation = operations.enqueue(jobs_for_tests.fail)
-    run_worker()
+    production_worker()
     operation.refresh_from_db()
     assert operation.status == Operation.Status.FAILED
     assert operation.error == "ValueError: unexpected breakage"
@@ -49,9 +63,9 @@ def test_it_records_an_unexpected_failure_with_its_traceback(run_worker):
     assert "about to fail" in operation.log
 
 
-def test_it_records_an_expected_failure_as_a_plain_message(run_worker):
+def test_it_records_an_expected_failure_as_a_plain_message(production_worker):
     operation = operations.enqueue(jobs_for_tests.fail, expected=True)
-    run_worker()
+    production_worker()
     operation.refresh_from_db()
     assert operation.status == Operation.Status.FAILED
     assert operation.error == "The thing could not be done; fix the input and try again."
@@ -81,26 +95,26 @@ def test_it_refuses_to_enqueue_when_redis_is_down_and_leaves_nothing_queued():
     assert not Operation.objects.exists()
 
 
-def test_it_cancels_a_queued_operation_so_no_worker_runs_it(operator, run_worker):
+def test_it_cancels_a_queued_operation_so_no_worker_runs_it(operator, production_worker):
     operation = operations.enqueue(jobs_for_tests.steps)
     operations.operation_cancel(operation=operation, user=operator)
-    run_worker()
+    production_worker()
     operation.refresh_from_db()
     assert operation.status == Operation.Status.CANCELLED
     assert operation.error == "Cancelled by oscar."
     assert operation.started_at is None
 
 
-def test_it_refuses_to_cancel_a_finished_operation(run_worker):
+def test_it_refuses_to_cancel_a_finished_operation(production_worker):
     operation = operations.enqueue(noop)
-    run_worker()
+    production_worker()
     operation.refresh_from_db()
     with pytest.raises(operations.OperationError, match="already succeeded"):
         operations.operation_cancel(operation=operation)
 
 
-def test_it_stops_a_running_operation_in_a_real_worker(worker_process, operator):
-    worker_process()
+def test_it_stops_a_running_operation_in_a_real_worker(production_worker, operator):
+    production_worker.start()
     operation = operations.enqueue(jobs_for_tests.sleep, seconds=120, cooperative=False)
     wait_for(lambda: Operation.objects.get(pk=operation.pk).status == Operation.Status.RUNNING, message="running")
 
@@ -113,8 +127,8 @@ def test_it_stops_a_running_operation_in_a_real_worker(worker_process, operator)
     assert operation.finished_at is not None
 
 
-def test_a_cooperative_job_stops_itself_when_cancelled(worker_process):
-    worker_process()
+def test_a_cooperative_job_stops_itself_when_cancelled(production_worker):
+    production_worker.start()
     operation = operations.enqueue(jobs_for_tests.sleep, seconds=120, cooperative=True)
     wait_for(lambda: Operation.objects.get(pk=operation.pk).status == Operation.Status.RUNNING, message="running")
     # Mark it cancelled without the stop command: the job must notice by itself.
