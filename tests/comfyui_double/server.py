@@ -2,7 +2,7 @@
 
 This is not ComfyUI and runs no models. It exists so that ComfyHub's tests can start real containers on a real Docker
 engine without network access or GPUs; the product itself runs real ComfyUI images. It mimics, after ComfyUI's own
-source (see /work/shared/reference/comfyui.md, section A):
+source (https://github.com/comfyanonymous/ComfyUI, the files named below):
 
 - the command line (comfy/cli_args.py): the same flags, defaults and argparse errors (unknown flag -> exit 2);
 - directory resolution (folder_paths.py, main.py): --base-directory, --models-directory, --input/--output/--user/

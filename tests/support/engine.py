@@ -1,8 +1,8 @@
 """A real Docker engine for the test suite: use the one that answers, or start dockerd for the session.
 
 The dockerd started here gets tests/support/bin first on its PATH, so it registers the "nvidia" device driver through
-the no-op nvidia-container-runtime-hook stand-in and GPU device requests reach containers as NVIDIA_VISIBLE_DEVICES
-(see /work/shared/ENGINE.md). Its PID is kept in a pidfile so that a later run can find and reuse it.
+the no-op nvidia-container-runtime-hook stand-in and GPU device requests reach containers as NVIDIA_VISIBLE_DEVICES.
+Its PID is kept in a pidfile so that a later run can find and reuse it.
 """
 
 from __future__ import annotations
