@@ -34,7 +34,7 @@ def operation_detail(request, pk):
 def operation_progress(request, pk):
     """The live part of the operation page; tells htmx to stop polling once the operation is over."""
     operation = get_object_or_404(Operation.objects.select_related("requested_by", "target_type"), pk=pk)
-    response = render(request, "comfyhub/_operation_live.html", {"operation": operation})
+    response = render(request, "comfyhub/partials/operation_live.html", {"operation": operation})
     if operation.is_terminal:
         response.status_code = HttpResponseStopPolling.status_code
     return response

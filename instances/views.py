@@ -50,7 +50,7 @@ def dashboard(request):
 
 def instance_rows(request):
     """The dashboard's instance rows, which htmx reloads every few seconds."""
-    return render(request, "partials/instance_rows.html", _instance_page(request))
+    return render(request, "instances/partials/instance_rows.html", _instance_page(request))
 
 
 INSTANCES_PER_PAGE = 50
@@ -89,7 +89,7 @@ def instance_live(request, instance_id):
     """The observed status and health of an instance; htmx polls it while an operation on it is in progress."""
     instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
     context = _live_context(instance)
-    response = render(request, "partials/instance_live.html", context)
+    response = render(request, "instances/partials/instance_live.html", context)
     if not context["polling"]:
         response.status_code = HttpResponseStopPolling.status_code
     return response
@@ -235,7 +235,7 @@ def instance_logs(request, instance_id):
         logs = services.instance_logs(instance=instance, tail=tail)
     except EngineError as exc:
         error = str(exc)
-    template = "partials/instance_logs.html" if request.htmx else "instances/instance_logs.html"
+    template = "instances/partials/instance_logs.html" if request.htmx else "instances/instance_logs.html"
     return render(request, template, {"instance": instance, "tail": tail, "logs": logs, "error": error,
                                       "tail_choices": (100, LOG_TAIL_DEFAULT, 1000, LOG_TAIL_MAX)})
 

@@ -75,7 +75,7 @@ def workflows_check(request, instance_id):
         if not form.errors:
             checks = _preflight(instance, paths, targets)
     if request.htmx:
-        return render(request, "partials/preflight.html", {
+        return render(request, "instances/partials/preflight.html", {
             "checks": checks, "errors": _form_errors(form), "copy_button": True, "problems": _problems(checks),
         })
     return _workflows_page(request, instance, copy_form=form, checks=checks)
@@ -174,7 +174,7 @@ def workflow_check_file(request, instance_id):
         else:
             checks = [{"path": upload.name, "error": "", "results": [_result(instance, result)]}]
     if request.htmx:
-        return render(request, "partials/preflight.html", {"checks": checks, "errors": _form_errors(form)})
+        return render(request, "instances/partials/preflight.html", {"checks": checks, "errors": _form_errors(form)})
     return _workflows_page(request, instance, upload_form=form, upload_checks=checks)
 
 

@@ -251,7 +251,7 @@ def legacy_plan_result(request, pk):
 def legacy_plan_live(request, pk):
     """The plan's live part; htmx stops polling once the planning operation is over."""
     operation = get_object_or_404(Operation, pk=pk, kind="legacy_plan")
-    response = render(request, "storage_app/legacy_plan.html", _plan_context(request, operation))
+    response = render(request, "storage_app/partials/legacy_plan.html", _plan_context(request, operation))
     if operation.is_terminal:
         response.status_code = HttpResponseStopPolling.status_code
     return response
