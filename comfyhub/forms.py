@@ -1,7 +1,45 @@
+"""Forms of the core, and what every page does with a service's refusal: a ValidationError({field: [message]}) goes
+next to the form's fields it names (the rest above the form), or into a message on a page without a form; a job queue
+that does not answer goes into a message."""
+from contextlib import contextmanager
+
 from django import forms
+from django.contrib import messages
+from django.core.exceptions import ValidationError
 
 from .models import Operation
 from .operations import kind_choices
+from .queues import QueueUnavailable
+
+
+def add_service_error(form: forms.BaseForm, exc: ValidationError):
+    """Put a service's ValidationError({field: [message]}) next to the fields it names; the rest above the form."""
+    errors = exc.error_dict if hasattr(exc, "error_dict") else {None: exc.error_list}
+    for field, messages_ in errors.items():
+        form.add_error(field if field in form.fields else None, messages_)
+
+
+class ServiceForm(forms.Form):
+    """A form whose data goes to a service, which has the last word: its refusal is shown on the form."""
+
+    def add_service_error(self, exc: ValidationError):
+        add_service_error(self, exc)
+
+
+@contextmanager
+def service_errors(request, form: ServiceForm | None = None, *, prefix: str = ""):
+    """Run a view's call of one service (and what it does when the service succeeds: a message, a redirect) so a
+    refusal is shown instead of raised: on `form`, or as an error message (after `prefix`) without one. The view
+    goes on after the `with` block: it shows its page again, or redirects."""
+    try:
+        yield
+    except ValidationError as exc:
+        if form is not None:
+            form.add_service_error(exc)
+        else:
+            messages.error(request, prefix + " ".join(exc.messages))
+    except QueueUnavailable as exc:
+        messages.error(request, prefix + str(exc))
 
 
 class OperationFilterForm(forms.Form):

@@ -6,8 +6,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseStopPolling
 
-from . import jobs, operations, queues
-from .forms import OperationFilterForm
+from . import jobs, operations
+from .forms import OperationFilterForm, service_errors
 from .models import Operation
 
 PAGE_SIZE = 25
@@ -56,10 +56,8 @@ def operation_cancel(request, pk):
 @require_POST
 @permission_required("comfyhub.run_diagnostics", raise_exception=True)
 def diagnostics_run(request):
-    try:
+    with service_errors(request):
         operation = operations.enqueue(jobs.diagnostics, user=request.user, pause=0.4)
-    except queues.QueueUnavailable as exc:
-        messages.error(request, str(exc))
-        return redirect("dashboard")
-    messages.success(request, "Diagnostics queued.")
-    return redirect(operation)
+        messages.success(request, "Diagnostics queued.")
+        return redirect(operation)
+    return redirect("dashboard")

@@ -6,10 +6,10 @@ from django.core.exceptions import ValidationError
 from django.http import HttpResponseRedirect
 from django.shortcuts import redirect
 
+from comfyhub.forms import add_service_error
 from comfyhub.queues import QueueUnavailable
 
 from . import services
-from .forms import add_service_error
 from .models import GPU, CustomNode, GPUAssignment, Instance, InstanceTemplate, Node, WorkflowEntry, WorkflowVersion
 
 

@@ -9,19 +9,14 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Prefetch
 
+from comfyhub.forms import ServiceForm
+
 from . import services
 from .models import GPU, GPUAssignment, Instance
 
 EXTRA_ARGS_HELP = ("One argument per line, with its value if it takes one (e.g. <code>--preview-method auto</code>). "
                    "Directories, address, port and GPUs come from ComfyHub.")
 EXTRA_ENV_HELP = "One <code>KEY=VALUE</code> per line."
-
-
-def add_service_error(form: forms.Form, exc: ValidationError):
-    """Put a service's ValidationError({field: [message]}) next to the fields it names; the rest above the form."""
-    errors = exc.error_dict if hasattr(exc, "error_dict") else {None: exc.error_list}
-    for field, messages in errors.items():
-        form.add_error(field if field in form.fields else None, messages)
 
 
 def args_to_text(args) -> str:
@@ -48,7 +43,7 @@ class GPUCheckboxField(forms.MultipleChoiceField):
         return True
 
 
-class InstanceForm(forms.Form):
+class InstanceForm(ServiceForm):
     """Create (with `instance=None`) or edit an instance; `arguments()` gives the service's keyword arguments."""
 
     # Not stripped: an id is taken exactly as typed, so "abc\n" is refused rather than becoming "abc".
@@ -151,11 +146,8 @@ class InstanceForm(forms.Form):
             arguments.update(instance=self.instance)
         return arguments
 
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
-
-class InstanceDeleteForm(forms.Form):
+class InstanceDeleteForm(ServiceForm):
     """Deleting asks for the instance id typed out: a bare POST (a stray click, a forged form) deletes nothing."""
 
     purge_data = forms.BooleanField(
@@ -172,9 +164,6 @@ class InstanceDeleteForm(forms.Form):
         if self.cleaned_data["confirm"] != self.instance.instance_id:
             raise ValidationError(f"Type the instance id '{self.instance.instance_id}' exactly to delete it.")
         return self.cleaned_data["confirm"]
-
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
 
 # --- Workflows, the library, templates and custom nodes (views_workflows.py) ------------------------------------
@@ -194,7 +183,7 @@ class AnyMultipleChoiceField(forms.MultipleChoiceField):
 CONFLICT_CHOICES = [("skip", "Skip it"), ("overwrite", "Overwrite it"), ("rename", "Keep both (rename the copy)")]
 
 
-class WorkflowCopyForm(forms.Form):
+class WorkflowCopyForm(ServiceForm):
     """Workflows of `source` to check against, or copy to, other instances."""
 
     paths = AnyMultipleChoiceField(label="Workflows", required=False, widget=forms.CheckboxSelectMultiple)
@@ -217,9 +206,6 @@ class WorkflowCopyForm(forms.Form):
         return {"source": self.source, "targets": list(data["targets"]), "paths": list(data["paths"]),
                 "on_conflict": data["on_conflict"]}
 
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
-
 
 class WorkflowPublishForm(forms.Form):
     path = forms.CharField(widget=forms.HiddenInput)
@@ -231,7 +217,7 @@ class WorkflowUploadForm(forms.Form):
                            widget=forms.ClearableFileInput(attrs={"accept": ".json,application/json"}))
 
 
-class LibraryInstallForm(forms.Form):
+class LibraryInstallForm(ServiceForm):
     """One library entry's version into instances; `spec()` is the service's NAME@VERSION."""
 
     name = forms.CharField(widget=forms.HiddenInput)
@@ -252,11 +238,8 @@ class LibraryInstallForm(forms.Form):
         version = self.cleaned_data["version"]
         return f"{self.cleaned_data['name']}@{version}" if version else self.cleaned_data["name"]
 
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
-
-class TemplateForm(forms.Form):
+class TemplateForm(ServiceForm):
     """A new instance template; `arguments()` gives services.template_create's keyword arguments."""
 
     name = forms.CharField(required=False, strip=False, help_text="Lowercase letters, digits and '-'.")
@@ -321,33 +304,24 @@ class TemplateForm(forms.Form):
                 "custom_nodes": data["custom_nodes"], "settings_values": data["settings"],
                 "starter_workflows": list(data["starter_workflows"])}
 
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
-
-class TemplateInstanceForm(forms.Form):
+class TemplateInstanceForm(ServiceForm):
     """A new instance from a template."""
 
     instance_id = InstanceForm.base_fields["instance_id"]
     display_name = InstanceForm.base_fields["display_name"]
     host_port = InstanceForm.base_fields["host_port"]
 
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
-
-class TemplateApplyForm(forms.Form):
+class TemplateApplyForm(ServiceForm):
     instance = forms.ModelChoiceField(label="Instance", queryset=Instance.objects.select_related("node"),
                                       to_field_name="instance_id", empty_label="Choose an instance")
 
 
-class NodeInstallForm(forms.Form):
+class NodeInstallForm(ServiceForm):
     url = forms.CharField(label="Git URL", required=False,
                           help_text="https://…, ssh://…, git@host:path or file://…")
     ref = forms.CharField(label="Ref", required=False, help_text="Branch, tag or commit; empty: the default branch.")
-
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
 
 class NodeActionForm(forms.Form):

@@ -4,7 +4,7 @@ services.py."""
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.contrib.contenttypes.models import ContentType
-from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.core.exceptions import ImproperlyConfigured
 from django.core.paginator import Paginator
 from django.db.models import Prefetch
 from django.http import HttpResponse
@@ -13,6 +13,7 @@ from django.utils.http import content_disposition_header, url_has_allowed_host_a
 from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
+from comfyhub.forms import service_errors
 from comfyhub.models import Operation
 from comfyhub.queues import QueueUnavailable, queue_overview
 
@@ -120,11 +121,8 @@ def _live_context(instance):
 def instance_create(request):
     form = InstanceForm(request.POST if request.method == "POST" else None)
     if form.is_bound and form.is_valid():
-        try:
+        with service_errors(request, form):
             instance = services.instance_create(**form.arguments(), user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        else:
             messages.success(request, f"Instance '{instance}' created on port {instance.host_port}.")
             try:
                 services.instance_build(instance=instance, user=request.user)
@@ -140,11 +138,8 @@ def instance_edit(request, instance_id):
     instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
     form = InstanceForm(request.POST if request.method == "POST" else None, instance=instance)
     if form.is_bound and form.is_valid():
-        try:
+        with service_errors(request, form):
             instance = services.instance_update(**form.arguments(), user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        else:
             messages.success(request, f"Instance '{instance}' saved.")
             if services.instance_pending_changes(instance):
                 messages.warning(request, "Its container still runs the old configuration: restart to apply.")
@@ -161,14 +156,9 @@ def instance_delete(request, instance_id):
     form = InstanceDeleteForm(request.POST if request.method == "POST" else None, instance=instance)
     if form.is_bound and form.is_valid():
         purge = form.cleaned_data["purge_data"]
-        try:
+        with service_errors(request, form):
             operation = services.instance_delete(instance=instance, purge_data=purge,
                                                  confirm=form.cleaned_data["confirm"], user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             kept = "and its data" if purge else "(its data is kept)"
             messages.success(request, f"Deleting instance '{instance}' {kept}.")
             return redirect(operation)
@@ -204,13 +194,8 @@ def instance_restart(request, instance_id):
 
 def _queue_action(request, instance_id, service, done):
     instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
-    try:
+    with service_errors(request):
         service(instance=instance, user=request.user)
-    except QueueUnavailable as exc:
-        messages.error(request, str(exc))
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-    else:
         messages.success(request, done.format(instance))
     return _back(request, instance)
 
@@ -273,11 +258,8 @@ def gpu_list(request):
 @permission_required("instances.change_instance", raise_exception=True)
 def gpu_shareable(request, pk):
     gpu = get_object_or_404(GPU, pk=pk)
-    try:
+    with service_errors(request):
         services.gpu_set_shareable(gpu=gpu, shareable=request.POST.get("shareable") == "1")
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-    else:
         messages.success(request, f"{gpu} is now {'shareable' if gpu.shareable else 'exclusive'}.")
     return redirect("gpu-list")
 

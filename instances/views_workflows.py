@@ -13,7 +13,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from comfyhub import jsonlimits
-from comfyhub.queues import QueueUnavailable
+from comfyhub.forms import service_errors
 
 from . import customnodes, services, templating, workflows
 from .forms import (LibraryInstallForm, NodeActionForm, NodeInstallForm, TemplateApplyForm, TemplateForm,
@@ -118,13 +118,8 @@ def workflows_copy(request, instance_id):
     form = WorkflowCopyForm(request.POST, source=instance, workflows=_listed(request, instance))
     if form.is_valid():
         arguments = form.arguments()
-        try:
+        with service_errors(request, form):
             operation = services.workflows_copy(**arguments, user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             targets = ", ".join(str(t) for t in arguments["targets"])
             messages.success(request, f"Copying {len(arguments['paths'])} workflow(s) from '{instance}' to {targets}.")
             return redirect(operation)
@@ -140,11 +135,8 @@ def workflow_publish(request, instance_id):
         messages.error(request, "Say which workflow to publish.")
         return redirect("instance-workflows", instance.instance_id)
     path, name = form.cleaned_data["path"], form.cleaned_data["name"].strip()
-    try:
+    with service_errors(request):
         version, created = services.workflow_publish(instance=instance, path=path, name=name, user=request.user)
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-    else:
         if created:
             messages.success(request, f"Published {path} to the library as '{version.entry}': new version "
                                       f"{version.number}.")
@@ -205,13 +197,8 @@ def library_install(request):
     form = LibraryInstallForm(request.POST)
     if form.is_valid():
         instances = list(form.cleaned_data["instances"])
-        try:
+        with service_errors(request, form):
             operation = services.workflow_install(spec=form.spec(), instances=instances, user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             messages.success(request, f"Installing '{form.spec()}' into {', '.join(str(i) for i in instances)}.")
             return redirect(operation)
     return _library_page(request, bound_form=form)
@@ -230,11 +217,8 @@ def template_list(request):
 def template_create(request):
     form = TemplateForm(request.POST if request.method == "POST" else None)
     if form.is_bound and form.is_valid():
-        try:
+        with service_errors(request, form):
             template = services.template_create(**form.arguments())
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        else:
             messages.success(request, f"Template '{template}' created.")
             return redirect("template-detail", template.name)
     return render(request, "instances/template_form.html", {"form": form})
@@ -267,17 +251,11 @@ def template_new_instance(request, name):
     form = TemplateInstanceForm(request.POST)
     if form.is_valid():
         data = form.cleaned_data
-        try:
+        # Without a job queue nothing is created: an instance whose template cannot be applied would be half made.
+        with service_errors(request, form, prefix=f"Instance '{data['instance_id']}' was not created: "):
             instance, operation = services.instance_create_from_template(
                 template=template, instance_id=data["instance_id"], host_port=data["host_port"],
                 display_name=data["display_name"], user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            # Nothing was created: an instance whose template cannot be applied would only be half made.
-            messages.error(request, f"Instance '{data['instance_id']}' was not created: {exc}")
-            return redirect("template-detail", template.name)
-        else:
             messages.success(request, f"Instance '{instance}' created from template '{template}' on port "
                                       f"{instance.host_port}; applying the template.")
             return redirect(operation)
@@ -291,11 +269,8 @@ def template_apply(request, name):
     form = TemplateApplyForm(request.POST)
     if form.is_valid():
         instance = form.cleaned_data["instance"]
-        try:
+        with service_errors(request, form):
             operation = services.template_apply(template=template, instance=instance, user=request.user)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             messages.success(request, f"Applying template '{template}' to '{instance}'.")
             return redirect(operation)
     return _template_page(request, template, apply_form=form)
@@ -333,13 +308,8 @@ def node_install(request, instance_id):
     form = NodeInstallForm(request.POST)
     if form.is_valid():
         url, ref = form.cleaned_data["url"], form.cleaned_data["ref"]
-        try:
+        with service_errors(request, form):
             operation = services.node_install(instance=instance, url=url, ref=ref, user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             messages.success(request, f"Installing {customnodes.name_from_url(url.strip())} into '{instance}'.")
             return redirect(operation)
     return _nodes_page(request, instance, install_form=form)
@@ -357,10 +327,8 @@ def node_action(request, instance_id):
         messages.error(request, "Say which custom node and what to do with it.")
         return redirect("instance-nodes", instance.instance_id)
     name, action = form.cleaned_data["name"], form.cleaned_data["action"]
-    try:
+    with service_errors(request):
         operation = services.node_action(instance=instance, name=name, action=action, user=request.user)
-    except (ValidationError, QueueUnavailable) as exc:
-        messages.error(request, " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc))
-        return redirect("instance-nodes", instance.instance_id)
-    messages.success(request, f"{NODE_ACTION_DONE[action]} custom node {name} of '{instance}'.")
-    return redirect(operation)
+        messages.success(request, f"{NODE_ACTION_DONE[action]} custom node {name} of '{instance}'.")
+        return redirect(operation)
+    return redirect("instance-nodes", instance.instance_id)

@@ -3,7 +3,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.template.defaultfilters import filesizeformat
 
-from instances.forms import add_service_error
+from comfyhub.forms import ServiceForm
 from instances.models import GPU, Instance
 
 from .models import ModelAsset, Snapshot
@@ -41,17 +41,14 @@ class ImportHashesForm(forms.Form):
 MANAGER_SNAPSHOT_MAX_BYTES = 2 << 20  # a ComfyUI-Manager snapshot lists nodes and pips: a few kilobytes
 
 
-class SnapshotCreateForm(forms.Form):
+class SnapshotCreateForm(ServiceForm):
     kind = forms.ChoiceField(choices=Snapshot.Kind.choices, initial=Snapshot.Kind.CONFIG, widget=forms.RadioSelect)
     include_output = forms.BooleanField(label="Include output/ (generated images)", required=False)
     note = forms.CharField(required=False, max_length=Snapshot._meta.get_field("note").max_length,
                            widget=forms.TextInput(attrs={"placeholder": "e.g. before upgrading the nodes"}))
 
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
-
-class ManagerImportForm(forms.Form):
+class ManagerImportForm(ServiceForm):
     file = forms.FileField(
         label="ComfyUI-Manager snapshot",
         help_text="The .json file ComfyUI-Manager saves under user/default/ComfyUI-Manager/snapshots/.")
@@ -69,9 +66,6 @@ class ManagerImportForm(forms.Form):
         except jsonlimits.JSONInputError as exc:
             raise ValidationError(f"{exc} Pick the .json file ComfyUI-Manager saved.") from exc
         return upload
-
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
 
 
 class SnapshotDeleteForm(forms.Form):
@@ -105,7 +99,7 @@ class SnapshotScheduleForm(forms.ModelForm):
         fields = ["snapshot_every_hours", "snapshot_keep"]
 
 
-class SnapshotCloneForm(forms.Form):
+class SnapshotCloneForm(ServiceForm):
     new_instance_id = forms.CharField(  # not stripped: "abc\n" is refused, never quietly made into "abc"
         label="New instance id", strip=False,
         help_text="Names its folder and container: lowercase letters, digits and '-'.")
@@ -120,9 +114,6 @@ class SnapshotCloneForm(forms.Form):
     def clean_gpus(self):
         return [int(index) for index in self.cleaned_data["gpus"]]
 
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)
-
 
 def free_gpus():
     """The local node's present GPUs that no instance holds, or that may be shared: what a clone may be given.
@@ -135,7 +126,7 @@ def free_gpus():
                 .filter(Q(shareable=True) | Q(holders=0)))
 
 
-class LegacyPlanForm(forms.Form):
+class LegacyPlanForm(ServiceForm):
     source = forms.CharField(label="Source folder", help_text="The old install: a ComfyUI folder, or the ./data "
                                                               "folder of the single-instance setup.",
                              widget=forms.TextInput(attrs={"placeholder": "/srv/ComfyUI"}))
@@ -154,6 +145,3 @@ class LegacyPlanForm(forms.Form):
 
     def clean_instance_id(self):
         return self.cleaned_data["instance_id"] or settings.COMFY_INSTANCE_ID
-
-    def add_service_error(self, exc: ValidationError):
-        add_service_error(self, exc)

@@ -1,14 +1,13 @@
 """The models page: the shared library with its checksums, totals, duplicates and the instances' inboxes."""
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
-from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from comfyhub.forms import service_errors
 from comfyhub.models import Operation
-from comfyhub.queues import QueueUnavailable
 from instances.models import Instance
 
 from . import library, services
@@ -38,16 +37,11 @@ def model_list(request):
 
 
 def _enqueue(request, start, success):
-    try:
+    with service_errors(request):
         operation = start()
-    except QueueUnavailable as exc:
-        messages.error(request, str(exc))
-        return redirect("model-list")
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-        return redirect("model-list")
-    messages.success(request, success)
-    return redirect(operation)
+        messages.success(request, success)
+        return redirect(operation)
+    return redirect("model-list")
 
 
 @require_POST
@@ -84,17 +78,14 @@ def models_import(request):
     if upload.size > 10 << 20:
         messages.error(request, "That file is over 10 MB; a hash list is much smaller. Check you picked the right one.")
         return redirect("model-list")
-    try:
+    with service_errors(request):
         result = services.models_import_hashes(text=upload.read().decode("utf-8", errors="replace"))
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-        return redirect("model-list")
-    note = f"Imported {result['matched']} expected hash(es)."
-    if result["unknown"]:
-        note += f" {len(result['unknown'])} path(s) are not in the library: {', '.join(result['unknown'][:5])}."
-    if result["bad"]:
-        note += f" Skipped {len(result['bad'])} malformed line(s)."
-    messages.success(request, note + " Verify to compare.")
+        note = f"Imported {result['matched']} expected hash(es)."
+        if result["unknown"]:
+            note += f" {len(result['unknown'])} path(s) are not in the library: {', '.join(result['unknown'][:5])}."
+        if result["bad"]:
+            note += f" Skipped {len(result['bad'])} malformed line(s)."
+        messages.success(request, note + " Verify to compare.")
     return redirect("model-list")
 
 

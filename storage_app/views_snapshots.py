@@ -5,7 +5,6 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.contrib.contenttypes.models import ContentType
-from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -14,8 +13,8 @@ from django.utils.http import content_disposition_header, urlencode
 from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
+from comfyhub.forms import service_errors
 from comfyhub.models import Operation
-from comfyhub.queues import QueueUnavailable
 from instances.models import Instance
 
 from . import migration, services, snapshots
@@ -81,13 +80,8 @@ def snapshot_create(request, instance_id):
     instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
     form = SnapshotCreateForm(request.POST)
     if form.is_valid():
-        try:
+        with service_errors(request, form):
             operation = services.snapshot_create(instance=instance, **form.cleaned_data, user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             messages.success(request, f"Taking a {form.cleaned_data['kind']} snapshot of '{instance}'.")
             return redirect(operation)
     return _instance_page(request, instance_id, create_form=form)
@@ -99,14 +93,9 @@ def snapshot_import(request, instance_id):
     instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
     form = ManagerImportForm(request.POST, request.FILES)
     if form.is_valid():
-        try:
+        with service_errors(request, form):
             operation = services.snapshot_import_manager(instance=instance, data=form.cleaned_data["data"],
                                                          user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             messages.success(request, f"Installing the custom nodes of that ComfyUI-Manager snapshot into "
                                       f"'{instance}'.")
             return redirect(operation)
@@ -161,13 +150,8 @@ def snapshot_export(request, pk):
 def snapshot_restore(request, pk):
     snapshot = get_object_or_404(Snapshot.objects.select_related("instance"), pk=pk)
     if request.method == "POST":
-        try:
+        with service_errors(request):
             operation = services.snapshot_restore(snapshot=snapshot, user=request.user)
-        except ValidationError as exc:
-            messages.error(request, " ".join(exc.messages))
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             messages.success(request, f"Restoring snapshot {snapshot.pk} into '{snapshot.instance}'; a snapshot of "
                                       "its current state is taken first.")
             return redirect(operation)
@@ -180,14 +164,9 @@ def snapshot_clone(request, pk):
     snapshot = get_object_or_404(Snapshot.objects.select_related("instance"), pk=pk)
     form = SnapshotCloneForm(request.POST if request.method == "POST" else None)
     if form.is_bound and form.is_valid():
-        try:
+        with service_errors(request, form):
             operation = services.snapshot_clone(snapshot=snapshot, new_instance_id=form.cleaned_data["new_instance_id"],
                                                 gpu_indexes=form.cleaned_data["gpus"], user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             messages.success(request, f"Cloning snapshot {snapshot.pk} into a new instance "
                                       f"'{form.cleaned_data['new_instance_id']}'.")
             return redirect(operation)
@@ -202,11 +181,8 @@ def snapshot_delete(request, pk):
     form = SnapshotDeleteForm(request.POST if request.method == "POST" else None, snapshot=snapshot)
     if form.is_bound and form.is_valid():
         number = snapshot.pk  # deleting the row clears it
-        try:
+        with service_errors(request, prefix=f"Snapshot {number} was not deleted: "):
             services.snapshot_delete(snapshot=snapshot)
-        except ValidationError as exc:
-            messages.error(request, f"Snapshot {number} was not deleted: {' '.join(exc.messages)}")
-        else:
             messages.success(request, f"Deleted snapshot {number} of '{snapshot.instance_label}' and its archive.")
         return _back_to(snapshot)
     return render(request, "storage_app/snapshot_delete.html", {"snapshot": snapshot, "form": form},
@@ -229,13 +205,8 @@ def legacy(request):
 def legacy_plan(request):
     form = LegacyPlanForm(request.POST)
     if form.is_valid():
-        try:
+        with service_errors(request, form):
             operation = services.legacy_plan_start(**form.cleaned_data, user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             return redirect(f"{reverse('legacy-plan-result', args=[operation.pk])}?{urlencode(form.cleaned_data)}")
     return _legacy_page(request, form, None)
 
@@ -262,13 +233,8 @@ def legacy_plan_live(request, pk):
 def legacy_migrate(request):
     form = LegacyPlanForm(request.POST)
     if form.is_valid():
-        try:
+        with service_errors(request, form):
             operation = services.legacy_migrate(**form.cleaned_data, user=request.user)
-        except ValidationError as exc:
-            form.add_service_error(exc)
-        except QueueUnavailable as exc:
-            messages.error(request, str(exc))
-        else:
             data = form.cleaned_data
             messages.success(request, f"Migrating {data['source']} into '{data['instance_id']}' ({data['mode']}).")
             return redirect(operation)
