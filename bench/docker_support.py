@@ -107,8 +107,12 @@ def docker_run_argv(spec, *, name: str, host_port: int) -> list[str]:
         argv += ["--mount", f"type=bind,source={mount.source},target={mount.target}"
                  + (",readonly" if mount.read_only else "")]
     argv += ["-p", f"{spec.host_ip}:{host_port}:{spec.container_port}/tcp",
-             "--restart", f"on-failure:{spec.restart_max}", "--shm-size", spec.shm_size, "--init",
-             "--log-driver", "json-file", "--log-opt", "max-size=20m", "--log-opt", "max-file=3"]
+             "--restart", f"{spec.restart_policy}:{spec.restart_max}", "--shm-size", spec.shm_size,
+             "--log-driver", spec.log_driver]
+    for key, value in spec.log_options.items():
+        argv += ["--log-opt", f"{key}={value}"]
+    if spec.init:
+        argv.append("--init")
     for option in spec.security_opt:
         argv += ["--security-opt", option]
     if spec.gpu_ids:

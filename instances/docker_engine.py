@@ -222,11 +222,11 @@ def create_container(engine, spec) -> str:
         mounts=[docker.types.Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
                 for m in spec.mounts],
         port_bindings={spec.container_port: (spec.host_ip, spec.host_port)},
-        restart_policy={"Name": "on-failure", "MaximumRetryCount": spec.restart_max},
+        restart_policy={"Name": spec.restart_policy, "MaximumRetryCount": spec.restart_max},
         security_opt=list(spec.security_opt),
         shm_size=spec.shm_size,
-        init=True,
-        log_config=docker.types.LogConfig(type="json-file", config={"max-size": "20m", "max-file": "3"}),
+        init=spec.init,
+        log_config=docker.types.LogConfig(type=spec.log_driver, config=dict(spec.log_options)),
         device_requests=[docker.types.DeviceRequest(device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])]
         if spec.gpu_ids else None,
     )

@@ -1,5 +1,6 @@
 """The runtime contract between ComfyHub and a ComfyUI container, in one module (documented in
-docs/runtime-contract.md): mounts, arguments, environment, labels, ports, GPUs, restart policy and hardening."""
+docs/runtime-contract.md): mounts, arguments, environment, labels, ports, GPUs, restart policy, init, log rotation
+and hardening."""
 from __future__ import annotations
 
 import fnmatch
@@ -19,6 +20,11 @@ LABEL_MANAGED = "comfyhub.managed"
 LABEL_INSTANCE = "comfyhub.instance"
 LABEL_NODE = "comfyhub.node"
 LABEL_CONFIG = "comfyhub.config-hash"
+# Docker restarts a crashed ComfyUI, backing off, at most INSTANCE_MAX_RESTARTS times, then gives up (crash-looping).
+RESTART_POLICY = "on-failure"
+# ComfyUI logs every request: rotated, 3 files of 20 MB at most.
+LOG_DRIVER = "json-file"
+LOG_OPTIONS = {"max-size": "20m", "max-file": "3"}
 
 # Arguments ComfyHub sets itself: an instance's extra arguments may not touch them (they would break isolation),
 # nor any abbreviation ComfyUI's parser would read as one of them (argparse's allow_abbrev: `--i` is
@@ -61,8 +67,12 @@ class ContainerSpec:
     host_port: int
     container_port: int
     gpu_ids: list[str]
+    restart_policy: str
     restart_max: int
     shm_size: str
+    log_driver: str
+    log_options: dict[str, str]
+    init: bool = True  # a tiny init as PID 1 forwards signals and reaps the zombies custom nodes leave behind
     security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges"])
 
     @property
@@ -130,8 +140,11 @@ def container_spec(instance) -> ContainerSpec:
         host_port=instance.host_port,
         container_port=CONTAINER_PORT,
         gpu_ids=[gpu.device_id for gpu in gpus],
+        restart_policy=RESTART_POLICY,
         restart_max=settings.INSTANCE_MAX_RESTARTS,
         shm_size=settings.INSTANCE_SHM_SIZE,
+        log_driver=LOG_DRIVER,
+        log_options=dict(LOG_OPTIONS),
     )
     return spec.with_hash_label()
 

@@ -1,12 +1,15 @@
-"""The runtime contract's input rules (instances/runtime.py): extra arguments judged the way ComfyUI's own argparse
-parser reads them, the environment denylist, and image references as Docker reads them."""
+"""The runtime contract (instances/runtime.py): extra arguments judged the way ComfyUI's own argparse parser reads
+them, the environment denylist, image references as Docker reads them, and the container spec: what its hash covers
+and what the container made from it really has."""
 import argparse
 import contextlib
+import dataclasses
 import io
 
 import pytest
 
-from instances import comfyui_flags, runtime
+from comfyhub.models import Operation
+from instances import comfyui_flags, runtime, services
 
 PROTECTED = runtime.RESERVED_ARGS
 
@@ -178,3 +181,57 @@ def test_only_images_matching_the_allowed_patterns_may_run(settings):
         "add a pattern to INSTANCE_IMAGES_ALLOWED.")
     assert "not allowed" in runtime.image_problem("ghcr.io/comfyhub/comfyui-evil:1")
     assert "not a Docker image reference" in runtime.image_problem("ghcr.io/comfyhub/comfyui:a:b")
+
+
+# --- The container spec ----------------------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name, value", [
+    ("RESTART_POLICY", "unless-stopped"),
+    ("LOG_DRIVER", "local"),
+    ("LOG_OPTIONS", {"max-size": "50m", "max-file": "3"}),
+])
+def test_the_configuration_hash_covers_the_restart_policy_and_log_rotation(monkeypatch, name, value):
+    instance = services.instance_create(instance_id="hashed", image="")
+    before = runtime.container_spec(instance).config_hash
+    monkeypatch.setattr(runtime, name, value)
+    assert runtime.container_spec(instance).config_hash != before
+
+
+@pytest.mark.django_db
+def test_the_configuration_hash_covers_init_and_the_restart_limit(settings):
+    instance = services.instance_create(instance_id="hashed", image="")
+    spec = runtime.container_spec(instance)
+    assert spec.init is True
+    assert dataclasses.replace(spec, init=False).config_hash != spec.config_hash
+    settings.INSTANCE_MAX_RESTARTS += 1
+    assert runtime.container_spec(instance).config_hash != spec.config_hash
+
+
+@pytest.mark.docker
+@pytest.mark.django_db(transaction=True)
+def test_the_container_has_the_init_log_rotation_and_restart_policy_of_its_spec(comfyui_double_image, docker_cleanup,
+                                                                                run_worker, monkeypatch, settings):
+    instance = services.instance_create(instance_id="contract", image=comfyui_double_image)
+
+    def started():
+        operation = services.instance_start(instance=instance)
+        run_worker()
+        operation.refresh_from_db()
+        assert operation.status == Operation.Status.SUCCEEDED, operation.error
+        return docker_cleanup.api.inspect_container(instance.container_name)
+
+    container = started()
+    assert container["HostConfig"]["Init"] is True
+    assert container["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "20m", "max-file": "3"}}
+    assert container["HostConfig"]["RestartPolicy"] == {"Name": "on-failure",
+                                                        "MaximumRetryCount": settings.INSTANCE_MAX_RESTARTS}
+
+    # Smaller logs and fewer restarts make another hash: the next start recreates the container with them.
+    monkeypatch.setattr(runtime, "LOG_OPTIONS", {"max-size": "1m", "max-file": "2"})
+    settings.INSTANCE_MAX_RESTARTS = 2
+    recreated = started()
+    assert recreated["Id"] != container["Id"]
+    assert recreated["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "2"}}
+    assert recreated["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 2}
+    assert recreated["Config"]["Labels"][runtime.LABEL_CONFIG] == runtime.container_spec(instance).config_hash
