@@ -3,6 +3,7 @@ remove. Runs inside operations (see jobs.py); one instance is changed by one ope
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 from django.conf import settings
@@ -18,13 +19,27 @@ from .models import Instance
 
 LOCK_WAIT_SECONDS = 900
 
+_held = threading.local()  # the names of the instance locks this thread holds
+
 
 @contextlib.contextmanager
 def instance_lock(instance: Instance, report=None):
-    """Serialise operations on one instance (two starts at once give one container)."""
+    """Serialise operations on one instance (two starts at once give one container).
+
+    Re-entrant in one thread: an operation of several steps (a restore: stop, swap the files, start) holds it from
+    the first step to the last and calls `stop` and `start` inside, which take it again without waiting for
+    themselves. A keeper thread renews it while it is held, so no step outlives it, however long it takes; a
+    killed worker's lock expires on its own."""
+    name = f"comfyhub:lock:instance:{instance.instance_id}"
+    if not hasattr(_held, "names"):
+        _held.names = set()
+    held = _held.names
+    if name in held:
+        yield
+        return
     lock = queues.get_connection().lock(
-        f"comfyhub:lock:instance:{instance.instance_id}", timeout=settings.INSTANCE_START_TIMEOUT + 600,
-        blocking_timeout=LOCK_WAIT_SECONDS,
+        name, timeout=settings.INSTANCE_START_TIMEOUT + 600, blocking_timeout=LOCK_WAIT_SECONDS,
+        thread_local=False,  # the keeper renews it from its own thread
     )
     try:
         acquired = lock.acquire(blocking=False)
@@ -37,11 +52,25 @@ def instance_lock(instance: Instance, report=None):
     if not acquired:
         raise OperationError(f"Another operation on instance '{instance}' did not finish within "
                              f"{LOCK_WAIT_SECONDS} s; try again later.")
+    done = threading.Event()
+    keeper = threading.Thread(target=_keep, args=(lock, done), daemon=True, name=f"keep-{name}")
+    keeper.start()
+    held.add(name)
     try:
         yield
     finally:
+        held.discard(name)
+        done.set()
+        keeper.join()
         with contextlib.suppress(LockError, RedisError):
             lock.release()
+
+
+def _keep(lock, done: threading.Event):
+    """Reset the lock's expiry every third of it until `done`."""
+    while not done.wait(lock.timeout / 3):
+        with contextlib.suppress(LockError, RedisError):
+            lock.reacquire()
 
 
 def engine_for(instance: Instance, consequence: str = ""):
@@ -173,6 +202,12 @@ def stop(instance: Instance, report) -> dict:
         Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STOPPED, status_detail="")
         report.progress(100, "stopped")
         return {"stopped": instance.instance_id}
+
+
+def restart(instance: Instance, report) -> dict:
+    with instance_lock(instance, report):  # no other operation between the stop and the start
+        stop(instance, report)
+        return start(instance, report)
 
 
 def delete(instance: Instance, report, *, purge_data: bool) -> dict:

@@ -29,9 +29,7 @@ def stop_instance(report, *, instance_pk):
 
 @operation_job("instance_restart", label="Restart instance")
 def restart_instance(report, *, instance_pk):
-    instance = _load(instance_pk)
-    containers.stop(instance, report)
-    return containers.start(instance, report)
+    return containers.restart(_load(instance_pk), report)
 
 
 @operation_job("instance_delete", label="Delete instance")
