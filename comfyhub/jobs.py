@@ -1,8 +1,7 @@
 """Background jobs that belong to ComfyHub itself rather than to instances or storage."""
-import os
 import time
 
-from django.conf import settings
+from django.apps import apps
 from django.db import connection
 
 from . import queues
@@ -13,49 +12,38 @@ from .operations import OperationError, operation_job, operations_sweep
 def diagnostics(report, *, pause: float = 0.0):
     """Check every part ComfyHub depends on and report each one; fails if a required part is broken.
 
-    `pause` spaces the steps out so a person can watch the progress (the dashboard uses a short one).
+    The database and the job queue are checked here; each app adds the parts it knows (the Docker engine, the
+    model library, the storage folders) through its AppConfig's `diagnostics()`: a list of (name, check), where
+    `check()` returns (ok, detail). `pause` spaces the steps out so a person can watch the progress (the dashboard
+    uses a short one).
     """
-    from instances.docker_engine import engine_status
-
+    steps = [("database", _database), ("job queue", _job_queue)]
+    for config in apps.get_app_configs():
+        if hasattr(config, "diagnostics"):
+            steps.extend(config.diagnostics())
     checks = []
-
-    def step(percent, name, ok, detail):
+    for number, (name, check) in enumerate(steps, 1):
+        ok, detail = check()
         checks.append({"check": name, "ok": ok, "detail": detail})
         report.log(f"{'ok ' if ok else 'FAIL'} {name}: {detail}", "INFO" if ok else "WARNING")
-        report.progress(percent, name)
+        report.progress(100 * number / len(steps), name)
         time.sleep(pause)
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    step(20, "database", True, f"{connection.vendor} answers")
-
-    overview = queues.queue_overview()
-    step(40, "job queue", overview.available, overview.error or f"Redis at {overview.address}, "
-         + ", ".join(f"{q.name}: {q.workers} worker(s), {q.waiting} waiting" for q in overview.queues))
-
-    engine = engine_status()
-    step(60, "docker engine", engine.available, engine.error or f"{engine.address}, Docker {engine.version}")
-
-    from storage_app.library import library_summary
-
-    library = library_summary()
-    step(70, "model library", not library["problems"],
-         f"{library['files']} file(s); {library['mismatch']} mismatch, {library['missing']} missing, "
-         f"{library['unreadable']} unreadable (see the models page)")
-
-    for percent, name, path in (
-        (80, "shared storage", settings.COMFY_SHARED_PATH),
-        (90, "instance storage", settings.COMFY_INSTANCES_PATH),
-        (100, "backup storage", settings.COMFY_BACKUPS_PATH),
-    ):
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        writable = existing is not None and os.access(existing, os.W_OK)
-        step(percent, name, writable, f"{path} ({'writable' if writable else 'not writable'})")
-
     failed = [c for c in checks if not c["ok"]]
     if failed:
         raise OperationError("Diagnostics found problems. " + " ".join(f"{c['check']}: {c['detail']}" for c in failed))
     return {"checks": checks}
+
+
+def _database():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return True, f"{connection.vendor} answers"
+
+
+def _job_queue():
+    overview = queues.queue_overview()
+    return overview.available, overview.error or f"Redis at {overview.address}, " + ", ".join(
+        f"{q.name}: {q.workers} worker(s), {q.waiting} waiting" for q in overview.queues)
 
 
 @operation_job("noop", label="No-op")

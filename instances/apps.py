@@ -13,3 +13,22 @@ class InstancesConfig(AppConfig):
 
     def ready(self):
         from . import jobs, signals  # noqa: F401  (jobs declare the operation kinds the pages filter by)
+
+    def periodic_jobs(self):
+        """Run by comfyhub.cron: every instance's observed status and health, recorded."""
+        from django.conf import settings
+
+        from .jobs import reconcile_instances
+
+        return [{"func": reconcile_instances, "queue_name": "default", "interval": settings.INSTANCE_HEALTH_INTERVAL,
+                 "job_timeout": 300}]
+
+    def diagnostics(self):
+        """The parts of the diagnostics operation (comfyhub.jobs) this app knows: (name, check() -> (ok, detail))."""
+        from .docker_engine import engine_status
+
+        def docker():
+            engine = engine_status()
+            return engine.available, engine.error or f"{engine.address}, Docker {engine.version}"
+
+        return [("docker engine", docker)]
