@@ -4,9 +4,13 @@ Each app config may list `operator_permissions` ("app_label.codename"); viewing 
 """
 from django.apps import apps
 from django.db.models.signals import post_migrate
-from django.dispatch import receiver
+from django.dispatch import Signal, receiver
 
 OPERATORS_GROUP = "operators"
+
+# Sent by `manage.py serve` once the database is migrated, before the workers start: an app gets ready for work
+# (instances looks for the host's GPUs again) and may return a line for serve to print.
+serve_starting = Signal()
 
 
 def operator_permission_names():

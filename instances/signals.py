@@ -1,7 +1,10 @@
-"""A fresh install gets the local node, its GPUs, and the single-instance user's instance (COMFY_INSTANCE_ID)."""
+"""A fresh install gets the local node, its GPUs, and the single-instance user's instance (COMFY_INSTANCE_ID); each
+start of ComfyHub (`manage.py serve`) looks for the GPUs again."""
 from django.conf import settings
 from django.db.models.signals import post_migrate
 from django.dispatch import receiver
+
+from comfyhub.signals import serve_starting
 
 
 @receiver(post_migrate)
@@ -23,3 +26,13 @@ def ensure_local_node(sender, **kwargs):
             host_port=None if services.port_bound_on_host(node.bind_address, start) else start,
             gpu_indexes=[gpu.index for gpu in gpus if not gpu.shareable],
         )
+
+
+@receiver(serve_starting)
+def discover_gpus_at_start(sender, **kwargs):
+    """ComfyHub starts: look for the host's GPUs again (one may have been added or removed) and say what is there."""
+    from . import services
+
+    source, gpus = services.discover_gpus()
+    listed = ", ".join(f"{gpu.index}: {gpu.name or gpu.uuid}" for gpu in gpus) or "none (instances run on the CPU)"
+    return f"GPUs ({source}): {listed}"

@@ -20,6 +20,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from comfyhub.queues import redis_address
+from comfyhub.signals import serve_starting
 
 
 class Command(BaseCommand):
@@ -48,7 +49,9 @@ class Command(BaseCommand):
         try:
             call_command("migrate", interactive=False, verbosity=0)
             call_command("collectstatic", interactive=False, verbosity=0)
-            self._discover_gpus()
+            for _, line in serve_starting.send(sender=self.__class__):
+                if line:
+                    self.stdout.write(line)
             login = self._ensure_superuser()
             self._start_redis()
             manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
@@ -79,13 +82,6 @@ class Command(BaseCommand):
         password = password or secrets.token_urlsafe(12)
         User.objects.create_superuser(username=username, password=password, email="")
         return {"username": username, "password": password if generated else None}
-
-    def _discover_gpus(self):
-        from instances.services import discover_gpus
-
-        source, gpus = discover_gpus()
-        listed = ", ".join(f"{gpu.index}: {gpu.name or gpu.uuid}" for gpu in gpus) or "none (instances run on the CPU)"
-        self.stdout.write(f"GPUs ({source}): {listed}")
 
     def _start_redis(self):
         if "REDIS_URL" in os.environ:
