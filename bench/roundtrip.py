@@ -1,17 +1,19 @@
-"""Job round trip: enqueue -> running -> succeeded of the `noop` operation through a real `manage.py rqworker`.
+"""Job round trip through the worker production runs (`manage.py rqworker`, ComfyHubWorker: RQ's forking worker).
 
-Measured from the `operations.enqueue()` call until the Operation row reads `succeeded` (the DB polled every 2 ms).
-Baseline, in the same run: a bare RQ enqueue of a plain function (bench.bare_jobs.noop) on its own queue, worked
-by a plain `rq worker` (RQ's forking rq.Worker, a fork per job), measured until `job.get_status(refresh=True)`
-reads `finished`, polled at the same interval. Target: median(ComfyHub) / median(bare) <= 1.5.
+1. Bookkeeping: `operations.enqueue(jobs.noop)` until its Operation row reads `succeeded` (the DB polled every 2 ms).
+   Baseline, in the same run, on the same queue and worker process: a bare RQ enqueue of a plain function
+   (bench.bare_jobs.noop) until `job.get_status(refresh=True)` reads `finished`, polled at the same interval. The worker is the same for both, so the ratio is what the Operation bookkeeping
+   costs (the Redis ping, the row's INSERT, claim and finish UPDATEs, the heartbeat thread).
+   Target: median(noop operation) / median(bare job) <= 1.5.
+   For information, the bare function on a plain `rq worker` (no Django): what a Django-sized fork costs.
+2. What a person feels: a logged-in POST of "Run diagnostics" (the dashboard's button, which enqueues an operation
+   and redirects to its page) until the operation's live partial, polled as fast as it renders, shows "Running";
+   one idle worker. Target: p95 <= 250 ms. Baseline, same clicks: the POST plus one render of the live partial
+   (what the click would cost with a worker that took the job at once); the ratio is printed for information.
+   Each click's operation is cancelled, and the worker idle again, before the next click.
 
-Also printed, for information: the same bare function through ComfyHub's own worker class (which keeps its work
-horse from job to job instead of forking one per job, comfyhub/worker.py) on a queue of its own. ComfyHub / that
-is what the Operation bookkeeping alone costs (the Redis ping, the row's INSERT, claim and finish UPDATEs, the
-heartbeat thread), with the worker's own speed-up taken out.
-
-Runs rotate through the three; before each run the previous job is finished in Redis and its worker idle again,
-so every run measures one job on an idle worker.
+Runs of part 1 rotate through its sides; before each run the previous job is finished in Redis and its worker idle
+again, so every run measures one job on an idle worker.
 """
 from __future__ import annotations
 
@@ -20,23 +22,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .environment import BenchError, PrivateEnvironment, run, median, ms, percentile, save_result, verdict
+from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict
 
 NAME = "roundtrip"
 TARGET = 1.5
+CLICK_TARGET = 0.250  # seconds, p95
 RUNS = int(os.environ.get("BENCH_ROUNDTRIP_RUNS", "50"))
 WARMUP = int(os.environ.get("BENCH_ROUNDTRIP_WARMUP", "5"))
+CLICKS = int(os.environ.get("BENCH_ROUNDTRIP_CLICKS", "40"))
 POLL_INTERVAL = float(os.environ.get("BENCH_POLL_MS", "2")) / 1000
 RUN_TIMEOUT = 30.0
-BARE_QUEUE = "bench-bare"
-KEPT_QUEUE = "bench-kept"
+PLAIN_QUEUE = "bench-plain"
 
 
 @dataclass
 class Samples:
     total: list[float] = field(default_factory=list)
     enqueue_call: list[float] = field(default_factory=list)
-    # Wall-clock stamps the processes wrote, as offsets from the job's enqueue in Redis (see _timeline()).
+    # Wall-clock stamps the processes wrote, as offsets from the job's enqueue in Redis (see timeline()).
     phases: dict[str, list[float]] = field(default_factory=dict)
 
     def add_phase(self, name, seconds):
@@ -65,6 +68,8 @@ def main() -> int:
     with PrivateEnvironment(NAME) as env:
         env.setup_django()
 
+        from django.contrib.auth.models import User
+        from django.test import Client
         from redis import Redis
         from rq import Queue, Worker
         from rq.job import Job
@@ -76,15 +81,14 @@ def main() -> int:
 
         redis = queues.get_connection("default")
         bare_redis = Redis.from_url(env.redis_url)
-        bare_queue = Queue(BARE_QUEUE, connection=bare_redis)
-        kept_queue = Queue(KEPT_QUEUE, connection=bare_redis)
+        bare_queue = Queue("default", connection=bare_redis)  # RQ's own Queue: no Operation row, no runner
+        plain_queue = Queue(PLAIN_QUEUE, connection=bare_redis)
 
         workers = {
             "comfyhub": env.start_process("comfyhub-worker", [sys.executable, "manage.py", "rqworker", "default"]),
-            "bare": env.start_process(
-                "bare-worker", [sys.executable, "-m", "rq.cli", "worker", "-u", env.redis_url, BARE_QUEUE]
+            "plain": env.start_process(
+                "plain-worker", [sys.executable, "-m", "rq.cli", "worker", "-u", env.redis_url, PLAIN_QUEUE]
             ),
-            "kept": env.start_process("kept-worker", [sys.executable, "-m", "bench.bare_jobs", KEPT_QUEUE]),
         }
 
         def worker_key(queue_name, label):
@@ -96,21 +100,21 @@ def main() -> int:
 
             return _wait(listening, f"the {label} worker to listen on {queue_name}", timeout=60, interval=0.1)
 
-        keys = {label: worker_key(queue_name, label)
-                for label, queue_name in (("comfyhub", "default"), ("bare", BARE_QUEUE), ("kept", KEPT_QUEUE))}
+        keys = {"comfyhub": worker_key("default", "comfyhub"), "plain": worker_key(PLAIN_QUEUE, "plain")}
+        keys["bare"] = keys["comfyhub"]
+
+        def idle(label):
+            return redis.hget(keys[label], "state") == b"idle"
 
         def settle(label, job_id, conn):
             """The job is finished in Redis and the worker is back to idle: the next run starts clean."""
-            _wait(
-                lambda: Job.fetch(job_id, connection=conn).get_status() == "finished"
-                and redis.hget(keys[label], "state") == b"idle",
-                f"the {label} worker to go idle",
-            )
+            _wait(lambda: Job.fetch(job_id, connection=conn).get_status() == "finished" and idle(label),
+                  f"the {label} worker to go idle")
 
         def timeline(samples, rq_job, extra=()):
             # Wall-clock stamps from the processes (one host, one clock): where the time goes.
             samples.add_phase(
-                "enqueued -> rq started (dequeue, horse, prepare)", _delta(rq_job.started_at, rq_job.enqueued_at)
+                "enqueued -> rq started (dequeue, fork, prepare)", _delta(rq_job.started_at, rq_job.enqueued_at)
             )
             for name, later, earlier in extra:
                 samples.add_phase(name, _delta(later, earlier))
@@ -159,7 +163,7 @@ def main() -> int:
                 def finished():
                     status = job.get_status(refresh=True)
                     if status == "failed":
-                        raise BenchError(f"the bare job failed:\n{env.log_tail(label + '-worker')}")
+                        raise BenchError(f"the {label} job failed:\n{env.log_tail(label + '-worker')}")
                     return status == "finished"
 
                 _wait(finished, f"the {label} job to finish")
@@ -172,22 +176,59 @@ def main() -> int:
 
             return once
 
-        comfyhub, bare, kept = Samples(), Samples(), Samples()
+        comfyhub, bare, plain = Samples(), Samples(), Samples()
         sides = [(comfyhub_once, comfyhub), (bare_once_on(bare_queue, "bare"), bare),
-                 (bare_once_on(kept_queue, "kept"), kept)]
-        for run in range(WARMUP + RUNS):
-            record = run >= WARMUP
+                 (bare_once_on(plain_queue, "plain"), plain)]
+        for number in range(WARMUP + RUNS):
+            record = number >= WARMUP
             # Rotate which goes first, so drift (other load on the host) hits all alike.
-            shift = run % len(sides)
+            shift = number % len(sides)
             for once, samples in sides[shift:] + sides[:shift]:
                 once(samples, record)
 
+        # --- Part 2: click -> the page shows running --------------------------------------------------------
+        User.objects.create_superuser("bench-admin", password="bench-admin-password-1")
+        client = Client(HTTP_HOST="localhost")  # one of the default ALLOWED_HOSTS
+        if not client.login(username="bench-admin", password="bench-admin-password-1"):
+            raise BenchError("the benchmark superuser could not log in")
+        clicks, page_only = [], []
+        for number in range(WARMUP + CLICKS):
+            start = time.perf_counter()
+            response = client.post("/diagnostics/")
+            posted = time.perf_counter()
+            if response.status_code != 302 or not response["Location"].startswith("/operations/"):
+                raise BenchError(f"Run diagnostics answered {response.status_code} {response.get('Location')}")
+            live = response["Location"] + "live/"
+            first_render = None
+            while True:
+                before = time.perf_counter()
+                body = client.get(live).content
+                if first_render is None:
+                    first_render = time.perf_counter() - before
+                if b"badge-running" in body:
+                    break
+                if b"badge-queued" not in body:
+                    raise BenchError(f"the diagnostics operation ended before it showed running:\n"
+                                     f"{env.log_tail('comfyhub-worker')}")
+                if time.perf_counter() - start > RUN_TIMEOUT:
+                    raise BenchError("timed out waiting for the operation page to show running")
+                time.sleep(POLL_INTERVAL)
+            shown = time.perf_counter()
+            operation = Operation.objects.get(pk=response["Location"].split("/")[2])
+            operations.operation_cancel(operation=operation)  # frees the worker for the next click
+            _wait(lambda: idle("comfyhub"), "the worker to go idle after the cancel")
+            if number >= WARMUP:
+                clicks.append(shown - start)
+                page_only.append(posted - start + first_render)
+
     ratio = median(comfyhub.total) / median(bare.total)
-    bookkeeping = median(comfyhub.total) / median(kept.total)
-    ok = ratio <= TARGET
+    django_fork = median(bare.total) / median(plain.total)
+    click_p95 = percentile(clicks, 0.95)
+    click_ratio = click_p95 / percentile(page_only, 0.95)
+    ok = ratio <= TARGET and click_p95 <= CLICK_TARGET
     print(f"{NAME}: {RUNS} sequential runs each, polled every {POLL_INTERVAL * 1000:.0f} ms", flush=True)
-    for label, samples in (("noop operation (manage.py rqworker)", comfyhub), ("bare rq job (rq worker)", bare),
-                           ("bare rq job (ComfyHubWorker)", kept)):
+    for label, samples in (("noop operation (manage.py rqworker)", comfyhub),
+                           ("bare rq job (same manage.py rqworker)", bare), ("bare rq job (plain rq worker)", plain)):
         print(
             f"  {label:38s} median {ms(median(samples.total)):>9s}  p90 {ms(percentile(samples.total, 0.9)):>9s}"
             f"  (enqueue call median {ms(median(samples.enqueue_call))})"
@@ -195,14 +236,21 @@ def main() -> int:
         for phase, values in samples.phases.items():
             print(f"      {phase:66s} median {ms(median(values)):>9s}  p90 {ms(percentile(values, 0.9)):>9s}")
     print(
-        f"{NAME}: for information, the Operation bookkeeping alone (noop operation / bare job, both on "
-        f"ComfyHubWorker): ratio {bookkeeping:.2f}, {ms(median(comfyhub.total) - median(kept.total))} more",
+        f"{NAME}: for information, a Django-sized worker against a plain `rq worker` (the same bare job): ratio "
+        f"{django_fork:.2f}, {ms(median(bare.total) - median(plain.total))} more",
         flush=True,
     )
     print(
-        f"{NAME}: ComfyHub median {ms(median(comfyhub.total))} p90 {ms(percentile(comfyhub.total, 0.9))}"
-        f" | baseline bare rq median {ms(median(bare.total))} p90 {ms(percentile(bare.total, 0.9))}"
-        f" | ratio {ratio:.2f} (target <= {TARGET}) {verdict(ratio <= TARGET)}",
+        f"{NAME}: bookkeeping: noop operation median {ms(median(comfyhub.total))} p90 "
+        f"{ms(percentile(comfyhub.total, 0.9))} | baseline bare rq job on the same worker median "
+        f"{ms(median(bare.total))} p90 {ms(percentile(bare.total, 0.9))} | ratio {ratio:.2f} (target <= {TARGET}) "
+        f"{verdict(ratio <= TARGET)}",
+        flush=True,
+    )
+    print(
+        f"{NAME}: click -> page shows running, {CLICKS} clicks: median {ms(median(clicks))} p95 {ms(click_p95)} "
+        f"(target <= {ms(CLICK_TARGET)}) {verdict(click_p95 <= CLICK_TARGET)} | baseline POST + one render of the "
+        f"live partial p95 {ms(percentile(page_only, 0.95))} | ratio {click_ratio:.2f}",
         flush=True,
     )
     save_result(
@@ -210,12 +258,15 @@ def main() -> int:
         {
             "target_ratio": TARGET,
             "ratio": ratio,
-            "bookkeeping_ratio": bookkeeping,
+            "target_click_p95_s": CLICK_TARGET,
+            "click_p95_s": click_p95,
+            "click_ratio": click_ratio,
             "pass": ok,
             "runs": RUNS,
             "comfyhub": {"total": comfyhub.total, "enqueue_call": comfyhub.enqueue_call, "phases": comfyhub.phases},
             "bare": {"total": bare.total, "enqueue_call": bare.enqueue_call, "phases": bare.phases},
-            "kept": {"total": kept.total, "enqueue_call": kept.enqueue_call, "phases": kept.phases},
+            "plain": {"total": plain.total, "enqueue_call": plain.enqueue_call, "phases": plain.phases},
+            "clicks": {"shown_running": clicks, "page_only": page_only},
         },
     )
     return 0 if ok else 1
