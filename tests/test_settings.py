@@ -1,7 +1,13 @@
 """The one settings module: strict, environment-driven, with defaults that let a fresh checkout run."""
+import ast
+import concurrent.futures
+import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -18,16 +24,16 @@ PRODUCTION = {
 SESSION_ONLY = ("SECRET_KEY", "DEBUG", "SECRET_KEY_FILE", "DJANGO_ALLOW_ASYNC_UNSAFE")
 
 
-def run_python(code, env):
-    return run([sys.executable, "-c", code], env)
+def run_python(code, env, unset=()):
+    return run([sys.executable, "-c", code], env, unset)
 
 
-def manage(*args, env):
-    return run([sys.executable, "manage.py", *args], env)
+def manage(*args, env, unset=()):
+    return run([sys.executable, "manage.py", *args], env, unset)
 
 
-def run(command, env):
-    clean = {k: v for k, v in os.environ.items() if k not in SESSION_ONLY}
+def run(command, env, unset=()):
+    clean = {k: v for k, v in os.environ.items() if k not in SESSION_ONLY and k not in unset}
     return subprocess.run(command, cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=120)
 
 
@@ -53,7 +59,7 @@ def test_it_reads_the_secret_key_from_a_file(tmp_path):
 def test_a_missing_secret_key_file_is_a_clear_error(tmp_path):
     result = manage("check", env={"SECRET_KEY_FILE": str(tmp_path / "absent")})
     assert result.returncode != 0
-    assert f"SECRET_KEY_FILE={tmp_path / 'absent'} cannot be read" in result.stderr
+    assert f"SECRET_KEY_FILE={str(tmp_path / 'absent')!r}: cannot be read (No such file or directory)" in result.stderr
 
 
 def test_relative_storage_paths_resolve_against_the_project_root_and_are_stored_absolute():
@@ -89,10 +95,195 @@ def test_the_defaults_follow_the_plan():
     ]
 
 
-def test_a_badly_typed_value_is_refused():
-    result = manage("check", env={**PRODUCTION, "PUID": "one thousand"})
+def variables_read_by(path):
+    """Every environment variable a module reads: the upper-case name given to env.*(), an env_*() helper or
+    os.environ, found in its source, so a variable added without a case below fails the test."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and "env" in ast.unparse(node.func).lower() and node.args:
+            first = node.args[0]
+        elif isinstance(node, ast.Subscript) and "environ" in ast.unparse(node.value):
+            first = node.slice
+        else:
+            continue
+        if isinstance(first, ast.Constant) and isinstance(first.value, str) and re.fullmatch(r"[A-Z][A-Z0-9_]+",
+                                                                                                first.value):
+            names.add(first.value)
+    return names
+
+
+SETTINGS_VARIABLES = variables_read_by(REPO / "comfyhub" / "settings.py")
+# A value each variable must refuse; None: the variable unset (with DEBUG off, for SECRET_KEY). Relative paths
+# resolve against the project folder, where manage.py, README.md and Makefile are files, not folders.
+BAD_VALUES = {
+    "DEBUG": ["maybe"],
+    "SECRET_KEY": [None],
+    "SECRET_KEY_FILE": ["no-such-key-file"],
+    "ALLOWED_HOSTS": ["https://comfyhub.example.org", "comfyhub.example.org:8000"],
+    "CSRF_TRUSTED_ORIGINS": ["comfyhub.example.org", "https://comfyhub.example.org/login"],
+    "COMFYHUB_DATA_DIR": ["manage.py"],
+    "DATABASE_URL": ["var/comfyhub.sqlite3", "mongodb://db-host/comfyhub"],
+    "TIME_ZONE": ["Mars/Olympus_Mons", "../etc/passwd"],
+    "STATIC_MANIFEST": ["sometimes"],
+    "HTTPS": ["enabled"],
+    "SECURE_SSL_REDIRECT": ["2"],
+    "SESSION_COOKIE_SECURE": ["secure"],
+    "CSRF_COOKIE_SECURE": ["always"],
+    "SECURE_HSTS_SECONDS": ["-1", "one year"],
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": ["all"],
+    "SECURE_HSTS_PRELOAD": ["please"],
+    "SECURE_PROXY_SSL_HEADER": ["X-Forwarded-Proto"],
+    "REDIS_URL": ["127.0.0.1:6379", "http://127.0.0.1:6379"],
+    "REDIS_CONNECT_TIMEOUT": ["0", "2s"],
+    "OPERATION_HEARTBEAT_SECONDS": ["fast", "0"],
+    "OPERATION_HEARTBEAT_TIMEOUT": ["3", "inf"],
+    "OPERATION_SWEEP_INTERVAL": ["0", "30.5"],
+    "OPERATION_LOG_MAX_LINES": ["1e3", "0"],
+    "COMFY_SHARED_PATH": ["manage.py"],
+    "COMFY_INSTANCES_PATH": ["README.md"],
+    "COMFY_BACKUPS_PATH": ["Makefile"],
+    "COMFY_INSTANCE_ID": ["My Instance", "shared", "-comfy"],
+    "COMFY_IMAGE": ["comfy ui", ":latest"],
+    "PUID": ["abc", "-1", "4294967295"],
+    "PGID": ["1000.5"],
+    "COMFY_DEFAULT_INSTANCE": ["perhaps"],
+    "COMFY_GPU_DISCOVERY": ["cuda"],
+    "COMFY_GPUS": ["all", "0;1", "gpu0"],
+    "INSTANCE_PORT_RANGE": ["abc", "8387-8188", "80-90", "8188-70000", "8188:8387"],
+    "INSTANCE_MAX_RESTARTS": ["-1", "many"],
+    "INSTANCE_SHM_SIZE": ["lots", "0", "2t", "-2g"],
+    "INSTANCE_START_TIMEOUT": ["5m", "0"],
+    "INSTANCE_HEALTH_INTERVAL": ["0"],
+    "INSTANCE_HEALTH_TIMEOUT": ["nan", "-3"],
+    "CONTAINER_EXTRA_LABELS": ["team", "team=vision,=prod"],
+    "CONTAINER_NAME_PREFIX": ["-comfyhub", "comfy hub-", "x" * 62],
+    "INSTANCE_IMAGES_ALLOWED": ["registry.example.org/*", "ghcr.io/comfyhub/comfyui:*,my image:*"],
+    "CUSTOM_NODE_LOCAL_SOURCES": ["sure"],
+    "CUSTOM_NODE_GIT_IMAGE": ["alpine git"],
+    "RESTORE_MAX_UNPACKED_RATIO": ["0", "four"],
+    "RESTORE_FREE_SPACE_MARGIN_MB": ["-1", "1GB"],
+    "LEGACY_SOURCE_ROOTS": ["/srv/old-comfyui,manage.py"],
+    "UPLOAD_MAX_BYTES": ["100", "32MB"],
+    "UPLOAD_MAX_DEPTH": ["1", "1000"],
+    "MODEL_HASH_BLAKE3": ["blake3"],
+    "MODEL_HASH_WORKERS": ["-2", "auto"],
+    "MODEL_FULL_VERIFY_CRON": ["weekly", "0 3 * *"],
+    "DOCKER_HOST": ["docker.example.org:2376", "/var/run/docker.sock"],
+    "DOCKER_TIMEOUT": ["-1", "30s"],
+    "DOCKER_PING_TIMEOUT": ["soon"],
+    "DOCKER_STATUS_CACHE_SECONDS": ["-10"],
+    "LOG_LEVEL": ["VERBOSE"],
+}
+# Read by the settings but set only by the test session, never by a deployment.
+TEST_ONLY_VARIABLES = {"TEST_DATABASE_NAME"}
+
+
+def test_every_variable_the_settings_read_has_a_bad_value_case():
+    assert {"PUID", "HTTPS", "SECURE_HSTS_SECONDS", "DATABASE_URL", "LOG_LEVEL"} <= SETTINGS_VARIABLES  # found
+    assert SETTINGS_VARIABLES - TEST_ONLY_VARIABLES == set(BAD_VALUES)
+
+
+BAD_CASES = [(name, value) for name, values in BAD_VALUES.items() for value in values]
+
+
+@pytest.fixture(scope="module")
+def bad_value_results():
+    """`manage.py check` with each bad value, run side by side: a process start each is most of the time."""
+    def start(case):
+        name, value = case
+        env = {"DEBUG": "false"} if name == "SECRET_KEY" else {"DEBUG": "true", name: value}
+        return manage("check", env=env, unset=[name] if value is None else [])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        return dict(zip(BAD_CASES, pool.map(start, BAD_CASES)))
+
+
+@pytest.mark.parametrize("name, value", BAD_CASES)
+def test_a_bad_value_stops_the_start_with_a_message_naming_the_variable_and_what_to_write(name, value,
+                                                                                           bad_value_results):
+    result = bad_value_results[name, value]
     assert result.returncode != 0
-    assert "one thousand" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    if value is None:
+        assert message.startswith(f"ComfyHub cannot start: {name} is not set."), message
+    else:
+        assert message.startswith(f"ComfyHub cannot start: {name}={value!r}: "), message
+    assert re.search(r"(use|Set|add) .*e\.g\. \S", message), message  # says what to write instead
+
+
+def test_a_database_password_never_appears_in_the_message():
+    result = manage("check", env={"DEBUG": "true", "DATABASE_URL": "mongodb://comfyhub:s3cret-pw@db-host/comfyhub"})
+    assert "DATABASE_URL='mongodb://comfyhub:***@db-host/comfyhub': use a URL starting with sqlite://" in result.stderr
+    assert "s3cret-pw" not in result.stderr
+
+
+def test_good_values_are_read_as_what_they_mean():
+    result = run_python(
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE']='comfyhub.settings'; django.setup();"
+        "from django.conf import settings as s;"
+        "print(repr((s.PUID, s.DEBUG, s.INSTANCE_PORT_RANGE, s.CONTAINER_EXTRA_LABELS, s.LOGGING['root']['level'],"
+        " s.COMFY_GPU_DISCOVERY, s.ALLOWED_HOSTS, s.MODEL_FULL_VERIFY_CRON, s.OPERATION_HEARTBEAT_TIMEOUT,"
+        " s.SECURE_HSTS_SECONDS)))",
+        env={"DEBUG": " Yes ", "PUID": "0", "INSTANCE_PORT_RANGE": "9000-9000", "LOG_LEVEL": "debug",
+             "CONTAINER_EXTRA_LABELS": "team=vision, note=a=b,", "COMFY_GPU_DISCOVERY": "NVML",
+             "ALLOWED_HOSTS": "comfyhub.example.org, .example.net,[::1]", "MODEL_FULL_VERIFY_CRON": "",
+             "OPERATION_HEARTBEAT_SECONDS": "1", "OPERATION_HEARTBEAT_TIMEOUT": "2", "SECURE_HSTS_SECONDS": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr((0, True, "9000-9000", {"team": "vision", "note": "a=b"}, "DEBUG", "nvml",
+                                          ["comfyhub.example.org", ".example.net", "[::1]"], "", 2.0, 0))
+
+
+# --- .env.example ---------------------------------------------------------------------------------------------
+
+ENV_EXAMPLE = REPO / ".env.example"
+EXAMPLE_LINE = re.compile(r"^(# ?)?([A-Z][A-Z0-9_]+)=(.*)$")
+
+
+def example_entries():
+    """(name, value, commented out, the comment line above it) for every variable .env.example shows."""
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    entries = []
+    for number, line in enumerate(lines):
+        match = EXAMPLE_LINE.match(line)
+        if match:
+            above = lines[number - 1] if number else ""
+            entries.append((match[2], match[3], bool(match[1]), above))
+    return entries
+
+
+def test_env_example_lists_every_variable_the_settings_read():
+    listed = {name for name, *_ in example_entries()}
+    assert SETTINGS_VARIABLES - TEST_ONLY_VARIABLES - listed == set()
+
+
+def test_env_example_lists_only_variables_comfyhub_reads():
+    read = set().union(*(variables_read_by(path) for path in (REPO / "comfyhub").rglob("*.py")))
+    assert {name for name, *_ in example_entries()} - read == set()
+
+
+def test_every_variable_in_env_example_has_a_comment_line_above_it():
+    uncommented = [name for name, _, _, above in example_entries()
+                   if not (above.startswith("#") and not EXAMPLE_LINE.match(above))]
+    assert uncommented == []
+
+
+def test_the_values_env_example_shows_are_the_defaults():
+    """Settings loaded with every value .env.example sets equal the settings loaded with none of them."""
+    code = ("import django, json, os; os.environ['DJANGO_SETTINGS_MODULE']='comfyhub.settings'; django.setup();"
+            "from django.conf import settings as s;"
+            "print(json.dumps({k: repr(getattr(s, k)) for k in dir(s) if k.isupper()}))")
+    unset = sorted(SETTINGS_VARIABLES)
+    base = {"SECRET_KEY": "k" * 50}
+    example = {name: value for name, value, commented, _ in example_entries()
+               if not commented and name in SETTINGS_VARIABLES and name != "SECRET_KEY"}
+    assert "PUID" in example and "HTTPS" in example
+    defaults = run_python(code, env=base, unset=unset)
+    shown = run_python(code, env={**base, **example}, unset=unset)
+    assert defaults.returncode == 0 and shown.returncode == 0, defaults.stderr + shown.stderr
+    defaults, shown = json.loads(defaults.stdout), json.loads(shown.stdout)
+    assert {k: v for k, v in shown.items() if defaults.get(k) != v} == {}
 
 
 def test_check_deploy_is_clean_with_production_settings():
@@ -110,7 +301,8 @@ def test_an_image_allow_list_that_refuses_the_default_image_is_refused_naming_bo
     result = manage("check", env={"DEBUG": "true", "INSTANCE_IMAGES_ALLOWED": "registry.example.org/*",
                                   "COMFY_IMAGE": "ghcr.io/comfyhub/comfyui:latest"})
     assert result.returncode != 0
-    assert "INSTANCE_IMAGES_ALLOWED (registry.example.org/*) does not allow COMFY_IMAGE" in result.stderr
+    assert ("INSTANCE_IMAGES_ALLOWED='registry.example.org/*': does not allow "
+            "COMFY_IMAGE='ghcr.io/comfyhub/comfyui:latest'") in result.stderr
 
 
 def test_the_default_image_allow_list_is_the_default_images_repository():
