@@ -3,6 +3,7 @@
 Each app config may list `operator_permissions` ("app_label.codename"); viewing needs no permission at all.
 """
 from django.apps import apps
+from django.db.models import Q
 from django.db.models.signals import post_migrate
 from django.dispatch import Signal, receiver
 
@@ -25,8 +26,9 @@ def ensure_operators_group(sender, using="default", **kwargs):
     Group = apps.get_model("auth", "Group")
     Permission = apps.get_model("auth", "Permission")
     group, _ = Group.objects.using(using).get_or_create(name=OPERATORS_GROUP)
+    # One query, not two per permission: this runs after every app's migrations, also at each flush between tests.
+    wanted = Q(pk__in=[])
     for name in operator_permission_names():
         app_label, codename = name.split(".", 1)
-        permission = Permission.objects.using(using).filter(content_type__app_label=app_label, codename=codename).first()
-        if permission is not None:
-            group.permissions.add(permission)
+        wanted |= Q(content_type__app_label=app_label, codename=codename)
+    group.permissions.add(*Permission.objects.using(using).filter(wanted))
