@@ -42,14 +42,28 @@ def sleep(report, *, seconds=60.0, cooperative=True):
 
 @operation_job("test_whereami", label="Test where am I")
 def whereami(report):
-    """Where it ran: its process, that process's parent, and how many jobs have used its database connection
-    (a TEMP table lives as long as the connection)."""
+    """Where it ran: its process, that process's parent, how many jobs have used its database connection (a TEMP
+    table lives as long as the connection), and the sockets and database files it holds open that its parent holds
+    too (a copy inherited across the fork)."""
     with connection.cursor() as cursor:
         cursor.execute("CREATE TEMP TABLE IF NOT EXISTS jobs_on_this_connection (n INTEGER)")
         cursor.execute("INSERT INTO jobs_on_this_connection VALUES (1)")
         cursor.execute("SELECT COUNT(*) FROM jobs_on_this_connection")
         (count,) = cursor.fetchone()
-    return {"pid": os.getpid(), "parent": os.getppid(), "jobs_on_connection": count}
+    shared = open_sockets_and_databases(os.getpid()) & open_sockets_and_databases(os.getppid())
+    return {"pid": os.getpid(), "parent": os.getppid(), "jobs_on_connection": count, "shared": sorted(shared)}
+
+
+def open_sockets_and_databases(pid):
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:") or target == str(connection.settings_dict["NAME"]):
+            found.add(target)
+    return found
 
 
 @operation_job("test_tell_pid_and_sleep", label="Test tell pid and sleep")

@@ -50,7 +50,7 @@ def started_horse(tmp_path, **kwargs):
     return operation, int(pid_file.read_text())
 
 
-def test_every_job_runs_in_a_work_horse_of_its_own_on_a_database_connection_of_its_own(production_worker):
+def test_every_job_runs_in_a_work_horse_of_its_own_on_connections_of_its_own(production_worker):
     rqworker = production_worker.start("default")
 
     first, second = where(run(jobs_for_tests.whereami)), where(run(jobs_for_tests.whereami))
@@ -58,8 +58,9 @@ def test_every_job_runs_in_a_work_horse_of_its_own_on_a_database_connection_of_i
     assert first["pid"] != second["pid"]
     assert rqworker.process.pid not in (first["pid"], second["pid"]), "a job ran in the worker itself"
     assert first["parent"] == second["parent"] == rqworker.process.pid
-    # No connection crosses a fork: each horse opened its own (a TEMP table lives as long as its connection).
+    # No connection crosses a fork: each horse opened its own, and holds no copy of one of its worker's.
     assert (first["jobs_on_connection"], second["jobs_on_connection"]) == (1, 1)
+    assert first["shared"] == second["shared"] == []
 
 
 def test_a_job_over_its_timeout_is_stopped_and_the_next_job_still_runs(production_worker):
