@@ -4,26 +4,21 @@ Quick commands run in-process through call_command; commands that wait run as re
 real RQ worker, sharing the test database file.
 """
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
-from io import StringIO
+from functools import partial
 
 import pytest
 from django.conf import settings
-from django.core.management import call_command
-from django.core.management.base import CommandError
 
 from comfyhub import operations, queues
 from comfyhub.models import Operation
 from instances import services
 from instances.models import Instance
-from tests.conftest import REPO, wait_for, worker_database_url
+from tests.conftest import wait_for
+from tests.support.cli import run, run_process, start_process
 
 LIST_KEYS = {"instance_id", "name", "description", "node", "image", "host_port", "url", "gpus", "cpu_only",
              "desired_state", "status", "status_detail", "container_id", "pending_changes", "checked_at",
@@ -32,32 +27,8 @@ STATUS_KEYS = LIST_KEYS | {"restart_count", "started_at", "health", "extra_args"
 OPERATION_KEYS = {"id", "kind", "status", "progress", "progress_message", "created_at", "finished_at", "error"}
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(*args) -> Result:
-    """Run the command in this process; a CommandError's message goes to stderr, as on the command line."""
-    out, err = StringIO(), StringIO()
-    try:
-        call_command("instances", *args, stdout=out, stderr=err)
-        code = 0
-    except CommandError as exc:
-        code = exc.returncode
-        err.write(str(exc))
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def cli_process(*args, timeout=120, env=None) -> Result:
-    """Run `python manage.py instances ...` as a separate process on the test database."""
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "manage.py"), "instances", *args], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "DATABASE_URL": worker_database_url(), **(env or {})}, timeout=timeout,
-    )
-    return Result(completed.returncode, completed.stdout, completed.stderr)
+cli = partial(run, "instances")
+cli_process = partial(run_process, "instances")
 
 
 @pytest.fixture
@@ -374,11 +345,7 @@ def test_a_cancelled_operation_exits_1_with_the_reason(lonely, worker_process, d
     lock = queues.get_connection().lock(f"comfyhub:lock:instance:{lonely}", timeout=120)
     assert lock.acquire(blocking=False)
     try:
-        waiting = subprocess.Popen(
-            [sys.executable, str(REPO / "manage.py"), "instances", "stop", lonely.instance_id], cwd=REPO,
-            env={**os.environ, "DATABASE_URL": worker_database_url()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )
+        waiting = start_process("instances", "stop", lonely.instance_id)
         operation = wait_for(lambda: Operation.objects.filter(status=Operation.Status.RUNNING).first(),
                              message="the stop to wait for the instance's lock")
         operations.operation_cancel(operation=operation, user=admin_user)

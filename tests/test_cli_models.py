@@ -5,18 +5,11 @@ or a separate worker process that the command waits for.
 """
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import uuid
-from dataclasses import dataclass
-from io import StringIO
+from functools import partial
 
 import pytest
-from django.core.management import call_command
-from django.core.management.base import CommandError
-
 from rq import suspension
 
 from comfyhub import queues
@@ -24,7 +17,7 @@ from comfyhub.models import Operation
 from instances import services as instance_services
 from storage_app import layout
 from storage_app.models import ModelAsset
-from tests.conftest import REPO, worker_database_url
+from tests.support.cli import run, run_process, start_process
 from tests.support.safetensors import SDXL_KEYS, write_safetensors
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -33,31 +26,8 @@ ASSET_KEYS = {"path", "folder", "size", "status", "status_reason", "sha256", "sh
               "expected_source", "architecture", "last_verified_at", "evidence"}
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def models(*args) -> Result:
-    """Run the command in this process; a CommandError's message goes to stderr, as on the command line."""
-    out, err = StringIO(), StringIO()
-    try:
-        call_command("models", *args, stdout=out, stderr=err)
-        code = 0
-    except CommandError as exc:
-        code = exc.returncode
-        err.write(str(exc))
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def models_process(*args, timeout=120) -> Result:
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "manage.py"), "models", *args], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "DATABASE_URL": worker_database_url()}, timeout=timeout,
-    )
-    return Result(completed.returncode, completed.stdout, completed.stderr)
+models = partial(run, "models")
+models_process = partial(run_process, "models")
 
 
 @pytest.fixture
@@ -167,11 +137,7 @@ def test_it_gives_up_after_the_timeout_and_points_to_the_operation_page(library_
 
 
 def test_ctrl_c_stops_waiting_with_exit_130_and_the_operation_goes_on(library_dir, suspended_worker):
-    waiting = subprocess.Popen(
-        [sys.executable, str(REPO / "manage.py"), "models", "verify"], cwd=REPO,
-        env={**os.environ, "DATABASE_URL": worker_database_url()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
+    waiting = start_process("models", "verify")
     first_line = waiting.stdout.readline()  # printed and flushed once it is following the operation
     operation = Operation.objects.get()
     assert first_line.strip() == f"Verify model checksums: operation {operation.pk}"

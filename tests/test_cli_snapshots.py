@@ -4,23 +4,17 @@ Real instance folders, real archives, real git repositories for custom nodes, an
 (`run_worker`) after `--no-wait`, or a separate worker process that the command waits for.
 """
 import json
-import os
-import subprocess
-import sys
 import uuid
-from dataclasses import dataclass
-from io import StringIO
+from functools import partial
 
 import pytest
-from django.core.management import call_command
-from django.core.management.base import CommandError
 
 from comfyhub.models import Operation
 from instances import customnodes, services as instance_services
 from instances.models import CustomNode, Instance
 from storage_app import layout, snapshots
 from storage_app.models import Snapshot
-from tests.conftest import REPO, worker_database_url
+from tests.support.cli import run, run_process
 from tests.support.gitrepos import make_node_repo
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -29,31 +23,8 @@ SNAPSHOT_KEYS = {"id", "instance", "instance_exists", "kind", "include_output", 
                  "automatic", "archive"}
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def snaps(*args) -> Result:
-    """Run the command in this process; a CommandError's message goes to stderr, as on the command line."""
-    out, err = StringIO(), StringIO()
-    try:
-        call_command("snapshots", *args, stdout=out, stderr=err)
-        code = 0
-    except CommandError as exc:
-        code = exc.returncode
-        err.write(str(exc))
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def snaps_process(*args, timeout=120) -> Result:
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "manage.py"), "snapshots", *args], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "DATABASE_URL": worker_database_url()}, timeout=timeout,
-    )
-    return Result(completed.returncode, completed.stdout, completed.stderr)
+snaps = partial(run, "snapshots")
+snaps_process = partial(run_process, "snapshots")
 
 
 @pytest.fixture

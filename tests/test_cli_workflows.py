@@ -5,22 +5,15 @@ Real workflow files in real instance folders, real git repositories (file:// URL
 workers: in this process (`run_worker`) after `--no-wait`, or a separate worker process that the command waits for.
 """
 import json
-import os
-import subprocess
-import sys
 import uuid
-from dataclasses import dataclass
-from io import StringIO
 
 import pytest
-from django.core.management import call_command
-from django.core.management.base import CommandError
 
 from comfyhub.models import Operation
 from instances import customnodes, services, templating, workflows
 from instances.models import CustomNode, Instance, InstanceTemplate, WorkflowInstall
 from storage_app import layout
-from tests.conftest import REPO, worker_database_url
+from tests.support.cli import run, run_process
 from tests.support.gitrepos import make_node_repo
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -45,33 +38,6 @@ VERSION_KEYS = {"number", "sha256", "published_from", "author", "created_at"}
 TEMPLATE_KEYS = {"name", "description", "image", "extra_args", "extra_env", "gpu_count", "custom_nodes", "settings",
                  "starter_workflows", "instances", "created_at"}
 NODE_KEYS = {"name", "url", "ref", "commit", "recorded_commit", "dirty", "enabled", "managed", "present"}
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run(command, *args) -> Result:
-    """Run a command in this process; a CommandError's message goes to stderr, as on the command line."""
-    out, err = StringIO(), StringIO()
-    try:
-        call_command(command, *args, stdout=out, stderr=err)
-        code = 0
-    except CommandError as exc:
-        code = exc.returncode
-        err.write(str(exc))
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def run_process(command, *args, timeout=120) -> Result:
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "manage.py"), command, *args], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "DATABASE_URL": worker_database_url()}, timeout=timeout,
-    )
-    return Result(completed.returncode, completed.stdout, completed.stderr)
 
 
 def made(instance_id, **fields):
