@@ -182,6 +182,20 @@ class Report:
             return {"log": self._log_text(), "progress_message": self._message}
 
 
+class NullReport:
+    """A Report for work that no operation runs (a test, a shell): it drops what it is told, so code that may run
+    either way takes `report or NullReport()` and never asks whether it has one."""
+
+    def log(self, message: str, level: str = "INFO"):
+        pass
+
+    def progress(self, percent: float, message: str | None = None):
+        pass
+
+    def check_cancelled(self):
+        pass
+
+
 class _LogCapture(logging.Handler):
     """Copies log records from the job's code into its operation's log."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
+from comfyhub.operations import NullReport
 from storage_app import layout, safefs
 
 from . import gitrepo
@@ -278,6 +279,7 @@ def _requirements(instance: Instance, folder: str) -> str:
 # --- Install, update, enable, disable, remove ------------------------------------------------------------------
 
 def install(instance: Instance, url: str, ref: str = "", name: str = "", report=None) -> CustomNode:
+    report = report or NullReport()
     url = check_url(url)
     check_ref(ref)
     name = check_name(name or name_from_url(url))
@@ -293,7 +295,7 @@ def install(instance: Instance, url: str, ref: str = "", name: str = "", report=
         raise CustomNodeError(f"custom_nodes/{name} already exists in {instance}; update or remove it first.")
     staging = f".comfyhub-clone-{name}-{secrets.token_hex(8)}"
     try:
-        _log(report, f"cloning {url}")
+        report.log(f"cloning {url}")
         _clone(instance, url, staging)
         info = safefs.lstat(root, f"{NODES}/{staging}")
         if info is None or not stat.S_ISDIR(info.st_mode):
@@ -311,7 +313,7 @@ def install(instance: Instance, url: str, ref: str = "", name: str = "", report=
         _remove_quietly(root, f"{NODES}/{staging}")
     try:
         if _has_requirements(requirements):
-            _log(report, "installing its Python requirements for this instance")
+            report.log("installing its Python requirements for this instance")
             install_requirements(instance, name, report)
         with transaction.atomic():
             node, _ = CustomNode.objects.update_or_create(
@@ -320,7 +322,7 @@ def install(instance: Instance, url: str, ref: str = "", name: str = "", report=
     except BaseException:
         _remove_quietly(root, f"{NODES}/{name}")  # nothing half-installed
         raise
-    _log(report, f"installed {name} at {commit[:12]}")
+    report.log(f"installed {name} at {commit[:12]}")
     return node
 
 
@@ -333,10 +335,11 @@ def _remove_quietly(root: Path, relpath: str):
 
 
 def update(node: CustomNode, ref: str | None = None, report=None) -> CustomNode:
+    report = report or NullReport()
     instance = node.instance
     folder = _real_folder(instance, node.name)
     ref = check_ref(node.ref if ref is None else ref)
-    _log(report, f"fetching {node.url}")
+    report.log(f"fetching {node.url}")
     _fetch(instance, node.url, folder)
     commit = _checkout(instance, folder, ref, refuse_changes=True)
     node.commit, node.ref = commit, ref
@@ -348,7 +351,7 @@ def update(node: CustomNode, ref: str | None = None, report=None) -> CustomNode:
     if _has_requirements(node.requirements):
         install_requirements(instance, folder, report)
     node.save()
-    _log(report, f"{node.name} now at {node.commit[:12]}")
+    report.log(f"{node.name} now at {node.commit[:12]}")
     return node
 
 
@@ -367,6 +370,7 @@ def set_enabled(node: CustomNode, enabled: bool) -> CustomNode:
 
 
 def remove(node: CustomNode, report=None):
+    report = report or NullReport()
     if folder_name(node.instance, node.name) is not None:
         folder = _real_folder(node.instance, node.name)
         try:
@@ -374,7 +378,7 @@ def remove(node: CustomNode, report=None):
         except safefs.UnsafePathError as exc:
             raise CustomNodeError(str(exc)) from exc
     node.delete()
-    _log(report, f"removed {node.name}")
+    report.log(f"removed {node.name}")
 
 
 # --- Listing: the repository read as files, git never runs -----------------------------------------------------
@@ -431,6 +435,8 @@ def install_requirements(instance: Instance, name: str, report=None):
     (its Python), in a one-off container that sees only the instance's folder."""
     from . import docker_engine
 
+    report = report or NullReport()
+
     try:
         engine = docker_engine.require_engine(instance.node.docker_host or None)
     except docker_engine.EngineError as exc:
@@ -451,9 +457,4 @@ def install_requirements(instance: Instance, name: str, report=None):
     finally:
         engine.close()
     for line in output.splitlines()[-5:]:
-        _log(report, line)
-
-
-def _log(report, message, level="INFO"):
-    if report is not None:
-        report.log(message, level)
+        report.log(line)

@@ -5,6 +5,7 @@ import json
 
 from django.core.exceptions import ValidationError
 
+from comfyhub.operations import NullReport
 from storage_app import layout, safefs
 
 from . import customnodes, workflows
@@ -87,6 +88,7 @@ def validate_template(*, image: str, extra_args, extra_env, custom_nodes, settin
 def apply(template: InstanceTemplate, instance: Instance, report=None) -> dict:
     """Write the template's settings, install its starter workflows and custom nodes. Existing files are kept
     (settings are merged, workflows renamed on conflict); a node that fails to install is reported, not fatal."""
+    report = report or NullReport()
     layout.build_instance_tree(instance.instance_id, instance.node)
     result = {"settings": 0, "workflows": [], "nodes": [], "failed_nodes": []}
     if template.settings:
@@ -95,11 +97,11 @@ def apply(template: InstanceTemplate, instance: Instance, report=None) -> dict:
         layout.write_generated_file(settings_path(instance), json.dumps(current, indent=4) + "\n",
                                     root=layout.instance_dir(instance.instance_id, instance.node))
         result["settings"] = len(template.settings)
-        _log(report, f"wrote {len(template.settings)} setting(s) into comfy.settings.json")
+        report.log(f"wrote {len(template.settings)} setting(s) into comfy.settings.json")
     for version in template.starter_workflows.select_related("entry"):
         outcome, path = workflows.install(version, instance)
         result["workflows"].append({"workflow": str(version), "result": outcome, "path": path})
-        _log(report, f"workflow {version}: {outcome} ({path})")
+        report.log(f"workflow {version}: {outcome} ({path})")
     for spec in template.custom_nodes:
         url, ref = spec.get("url", ""), spec.get("ref", "")
         name = customnodes.name_from_url(url)
@@ -111,7 +113,7 @@ def apply(template: InstanceTemplate, instance: Instance, report=None) -> dict:
             result["nodes"].append({"name": node.name, "result": f"installed at {node.commit[:12]}"})
         except customnodes.CustomNodeError as exc:
             result["failed_nodes"].append({"url": url, "error": str(exc)})
-            _log(report, f"{url}: {exc}", "ERROR")
+            report.log(f"{url}: {exc}", "ERROR")
     Instance.objects.filter(pk=instance.pk).update(template=template)
     return result
 
@@ -158,8 +160,3 @@ def drift(instance: Instance) -> list[dict]:
             found.append({"what": f"workflow {version.entry.name}", "template": f"version {version.number}",
                           "instance": "missing"})
     return found
-
-
-def _log(report, message, level="INFO"):
-    if report is not None:
-        report.log(message, level)

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 
+from comfyhub.operations import NullReport
 from storage_app import layout, safefs
 
 from .models import Instance, WorkflowEntry, WorkflowInstall, WorkflowVersion
@@ -227,6 +228,7 @@ class CopyResult:
 
 def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], on_conflict: str,
                    report=None) -> CopyResult:
+    report = report or NullReport()
     result = CopyResult()
     contents = {}
     for relpath in paths:
@@ -237,7 +239,7 @@ def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], 
         except WorkflowError as exc:
             result.files.append({"source": source.instance_id, "target": "", "path": relpath,
                                  "result": f"refused: {exc}"})
-            _log(report, f"{relpath}: refused: {exc}", "WARNING")
+            report.log(f"{relpath}: refused: {exc}", "WARNING")
     total = max(len(contents) * len(targets), 1)
     done = 0
     for target in targets:
@@ -250,17 +252,11 @@ def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], 
                 outcome = f"failed: {exc}"
             result.files.append({"source": source.instance_id, "target": target.instance_id, "path": relpath,
                                  "result": outcome})
-            _log(report, f"{relpath} -> {target}: {outcome}")
+            report.log(f"{relpath} -> {target}: {outcome}")
             done += 1
-            if report is not None:
-                report.progress(100 * done / total, f"{done} of {total}")
+            report.progress(100 * done / total, f"{done} of {total}")
         os.sync()  # one flush per target instead of one per file
     return result
-
-
-def _log(report, message, level="INFO"):
-    if report is not None:
-        report.log(message, level)
 
 
 # --- What a workflow needs -----------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from django.db import transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 
+from comfyhub.operations import NullReport
+
 from . import hashing, layout, safefs
 from .models import ModelAsset
 
@@ -108,6 +110,7 @@ class ScanResult:
 
 def scan(report=None, root: Path | None = None) -> ScanResult:
     """Record new, changed (size or mtime differ) and missing files; read safetensors headers of new/changed ones."""
+    report = report or NullReport()
     root = Path(root or layout.shared_models_dir())
     now = timezone.now()
     result = ScanResult()
@@ -119,7 +122,7 @@ def scan(report=None, root: Path | None = None) -> ScanResult:
         asset = known.get(found.relpath)
         if found.problem:
             result.problems.append((found.relpath, found.problem))
-            _log(report, f"{found.relpath}: {found.problem}", "WARNING")
+            report.log(f"{found.relpath}: {found.problem}", "WARNING")
             if asset is None:
                 asset = ModelAsset(path=found.relpath, folder=folder_of(found.relpath))
             asset.status, asset.status_reason, asset.last_seen_at = ModelAsset.Status.UNREADABLE, found.problem, now
@@ -133,7 +136,7 @@ def scan(report=None, root: Path | None = None) -> ScanResult:
             _read_header(asset, found.path, report)
             asset.save()
             result.new += 1
-            _log(report, f"new: {found.relpath} ({st.st_size} bytes)")
+            report.log(f"new: {found.relpath} ({st.st_size} bytes)")
             continue
         same = (asset.size, asset.mtime_ns, asset.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
         if same and asset.status not in (ModelAsset.Status.MISSING, ModelAsset.Status.UNREADABLE):
@@ -146,7 +149,7 @@ def scan(report=None, root: Path | None = None) -> ScanResult:
         _read_header(asset, found.path, report)
         asset.save()
         result.changed += 1
-        _log(report, f"changed: {found.relpath}")
+        report.log(f"changed: {found.relpath}")
     with transaction.atomic():
         for start in range(0, len(unchanged), 900):
             ModelAsset.objects.filter(pk__in=unchanged[start:start + 900]).update(last_seen_at=now)
@@ -155,7 +158,7 @@ def scan(report=None, root: Path | None = None) -> ScanResult:
                                                     status_reason="not found in the library by the last scan")
     result.missing = len(gone)
     for path in gone:
-        _log(report, f"missing: {path}", "WARNING")
+        report.log(f"missing: {path}", "WARNING")
     return result
 
 
@@ -166,15 +169,10 @@ def _read_header(asset: ModelAsset, path: str, report):
         header = hashing.read_safetensors_header(path)
     except (OSError, hashing.HeaderError) as exc:
         asset.metadata, asset.architecture = {}, "unknown"
-        _log(report, f"{asset.path}: cannot read the safetensors header: {exc}", "WARNING")
+        report.log(f"{asset.path}: cannot read the safetensors header: {exc}", "WARNING")
         return
     asset.metadata = header.metadata
     asset.architecture = hashing.guess_architecture(header)
-
-
-def _log(report, message, level="INFO"):
-    if report is not None:
-        report.log(message, level)
 
 
 # --- Verification --------------------------------------------------------------------------------------------
@@ -191,6 +189,7 @@ class VerifyResult:
 def verify(report=None, *, full: bool = False, root: Path | None = None, workers: int | None = None,
            with_blake3: bool | None = None) -> VerifyResult:
     """Hash what needs hashing (everything with `full`), spread over the cores, and record the outcome."""
+    report = report or NullReport()
     root = Path(root or layout.shared_models_dir())
     with_blake3 = settings.MODEL_HASH_BLAKE3 if with_blake3 is None else with_blake3
     result = VerifyResult()
@@ -223,7 +222,7 @@ def verify(report=None, *, full: bool = False, root: Path | None = None, workers
     todo.sort(key=lambda item: -item[2].st_size)  # big files first: the cores stay busy to the end
     assets = ModelAsset.objects.in_bulk([pk for pk, _, _ in todo])
     total = sum(stat.st_size for _, _, stat in todo)
-    _log(report, f"{len(todo)} file(s) to hash ({_human(total)}), {result.skipped} unchanged since last verified")
+    report.log(f"{len(todo)} file(s) to hash ({_human(total)}), {result.skipped} unchanged since last verified")
 
     progress = _Progress(total)
     cancelled = threading.Event()
@@ -243,8 +242,7 @@ def verify(report=None, *, full: bool = False, root: Path | None = None, workers
                 with transaction.atomic():
                     for future in done:
                         _record(futures[future], future, result, report)
-                if report is not None:
-                    report.progress(progress.percent, progress.describe())
+                report.progress(progress.percent, progress.describe())
         except BaseException:
             cancelled.set()
             raise
@@ -291,10 +289,10 @@ def _record(asset: ModelAsset, future, result: VerifyResult, report):
             asset.status, asset.status_reason = ModelAsset.Status.UNVERIFIED, "no expected hash to compare with"
         if asset.status == ModelAsset.Status.MISMATCH:
             result.mismatches.append(asset.path)
-            _log(report, f"MISMATCH {asset.path}: {asset.status_reason}", "ERROR")
+            report.log(f"MISMATCH {asset.path}: {asset.status_reason}", "ERROR")
     if asset.status in (ModelAsset.Status.MISSING, ModelAsset.Status.UNREADABLE):
         result.problems.append((asset.path, asset.status_reason))
-        _log(report, f"{asset.path}: {asset.status_reason}", "WARNING")
+        report.log(f"{asset.path}: {asset.status_reason}", "WARNING")
     asset.save()
 
 
@@ -457,6 +455,7 @@ def promote(instance, relpath: str, report=None) -> dict:
     can reach the library). It is copied, never moved or hard-linked, so the container keeps no way to write the
     library's copy. The copy is written under a temporary name created exclusively and renamed into place without
     replacing anything; no link is followed in the shared tree either."""
+    report = report or NullReport()
     source_rel = _inbox_relpath(instance, relpath)
     if not is_model_file(relpath) or "/" not in relpath:
         raise PromoteError(f"'{relpath}' is not a model file in a model folder (e.g. checkpoints/x.safetensors).")
@@ -491,7 +490,7 @@ def _inbox_relpath(instance, relpath: str) -> str:
 
 def _promote_from(instance, root: Path, source_rel: str, source_fd: int, relpath: str, folder: str, report) -> dict:
     digest = _hash_fd(source_fd, with_blake3=settings.MODEL_HASH_BLAKE3, what=relpath)
-    _log(report, f"{relpath}: sha256 {digest.sha256}")
+    report.log(f"{relpath}: sha256 {digest.sha256}")
     shared = layout.shared_root(instance.node)
     target_rel = relpath
     shared_rel = f"models/{target_rel}"
@@ -513,14 +512,14 @@ def _promote_from(instance, root: Path, source_rel: str, source_fd: int, relpath
             os.close(existing_fd)
         if same:
             _drop_source(root, source_rel, source_fd)
-            _log(report, f"the library already has {target_rel} with the same content: dropped the inbox copy")
+            report.log(f"the library already has {target_rel} with the same content: dropped the inbox copy")
             return {"result": "deduplicated", "path": target_rel, "sha256": digest.sha256}
         raise PromoteError(f"The library already has a different file at {target_rel}; rename one of them "
                            "(nothing was moved).")
     same = ModelAsset.objects.filter(sha256=digest.sha256).exclude(status=ModelAsset.Status.MISSING).first()
     if same:
         _drop_source(root, source_rel, source_fd)
-        _log(report, f"the library already has this content as {same.path}: dropped the inbox copy")
+        report.log(f"the library already has this content as {same.path}: dropped the inbox copy")
         return {"result": "deduplicated", "path": same.path, "sha256": digest.sha256}
     stat = _copy_into_library(shared, shared_rel, source_fd, digest.sha256, target_rel)
     _drop_source(root, source_rel, source_fd)
@@ -529,7 +528,7 @@ def _promote_from(instance, root: Path, source_rel: str, source_fd: int, relpath
         sha256=digest.sha256, blake3=digest.blake3, hashed_size=stat.st_size, hashed_mtime_ns=stat.st_mtime_ns,
         hashed_inode=stat.st_ino, last_verified_at=timezone.now(), status=ModelAsset.Status.UNVERIFIED,
         status_reason="promoted from an instance inbox"))
-    _log(report, f"moved into the shared library as {target_rel}")
+    report.log(f"moved into the shared library as {target_rel}")
     return {"result": "moved", "path": target_rel, "sha256": digest.sha256}
 
 

@@ -33,6 +33,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from comfyhub.operations import NullReport
+
 from . import layout, safefs
 from .models import Snapshot
 
@@ -143,6 +145,7 @@ class _Content:
 
 def create(instance, *, kind: str, include_output: bool = False, note: str = "", user=None, automatic: str = "",
            report=None) -> Snapshot:
+    report = report or NullReport()
     root = layout.instance_dir(instance.instance_id, instance.node)
     if not root.is_dir():
         raise SnapshotError(f"{root} does not exist: build the instance first.")
@@ -151,7 +154,7 @@ def create(instance, *, kind: str, include_output: bool = False, note: str = "",
     except safefs.UnsafePathError as exc:
         raise SnapshotError(f"Cannot take a snapshot: {exc}") from exc
     for item in content.skipped:
-        _log(report, f"left out of the snapshot: {item['path']} ({item['why']})", "WARNING")
+        report.log(f"left out of the snapshot: {item['path']} ({item['why']})", "WARNING")
     manifest = {
         "format": 2, "kind": kind, "include_output": include_output, "trees": content.trees,
         "created_at": timezone.now().isoformat(), "instance": registry_config(instance),
@@ -163,7 +166,7 @@ def create(instance, *, kind: str, include_output: bool = False, note: str = "",
     name = f"{instance.instance_id}-{kind}-{stamp}-{uuid.uuid4().hex[:6]}.tar.gz"
     final = folder / name
     partial = folder / f".{name}.partial"
-    _log(report, f"archiving {', '.join(content.trees) or 'nothing'} of {instance}")
+    report.log(f"archiving {', '.join(content.trees) or 'nothing'} of {instance}")
     try:
         unpacked = _write_archive(partial, root, content, json.dumps(manifest, indent=2).encode(), report)
         digest, size = _sha256(partial)
@@ -184,7 +187,7 @@ def create(instance, *, kind: str, include_output: bool = False, note: str = "",
         instance=instance, instance_label=instance.instance_id, kind=kind, include_output=include_output,
         automatic=automatic, note=note, archive=str(final.relative_to(backups_root())), size=size, sha256=digest,
         manifest=manifest, created_by=user if user is not None and getattr(user, "is_authenticated", False) else None)
-    _log(report, f"snapshot {final.name}: {size} bytes, sha256 {digest}")
+    report.log(f"snapshot {final.name}: {size} bytes, sha256 {digest}")
     return snapshot
 
 
@@ -363,8 +366,8 @@ def _write_members(writer, root: Path, content: _Content, manifest: bytes, repor
             return dirs.get(parent)
         except (OSError, safefs.UnsafePathError) as exc:
             lost.append(parent)
-            _log(report, f"left out of the snapshot: {root / parent} changed while it was archived ({exc})",
-                 "WARNING")
+            report.log(f"left out of the snapshot: {root / parent} changed while it was archived ({exc})",
+                       "WARNING")
             return None
 
     try:
@@ -381,7 +384,7 @@ def _write_members(writer, root: Path, content: _Content, manifest: bytes, repor
                     continue
                 if not stat.S_ISDIR(info.st_mode):
                     lost.append(path)
-                    _log(report, f"left out of the snapshot: {root / path} is no longer a folder", "WARNING")
+                    report.log(f"left out of the snapshot: {root / path} is no longer a folder", "WARNING")
                     continue
                 writer.add_header(path, tarfile.DIRTYPE, info)
             else:
@@ -397,8 +400,8 @@ def _write_members(writer, root: Path, content: _Content, manifest: bytes, repor
             except OSError:
                 continue
             if now != target:
-                _log(report, f"left out of the snapshot: the link {root / path} changed while it was archived",
-                     "WARNING")
+                report.log(f"left out of the snapshot: the link {root / path} changed while it was archived",
+                           "WARNING")
                 continue
             writer.add_header(path, tarfile.SYMTYPE, info, linkname=target)
     finally:
@@ -414,13 +417,13 @@ def _add_file(writer, dir_fd: int, name: str, path: str, root: Path, report):
         return
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            _log(report, f"left out of the snapshot: {root / path} became a link while it was archived", "WARNING")
+            report.log(f"left out of the snapshot: {root / path} became a link while it was archived", "WARNING")
             return
         raise
     try:
         info = os.fstat(handle)
         if not stat.S_ISREG(info.st_mode):
-            _log(report, f"left out of the snapshot: {root / path} is no longer a plain file", "WARNING")
+            report.log(f"left out of the snapshot: {root / path} is no longer a plain file", "WARNING")
             return
         try:
             fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
@@ -430,7 +433,7 @@ def _add_file(writer, dir_fd: int, name: str, path: str, root: Path, report):
             again = os.fstat(fd)
             if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(again.st_mode):
                 os.close(fd)
-                _log(report, f"left out of the snapshot: {root / path} changed while it was archived", "WARNING")
+                report.log(f"left out of the snapshot: {root / path} changed while it was archived", "WARNING")
                 return
     finally:
         os.close(handle)
@@ -468,12 +471,13 @@ class _TarWriter:
         self._write(header)
 
     def add_file(self, path: str, info: os.stat_result, fd: int, *, report=None, root=None):
+        report = report or NullReport()
         self.add_header(path, tarfile.REGTYPE, info, size=info.st_size)
         remaining = info.st_size
         while remaining:
             chunk = os.read(fd, min(remaining, 1 << 20))
             if not chunk:  # shrank while read: the header already promised the size, so pad it
-                _log(report, f"{root / path} shrank while it was archived; its copy is padded with zeros", "WARNING")
+                report.log(f"{root / path} shrank while it was archived; its copy is padded with zeros", "WARNING")
                 self._write(bytes(remaining))
                 break
             self._write(chunk)
@@ -848,6 +852,7 @@ def extract_to_staging(archive: Path, staging: Staging, plan: Plan, report=None)
     """Extract the checked archive into the staging folder, through descriptors only, reading the archive again
     and comparing every member with what was checked. Files, folders and links get PUID:PGID (when running as
     root) and sane modes: no setuid, setgid or sticky bit, nothing writable by group or others."""
+    report = report or NullReport()
     expected = iter(plan.members)
     written = 0
     dirs = _DirCache(staging.open_rel)
@@ -911,7 +916,7 @@ def extract_to_staging(archive: Path, staging: Staging, plan: Plan, report=None)
         raise
     finally:
         dirs.close()
-    _log(report, f"extracted {written} bytes of files")
+    report.log(f"extracted {written} bytes of files")
 
 
 def _extract_file(tar, member, dir_fd: int, name: str, written: int, limit: Limit) -> int:
@@ -1002,19 +1007,20 @@ def _lexists(dir_fd: int, name: str) -> bool:
 def restore_files(snapshot: Snapshot, instance, report=None) -> list[str]:
     """Put the snapshot's trees back into `instance`'s folder (which must exist). Only the folders of the
     snapshot's kind are replaced; anything that fails leaves the instance as it was and no staging folder."""
+    report = report or NullReport()
     root = layout.instance_dir(instance.instance_id, instance.node)
     root.mkdir(parents=True, exist_ok=True)
     parent = staging_parent(root)
     try:
         plan = check_archive(snapshot, parent)
-        _log(report, f"extracting {', '.join(plan.trees) or 'nothing'} ({plan.unpacked} bytes) into a staging "
-                     "folder")
+        report.log(f"extracting {', '.join(plan.trees) or 'nothing'} ({plan.unpacked} bytes) into a staging "
+                   "folder")
         staging = make_staging(parent)
     except safefs.UnsafePathError as exc:
         raise SnapshotError(str(exc)) from exc
     try:
         extract_to_staging(archive_path(snapshot), staging, plan, report)
-        _log(report, "swapping the restored folders in")
+        report.log("swapping the restored folders in")
         swap_in(staging, root, plan.trees)
     except safefs.UnsafePathError as exc:
         raise SnapshotError(str(exc)) from exc
@@ -1124,8 +1130,3 @@ def parse_manager(data) -> list[dict]:
     if not isinstance(pips, dict):
         raise SnapshotError(f"'pips' is {kind_of(pips)}; it should be an object whose keys are pip requirements.")
     return nodes
-
-
-def _log(report, message, level="INFO"):
-    if report is not None:
-        report.log(message, level)
