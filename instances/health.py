@@ -4,9 +4,6 @@
 status; it never starts or restarts anything (Docker's restart policy backs off and gives up on crash loops)."""
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -16,30 +13,15 @@ from django.utils import timezone
 
 from storage_app import layout
 
-from . import docker_engine, runtime
+from . import comfyui_api, docker_engine, runtime
 from .models import Instance, Node
-
-
-def probe_host(instance: Instance) -> str:
-    host = instance.node.bind_address
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
 
 
 def system_stats(instance: Instance, timeout: float | None = None) -> dict | None:
     """ComfyUI's /system_stats from the instance's published port, or None when it does not answer."""
-    host = probe_host(instance)
-    host = f"[{host}]" if ":" in host else host
-    url = f"http://{host}:{instance.host_port}/system_stats"
     try:
-        with urllib.request.urlopen(url, timeout=timeout or settings.INSTANCE_HEALTH_TIMEOUT) as response:
-            if response.status != 200:
-                return None
-            return json.loads(response.read(1_000_000))
-    except (OSError, urllib.error.URLError, ValueError):
+        return comfyui_api.ComfyUI.of(instance).system_stats(timeout)
+    except comfyui_api.ComfyUIError:
         return None
 
 
