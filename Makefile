@@ -9,13 +9,13 @@ DATA_DIR ?= var
 
 # Debian packages each command needs. As root they are installed with apt; otherwise we say which are missing.
 RUN_PACKAGES := redis-server
-TEST_PACKAGES := redis-server docker.io chromium debootstrap b3sum openssl
+TEST_PACKAGES := redis-server docker.io chromium debootstrap b3sum openssl postgresql
 
 .PHONY: help run test bench check-python venv venv-dev run-packages test-packages clean
 
 help:
 	@echo "make run    set up and run ComfyHub (SQLite and a local Redis under $(DATA_DIR)/)"
-	@echo "make test   set up and run the whole test suite (real Redis, Docker, Chromium)"
+	@echo "make test   set up and run the whole test suite (real Redis, Docker, Chromium, PostgreSQL)"
 	@echo "make bench  run the benchmarks in bench/"
 
 # apt-get install what is missing (as root) or name it (as a normal user). A shell fragment: use it in a recipe.
@@ -67,8 +67,18 @@ run: run-packages venv $(DATA_DIR)/secret_key
 	@if [ -z "$$SECRET_KEY" ]; then export SECRET_KEY_FILE="$${SECRET_KEY_FILE:-$(DATA_DIR)/secret_key}"; fi; \
 	  exec $(PY) manage.py serve
 
+# The whole suite on SQLite, then its database-sensitive part (POSTGRES_PART in tests/testenv.py) again on a private
+# PostgreSQL the tests start; both parts run even when the first fails. With DATABASE_URL=postgres://... all of the
+# suite runs once, on that server.
 test: test-packages venv-dev
-	$(PY) -m pytest
+	@if [[ "$$DATABASE_URL" =~ ^(postgres|postgresql|pgsql):// ]]; then \
+	  echo "+ pytest (all of it on the PostgreSQL server DATABASE_URL names)"; exec $(PY) -m pytest; \
+	fi; \
+	status=0; \
+	echo "+ pytest (SQLite)"; $(PY) -m pytest || status=$$?; \
+	echo "+ pytest -m postgres (the database-sensitive part, on a private PostgreSQL)"; \
+	COMFYHUB_TEST_DATABASE=postgres $(PY) -m pytest -m postgres || status=$$?; \
+	exit $$status
 
 bench: test-packages venv-dev
 	$(PY) -m bench

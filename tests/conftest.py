@@ -13,6 +13,7 @@ from rq import SimpleWorker
 
 from comfyhub import queues
 from comfyhub.signals import OPERATORS_GROUP
+from tests import testenv
 from tests.support.canary import make_canary, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def run_worker():
 
 
 def worker_database_url():
-    return f"sqlite:///{os.environ['TEST_DATABASE_NAME']}"
+    return testenv.worker_database_url()  # the test database (SQLite file or PostgreSQL), for other processes
 
 
 def descendants(pid):

@@ -48,6 +48,7 @@ def test_the_default_instance_id_comes_from_the_environment(settings):
     assert Instance.objects.get().instance_id == "studio"
 
 
+@pytest.mark.postgres
 def test_ports_are_allocated_from_the_range_skipping_taken_and_bound_ones():
     node = services.local_node()
     # A range of its own, away from the ports other tests' containers publish.
@@ -79,6 +80,7 @@ def test_it_refuses_a_bad_instance_id(instance_id, message):
     assert not Instance.objects.exists()
 
 
+@pytest.mark.postgres
 def test_it_refuses_a_taken_id_and_a_leftover_data_folder(settings):
     services.instance_create(instance_id="taken")
     with pytest.raises(ValidationError, match="already exists; pick another id"):
@@ -88,6 +90,7 @@ def test_it_refuses_a_taken_id_and_a_leftover_data_folder(settings):
         services.instance_create(instance_id="leftover")
 
 
+@pytest.mark.postgres
 def test_it_refuses_a_port_used_by_another_instance_or_bound_on_the_host():
     services.instance_create(instance_id="holder", host_port=18200)
     with pytest.raises(ValidationError) as excinfo:
@@ -103,6 +106,7 @@ def test_it_refuses_a_port_used_by_another_instance_or_bound_on_the_host():
         services.instance_create(instance_id="wanter", host_port=80)
 
 
+@pytest.mark.postgres
 def test_it_refuses_a_gpu_held_exclusively_and_an_unknown_gpu():
     services.instance_create(instance_id="owner", gpu_indexes=[1])
     with pytest.raises(ValidationError) as excinfo:
@@ -155,6 +159,7 @@ def test_gpu_selection_parses_indexes_and_none():
         services.parse_gpu_selection("first")
 
 
+@pytest.mark.postgres
 def test_the_database_refuses_two_instances_on_one_port_even_past_the_checks():
     node = services.local_node()
     Instance.objects.create(instance_id="a", node=node, image="i", host_port=18300)
@@ -162,6 +167,7 @@ def test_the_database_refuses_two_instances_on_one_port_even_past_the_checks():
         Instance.objects.create(instance_id="b", node=node, image="i", host_port=18300)
 
 
+@pytest.mark.postgres
 def test_the_database_refuses_a_second_holder_of_an_exclusive_gpu():
     node = services.local_node()
     gpu = GPU.objects.get(node=node, index=0)
@@ -172,6 +178,7 @@ def test_the_database_refuses_a_second_holder_of_an_exclusive_gpu():
         GPUAssignment.objects.create(instance=b, gpu=gpu, exclusive=True)
 
 
+@pytest.mark.postgres
 def test_concurrent_creations_get_distinct_ports_and_one_winner_per_port():
     results, barrier = {}, threading.Barrier(4)
 
@@ -253,6 +260,7 @@ def test_losing_a_port_race_while_editing_blames_the_port_not_the_id():
     assert editing.node == node
 
 
+@pytest.mark.postgres
 def test_making_a_gpu_shareable_updates_its_holders_and_exclusive_again_needs_one_holder():
     gpu = GPU.objects.get(index=2)
     services.instance_create(instance_id="first-holder", gpu_indexes=[2])
