@@ -19,6 +19,8 @@ class Operation(models.Model):
 
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
     TERMINAL_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    # kind -> label, filled by every @operation_job as its module is imported (each app's ready() imports its jobs)
+    KIND_LABELS: dict[str, str] = {}
 
     # The primary key is also the RQ job id.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -67,9 +69,7 @@ class Operation(models.Model):
         return reverse("operation-detail", args=[self.pk])
 
     def get_kind_display(self):
-        from .operations import kind_label
-
-        return kind_label(self.kind)
+        return self.KIND_LABELS.get(self.kind, self.kind.replace("_", " ").capitalize())
 
     @property
     def is_terminal(self):

@@ -1,8 +1,9 @@
 """The Operation lifecycle, in one place: declaring job kinds, enqueueing, running, reporting, cancelling, sweeping.
 
-Every background job is an `@operation_job` function `f(report, **primitive_kwargs)`. `enqueue()` creates its
-Operation row and pushes it to RQ under the row's id once the transaction commits; the RQ worker calls the wrapper,
-which marks the row running, keeps a heartbeat, captures log lines and progress, and records the result or failure.
+Every background job is an `@operation_job` function `f(report, **primitive_kwargs)`. `enqueue()` takes it, or its
+dotted path (how services name the jobs that call them back), creates its Operation row and pushes it to RQ under the
+row's id once the transaction commits; the RQ worker calls the wrapper, which marks the row running, keeps a
+heartbeat, captures log lines and progress, and records the result or failure.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from redis.exceptions import RedisError
 from rq import Callback, get_current_job
 from rq.command import send_stop_job_command
@@ -34,8 +36,6 @@ ERROR_LIMIT = 4_000
 # How long a queued operation may be missing from Redis before the sweep calls it lost.
 LOST_GRACE_SECONDS = 60
 
-_KINDS: dict[str, str] = {}
-
 
 class OperationError(Exception):
     """An expected failure: its message is shown to the user as the operation's error, without a traceback."""
@@ -46,11 +46,11 @@ class OperationCancelled(Exception):
 
 
 def kind_label(kind: str) -> str:
-    return _KINDS.get(kind, kind.replace("_", " ").capitalize())
+    return Operation(kind=kind).get_kind_display()
 
 
 def kind_choices() -> list[tuple[str, str]]:
-    return sorted(_KINDS.items(), key=lambda item: item[1])
+    return sorted(Operation.KIND_LABELS.items(), key=lambda item: item[1])
 
 
 # --- Declaring jobs ------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def operation_job(kind: str, *, label: str, queue: str = "default", timeout: int
     """Declare a background job. The decorated function receives a `Report` first, then keyword arguments."""
 
     def decorate(func):
-        _KINDS[kind] = label
+        Operation.KIND_LABELS[kind] = label
 
         @functools.wraps(func)
         def rq_entry_point(**kwargs):
@@ -79,9 +79,16 @@ def operation_job(kind: str, *, label: str, queue: str = "default", timeout: int
 def enqueue(job, *, target=None, user=None, **kwargs) -> Operation:
     """Create the Operation row for `job` and enqueue it when the current transaction commits.
 
+    `job` is an `@operation_job` function or its dotted path ("instances.jobs.start_instance"): a service names the
+    job by its path, so the jobs module, which calls the services, is the only one of the two that imports the other.
+
     Raises `queues.QueueUnavailable` (and records nothing) when Redis does not answer, so no operation is ever left
     queued that no worker will see.
     """
+    if isinstance(job, str):
+        job = import_string(job)
+    if not hasattr(job, "kind"):
+        raise TypeError(f"{job!r} is not declared with @operation_job.")
     queues.ensure_available(job.queue_name)
     operation = Operation.objects.create(
         kind=job.kind,
