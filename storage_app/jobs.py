@@ -122,17 +122,17 @@ def prune_scheduled(instance, report):
 
 @operation_job("snapshot_restore", label="Restore snapshot", queue="long")
 def restore_snapshot(report, *, snapshot_pk, user_pk=None):
-    from .services import restore_into_instance
+    from . import snapshots
 
-    return restore_into_instance(snapshot_pk=snapshot_pk, user_pk=user_pk, report=report)
+    return snapshots.restore_into_instance(snapshot_pk=snapshot_pk, user_pk=user_pk, report=report)
 
 
 @operation_job("snapshot_clone", label="Clone snapshot", queue="long")
 def clone_snapshot(report, *, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None):
-    from .services import clone_into_new_instance
+    from . import snapshots
 
-    return clone_into_new_instance(snapshot_pk=snapshot_pk, new_instance_id=new_instance_id, gpu_indexes=gpu_indexes,
-                                   user_pk=user_pk, report=report)
+    return snapshots.clone_into_new_instance(snapshot_pk=snapshot_pk, new_instance_id=new_instance_id,
+                                             gpu_indexes=gpu_indexes, user_pk=user_pk, report=report)
 
 
 @operation_job("snapshot_import_manager", label="Import ComfyUI-Manager snapshot")

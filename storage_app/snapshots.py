@@ -1056,6 +1056,114 @@ def restore_clone(snapshot: Snapshot, new_root: Path, report=None) -> dict:
     return snapshot.manifest if isinstance(snapshot.manifest, dict) and snapshot.manifest else plan.manifest
 
 
+# --- The restore and clone operations (their jobs: storage_app.jobs) ---------------------------------------------
+
+def restore_into_instance(*, snapshot_pk, user_pk=None, report) -> dict:
+    """Check the archive, snapshot what is there now, then, holding the instance's lock from the stop to the start
+    (no other operation on the instance runs in between): stop, swap in the archived trees, restore the registry
+    settings, start again."""
+    from django.contrib.auth import get_user_model
+    from django.core.exceptions import ValidationError
+
+    from comfyhub.operations import OperationError
+    from instances import containers, services as instance_services
+    from instances.models import Instance
+
+    snapshot = Snapshot.objects.select_related("instance__node").get(pk=snapshot_pk)
+    instance = snapshot.instance
+    if instance is None:
+        raise OperationError(f"Instance '{snapshot.instance_label}' no longer exists; clone the snapshot instead.")
+    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    root = layout.instance_dir(instance.instance_id, instance.node)
+    try:
+        report.progress(2, "checking the archive")
+        plan = check_archive(snapshot, staging_parent(root))  # refuse before anything changes
+        report.log(f"the archive passed every check: {', '.join(plan.trees) or 'nothing'} to restore, "
+                   f"{plan.unpacked} bytes unpacked (at most {plan.limit.bytes})")
+        for item in (snapshot.manifest or {}).get("skipped", []) if isinstance(snapshot.manifest, dict) else []:
+            report.log(f"not in this snapshot (left out when it was taken): {item.get('path')} ({item.get('why')})",
+                       "WARNING")
+        report.progress(5, "taking a snapshot of the current state first")
+        undo = create(instance, kind=snapshot.kind, include_output=snapshot.include_output,
+                      note=f"automatic, before restoring snapshot {snapshot.pk}", user=user, automatic="before-restore",
+                      report=report)
+    except SnapshotError as exc:
+        message = str(exc)
+        raise OperationError(message if "Nothing was restored" in message or "nothing was restored" in message
+                             else f"{message} Nothing was restored.") from exc
+    with containers.instance_lock(instance, report):
+        try:
+            instance.refresh_from_db()  # a start or stop may have run while the undo snapshot was taken
+        except Instance.DoesNotExist:
+            raise OperationError(f"Instance '{instance}' was deleted meanwhile; nothing was restored (undo snapshot "
+                                 f"{undo.pk} kept).") from None
+        was_running = instance.desired_state == Instance.DesiredState.RUNNING
+        if was_running:
+            report.progress(20, "stopping the instance")
+            containers.stop(instance, report)
+        try:
+            report.progress(30, "restoring files")
+            trees = restore_files(snapshot, instance, report)
+        except (SnapshotError, OSError) as exc:
+            if was_running:
+                containers.start(instance, report)
+            raise OperationError(f"{exc} The instance was left as it was (undo snapshot {undo.pk} kept).") from exc
+        config = snapshot.manifest.get("instance", {})
+        try:
+            instance_services.instance_update(
+                instance=instance, display_name=config.get("display_name", instance.display_name),
+                description=config.get("description", instance.description),
+                image=config.get("image", instance.image), extra_args=config.get("extra_args", []),
+                extra_env=config.get("extra_env", {}), host_port=None,
+                gpu_indexes=[g.index for g in instance.assigned_gpus()], user=user)
+            kept = ["GPUs and port stay as they are now"]
+        except ValidationError as exc:
+            kept = [f"registry settings not restored: {'; '.join(exc.messages)}"]
+            report.log(kept[0], "WARNING")
+        Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING if was_running
+                                                       else Instance.DesiredState.STOPPED)
+        if was_running:
+            report.progress(80, "starting the instance again")
+            containers.start(Instance.objects.select_related("node").get(pk=instance.pk), report)
+    report.progress(100, "restored")
+    return {"restored": trees, "undo_snapshot": undo.pk, "notes": kept, "restarted": was_running}
+
+
+def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None, report) -> dict:
+    """Create the new instance from the snapshot's registry settings, then extract the archive into its folder."""
+    from django.contrib.auth import get_user_model
+    from django.core.exceptions import ValidationError
+
+    from comfyhub.operations import OperationError
+    from instances import services as instance_services
+
+    snapshot = Snapshot.objects.get(pk=snapshot_pk)
+    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    config = snapshot.manifest.get("instance", {})
+    try:
+        verify_archive(snapshot)
+        instance = instance_services.instance_create(
+            instance_id=new_instance_id, display_name=config.get("display_name", ""),
+            description=config.get("description", ""), image=config.get("image", ""),
+            extra_args=config.get("extra_args", []), extra_env=config.get("extra_env", {}),
+            gpu_indexes=gpu_indexes, user=user)
+    except SnapshotError as exc:
+        raise OperationError(f"{exc} Nothing was created.") from exc
+    except ValidationError as exc:
+        raise OperationError("Cannot create the clone: " + "; ".join(exc.messages)) from exc
+    try:
+        report.progress(30, "extracting into the new instance's folder")
+        restore_clone(snapshot, layout.instance_dir(new_instance_id, instance.node), report)
+        layout.build_shared_tree(instance.node)
+        layout.build_instance_tree(new_instance_id, instance.node)
+    except (SnapshotError, OSError) as exc:
+        instance.delete()
+        raise OperationError(f"{exc} The clone was not created.") from exc
+    report.progress(100, f"cloned into {new_instance_id}")
+    return {"instance": new_instance_id, "port": instance.host_port,
+            "gpus": [g.index for g in instance.assigned_gpus()]}
+
+
 def delete_archive(snapshot: Snapshot):
     with transaction.atomic():
         path = archive_path(snapshot)

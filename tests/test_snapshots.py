@@ -3,8 +3,10 @@ instance folders: tests/test_snapshot_archives.py."""
 import datetime
 import json
 import os
+import signal
 import subprocess
 import tarfile
+import time
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -231,4 +233,79 @@ def test_restoring_a_running_instance_stops_it_first_and_starts_it_again(comfyui
     assert json.loads(workflow.read_text())["v"] == 1
     after = docker_engine.container_state(engine, running.container_name)
     assert after.running and after.started_at != started_before  # stopped for the restore, started again
+    engine.close()
+
+
+def _frozen_inside_the_swap(instances_root, workers, operation):
+    """Wait until `operation` (a restore) extracts into its staging folder, then SIGSTOP the worker running it, its
+    work horse included. Returns the frozen process ids."""
+    from rq import Worker
+
+    from comfyhub import queues
+    from tests.conftest import descendants
+
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".restore-") for folder in (instances_root, instances_root / "busy")
+                  for p in (folder.iterdir() if folder.is_dir() else ())):
+        assert time.monotonic() < deadline, "the restore never reached its swap"
+        time.sleep(0.001)
+    pid = next(w.pid for w in Worker.all(connection=queues.get_connection())
+               if w.get_current_job_id() == str(operation.pk))
+    running = next(w for w in workers if w.process.pid == pid)
+    frozen = [pid, *descendants(pid)]
+    for each in frozen:
+        os.kill(each, signal.SIGSTOP)
+    staging = [p for folder in (instances_root, instances_root / "busy") for p in folder.iterdir()
+               if p.name.startswith(".restore-")]
+    assert staging, "the restore left its swap before it could be held there; make the archive bigger"
+    assert running.process.poll() is None
+    return frozen
+
+
+@pytest.mark.docker
+@pytest.mark.postgres
+def test_a_start_waits_until_a_restore_has_stopped_swapped_and_started_the_instance(
+        comfyui_double_image, docker_cleanup, worker_process, storage):
+    from instances import docker_engine
+    from tests.conftest import wait_for
+
+    workers = [worker_process("default", "long"), worker_process("default", "long")]
+    busy = instance_services.instance_create(instance_id="busy", image=comfyui_double_image)
+    started = instance_services.instance_start(instance=busy)
+    wait_for(lambda: Operation.objects.get(pk=started.pk).is_terminal, timeout=120, message="the first start")
+    assert Operation.objects.get(pk=started.pk).status == Operation.Status.SUCCEEDED
+    user = storage["instances"] / "busy" / "user" / "default"
+    (user / "workflows" / "w.json").write_text('{"nodes": [], "v": 1}')
+    with open(user / "big.bin", "wb") as big:  # 200 MB of zeros: a tiny archive that takes a while to unpack
+        big.truncate(200 << 20)
+    snapshot = snapshots.create(busy, kind="config")
+    (user / "big.bin").unlink()
+    (user / "workflows" / "w.json").write_text('{"nodes": [], "v": 2}')
+
+    restore = services.snapshot_restore(snapshot=snapshot)
+    frozen = _frozen_inside_the_swap(storage["instances"], workers, restore)
+    try:
+        start = instance_services.instance_start(instance=busy)
+        wait_for(lambda: "Waiting for another operation on" in Operation.objects.get(pk=start.pk).log, timeout=30,
+                 message="the start to wait for the restore's lock")
+        time.sleep(1)  # long enough for a start that did not wait to make a container run
+        engine = docker_engine.require_engine()
+        assert not docker_engine.container_state(engine, busy.container_name).running  # stopped for the swap
+        assert Operation.objects.get(pk=start.pk).status == Operation.Status.RUNNING
+    finally:
+        resumed = datetime.datetime.now(datetime.timezone.utc)
+        for each in frozen:
+            os.kill(each, signal.SIGCONT)
+    for operation in (restore, start):
+        wait_for(lambda: Operation.objects.get(pk=operation.pk).is_terminal, timeout=120, message=operation.kind)
+    restore.refresh_from_db()
+    start.refresh_from_db()
+    assert restore.status == Operation.Status.SUCCEEDED, restore.error
+    assert start.status == Operation.Status.SUCCEEDED, start.error
+    assert restore.result["restarted"] is True and start.started_at < restore.finished_at
+    # The start found running the container the restore had started once the files were back.
+    assert "The container is already running." in start.log
+    container = docker_engine.container_state(engine, busy.container_name)
+    assert container.running and datetime.datetime.fromisoformat(container.started_at) > resumed
+    assert json.loads((user / "workflows" / "w.json").read_text())["v"] == 1
     engine.close()
