@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 
 from storage_app import layout
 
@@ -272,3 +273,26 @@ def image_allowed_problem(image: str) -> str | None:
 def image_problem(image: str) -> str | None:
     """Why an instance may not run `image`: not a reference, or not allowed. None when it may."""
     return image_reference_problem(image) or image_allowed_problem(image)
+
+
+def checked_config(extra_args, extra_env) -> tuple[list, dict]:
+    """Extra arguments as a list and the environment as a dict (numbers become text), or ValidationError: the
+    admin and the CLI's JSON hand over whatever was typed, and list('abc') or dict([...]) would silently make
+    something else of it."""
+    errors: dict[str, list[str]] = {}
+    args, env = [], {}
+    if isinstance(extra_args, (list, tuple)):
+        args = [_as_text(arg) for arg in extra_args]
+    elif extra_args not in (None, ""):
+        errors["extra_args"] = ['Extra arguments are a list of strings, e.g. ["--preview-method", "auto"].']
+    if isinstance(extra_env, dict):
+        env = {key: _as_text(value) for key, value in extra_env.items()}
+    elif extra_env not in (None, ""):
+        errors["extra_env"] = ['The extra environment is an object of names and values, e.g. {"TEAM": "art"}.']
+    if errors:
+        raise ValidationError(errors)
+    return args, env
+
+
+def _as_text(value):
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value

@@ -49,13 +49,13 @@ def free_gpus(node, count: int) -> list[int]:
 def validate_template(*, image: str, extra_args, extra_env, custom_nodes, settings) -> None:
     """The rules a template's configuration obeys: those of an instance's (image, arguments, environment), since
     instances are made from it, plus well-formed custom nodes and settings."""
-    from . import runtime, services
+    from . import runtime
 
     errors = {}
     if image and (problem := runtime.image_problem(image)):
         errors.setdefault("image", []).append(problem)
     try:
-        extra_args, extra_env = services.checked_config(extra_args, extra_env)
+        extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     except ValidationError as exc:
         errors.update(exc.message_dict)
         extra_args, extra_env = [], {}
