@@ -11,6 +11,8 @@ import re
 
 from django.conf import settings
 
+from .cli import human_size
+
 # A string (with its escapes) or a run of opening or closing brackets: enough to count how deep a text nests
 # without parsing it. Counting stops after _TOKENS_COUNTED tokens, so a text built to be slow to count is not.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[{]+|[\]}]+', re.DOTALL)
@@ -19,14 +21,6 @@ _TOKENS_COUNTED = 1_000_000
 
 class JSONInputError(ValueError):
     """Input that is too big, nests too deep, or is not JSON; the message names the input and the limit."""
-
-
-def human_size(count: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:,} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
-        count /= 1024
-    return f"{count:,.1f} GiB"
 
 
 def check_size(size: int, *, what: str) -> None:

@@ -21,6 +21,7 @@ from django.db import transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 
+from comfyhub.cli import human_size
 from comfyhub.operations import NullReport
 
 from . import hashing, layout, safefs
@@ -222,7 +223,7 @@ def verify(report=None, *, full: bool = False, root: Path | None = None, workers
     todo.sort(key=lambda item: -item[2].st_size)  # big files first: the cores stay busy to the end
     assets = ModelAsset.objects.in_bulk([pk for pk, _, _ in todo])
     total = sum(stat.st_size for _, _, stat in todo)
-    report.log(f"{len(todo)} file(s) to hash ({_human(total)}), {result.skipped} unchanged since last verified")
+    report.log(f"{len(todo)} file(s) to hash ({human_size(total)}), {result.skipped} unchanged since last verified")
 
     progress = _Progress(total)
     cancelled = threading.Event()
@@ -313,18 +314,7 @@ class _Progress:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate else 0
-        return f"{_human(self.done)} of {_human(self.total)}, {_human(rate)}/s, ETA {int(eta)} s"
-
-
-def _human(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
-human_size = _human
+        return f"{human_size(self.done)} of {human_size(self.total)}, {human_size(rate)}/s, ETA {int(eta)} s"
 
 
 # --- Expected hashes (sha256sum format) ----------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_verify_waits_for_the_worker_and_prints_what_it_hashed(library_dir, work
     assert "[100%]" in result.out
     assert "new: checkpoints/a.safetensors (1000 bytes)" in result.out
     assert "Verify model checksums succeeded." in result.out
-    assert "2 file(s) hashed (1.0 KiB), 0 unchanged since last verified." in result.out
+    assert "2 file(s) hashed (1.0 KB), 0 unchanged since last verified." in result.out
     assert ModelAsset.objects.get(path="vae/b.pt").sha256 == sha256(b"b" * 24)
 
     again = models("verify", "--full")
@@ -174,7 +174,7 @@ def test_list_filters_by_folder_and_status_and_prints_a_table(hashed):
     assert [i["path"] for i in json.loads(models("list", "--json", "--status", "mismatch").out)] == ["vae/kl.pt"]
     lines = models("list").out.splitlines()
     assert lines[0].split() == ["PATH", "FOLDER", "SIZE", "STATUS", "HASH", "ARCHITECTURE", "VERIFIED"]
-    assert lines[2].split()[:6] == ["loras/detail.pt", "loras", "10", "B", "unverified",
+    assert lines[2].split()[:6] == ["loras/detail.pt", "loras", "10", "bytes", "unverified",
                                     sha256(b"lora bytes")[:10].upper()]
 
 
@@ -263,7 +263,7 @@ def test_inbox_lists_what_nodes_downloaded_per_instance_or_for_all(studio, stora
                                                                ("studio", "loras/downloaded.safetensors")]
     table = models("inbox").out.splitlines()
     assert table[0].split() == ["INSTANCE", "PATH", "FOLDER", "SIZE", "PROBLEM"]
-    assert table[2].split() == ["studio", "loras/downloaded.safetensors", "loras", "2.0", "KiB", "-"]
+    assert table[2].split() == ["studio", "loras/downloaded.safetensors", "loras", "2.0", "KB", "-"]
 
 
 def test_inbox_of_an_unknown_instance_names_the_known_ones(studio):
@@ -308,9 +308,9 @@ def test_duplicates_shows_each_group_and_the_wasted_bytes(library_dir, run_worke
 
     assert data == [{"sha256": sha256(b"x" * 4096), "size": 4096, "wasted": 8192,
                      "paths": ["checkpoints/a.safetensors", "checkpoints/copy-of-a.safetensors", "loras/third.pt"]}]
-    assert f"{sha256(b'x' * 4096)[:10].upper()}  3 copies of 4.0 KiB, 8.0 KiB wasted" in text
+    assert f"{sha256(b'x' * 4096)[:10].upper()}  3 copies of 4.0 KB, 8.0 KB wasted" in text
     assert "  loras/third.pt" in text
-    assert text.splitlines()[-1] == "In all 8.0 KiB wasted in 1 group(s)."
+    assert text.splitlines()[-1] == "In all 8.0 KB wasted in 1 group(s)."
 
 
 def test_no_duplicates_says_so(hashed):

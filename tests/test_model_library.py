@@ -304,7 +304,7 @@ def test_verify_runs_as_an_operation_with_byte_progress(models_dir, run_worker, 
     operation.refresh_from_db()
     assert operation.status == Operation.Status.SUCCEEDED, operation.error
     assert operation.result["hashed"] == 1 and operation.result["bytes"] == 1 << 20
-    assert "MiB/s" in operation.progress_message and "ETA" in operation.progress_message
+    assert "MB/s" in operation.progress_message and "ETA" in operation.progress_message
 
 
 def test_a_verify_that_finds_a_mismatch_fails_and_says_which(models_dir, run_worker):

@@ -6,8 +6,9 @@ import json
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from comfyhub.cli import human_size
 from comfyhub.operations import OperationError
-from storage_app import library, services
+from storage_app import services
 
 
 class Command(BaseCommand):
@@ -43,7 +44,7 @@ class Command(BaseCommand):
             return
         self.stdout.write(f"Source: {plan.source} ({plan.layout}); instance '{plan.instance_id}'; mode {plan.mode}")
         for group, totals in plan.totals().items():
-            self.stdout.write(f"  {group:24} {totals['files']:7} file(s) {library.human_size(totals['bytes']):>12}"
+            self.stdout.write(f"  {group:24} {totals['files']:7} file(s) {human_size(totals['bytes']):>12}"
                               f"  ({totals['deduplicated']} deduplicated, {totals['renamed']} renamed)")
         for folder in plan.not_carried:
             self.stdout.write(f"  not carried: {folder} (temporary files)")
@@ -67,7 +68,7 @@ class Command(BaseCommand):
             self.stdout.write(self.style.WARNING(f"  left in place: {refused['path']}: {refused['reason']}"))
         self.stdout.write(self.style.SUCCESS(
             f"Done: {result['moved']} moved, {result['copied']} copied, {result['deduplicated']} deduplicated, "
-            f"{result['renamed']} renamed ({library.human_size(result['bytes'])}); "
+            f"{result['renamed']} renamed ({human_size(result['bytes'])}); "
             f"{result['recovered']} recovered from an interrupted run."))
         self.stdout.write(f"Instance '{result['instance']}' is registered on port {result['port']}: "
                           f"python manage.py instances start {result['instance']}")
