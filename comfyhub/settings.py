@@ -275,7 +275,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # lose the last commits but never corrupts the file. (Not for network filesystems.)
     options.setdefault("init_command", "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
 if env.str("TEST_DATABASE_NAME", default=""):
-    # Tests whose RQ workers run in other processes need the test database in a file, not in memory.
+    # Set by tests/testenv.py: the test database that RQ workers in other processes share with the tests (for
+    # SQLite a file, not memory; for PostgreSQL the database's name).
     DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
