@@ -10,8 +10,7 @@ import json
 import re
 
 from django.conf import settings
-
-from .cli import human_size
+from django.template.defaultfilters import filesizeformat
 
 # A string (with its escapes) or a run of opening or closing brackets: enough to count how deep a text nests
 # without parsing it. Counting stops after _TOKENS_COUNTED tokens, so a text built to be slow to count is not.
@@ -26,7 +25,8 @@ class JSONInputError(ValueError):
 def check_size(size: int, *, what: str) -> None:
     limit = settings.UPLOAD_MAX_BYTES
     if size > limit:
-        raise JSONInputError(f"{what} is {human_size(size)}; at most {human_size(limit)} is taken (UPLOAD_MAX_BYTES).")
+        raise JSONInputError(f"{what} is {filesizeformat(size)}; at most {filesizeformat(limit)} is taken "
+                             "(UPLOAD_MAX_BYTES).")
 
 
 def read_upload(upload, *, what: str | None = None) -> bytes:

@@ -233,7 +233,7 @@ def test_an_upload_over_the_limit_is_refused_by_its_size_before_it_is_read(world
 
     upload = Unreadable("big.json", b"")
     upload.size = 1 << 40
-    with pytest.raises(jsonlimits.JSONInputError, match=r"is 1\.0 TB; at most 64\.0 KB is taken "
+    with pytest.raises(jsonlimits.JSONInputError, match=r"is 1\.0\xa0TB; at most 64\.0\xa0KB is taken "
                                                         r"\(UPLOAD_MAX_BYTES\)"):
         jsonlimits.read_upload(upload, what="big.json")
 

@@ -362,7 +362,7 @@ def test_an_oversized_upload_is_refused_by_its_size_naming_the_setting(client, o
     settings.UPLOAD_MAX_BYTES = 4096
     client.force_login(operator)
     content = upload(client, source, b" " * 5000).content.decode()
-    assert "The workflow file mine.json is 4.9 KB; at most 4.0 KB is taken (UPLOAD_MAX_BYTES)." in content
+    assert "The workflow file mine.json is 4.9\xa0KB; at most 4.0\xa0KB is taken (UPLOAD_MAX_BYTES)." in content
 
 
 def test_an_upload_without_htmx_shows_the_whole_page(client, operator, source):
