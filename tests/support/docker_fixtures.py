@@ -30,6 +30,7 @@ def docker_engine_handle() -> EngineHandle:
         handle.stop()
     else:
         handle.client.close()
+        handle.release()
 
 
 # The session's engine client once some test asked for it: every test after that gets its containers removed.

@@ -25,6 +25,9 @@ STATE_DIR = Path(tempfile.gettempdir()) / "comfyhub-test-dockerd"
 PIDFILE = STATE_DIR / "dockerd.pid"
 LOGFILE = STATE_DIR / "dockerd.log"
 LOCKFILE = STATE_DIR / "start.lock"
+# Every test session holds a shared lock on this file while it uses the engine: the session that started dockerd
+# stops it only when it can take the lock alone, never under another session still running tests on it.
+USERS_LOCKFILE = STATE_DIR / "users.lock"
 DEFAULT_SOCKET = "/var/run/docker.sock"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0
@@ -44,22 +47,54 @@ class EngineHandle:
     pid: int | None = None
     """PID of the dockerd the test harness started, in this run or an earlier one; None for an engine run by others."""
     log_path: Path | None = None
+    users_lock: object = None
+    """The open users.lock, held shared for as long as this session uses the engine."""
 
     @property
     def harness_owned(self) -> bool:
         return self.pid is not None
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Stop the dockerd the harness started: SIGTERM to its PID, then wait for it to exit."""
+        """Stop the dockerd the harness started: SIGTERM to its PID, then wait for it to exit. Left running while
+        another test session still uses it (that session holds users.lock shared)."""
         self.client.close()
         if self.pid is None:
             raise RuntimeError("This Docker engine was not started by the test harness; leaving it running.")
-        _stop_dockerd(self.pid, timeout)
-        self.pid = None
+        if self.users_lock is not None:
+            try:
+                fcntl.flock(self.users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.release()
+                return
+        try:
+            _stop_dockerd(self.pid, timeout)
+            self.pid = None
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Stop counting as a user of the engine."""
+        if self.users_lock is not None:
+            self.users_lock.close()
+            self.users_lock = None
 
 
 def ensure_engine() -> EngineHandle:
     """Return a handle on a Docker engine that answers, starting dockerd first if needed and allowed."""
+    users_lock = None
+    try:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        users_lock = open(USERS_LOCKFILE, "a")
+        # Blocks only while a session that started dockerd is stopping it: then this one starts a fresh one.
+        fcntl.flock(users_lock, fcntl.LOCK_SH)
+    except OSError:
+        users_lock = None  # a read-only /tmp: sessions cannot see each other, as before
+    handle = _ensure_engine()
+    handle.users_lock = users_lock
+    return handle
+
+
+def _ensure_engine() -> EngineHandle:
     client = _answering_client()
     if client is not None:
         return _reused(client)
