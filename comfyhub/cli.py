@@ -126,11 +126,12 @@ class Command(BaseCommand):
                 self.stderr.write(no_worker_message(operation))
             return None
         label = operation_label(operation)
-        self.stdout.write(f"{label}: operation {operation.pk}")
         deadline = time.monotonic() + timeout
         next_worker_check = time.monotonic()
         shown_lines, shown_progress = 0, None
         try:
+            # Inside the try: with unbuffered output a person (or a test) may press Ctrl-C as soon as this shows.
+            self.stdout.write(f"{label}: operation {operation.pk}")
             while True:
                 operation.refresh_from_db()
                 shown_lines = self.print_new_lines(operation, shown_lines)
