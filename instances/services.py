@@ -76,29 +76,6 @@ def parse_env(pairs) -> dict[str, str]:
     return env
 
 
-def checked_config(extra_args, extra_env) -> tuple[list, dict]:
-    """Extra arguments as a list and the environment as a dict (numbers become text), or ValidationError: the
-    admin and the CLI's JSON hand over whatever was typed, and list('abc') or dict([...]) would silently make
-    something else of it."""
-    errors: dict[str, list[str]] = {}
-    args, env = [], {}
-    if isinstance(extra_args, (list, tuple)):
-        args = [_as_text(arg) for arg in extra_args]
-    elif extra_args not in (None, ""):
-        errors["extra_args"] = ['Extra arguments are a list of strings, e.g. ["--preview-method", "auto"].']
-    if isinstance(extra_env, dict):
-        env = {key: _as_text(value) for key, value in extra_env.items()}
-    elif extra_env not in (None, ""):
-        errors["extra_env"] = ['The extra environment is an object of names and values, e.g. {"TEAM": "art"}.']
-    if errors:
-        raise ValidationError(errors)
-    return args, env
-
-
-def _as_text(value):
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
 # --- Validation ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -222,7 +199,7 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
                     node: Node | None = None, user=None) -> Instance:
     node = node or local_node()
     # The id is taken as given (never trimmed): "abc\n" is refused, not quietly made into "abc".
-    extra_args, extra_env = checked_config(extra_args, extra_env)
+    extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     fields = InstanceFields(instance_id=instance_id or "", display_name=display_name,
                             description=description, image=image or settings.COMFY_IMAGE,
                             extra_args=extra_args, extra_env=extra_env,
@@ -289,7 +266,7 @@ def instance_update(*, instance: Instance, display_name: str, description: str, 
 def instance_update_check(*, instance: Instance, display_name: str, description: str, image: str, extra_args,
                           extra_env, host_port: int | None, gpu_indexes):
     """Every rule instance_update applies, without saving (the admin's form shows the refusals on its fields)."""
-    extra_args, extra_env = checked_config(extra_args, extra_env)
+    extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     fields = InstanceFields(instance_id=instance.instance_id, display_name=display_name, description=description,
                             image=image or settings.COMFY_IMAGE, extra_args=extra_args, extra_env=extra_env,
                             host_port=host_port, gpu_indexes=list(gpu_indexes or []))
@@ -304,43 +281,34 @@ def instance_pending_changes(instance: Instance) -> bool:
 # --- Actions (each one an operation) -------------------------------------------------------------------------
 
 def instance_build(*, instance: Instance, user=None):
-    from . import jobs
-
-    return operations.enqueue(jobs.build_instance, target=instance, user=user, instance_pk=instance.pk)
+    return operations.enqueue("instances.jobs.build_instance", target=instance, user=user, instance_pk=instance.pk)
 
 
 def instance_start(*, instance: Instance, user=None):
-    from . import jobs
-
     with transaction.atomic():  # no queue, no operation: then the desired state does not change either
         Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
-        return operations.enqueue(jobs.start_instance, target=instance, user=user, instance_pk=instance.pk)
+        return operations.enqueue("instances.jobs.start_instance", target=instance, user=user, instance_pk=instance.pk)
 
 
 def instance_stop(*, instance: Instance, user=None):
-    from . import jobs
-
     with transaction.atomic():  # no queue, no operation: then the desired state does not change either
         Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED)
-        return operations.enqueue(jobs.stop_instance, target=instance, user=user, instance_pk=instance.pk)
+        return operations.enqueue("instances.jobs.stop_instance", target=instance, user=user, instance_pk=instance.pk)
 
 
 def instance_restart(*, instance: Instance, user=None):
-    from . import jobs
-
     with transaction.atomic():  # no queue, no operation: then the desired state does not change either
         Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
-        return operations.enqueue(jobs.restart_instance, target=instance, user=user, instance_pk=instance.pk)
+        return operations.enqueue("instances.jobs.restart_instance", target=instance, user=user,
+                                  instance_pk=instance.pk)
 
 
 def instance_delete(*, instance: Instance, purge_data: bool = False, confirm: str = "", user=None):
     """Remove the container and the registry row; the data stays unless `purge_data` and `confirm` is the id."""
-    from . import jobs
-
     if purge_data and confirm != instance.instance_id:
         raise ValidationError({"confirm": [f"To delete the data too, type the instance id '{instance.instance_id}' "
                                            "exactly."]})
-    return operations.enqueue(jobs.delete_instance, target=instance, user=user, instance_pk=instance.pk,
+    return operations.enqueue("instances.jobs.delete_instance", target=instance, user=user, instance_pk=instance.pk,
                               purge_data=purge_data)
 
 
@@ -394,7 +362,7 @@ def discover_gpus(node: Node | None = None):
 
 def workflows_copy(*, source: Instance, targets: list[Instance], paths: list[str], on_conflict: str = "skip",
                    user=None):
-    from . import jobs, workflows
+    from . import workflows
 
     errors = {}
     if on_conflict not in workflows.CONFLICT_POLICIES:
@@ -411,7 +379,7 @@ def workflows_copy(*, source: Instance, targets: list[Instance], paths: list[str
         errors["targets"] = ["Choose at least one other instance to copy to."]
     if errors:
         raise ValidationError(errors)
-    return operations.enqueue(jobs.copy_workflows, target=source, user=user, source_pk=source.pk,
+    return operations.enqueue("instances.jobs.copy_workflows", target=source, user=user, source_pk=source.pk,
                               target_pks=[t.pk for t in targets], paths=list(paths), on_conflict=on_conflict)
 
 
@@ -429,16 +397,11 @@ def workflow_check(*, instance: Instance, raw: bytes) -> dict:
 
 def node_types_of(instance: Instance) -> set | None:
     """The node classes the running instance offers (remembered for when it does not run)."""
-    import json as json_module
-    import urllib.request
-
-    from .health import probe_host
+    from .comfyui_api import ComfyUI, ComfyUIError
 
     try:
-        with urllib.request.urlopen(f"http://{probe_host(instance)}:{instance.host_port}/object_info",
-                                    timeout=10) as response:
-            types = sorted(json_module.loads(response.read(64 << 20)))
-    except (OSError, ValueError):
+        types = sorted(ComfyUI.of(instance).object_info())
+    except ComfyUIError:
         return set(instance.node_types) or None
     Instance.objects.filter(pk=instance.pk).update(node_types=types)
     return set(types)
@@ -476,12 +439,10 @@ def workflow_version_resolve(*, spec: str):
 
 def workflow_install(*, spec: str, instances: list[Instance], user=None):
     """Install `NAME[@VERSION]` from the library into instances (an operation)."""
-    from . import jobs
-
     version = workflow_version_resolve(spec=spec)
     if not instances:
         raise ValidationError({"instances": ["Choose at least one instance."]})
-    return operations.enqueue(jobs.install_workflow, target=version.entry, user=user, version_pk=version.pk,
+    return operations.enqueue("instances.jobs.install_workflow", target=version.entry, user=user, version_pk=version.pk,
                               instance_pks=[i.pk for i in instances])
 
 
@@ -504,7 +465,7 @@ def template_create(*, name: str, description: str = "", image: str = "", extra_
         raise ValidationError({"name": [f"A template '{name}' already exists."]})
     validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
                       settings=settings_values)
-    extra_args, extra_env = checked_config(extra_args, extra_env)
+    extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     template = InstanceTemplate.objects.create(
         name=name, description=description, image=image, extra_args=extra_args,
         extra_env=extra_env, gpu_count=gpu_count, custom_nodes=list(custom_nodes or []),
@@ -522,7 +483,7 @@ def template_update(*, template, description: str = "", image: str = "", extra_a
 
     validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
                       settings=settings_values)
-    extra_args, extra_env = checked_config(extra_args, extra_env)
+    extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     with transaction.atomic():
         InstanceTemplate.objects.filter(pk=template.pk).update(
             description=description, image=image, extra_args=extra_args, extra_env=extra_env, gpu_count=gpu_count,
@@ -548,14 +509,12 @@ def instance_create_from_template(*, template, instance_id: str, host_port: int 
 
 
 def template_apply(*, template, instance: Instance, user=None):
-    from . import jobs
-
-    return operations.enqueue(jobs.apply_template, target=instance, user=user, template_pk=template.pk,
+    return operations.enqueue("instances.jobs.apply_template", target=instance, user=user, template_pk=template.pk,
                               instance_pk=instance.pk)
 
 
 def node_install(*, instance: Instance, url: str, ref: str = "", user=None):
-    from . import customnodes, jobs
+    from . import customnodes
 
     try:
         customnodes.check_url(url)
@@ -564,18 +523,17 @@ def node_install(*, instance: Instance, url: str, ref: str = "", user=None):
         raise ValidationError({"url": [str(exc)]}) from exc
     if ref.startswith("-"):
         raise ValidationError({"ref": [f"'{ref}' is not a branch, tag or commit."]})
-    return operations.enqueue(jobs.install_node, target=instance, user=user, instance_pk=instance.pk,
+    return operations.enqueue("instances.jobs.install_node", target=instance, user=user, instance_pk=instance.pk,
                               url=url.strip(), ref=ref.strip())
 
 
 def node_action(*, instance: Instance, name: str, action: str, ref: str | None = None, user=None):
     """update, disable, enable or remove one custom node (an operation)."""
-    from . import jobs
     from .models import CustomNode
 
     if action not in ("update", "disable", "enable", "remove"):
         raise ValidationError({"action": [f"Unknown action '{action}'."]})
     if not CustomNode.objects.filter(instance=instance, name=name).exists():
         raise ValidationError({"name": [f"{instance} has no custom node '{name}' installed by ComfyHub."]})
-    return operations.enqueue(jobs.custom_node_action, target=instance, user=user, instance_pk=instance.pk,
+    return operations.enqueue("instances.jobs.custom_node_action", target=instance, user=user, instance_pk=instance.pk,
                               name=name, action=action, ref=ref)

@@ -1,31 +1,29 @@
 """Model library services, shared by the models page, the admin, the `models` command and the jobs."""
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from django.core.exceptions import ValidationError
 
 from comfyhub import operations
 
-from . import jobs, layout, library
+from . import layout, library
 from .models import ModelAsset
 
 
 def models_scan(*, user=None):
-    return operations.enqueue(jobs.scan_models, user=user)
+    return operations.enqueue("storage_app.jobs.scan_models", user=user)
 
 
 def models_verify(*, full: bool = False, user=None):
-    return operations.enqueue(jobs.verify_models, user=user, full=full)
+    return operations.enqueue("storage_app.jobs.verify_models", user=user, full=full)
 
 
 def models_promote(*, instance, path: str, user=None):
     if not path or ".." in path.split("/") or path.startswith("/"):
         raise ValidationError({"path": [f"'{path}' is not a path inside the instance's models/ folder."]})
-    return operations.enqueue(jobs.promote_model, target=instance, user=user, instance_pk=instance.pk, path=path)
+    return operations.enqueue("storage_app.jobs.promote_model", target=instance, user=user, instance_pk=instance.pk,
+                              path=path)
 
 
 def validate_sha256(value: str) -> str:
@@ -62,13 +60,13 @@ def models_export_hashes() -> str:
     return library.export_hashes()
 
 
-def library_visibility(instance, timeout: float = 5.0) -> dict:
+def library_visibility(instance) -> dict:
     """Ask a running instance which model files it sees per folder and compare with the library and its inbox.
 
     Returns {"reachable", "folders": {folder: {"missing": [...], "extra": [...]}}, "unseen_verified": [...]}."""
-    from instances.health import probe_host
+    from instances.comfyui_api import ComfyUI, ComfyUIError
 
-    base = f"http://{probe_host(instance)}:{instance.host_port}"
+    comfyui = ComfyUI.of(instance)
     library_names: dict[str, set[str]] = {}
     verified: dict[str, set[str]] = {}
     for asset in ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).only("path", "folder", "status"):
@@ -83,14 +81,11 @@ def library_visibility(instance, timeout: float = 5.0) -> dict:
     report = {"reachable": True, "folders": {}, "unseen_verified": []}
     for folder in layout.MODEL_FOLDERS:
         try:
-            with urllib.request.urlopen(f"{base}/models/{folder}", timeout=timeout) as response:
-                seen = set(json.loads(response.read()))
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
+            seen = set(comfyui.models(folder))
+        except ComfyUIError as exc:
+            if exc.status_code == 404:
                 continue  # this ComfyUI version has no such folder
-            return {"reachable": False, "error": f"{base}/models/{folder} answered {exc.code}"}
-        except (OSError, ValueError) as exc:
-            return {"reachable": False, "error": f"{base} does not answer: {exc}"}
+            return {"reachable": False, "error": str(exc)}
         expected = library_names.get(folder, set())
         missing = sorted(expected - seen)
         extra = sorted(seen - expected - inbox_names.get(folder, set()))
@@ -113,16 +108,16 @@ def snapshot_create(*, instance, kind: str = "config", include_output: bool = Fa
         raise ValidationError({"kind": [f"'{kind}' is not a snapshot kind; use config or full."]})
     if len(note) > 300:
         raise ValidationError({"note": ["Keep the note under 300 characters."]})
-    return operations.enqueue(jobs.create_snapshot, target=instance, user=user, instance_pk=instance.pk, kind=kind,
-                              include_output=include_output, note=note, user_pk=_user_pk(user))
+    return operations.enqueue("storage_app.jobs.create_snapshot", target=instance, user=user, instance_pk=instance.pk,
+                              kind=kind, include_output=include_output, note=note, user_pk=_user_pk(user))
 
 
 def snapshot_restore(*, snapshot, user=None):
     if snapshot.instance_id is None:
         raise ValidationError({"snapshot": [f"Instance '{snapshot.instance_label}' no longer exists; clone the "
                                             "snapshot into a new instance instead."]})
-    return operations.enqueue(jobs.restore_snapshot, target=snapshot.instance, user=user, snapshot_pk=snapshot.pk,
-                              user_pk=_user_pk(user))
+    return operations.enqueue("storage_app.jobs.restore_snapshot", target=snapshot.instance, user=user,
+                              snapshot_pk=snapshot.pk, user_pk=_user_pk(user))
 
 
 def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None):
@@ -145,8 +140,8 @@ def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None)
     if Instance.objects.filter(instance_id=new_instance_id).exists():
         raise ValidationError({"new_instance_id": [f"An instance '{new_instance_id}' already exists; pick another id."]})
     check_gpu_selection(indexes=list(gpu_indexes))
-    return operations.enqueue(jobs.clone_snapshot, user=user, snapshot_pk=snapshot.pk, new_instance_id=new_instance_id,
-                              gpu_indexes=list(gpu_indexes), user_pk=_user_pk(user))
+    return operations.enqueue("storage_app.jobs.clone_snapshot", user=user, snapshot_pk=snapshot.pk,
+                              new_instance_id=new_instance_id, gpu_indexes=list(gpu_indexes), user_pk=_user_pk(user))
 
 
 def snapshot_delete(*, snapshot):
@@ -172,109 +167,8 @@ def snapshot_import_manager(*, instance, data, user=None):
     except snapshots.SnapshotError as exc:
         raise ValidationError({"file": [str(exc)]}) from exc
     file_nodes, pips = snapshots.manager_extras(data)
-    return operations.enqueue(jobs.import_manager_snapshot, target=instance, user=user, instance_pk=instance.pk,
-                              nodes=nodes, file_nodes=file_nodes, pips=pips)
-
-
-def restore_into_instance(*, snapshot_pk, user_pk=None, report=None) -> dict:
-    """Job body: check, snapshot what is there now, stop, swap in the archived trees, restore settings, restart."""
-    from django.contrib.auth import get_user_model
-
-    from comfyhub.operations import OperationError
-    from instances import containers, services as instance_services
-    from instances.models import Instance
-
-    from . import snapshots
-    from .models import Snapshot
-
-    snapshot = Snapshot.objects.select_related("instance__node").get(pk=snapshot_pk)
-    instance = snapshot.instance
-    if instance is None:
-        raise OperationError(f"Instance '{snapshot.instance_label}' no longer exists; clone the snapshot instead.")
-    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
-    root = layout.instance_dir(instance.instance_id, instance.node)
-    try:
-        report.progress(2, "checking the archive")
-        plan = snapshots.check_archive(snapshot, snapshots.staging_parent(root))  # refuse before anything changes
-        report.log(f"the archive passed every check: {', '.join(plan.trees) or 'nothing'} to restore, "
-                   f"{plan.unpacked} bytes unpacked (at most {plan.limit.bytes})")
-        for item in (snapshot.manifest or {}).get("skipped", []) if isinstance(snapshot.manifest, dict) else []:
-            report.log(f"not in this snapshot (left out when it was taken): {item.get('path')} ({item.get('why')})",
-                       "WARNING")
-        report.progress(5, "taking a snapshot of the current state first")
-        undo = snapshots.create(instance, kind=snapshot.kind, include_output=snapshot.include_output,
-                                note=f"automatic, before restoring snapshot {snapshot.pk}", user=user,
-                                automatic="before-restore", report=report)
-    except snapshots.SnapshotError as exc:
-        message = str(exc)
-        raise OperationError(message if "Nothing was restored" in message or "nothing was restored" in message
-                             else f"{message} Nothing was restored.") from exc
-    was_running = instance.desired_state == Instance.DesiredState.RUNNING
-    if was_running:
-        report.progress(20, "stopping the instance")
-        containers.stop(instance, report)
-    try:
-        report.progress(30, "restoring files")
-        trees = snapshots.restore_files(snapshot, instance, report)
-    except (snapshots.SnapshotError, OSError) as exc:
-        if was_running:
-            containers.start(instance, report)
-        raise OperationError(f"{exc} The instance was left as it was (undo snapshot {undo.pk} kept).") from exc
-    config = snapshot.manifest.get("instance", {})
-    kept = []
-    try:
-        instance_services.instance_update(
-            instance=instance, display_name=config.get("display_name", instance.display_name),
-            description=config.get("description", instance.description), image=config.get("image", instance.image),
-            extra_args=config.get("extra_args", []), extra_env=config.get("extra_env", {}), host_port=None,
-            gpu_indexes=[g.index for g in instance.assigned_gpus()], user=user)
-        kept = ["GPUs and port stay as they are now"]
-    except ValidationError as exc:
-        kept = [f"registry settings not restored: {'; '.join(exc.messages)}"]
-        report.log(kept[0], "WARNING")
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING if was_running
-                                                   else Instance.DesiredState.STOPPED)
-    if was_running:
-        report.progress(80, "starting the instance again")
-        containers.start(Instance.objects.select_related("node").get(pk=instance.pk), report)
-    report.progress(100, "restored")
-    return {"restored": trees, "undo_snapshot": undo.pk, "notes": kept, "restarted": was_running}
-
-
-def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None, report=None) -> dict:
-    from django.contrib.auth import get_user_model
-
-    from comfyhub.operations import OperationError
-    from instances import services as instance_services
-
-    from . import snapshots
-    from .models import Snapshot
-
-    snapshot = Snapshot.objects.get(pk=snapshot_pk)
-    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
-    config = snapshot.manifest.get("instance", {})
-    try:
-        snapshots.verify_archive(snapshot)
-        instance = instance_services.instance_create(
-            instance_id=new_instance_id, display_name=config.get("display_name", ""),
-            description=config.get("description", ""), image=config.get("image", ""),
-            extra_args=config.get("extra_args", []), extra_env=config.get("extra_env", {}),
-            gpu_indexes=gpu_indexes, user=user)
-    except snapshots.SnapshotError as exc:
-        raise OperationError(f"{exc} Nothing was created.") from exc
-    except ValidationError as exc:
-        raise OperationError("Cannot create the clone: " + "; ".join(exc.messages)) from exc
-    try:
-        report.progress(30, "extracting into the new instance's folder")
-        snapshots.restore_clone(snapshot, layout.instance_dir(new_instance_id, instance.node), report)
-        layout.build_shared_tree(instance.node)
-        layout.build_instance_tree(new_instance_id, instance.node)
-    except (snapshots.SnapshotError, OSError) as exc:
-        instance.delete()
-        raise OperationError(f"{exc} The clone was not created.") from exc
-    report.progress(100, f"cloned into {new_instance_id}")
-    return {"instance": new_instance_id, "port": instance.host_port,
-            "gpus": [g.index for g in instance.assigned_gpus()]}
+    return operations.enqueue("storage_app.jobs.import_manager_snapshot", target=instance, user=user,
+                              instance_pk=instance.pk, nodes=nodes, file_nodes=file_nodes, pips=pips)
 
 
 # --- Legacy migration ------------------------------------------------------------------------------------------
@@ -311,7 +205,8 @@ def legacy_plan(*, source: str, instance_id: str = "", mode: str = "move"):
 def legacy_plan_start(*, source: str, instance_id: str = "", mode: str = "move", user=None):
     """Plan on a worker (the page): the request itself never looks at the host's folders."""
     instance_id = _legacy_choices(source=source, instance_id=instance_id, mode=mode, absolute=True)
-    return operations.enqueue(jobs.legacy_plan, user=user, source=source, instance_id=instance_id, mode=mode)
+    return operations.enqueue("storage_app.jobs.legacy_plan", user=user, source=source, instance_id=instance_id,
+                              mode=mode)
 
 
 def legacy_register(*, instance_id: str, user=None):
@@ -365,5 +260,5 @@ def legacy_migrate_now(*, source: str, instance_id: str = "", mode: str = "move"
 def legacy_migrate(*, source: str, instance_id: str = "", mode: str = "move", user=None):
     """Queue the migration; the job checks the folder and plans again before moving anything."""
     instance_id = _legacy_choices(source=source, instance_id=instance_id, mode=mode, absolute=True)
-    return operations.enqueue(jobs.legacy_migrate, user=user, source=source, instance_id=instance_id, mode=mode,
-                              user_pk=_user_pk(user))
+    return operations.enqueue("storage_app.jobs.legacy_migrate", user=user, source=source, instance_id=instance_id,
+                              mode=mode, user_pk=_user_pk(user))
