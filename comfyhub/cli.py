@@ -60,6 +60,14 @@ class InputParser(CommandParser):
             super().error(message)
         raise CommandError(f"Error: {message}", returncode=EXIT_INPUT)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # Only call_command() can pass a NUL byte (a shell cannot), and PostgreSQL refuses one in any text it is
+        # asked to compare: looking up "bad\x00" would be a DataError there, not "no such instance".
+        for arg in args or ():
+            if isinstance(arg, str) and "\x00" in arg:
+                self.error(f"argument {arg!r} contains a NUL character; remove it.")
+        return super().parse_known_args(args, namespace)
+
 
 def input_errors(parser: CommandParser) -> CommandParser:
     """Make argument errors of `parser` and of its sub-command parsers exit code 2 (BaseCommand builds plain
