@@ -6,6 +6,7 @@ from pathlib import Path
 from django.core.exceptions import ValidationError
 
 from comfyhub import operations
+from comfyhub.cli import human_size
 
 from . import layout, library
 from .models import ModelAsset
@@ -246,7 +247,7 @@ def legacy_migrate_now(*, source: str, instance_id: str = "", mode: str = "move"
                        + (" and was interrupted: finishing it." if plan.previous["unfinished"] else "."))
         totals = plan.totals()
         report.log(f"{len(plan.entries)} file(s) to carry: " + (", ".join(
-            f"{group}: {t['files']} ({library.human_size(t['bytes'])})" for group, t in totals.items()) or "none"))
+            f"{group}: {t['files']} ({human_size(t['bytes'])})" for group, t in totals.items()) or "none"))
     try:
         done = migration.execute(plan, report)
     except (migration.MigrationError, layout.LayoutError) as exc:
