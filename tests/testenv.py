@@ -29,13 +29,16 @@ REDIS_SOCKET = ROOT / "redis.sock"
 POSTGRES_DIR = ROOT / "postgres"  # the private cluster's data and its socket, owned by the user it runs as
 POSTGRES_SCHEMES = ("postgres://", "postgresql://", "pgsql://")
 # The database-sensitive part of the suite, which `make test` runs again on PostgreSQL (`pytest -m postgres`):
-# operations (conditional updates racing, rows written by worker processes), instance starts (two at once), the
-# admin and the pages; test_database.py (migrations, serve, races) and the registry's constraint and concurrency
-# tests join it with @pytest.mark.postgres. The rest runs on SQLite only, to keep `make test` within 20 minutes
-# (DATABASE_URL=postgres://... runs all of it on PostgreSQL).
+# operations (conditional updates racing, rows written by worker processes), instance starts (two at once),
+# snapshots and restores (the instance's lock), templates, the admin and the pages; test_database.py (migrations,
+# serve, races), the registry's constraint and concurrency tests and the commands' bad-argument table join it with
+# @pytest.mark.postgres. The rest runs on SQLite only, to keep `make test` within 20 minutes (about 3 minutes
+# here on a quiet 2-core machine; DATABASE_URL=postgres://... runs all of it on PostgreSQL).
 POSTGRES_PART = {
-    "test_operations.py", "test_instance_lifecycle.py", "test_instance_admin.py", "test_model_admin.py",
-    "test_access.py", "test_operation_views.py", "test_instance_views.py", "test_storage_check_views.py",
+    "test_operations.py", "test_instance_lifecycle.py", "test_snapshots.py", "test_templates.py",
+    "test_instance_admin.py", "test_model_admin.py", "test_access.py", "test_operation_views.py",
+    "test_instance_views.py", "test_node_views.py", "test_template_views.py", "test_workflow_views.py",
+    "test_model_views.py", "test_snapshot_views.py", "test_legacy_views.py", "test_storage_check_views.py",
 }
 
 
