@@ -236,9 +236,11 @@ def _raise_for_integrity(exc, fields, port, *, explicit_port, creating=True):
 def _assign(instance: Instance, gpus: list[GPU]):
     GPUAssignment.objects.filter(instance=instance).exclude(gpu__in=gpus).delete()
     held = set(GPUAssignment.objects.filter(instance=instance).values_list("gpu_id", flat=True))
-    for gpu in gpus:
-        if gpu.pk not in held:
-            GPUAssignment.objects.create(instance=instance, gpu=gpu, exclusive=not gpu.shareable)
+    # The GPUs' rows, locked and read again: a GPU made exclusive since the checks makes this holder exclusive too,
+    # and the database then refuses a second one (gpu_set_shareable takes the same lock).
+    locked = GPU.objects.select_for_update().in_bulk([gpu.pk for gpu in gpus if gpu.pk not in held])
+    for gpu in locked.values():
+        GPUAssignment.objects.create(instance=instance, gpu=gpu, exclusive=not gpu.shareable)
 
 
 def instance_update(*, instance: Instance, display_name: str, description: str, image: str, extra_args, extra_env,
@@ -342,6 +344,7 @@ def purge_instance_data(instance_id: str, node: Node):
 def gpu_set_shareable(*, gpu: GPU, shareable: bool) -> GPU:
     """Allow or forbid several instances on one GPU; existing holders follow (exclusive unless shareable)."""
     with transaction.atomic():
+        GPU.objects.select_for_update().get(pk=gpu.pk)  # a create adding a holder waits, then sees the new rule
         holders = list(GPUAssignment.objects.select_for_update().filter(gpu=gpu).select_related("instance"))
         if not shareable and len(holders) > 1:
             names = ", ".join(str(a.instance) for a in holders)

@@ -16,7 +16,7 @@ from django.db import connection
 from comfyhub import operations
 from comfyhub.models import Operation
 from instances import services
-from instances.models import GPUAssignment
+from instances.models import GPU, GPUAssignment, Instance
 from tests import jobs_for_tests, testenv
 from tests.conftest import REPO, wait_for
 
@@ -142,6 +142,46 @@ def test_two_creates_racing_for_one_exclusive_gpu_get_one_winner_and_a_message()
         if name not in winners:
             assert list(result) == ["gpus"], result
     assert [a.instance.instance_id for a in GPUAssignment.objects.filter(gpu__index=1)] == winners
+
+
+def test_making_a_gpu_exclusive_while_an_instance_joins_it_leaves_one_rule_standing():
+    """A person makes shared GPU 2 exclusive while another adds an instance to it, round after round: whichever
+    commits first, the other sees it (the GPU's row is locked by both), so an exclusive GPU never ends up with two
+    holders and every holder's flag follows the GPU."""
+    for round_number in range(8):
+        gpu = GPU.objects.get(index=2)
+        services.gpu_set_shareable(gpu=gpu, shareable=True)
+        services.instance_create(instance_id=f"holder-{round_number}", gpu_indexes=[2])
+        barrier = threading.Barrier(2)
+
+        def make_exclusive():
+            barrier.wait()
+            try:
+                services.gpu_set_shareable(gpu=gpu, shareable=False)
+            except ValidationError:
+                pass
+            finally:
+                connection.close()
+
+        def join():
+            barrier.wait()
+            try:
+                services.instance_create(instance_id=f"joiner-{round_number}", gpu_indexes=[2])
+            except ValidationError:
+                pass
+            finally:
+                connection.close()
+
+        people = [threading.Thread(target=make_exclusive), threading.Thread(target=join)]
+        for person in people:
+            person.start()
+        for person in people:
+            person.join()
+        gpu.refresh_from_db()
+        holders = list(GPUAssignment.objects.filter(gpu=gpu))
+        assert gpu.shareable or len(holders) == 1, (round_number, [(a.instance_id, a.exclusive) for a in holders])
+        assert all(a.exclusive == (not gpu.shareable) for a in holders), round_number
+        Instance.objects.filter(instance_id__in=[f"holder-{round_number}", f"joiner-{round_number}"]).delete()
 
 
 def test_the_test_database_is_the_one_asked_for():
