@@ -133,7 +133,8 @@ def test_a_running_instance_sees_the_library_and_a_hidden_verified_file_fails_is
     # A verified file the instance cannot list (here: unreadable to ComfyUI's directory walk) is flagged.
     hidden = ModelAsset.objects.create(path="checkpoints/ghost.ckpt", folder="checkpoints", size=1,
                                        sha256="a" * 64, status=ModelAsset.Status.VERIFIED)
-    sharing = services.jobs.check_sharing
+    from storage_app.jobs import check_sharing as sharing
+
     operation = Operation.objects.create(kind="models_sharing")
     from comfyhub.operations import Report
 
