@@ -353,6 +353,13 @@ RQ = {
 }
 RQ_SHOW_ADMIN_LINK = True
 
+# --- `manage.py serve` (what `make run` starts); its options override these ----------------------------------------
+SERVE_BIND = env_text("COMFYHUB_BIND", "127.0.0.1:8000", valid=lambda t: bool(re.fullmatch(
+    r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}|unix:/\S+", t)),
+    expected="use HOST:PORT ([::1]:8000 for IPv6) or unix:/path/to.sock, e.g. 127.0.0.1:8000.")
+SERVE_WORKERS = env_int("COMFYHUB_WORKERS", 2, "RQ worker processes", minimum=1, maximum=64)
+SERVE_WEB_WORKERS = env_int("COMFYHUB_WEB_WORKERS", 2, "gunicorn worker processes", minimum=1, maximum=64)
+
 # --- Operations ----------------------------------------------------------------------------------------------
 # A running operation's runner writes a heartbeat this often; one silent for longer than the timeout is failed
 # by the periodic sweep ("the worker died").

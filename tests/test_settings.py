@@ -173,6 +173,9 @@ BAD_VALUES = {
     "DOCKER_PING_TIMEOUT": ["soon"],
     "DOCKER_STATUS_CACHE_SECONDS": ["-10"],
     "LOG_LEVEL": ["VERBOSE"],
+    "COMFYHUB_BIND": ["8000", "localhost", "::1:8000"],
+    "COMFYHUB_WORKERS": ["0", "two"],
+    "COMFYHUB_WEB_WORKERS": ["-1", "2.5"],
 }
 # Read by the settings but set only by the test session, never by a deployment.
 TEST_ONLY_VARIABLES = {"TEST_DATABASE_NAME"}

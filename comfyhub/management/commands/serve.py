@@ -32,11 +32,12 @@ class Command(BaseCommand):
         return input_errors(super().create_parser(prog_name, subcommand, **kwargs))  # bad arguments: exit code 2
 
     def add_arguments(self, parser):
-        parser.add_argument("--bind", default=os.environ.get("COMFYHUB_BIND", "127.0.0.1:8000"),
+        parser.add_argument("--bind", default=settings.SERVE_BIND,
                             help="Address for the web server (default 127.0.0.1:8000, env COMFYHUB_BIND).")
-        parser.add_argument("--workers", type=int, default=int(os.environ.get("COMFYHUB_WORKERS", "2")),
+        parser.add_argument("--workers", type=int, default=settings.SERVE_WORKERS,
                             help="RQ worker processes (default 2, env COMFYHUB_WORKERS).")
-        parser.add_argument("--web-workers", type=int, default=int(os.environ.get("COMFYHUB_WEB_WORKERS", "2")))
+        parser.add_argument("--web-workers", type=int, default=settings.SERVE_WEB_WORKERS,
+                            help="Gunicorn worker processes (default 2, env COMFYHUB_WEB_WORKERS).")
 
     def handle(self, *args, **options):
         self.children: list[tuple[str, list[str], subprocess.Popen]] = []
