@@ -151,10 +151,12 @@ class Instance(models.Model):
 
     @property
     def url(self):
+        from .comfyui_api import base_url
+
         host = self.node.bind_address
         if host in ("0.0.0.0", "::"):
             host = "localhost"
-        return f"http://{host}:{self.host_port}/"
+        return base_url(host, self.host_port) + "/"
 
 
 class GPUAssignment(models.Model):

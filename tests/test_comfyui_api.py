@@ -300,3 +300,13 @@ def test_library_visibility_skips_a_folder_comfyui_has_not_and_stops_at_an_error
     assert storage_services.library_visibility(instance) == {
         "reachable": True, "unseen_verified": [],
         "folders": {"checkpoints": {"missing": [], "extra": ["sd15.safetensors"]}}}
+
+
+@pytest.mark.parametrize("bind_address, url", [
+    ("127.0.0.1", "http://127.0.0.1:8190/"),
+    ("::1", "http://[::1]:8190/"),
+    ("0.0.0.0", "http://localhost:8190/"),
+    ("::", "http://localhost:8190/"),
+])
+def test_the_open_link_of_an_instance_brackets_an_ipv6_address(db, bind_address, url):
+    assert instance_served_by(8190, bind_address).url == url
