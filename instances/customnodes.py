@@ -56,13 +56,22 @@ cd "$2" && g remote set-url origin "$3" || exit 10
 FETCH_SCRIPT = """cd "$COMFYHUB_NODES/$1" || exit 3
 g fetch --quiet --tags --force --no-recurse-submodules -- "$2" "+refs/heads/*:refs/remotes/origin/*" || exit 13
 """
+# What Python writes when ComfyUI imports a node (`__pycache__/`, *.pyc, *.pyo): never a local change, even where the
+# repository tracks it (a first run rewrites it). Untracked and ignored files never count either.
+GENERATED = "':(glob)**/__pycache__/**' ':(glob)**/*.py[co]'"
+GENERATED_EXCLUDED = "':(exclude,glob)**/__pycache__/**' ':(exclude,glob)**/*.py[co]'"
 # $1 the folder, $2 a branch, tag or commit ("" for the default branch), $3 "1" to refuse local changes
-CHECKOUT_SCRIPT = """cd "$COMFYHUB_NODES/$1" || exit 3
+CHECKOUT_SCRIPT = f"""cd "$COMFYHUB_NODES/$1" || exit 3
 if [ "$3" = 1 ]; then
-  changes=$(g status --porcelain --untracked-files=no) || exit 15
+  changes=$(g status --porcelain --untracked-files=no -- . {GENERATED_EXCLUDED}) || exit 15
   [ -z "$changes" ] || exit 14
+  # the tracked generated files a run rewrote go back to HEAD's, so that the checkout does not stop at them
+  if [ -n "$(g ls-files --modified -- {GENERATED})" ]; then
+    g ls-files -z --modified -- {GENERATED} \\
+      | g --literal-pathspecs checkout --quiet HEAD --pathspec-from-file=- --pathspec-file-nul || exit 15
+  fi
 fi
-ref=$2
+""" + """ref=$2
 if [ -z "$ref" ]; then
   ref=$(g rev-parse --abbrev-ref origin/HEAD) || exit 11
   ref=${ref#origin/}

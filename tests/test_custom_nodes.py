@@ -93,6 +93,36 @@ def test_update_moves_to_another_ref_and_refuses_a_dirty_tree(instance, repo):
     assert customnodes.list_nodes(instance)[0]["commit"] == commits["main"]
 
 
+def test_files_python_writes_or_git_ignores_are_not_local_changes(instance, tmp_path):
+    url, commits = make_node_repo(tmp_path / "repos", files={
+        "__init__.py": "NODE_CLASS_MAPPINGS = {}\n", ".gitignore": "settings.local.json\n",
+        "__pycache__/nodes.cpython-312.pyc": "committed by mistake\n", "legacy.pyc": "committed too\n"})
+    node = customnodes.install(instance, url, "v1")
+    newer = add_commit(tmp_path / "repos" / "ComfyUI-Test-Nodes", "__pycache__/nodes.cpython-312.pyc", "newer\n")
+    folder = customnodes.folder_of(instance, node.name)
+    (folder / "__pycache__" / "__init__.cpython-312.pyc").write_bytes(b"\x00written by the first run")
+    (folder / "__pycache__" / "nodes.cpython-312.pyc").write_bytes(b"\x00rewritten by the first run")
+    (folder / "legacy.pyc").unlink()
+    (folder / "settings.local.json").write_text("{}\n")
+    assert customnodes.update(node, "main").commit == newer != commits["main"]
+    assert (folder / "__pycache__" / "nodes.cpython-312.pyc").read_text() == "newer\n"
+    assert (folder / "settings.local.json").read_text() == "{}\n"
+    assert (folder / "__pycache__" / "__init__.cpython-312.pyc").exists()
+
+
+def test_an_edited_tracked_file_still_refuses_an_update_beside_generated_ones(instance, repo):
+    url, commits = repo
+    node = customnodes.install(instance, url, "v1")
+    folder = customnodes.folder_of(instance, node.name)
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "__init__.cpython-312.pyc").write_bytes(b"\x00")
+    (folder / "__init__.py").write_text("# edited by hand\n")
+    with pytest.raises(customnodes.CustomNodeError, match="local changes"):
+        customnodes.update(node, "main")
+    assert (folder / "__init__.py").read_text() == "# edited by hand\n"
+    assert CustomNode.objects.get(pk=node.pk).commit == commits["v1"]
+
+
 def test_update_fetches_what_the_repository_gained_since_the_install(instance, tmp_path):
     url, commits = make_node_repo(tmp_path / "repos")
     node = customnodes.install(instance, url, "main")

@@ -16,6 +16,7 @@ def make_node_repo(root, name="ComfyUI-Test-Nodes", files=None):
     repo.mkdir(parents=True)
     git("init", "--quiet", "--initial-branch=main", cwd=repo)
     for relpath, content in (files or {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"}).items():
+        (repo / relpath).parent.mkdir(parents=True, exist_ok=True)
         (repo / relpath).write_text(content)
     git("add", "-A", cwd=repo)
     git("commit", "--quiet", "-m", "first", cwd=repo)
