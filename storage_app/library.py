@@ -352,11 +352,16 @@ def duplicates() -> list[dict]:
               .values("sha256").annotate(copies=Count("id"), bytes=Sum("size")).filter(copies__gt=1))
     found = []
     for group in groups:
-        paths = list(ModelAsset.objects.filter(sha256=group["sha256"]).exclude(status=ModelAsset.Status.MISSING)
-                     .values_list("path", flat=True))
+        rows = list(ModelAsset.objects.filter(sha256=group["sha256"]).exclude(status=ModelAsset.Status.MISSING)
+                    .values_list("path", "inode"))
+        # Hard links (promote makes them) share their bytes: only distinct files waste space, and names that are all
+        # one file are no duplicate to clean up (deleting one would only take a name from the instances using it).
+        files = len({inode or path for path, inode in rows})
+        if files < 2:
+            continue
         size = group["bytes"] // group["copies"]
-        found.append({"sha256": group["sha256"], "paths": paths, "size": size,
-                      "wasted": size * (group["copies"] - 1)})
+        found.append({"sha256": group["sha256"], "paths": [path for path, _inode in rows], "size": size,
+                      "wasted": size * (files - 1)})
     return sorted(found, key=lambda g: -g["wasted"])
 
 
@@ -438,7 +443,13 @@ class PromoteError(Exception):
 
 def promote(instance, relpath: str, report=None) -> dict:
     """Copy an inbox file into shared/models/<folder>/ without overwriting, then drop the inbox copy; drop it as well
-    if the library already has the same content; never replace a different file.
+    if the library already has the same content at that name; never replace a different file.
+
+    The promoted file always keeps the folder and name the instance used, because the node that downloaded it loads
+    it by that name. When the library has the same bytes under another name, the new name becomes a hard link to
+    that library file (no second copy of gigabytes, an ordinary file for scans, verifies and the read-only mount, and
+    it survives the other name being deleted or renamed, which a symlink would not); where a hard link cannot be made
+    (another file system, a file the service may not link, the other name is itself a link), it is a copy.
 
     The instance's folder is hostile: the source is opened from it without following a link at any level, checked to
     be a regular file, and read only through that descriptor (so nothing the container swaps in, and no host file,
@@ -506,20 +517,66 @@ def _promote_from(instance, root: Path, source_rel: str, source_fd: int, relpath
             return {"result": "deduplicated", "path": target_rel, "sha256": digest.sha256}
         raise PromoteError(f"The library already has a different file at {target_rel}; rename one of them "
                            "(nothing was moved).")
-    same = ModelAsset.objects.filter(sha256=digest.sha256).exclude(status=ModelAsset.Status.MISSING).first()
-    if same:
-        _drop_source(root, source_rel, source_fd)
-        report.log(f"the library already has this content as {same.path}: dropped the inbox copy")
-        return {"result": "deduplicated", "path": same.path, "sha256": digest.sha256}
+    size = os.fstat(source_fd).st_size
+    for same in (ModelAsset.objects.filter(sha256=digest.sha256, size=size).exclude(path=target_rel)
+                 .exclude(status=ModelAsset.Status.MISSING).order_by("path")):
+        stat = _link_in_library(shared, f"models/{same.path}", shared_rel, digest.sha256, target_rel)
+        if stat is not None:
+            _drop_source(root, source_rel, source_fd)
+            _record_promoted(target_rel, stat, digest, f"promoted from an instance inbox: a hard link to {same.path}",
+                             architecture=same.architecture, metadata=same.metadata)
+            report.log(f"the library already has this content as {same.path}: {target_rel} is a hard link to it; "
+                       "dropped the inbox copy")
+            return {"result": "linked", "path": target_rel, "same_as": same.path, "sha256": digest.sha256}
     stat = _copy_into_library(shared, shared_rel, source_fd, digest.sha256, target_rel)
     _drop_source(root, source_rel, source_fd)
+    _record_promoted(target_rel, stat, digest, "promoted from an instance inbox")
+    report.log(f"moved into the shared library as {target_rel}")
+    return {"result": "moved", "path": target_rel, "sha256": digest.sha256}
+
+
+def _record_promoted(target_rel: str, stat: os.stat_result, digest: hashing.FileHash, reason: str, **extra) -> None:
     ModelAsset.objects.update_or_create(path=target_rel, defaults=dict(
         folder=folder_of(target_rel), size=stat.st_size, mtime_ns=stat.st_mtime_ns, inode=stat.st_ino,
         sha256=digest.sha256, blake3=digest.blake3, hashed_size=stat.st_size, hashed_mtime_ns=stat.st_mtime_ns,
         hashed_inode=stat.st_ino, last_verified_at=timezone.now(), status=ModelAsset.Status.UNVERIFIED,
-        status_reason="promoted from an instance inbox"))
-    report.log(f"moved into the shared library as {target_rel}")
-    return {"result": "moved", "path": target_rel, "sha256": digest.sha256}
+        status_reason=reason, **extra))
+
+
+def _link_in_library(shared: Path, existing_rel: str, shared_rel: str, sha256: str,
+                     target_rel: str) -> os.stat_result | None:
+    """Make `shared_rel` a hard link to the library file at `existing_rel` if that file (opened without following a
+    link) still holds these bytes; None where it cannot (gone, a link, changed, another file system, a file the
+    service may not link), and the caller copies instead. Both names are inside the shared tree; the inbox file is
+    never linked. Returns the stat of the linked file."""
+    try:
+        existing_fd = safefs.open_file(shared, existing_rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except (OSError, safefs.UnsafePathError):
+        return None
+    try:
+        if not S_ISREG(os.fstat(existing_fd).st_mode):
+            return None
+        try:
+            if _hash_fd(existing_fd, what=existing_rel).sha256 != sha256:
+                return None
+        except PromoteError:
+            return None
+        parent, name = PurePosixPath(shared_rel).parent, PurePosixPath(shared_rel).name
+        try:
+            with safefs.opened_dir(shared, parent, create=True, chown=False) as dst_fd:
+                try:
+                    # The descriptor's /proc entry names the very file that was hashed, never a path that could have
+                    # been swapped since; link() never replaces an existing name.
+                    os.link(f"/proc/self/fd/{existing_fd}", name, dst_dir_fd=dst_fd, follow_symlinks=True)
+                except FileExistsError:
+                    raise PromoteError(f"{shared / shared_rel} appeared meanwhile; nothing was moved.") from None
+                except OSError:  # EXDEV, EPERM (fs.protected_hardlinks), EMLINK: a copy will do
+                    return None
+        except safefs.UnsafePathError as exc:
+            raise PromoteError(f"The library cannot receive {target_rel}: {exc} Nothing was moved.") from None
+        return os.fstat(existing_fd)
+    finally:
+        os.close(existing_fd)
 
 
 def _hash_fd(fd: int, *, with_blake3: bool = False, what: str) -> hashing.FileHash:

@@ -5,6 +5,7 @@ or a separate worker process that the command waits for.
 """
 import hashlib
 import json
+import os
 import signal
 import uuid
 from functools import partial
@@ -284,6 +285,57 @@ def test_promote_moves_an_inbox_file_into_the_library_through_a_worker(studio, s
     assert "Moved into the shared library as loras/new.safetensors." in result.out
     assert (library_dir / "loras" / "new.safetensors").read_bytes() == b"fresh"
     assert ModelAsset.objects.get().sha256 == sha256(b"fresh")
+
+
+def test_promote_keeps_the_instances_name_when_the_library_has_the_bytes_under_another(studio, storage, library_dir,
+                                                                                        run_worker):
+    content = b"same weights" * 1000
+    original = put(library_dir, "checkpoints/a.safetensors", content)
+    models("verify", "--no-wait")
+    run_worker()
+    inbox_copy = put(storage["instances"] / "studio" / "models", "loras/b.safetensors", content)
+
+    assert models("promote", "studio", "loras/b.safetensors", "--no-wait").code == 0
+    run_worker()
+
+    # The node that downloaded loras/b.safetensors finds it there through /shared/models/loras, with no second copy
+    # of the bytes: a hard link to the library's file, never the instance's own inode.
+    promoted = library_dir / "loras" / "b.safetensors"
+    assert promoted.read_bytes() == content and not inbox_copy.exists()
+    assert os.stat(promoted).st_ino == os.stat(original).st_ino and not promoted.is_symlink()
+    assert original.read_bytes() == content
+    assert Operation.objects.get(kind="models_promote").result == {
+        "result": "linked", "path": "loras/b.safetensors", "same_as": "checkpoints/a.safetensors",
+        "sha256": sha256(content)}
+    listed = {asset["path"]: asset for asset in json.loads(models("list", "--json").out)}
+    assert set(listed) == {"checkpoints/a.safetensors", "loras/b.safetensors"}
+    assert listed["loras/b.safetensors"]["sha256"] == sha256(content)
+    assert listed["loras/b.safetensors"]["folder"] == "loras"
+    # Scans and verifies take both names for the files they are; one file under two names wastes nothing.
+    assert models("scan", "--no-wait").code == 0
+    run_worker()
+    assert Operation.objects.get(kind="models_scan").result == {"new": 0, "changed": 0, "missing": 0,
+                                                                 "unchanged": 2, "problems": []}
+    assert models("verify", "--full", "--no-wait").code == 0
+    run_worker()
+    assert Operation.objects.filter(kind="models_verify").latest("created_at").result["hashed"] == 2
+    assert {(a.status, a.sha256, tuple(a.evidence)) for a in ModelAsset.objects.all()} == {
+        (ModelAsset.Status.UNVERIFIED, sha256(content), ())}
+    assert json.loads(models("duplicates", "--json").out) == []
+
+
+def test_promote_prints_which_library_file_the_new_name_links_to(studio, storage, library_dir, worker_process):
+    put(library_dir, "checkpoints/a.safetensors", b"twin")
+    put(storage["instances"] / "studio" / "models", "loras/b.safetensors", b"twin")
+    worker_process()
+    assert models("verify").code == 0
+
+    result = models("promote", "studio", "loras/b.safetensors")
+
+    assert result.code == 0, result.err
+    assert ("The library already had this content as checkpoints/a.safetensors; loras/b.safetensors is now a hard "
+            "link to it and the inbox copy was dropped.") in result.out
+    assert (library_dir / "loras" / "b.safetensors").read_bytes() == b"twin"
 
 
 @pytest.mark.parametrize("path", ["../escape.pt", "/etc/passwd", "loras/../../x.pt"])

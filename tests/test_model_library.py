@@ -179,6 +179,19 @@ def test_duplicates_are_reported_with_the_space_they_waste(models_dir):
     assert group["wasted"] == 4000
 
 
+def test_hard_links_to_one_file_waste_nothing_and_are_no_duplicates_alone(models_dir):
+    a = put(models_dir, "checkpoints/a.ckpt", b"same" * 1000)
+    os.link(a, models_dir / "checkpoints" / "linked.ckpt")
+    put(models_dir, "loras/b.ckpt", b"kept" * 1000)
+    os.link(models_dir / "loras" / "b.ckpt", models_dir / "loras" / "b-linked.ckpt")
+    put(models_dir, "loras/copy-of-a.ckpt", b"same" * 1000)
+    library.scan()
+    library.verify()
+    [group] = library.duplicates()
+    assert sorted(group["paths"]) == ["checkpoints/a.ckpt", "checkpoints/linked.ckpt", "loras/copy-of-a.ckpt"]
+    assert group["wasted"] == 4000
+
+
 # --- bad files ----------------------------------------------------------------------------------------------
 
 def test_a_truncated_or_absurd_safetensors_header_is_reported_not_fatal(models_dir):

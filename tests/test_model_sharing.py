@@ -59,15 +59,45 @@ def test_promote_drops_a_duplicate_of_a_library_file(instance, storage):
     assert not source.exists()
 
 
-def test_promote_drops_content_the_library_has_under_another_name(instance, storage):
-    put(storage["shared"] / "models", "checkpoints/original.ckpt", b"identical")
+def test_promote_keeps_the_name_of_content_the_library_has_under_another_as_a_hard_link(instance, storage):
+    original = put(storage["shared"] / "models", "checkpoints/original.ckpt", b"identical")
     library.scan()
     library.verify()
     source = put(storage["instances"] / "studio" / "models", "checkpoints/renamed.ckpt", b"identical")
     result = library.promote(instance, "checkpoints/renamed.ckpt")
-    assert result == {"result": "deduplicated", "path": "checkpoints/original.ckpt",
+    assert result == {"result": "linked", "path": "checkpoints/renamed.ckpt", "same_as": "checkpoints/original.ckpt",
                       "sha256": hashlib.sha256(b"identical").hexdigest()}
-    assert not source.exists()
+    promoted = storage["shared"] / "models" / "checkpoints" / "renamed.ckpt"
+    assert not source.exists() and not promoted.is_symlink()
+    assert os.stat(promoted).st_ino == os.stat(original).st_ino and os.stat(original).st_nlink == 2
+    assert ModelAsset.objects.get(path="checkpoints/renamed.ckpt").inode == os.stat(original).st_ino
+
+
+def test_promote_copies_when_the_library_name_with_the_same_hash_no_longer_holds_those_bytes(instance, storage):
+    original = put(storage["shared"] / "models", "checkpoints/original.ckpt", b"identical")
+    library.scan()
+    library.verify()
+    original.write_bytes(b"rewritten")  # the record is stale: linking to it would give the instance other bytes
+    source = put(storage["instances"] / "studio" / "models", "loras/renamed.ckpt", b"identical")
+    assert library.promote(instance, "loras/renamed.ckpt")["result"] == "moved"
+    promoted = storage["shared"] / "models" / "loras" / "renamed.ckpt"
+    assert promoted.read_bytes() == b"identical" and original.read_bytes() == b"rewritten" and not source.exists()
+    assert os.stat(promoted).st_ino != os.stat(original).st_ino
+
+
+def test_promote_copies_rather_than_link_through_a_link_in_the_library(instance, storage, tmp_path):
+    outside = put(tmp_path, "outside.ckpt", b"identical")
+    put(storage["shared"] / "models", "checkpoints/original.ckpt", b"identical")
+    library.scan()
+    library.verify()
+    # The recorded name is now a link out of the library: never followed, never linked to.
+    (storage["shared"] / "models" / "checkpoints" / "original.ckpt").unlink()
+    os.symlink(outside, storage["shared"] / "models" / "checkpoints" / "original.ckpt")
+    put(storage["instances"] / "studio" / "models", "loras/renamed.ckpt", b"identical")
+    assert library.promote(instance, "loras/renamed.ckpt")["result"] == "moved"
+    promoted = storage["shared"] / "models" / "loras" / "renamed.ckpt"
+    assert promoted.read_bytes() == b"identical" and not promoted.is_symlink()
+    assert os.stat(promoted).st_ino != os.stat(outside).st_ino and os.stat(outside).st_nlink == 1
 
 
 def test_promote_never_replaces_a_different_file(instance, storage):

@@ -87,6 +87,9 @@ class Command(cli.Command):
             result = done.result or {}
             if result.get("result") == "moved":
                 self.stdout.write(f"Moved into the shared library as {result.get('path')}.")
+            elif result.get("result") == "linked":
+                self.stdout.write(f"The library already had this content as {result.get('same_as')}; "
+                                  f"{result.get('path')} is now a hard link to it and the inbox copy was dropped.")
             else:
                 self.stdout.write(f"The library already had this content as {result.get('path')}; the inbox copy "
                                   "was dropped.")
