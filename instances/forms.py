@@ -68,6 +68,12 @@ class InstanceForm(ServiceForm):
         label="Host port", required=False, help_text="Empty: choose a free one automatically.",
     )
     gpus = GPUCheckboxField(label="GPUs", required=False, help_text="None checked: the instance runs on the CPU.")
+    adopt = forms.BooleanField(
+        label="Adopt the kept folder", required=False,
+        help_text="The folder of a deleted instance with this id was kept: take it as it is (its workflows, outputs, "
+                  "custom nodes and settings stay; nothing in it is overwritten or deleted, building only adds what is "
+                  "missing). Custom nodes in it show up as installed by hand.",
+    )
 
     def __init__(self, *args, node=None, instance: Instance | None = None, **kwargs):
         self.instance = instance
@@ -87,6 +93,7 @@ class InstanceForm(ServiceForm):
         super().__init__(*args, **kwargs)
         if instance is not None:
             del self.fields["instance_id"]  # the id names its folder and container: it never changes
+            del self.fields["adopt"]
         self.gpu_list = self._gpus_to_show()
         self.fields["gpus"].choices = [(str(gpu.index), str(gpu)) for gpu in self.gpu_list]
 
@@ -96,6 +103,14 @@ class InstanceForm(ServiceForm):
         holders = Prefetch("assignments", queryset=GPUAssignment.objects.select_related("instance"))
         gpus = GPU.objects.filter(node=self.node).prefetch_related(holders)
         return [gpu for gpu in gpus if gpu.present or gpu.pk in held]
+
+    def kept_folders(self) -> list[str]:
+        """Ids whose folder was kept when their instance was deleted (the adopt checkbox shows only then)."""
+        if self.instance is not None:
+            return []
+        if not hasattr(self, "_kept_folders"):
+            self._kept_folders = services.kept_instance_folders(self.node)
+        return self._kept_folders
 
     def gpu_options(self):
         """(checkbox, GPU, the other instances holding it) for the template."""
@@ -141,7 +156,7 @@ class InstanceForm(ServiceForm):
             "gpu_indexes": data["gpus"],
         }
         if self.instance is None:
-            arguments.update(instance_id=data["instance_id"], node=self.node)
+            arguments.update(instance_id=data["instance_id"], node=self.node, adopt=data["adopt"])
         else:
             arguments.update(instance=self.instance)
         return arguments

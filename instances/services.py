@@ -6,6 +6,7 @@ The browser, the admin, the CLI and the jobs all call these functions; validatio
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class InstanceFields:
     extra_env: dict | None = None
     host_port: int | None = None
     gpu_indexes: list | None = None
+    adopt: bool = False
 
 
 def _validate(fields: InstanceFields, node: Node, instance: Instance | None = None) -> list[GPU]:
@@ -100,11 +102,8 @@ def _validate(fields: InstanceFields, node: Node, instance: Instance | None = No
         elif Instance.objects.filter(instance_id=fields.instance_id).exists():
             errors.setdefault("instance_id", []).append(
                 f"An instance '{fields.instance_id}' already exists; pick another id.")
-        elif (layout.instances_root(node) / fields.instance_id).exists():
-            # Data of a deleted instance (or one made by hand): reusing it silently would mix two instances' data.
-            errors.setdefault("instance_id", []).append(
-                f"{layout.instances_root(node) / fields.instance_id} already exists (data kept from a deleted "
-                "instance?). Pick another id, or move that folder away first.")
+        elif problem := _kept_folder_problem(layout.instances_root(node) / fields.instance_id, fields.adopt):
+            errors.setdefault("instance_id", []).append(problem)
 
     if len(fields.display_name or "") > 100:
         errors.setdefault("display_name", []).append("A display name has at most 100 characters.")
@@ -129,6 +128,36 @@ def _validate(fields: InstanceFields, node: Node, instance: Instance | None = No
     if errors:
         raise ValidationError(errors)
     return gpus
+
+
+def _kept_folder_problem(path, adopt: bool) -> str | None:
+    """A new instance's folder must not exist, unless it adopts one kept from a deleted instance, which must."""
+    if not adopt:
+        if path.exists() or path.is_symlink():
+            # Data of a deleted instance (or one made by hand): reusing it silently would mix two instances' data.
+            return (f"{path} already exists (data kept from a deleted instance?). Pick another id, or adopt that "
+                    "folder as it is (--adopt on the command line, 'Adopt the kept folder' on the form).")
+        return None
+    if path.is_symlink():
+        return (f"{path} is a link; an instance's folder must be a real folder, since ComfyHub follows no link into "
+                "it. Replace the link with the folder it points to, then adopt it.")
+    if not path.exists():
+        return f"Nothing to adopt: {path} does not exist. Leave adopting off to create a new, empty folder."
+    if not path.is_dir():
+        return f"Cannot adopt {path}: it is not a folder. Move it away, or pick another id."
+    return None
+
+
+def kept_instance_folders(node: Node | None = None) -> list[str]:
+    """Ids of folders under the instances root that no instance owns (kept when an instance was deleted)."""
+    root = layout.instances_root(node or local_node())
+    try:
+        names = [entry.name for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)
+                 and layout.instance_id_problem(entry.name) is None]
+    except FileNotFoundError:
+        return []
+    taken = set(Instance.objects.filter(instance_id__in=names).values_list("instance_id", flat=True))
+    return sorted(name for name in names if name not in taken)
 
 
 def _check_gpus(node: Node, indexes, instance: Instance | None, errors: dict) -> list[GPU]:
@@ -196,14 +225,16 @@ def _free_ports(node: Node):
 
 def instance_create(*, instance_id: str, display_name: str = "", description: str = "", image: str = "",
                     extra_args=None, extra_env=None, host_port: int | None = None, gpu_indexes=None,
-                    node: Node | None = None, user=None) -> Instance:
+                    node: Node | None = None, adopt: bool = False, user=None) -> Instance:
+    """Register an instance. `adopt`: take the folder kept from a deleted instance with this id as it is (the
+    directory build only adds what is missing); without it, that folder existing is refused."""
     node = node or local_node()
     # The id is taken as given (never trimmed): "abc\n" is refused, not quietly made into "abc".
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     fields = InstanceFields(instance_id=instance_id or "", display_name=display_name,
                             description=description, image=image or settings.COMFY_IMAGE,
                             extra_args=extra_args, extra_env=extra_env,
-                            host_port=host_port, gpu_indexes=list(gpu_indexes or []))
+                            host_port=host_port, gpu_indexes=list(gpu_indexes or []), adopt=adopt)
     gpus = _validate(fields, node)
     ports = [host_port] if host_port is not None else _free_ports(node)
     for port in ports:

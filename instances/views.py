@@ -123,7 +123,8 @@ def instance_create(request):
     if form.is_bound and form.is_valid():
         with service_errors(request, form):
             instance = services.instance_create(**form.arguments(), user=request.user)
-            messages.success(request, f"Instance '{instance}' created on port {instance.host_port}.")
+            adopted = " It took its kept folder as it is." if form.cleaned_data["adopt"] else ""
+            messages.success(request, f"Instance '{instance}' created on port {instance.host_port}.{adopted}")
             try:
                 services.instance_build(instance=instance, user=request.user)
             except QueueUnavailable as exc:

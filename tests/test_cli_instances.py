@@ -404,3 +404,71 @@ def test_a_start_that_fails_exits_1_with_the_error(image, worker_process):
     assert "while starting" in result.err
     assert "unrecognized arguments: --definitely-not-a-flag" in result.err
     assert Instance.objects.get(instance_id="cli-crash").status == Instance.Status.ERROR
+
+
+# --- adopting the folder a deleted instance kept -------------------------------------------------------------------
+
+WORKFLOW = b'{"last_node_id": 1, "nodes": [{"id": 1, "type": "KSampler"}]}\n'
+OUTPUT = bytes(range(256)) * 40  # an "image": every byte value, not text
+
+
+def test_a_kept_folder_is_adopted_as_it_is_and_the_instance_starts_with_it(image, worker_process, free_port,
+                                                                           settings):
+    worker_process()
+    assert cli_process("create", "kept", "--image", image, "--port", str(free_port)).code == 0
+    assert cli_process("build", "kept").code == 0
+    folder = settings.COMFY_INSTANCES_PATH / "kept"
+    (folder / "user/default/workflows/mine.json").write_bytes(WORKFLOW)
+    (folder / "output/ComfyUI_00001_.png").write_bytes(OUTPUT)
+    (folder / "custom_nodes/hand-made").mkdir()
+    (folder / "custom_nodes/hand-made/__init__.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
+    deleted = cli_process("delete", "kept")  # keeping its data
+    assert deleted.code == 0, deleted.err
+    assert not Instance.objects.filter(instance_id="kept").exists()
+
+    refused = cli("create", "kept", "--image", image, "--port", str(free_port))
+    assert refused.code == 2
+    assert f"instance_id: {folder} already exists" in refused.err and "--adopt" in refused.err
+    assert not Instance.objects.filter(instance_id="kept").exists()
+
+    adopted = cli("create", "kept", "--adopt", "--image", image, "--port", str(free_port))
+    assert adopted.code == 0, adopted.err
+    assert f"It adopted {folder} as it is." in adopted.out
+    started = cli_process("start", "kept")
+
+    assert started.code == 0, started.out + started.err
+    assert Instance.objects.get(instance_id="kept").status == Instance.Status.HEALTHY
+    assert (folder / "user/default/workflows/mine.json").read_bytes() == WORKFLOW
+    assert (folder / "output/ComfyUI_00001_.png").read_bytes() == OUTPUT
+    nodes = run("nodes", "list", "kept")
+    assert "hand-made" in nodes.out and "by hand" in nodes.out
+
+
+@pytest.mark.django_db
+def test_adopting_a_folder_that_does_not_exist_is_refused(settings):
+    result = cli("create", "nothing-kept", "--adopt")
+
+    assert result.code == 2
+    assert (f"instance_id: Nothing to adopt: {settings.COMFY_INSTANCES_PATH / 'nothing-kept'} does not exist."
+            in result.err)
+    assert not Instance.objects.exists()
+    assert not (settings.COMFY_INSTANCES_PATH / "nothing-kept").exists()
+
+
+def test_an_adopted_folder_with_a_planted_link_is_refused_by_the_build_naming_it(worker_process, settings, tmp_path):
+    worker_process()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_bytes(b"not the instance's\n")
+    folder = settings.COMFY_INSTANCES_PATH / "planted"
+    folder.mkdir(parents=True)
+    (folder / "output").symlink_to(elsewhere)
+    assert cli("create", "planted", "--adopt").code == 0
+
+    result = cli_process("build", "planted")
+
+    assert result.code == 1
+    assert str(folder / "output") in result.err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt"]
+    assert (elsewhere / "precious.txt").read_bytes() == b"not the instance's\n"
+    assert (folder / "output").is_symlink()

@@ -282,6 +282,59 @@ def test_it_refuses_an_image_that_is_not_a_reference_or_not_allowed(client, oper
     assert not Instance.objects.exists()
 
 
+# --- Adopting the folder a deleted instance kept ---------------------------------------------------------------
+
+WORKFLOW = b'{"last_node_id": 1, "nodes": [{"id": 1, "type": "KSampler"}]}\n'
+OUTPUT = bytes(range(256)) * 40
+
+
+def test_the_adopt_box_shows_only_when_a_kept_folder_exists(client, operator, settings):
+    client.force_login(operator)
+    assert "Adopt the kept folder" not in client.get(CREATE).content.decode()
+    (settings.COMFY_INSTANCES_PATH / "kept").mkdir(parents=True)
+    services.instance_create(instance_id="owned", image="example/comfyui:1")
+    (settings.COMFY_INSTANCES_PATH / "owned").mkdir()  # an instance's own folder is not a kept one
+    page = html.unescape(client.get(CREATE).content.decode())
+    assert "Adopt the kept folder" in page
+    kept = page.split('data-testid="kept-folders"', 1)[1].split("</p>", 1)[0]
+    assert "<code>kept</code>" in kept and "owned" not in kept
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_operator_takes_back_the_data_of_a_deleted_instance(client, operator, settings, run_worker):
+    client.force_login(operator)
+    client.post(CREATE, create_data(instance_id="kept"))
+    run_worker()
+    folder = settings.COMFY_INSTANCES_PATH / "kept"
+    (folder / "user/default/workflows/mine.json").write_bytes(WORKFLOW)
+    (folder / "output/ComfyUI_00001_.png").write_bytes(OUTPUT)
+    client.post(reverse("instance-delete", args=["kept"]), {"confirm": "kept"})  # keeping its data
+    run_worker()
+    assert not Instance.objects.filter(instance_id="kept").exists()
+
+    assert_refused(client.post(CREATE, create_data(instance_id="kept")), "instance_id",
+                   "'Adopt the kept folder' on the form")
+    assert not Instance.objects.filter(instance_id="kept").exists()
+    response = client.post(CREATE, create_data(instance_id="kept", adopt="on"), follow=True)
+
+    instance = Instance.objects.get(instance_id="kept")
+    assert response.redirect_chain[-1][0] == instance.get_absolute_url()
+    assert "It took its kept folder as it is." in html.unescape(response.content.decode())
+    run_worker()
+    build = Operation.objects.filter(kind="instance_build", target_id=str(instance.pk)).get()
+    assert build.status == Operation.Status.SUCCEEDED, build.error
+    assert (folder / "user/default/workflows/mine.json").read_bytes() == WORKFLOW
+    assert (folder / "output/ComfyUI_00001_.png").read_bytes() == OUTPUT
+
+
+def test_adopting_a_folder_that_does_not_exist_is_refused_on_the_form(client, operator, settings):
+    client.force_login(operator)
+    assert_refused(client.post(CREATE, create_data(instance_id="nothing-kept", adopt="on")), "instance_id",
+                   "Nothing to adopt")
+    assert not Instance.objects.exists()
+    assert not (settings.COMFY_INSTANCES_PATH / "nothing-kept").exists()
+
+
 # --- Edit ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture

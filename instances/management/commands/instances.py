@@ -50,6 +50,9 @@ class Command(cli.Command):
         create.add_argument("--arg", action="append", default=[], dest="extra_args", metavar="ARG", help=ARG_HELP)
         create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                             help="An extra environment variable; repeat for each.")
+        create.add_argument("--adopt", action="store_true",
+                            help="Take the folder kept from a deleted instance with this id as it is (nothing in it "
+                                 "is overwritten or deleted; building adds only what is missing).")
 
         listing = actions.add_parser("list", help="All instances, one line each.")
         listing.add_argument("--json", action="store_true", help="A JSON list of objects (see docs/cli.md).")
@@ -102,12 +105,14 @@ class Command(cli.Command):
             instance = services.instance_create(
                 instance_id=options["instance_id"], display_name=options["name"], description=options["description"],
                 image=options["image"], extra_args=options["extra_args"], extra_env=env, host_port=host_port,
-                gpu_indexes=gpu_indexes,
+                gpu_indexes=gpu_indexes, adopt=options["adopt"],
             )
         except ValidationError as exc:
             raise input_error(exc) from exc
         instance = find_instance(instance.instance_id)
-        self.stdout.write(f"Created instance '{instance}' on node {instance.node}.")
+        self.stdout.write(f"Created instance '{instance}' on node {instance.node}."
+                          + (f" It adopted {layout.instance_dir(instance.instance_id, instance.node)} as it is."
+                             if options["adopt"] else ""))
         self.stdout.write(f"  port   {instance.host_port} ({instance.url})")
         self.stdout.write(f"  GPUs   {gpus_text(instance)}")
         self.stdout.write(f"  image  {instance.image}")
