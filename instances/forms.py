@@ -208,6 +208,8 @@ class WorkflowCopyForm(ServiceForm):
     )
     on_conflict = AnyChoiceField(label="When the file already exists there", choices=CONFLICT_CHOICES,
                                  initial="skip", required=False, widget=forms.RadioSelect)
+    # The "Copy all" button: every workflow of the source, whichever are ticked.
+    all_workflows = forms.BooleanField(required=False)
 
     def __init__(self, *args, source: Instance, workflows=(), **kwargs):
         self.source = source
@@ -218,8 +220,9 @@ class WorkflowCopyForm(ServiceForm):
     def arguments(self) -> dict:
         """Keyword arguments for services.workflows_copy."""
         data = self.cleaned_data
-        return {"source": self.source, "targets": list(data["targets"]), "paths": list(data["paths"]),
-                "on_conflict": data["on_conflict"]}
+        every = data["all_workflows"]
+        return {"source": self.source, "targets": list(data["targets"]), "paths": [] if every else list(data["paths"]),
+                "all_workflows": every, "on_conflict": data["on_conflict"]}
 
 
 class WorkflowPublishForm(forms.Form):

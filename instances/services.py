@@ -395,13 +395,25 @@ def discover_gpus(node: Node | None = None):
 # customnodes.py) ----------------------------------------------------------------------------------------------
 
 def workflows_copy(*, source: Instance, targets: list[Instance], paths: list[str], on_conflict: str = "skip",
-                   user=None):
+                   all_workflows: bool = False, user=None):
+    """Copy `paths` (relative to the workflows folder) of `source`, or with `all_workflows` every workflow file it
+    has now (links are never copied), to each of `targets`."""
     from . import workflows
 
     errors = {}
     if on_conflict not in workflows.CONFLICT_POLICIES:
         errors["on_conflict"] = [f"'{on_conflict}' is not one of skip, overwrite, rename."]
-    if not paths:
+    if all_workflows and paths:
+        errors["paths"] = ["Name the workflows to copy or copy them all, not both."]
+    elif all_workflows:
+        try:
+            paths = [item["path"] for item in workflows.list_workflows(source) if not item["symlink"]]
+        except workflows.WorkflowError as exc:
+            errors["paths"] = [str(exc)]
+        else:
+            if not paths:
+                errors["paths"] = [f"'{source}' has no workflows to copy."]
+    elif not paths:
         errors["paths"] = ["Choose at least one workflow to copy."]
     for path in paths:
         try:

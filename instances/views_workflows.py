@@ -121,7 +121,8 @@ def workflows_copy(request, instance_id):
         with service_errors(request, form):
             operation = services.workflows_copy(**arguments, user=request.user)
             targets = ", ".join(str(t) for t in arguments["targets"])
-            messages.success(request, f"Copying {len(arguments['paths'])} workflow(s) from '{instance}' to {targets}.")
+            which = "every workflow" if arguments["all_workflows"] else f"{len(arguments['paths'])} workflow(s)"
+            messages.success(request, f"Copying {which} from '{instance}' to {targets}.")
             return redirect(operation)
     return _workflows_page(request, instance, copy_form=form)
 

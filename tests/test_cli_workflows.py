@@ -124,6 +124,23 @@ def test_copy_through_a_real_process_skips_existing_files_by_default(pair, worke
     assert json.loads((workflows.workflows_dir(target) / "a.json").read_text())["mine"] is True
 
 
+def test_copy_all_copies_every_workflow_of_the_source(pair, worker_process):
+    source, target = pair
+    put_workflow(source, "a.json", UI_WORKFLOW)
+    put_workflow(source, "portraits/b.json", API_WORKFLOW)
+    put_workflow(source, "portraits/deep/c.json", {"nodes": [], "c": True})
+    worker_process()
+
+    result = run_process("workflows", "copy", "source", "target", "--all")
+
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[-1] == "3 copied, 0 skipped, 0 failed."
+    copied = workflows.workflows_dir(target)
+    assert json.loads((copied / "a.json").read_text()) == UI_WORKFLOW
+    assert json.loads((copied / "portraits" / "b.json").read_text()) == API_WORKFLOW
+    assert json.loads((copied / "portraits" / "deep" / "c.json").read_text()) == {"nodes": [], "c": True}
+
+
 def test_a_copy_where_nothing_could_be_copied_exits_1(pair, worker_process):
     worker_process()
 
@@ -145,6 +162,8 @@ def test_a_copy_where_nothing_could_be_copied_exits_1(pair, worker_process):
      "on_conflict: 'merge' is not one of skip, overwrite, rename."),
     (["source", "source", "--name", "a.json"], "targets: Choose at least one other instance to copy to."),
     (["source", "nope", "target", "--name", "a.json"], "No instance 'nope'. Known: source, target"),
+    (["source", "target", "--name", "a.json", "--all"], "Error: argument --all: not allowed with argument --name"),
+    (["source", "target", "--all"], "paths: 'source' has no workflows to copy."),
 ])
 def test_copy_refuses_bad_input_with_exit_code_2(pair, args, message):
     result = run("workflows", "copy", *args)

@@ -281,6 +281,28 @@ def test_copying_queues_an_operation_whose_result_lists_each_file(client, operat
     assert "<code>a (2).json</code>" in listed and "<code>portraits/b.json</code>" in listed
 
 
+def test_copy_all_copies_every_workflow_of_the_source_whichever_are_ticked(client, operator, source, target,
+                                                                          run_worker):
+    put_workflow(source, "a.json", PORTRAIT)
+    put_workflow(source, "portraits/b.json", API_WORKFLOW)
+    client.force_login(operator)
+    page = client.get(url("instance-workflows", source)).content.decode()
+    button = page.split('id="copy-all-submit"')[1].split(">")[0]
+    assert 'name="all_workflows" value="on"' in button  # a submit of the copy form: works without JavaScript
+
+    response = client.post(url("instance-workflows-copy", source), {
+        "paths": ["a.json"], "targets": ["wf-target"], "on_conflict": "skip", "all_workflows": "on"})
+
+    operation = Operation.objects.get()
+    assert response.status_code == 302 and response["Location"] == operation.get_absolute_url()
+    assert any("Copying every workflow from" in m for m in messages_of(client.get(response["Location"])))
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    assert json.loads((workflows.workflows_dir(target) / "a.json").read_text()) == PORTRAIT
+    assert json.loads((workflows.workflows_dir(target) / "portraits/b.json").read_text()) == API_WORKFLOW
+
+
 def test_copying_says_the_job_queue_is_unavailable(client, operator, source, target, redis_down):
     put_workflow(source, "a.json", PORTRAIT)
     client.force_login(operator)

@@ -38,9 +38,12 @@ class Command(cli.Command):
         copy = actions.add_parser("copy", parents=[waiting], help="Copy workflow files from one instance to others.")
         copy.add_argument("source", metavar="SRC", help="The instance to copy from.")
         copy.add_argument("targets", nargs="+", metavar="DST", help="The instances to copy to.")
-        copy.add_argument("--name", action="append", default=[], dest="paths", metavar="PATH",
-                          help="A workflow, relative to the workflows folder (e.g. portraits/a.json); repeat for "
-                               "each.")
+        which = copy.add_mutually_exclusive_group()
+        which.add_argument("--name", action="append", default=[], dest="paths", metavar="PATH",
+                           help="A workflow, relative to the workflows folder (e.g. portraits/a.json); repeat for "
+                                "each.")
+        which.add_argument("--all", action="store_true", dest="all_workflows",
+                           help="Every workflow file of SRC (links are never copied); not with --name.")
         copy.add_argument("--on-conflict", default="skip", metavar="POLICY",
                           help="When the target has the file: skip (the default), overwrite, or rename (a.json "
                                "becomes 'a (2).json').")
@@ -72,7 +75,7 @@ class Command(cli.Command):
         source = find_instance(options["source"])
         targets = find_instances(options["targets"])
         operation = cli.call_service(services.workflows_copy, source=source, targets=targets, paths=options["paths"],
-                                     on_conflict=options["on_conflict"])
+                                     all_workflows=options["all_workflows"], on_conflict=options["on_conflict"])
         done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
         if done is not None:
             result = done.result or {}
