@@ -70,6 +70,28 @@ def registry_config(instance) -> dict:
     }
 
 
+COMFYUI_VERSION_LIMIT = 100
+
+
+def comfyui_version(instance) -> str:
+    """The ComfyUI version the instance reports: asked of the running instance (/system_stats), else the one its
+    last health check recorded, else ''. The instance's answer is untrusted: only a short string is kept."""
+    from instances import comfyui_api
+    from instances.models import Instance
+
+    version = None
+    if instance.status not in (Instance.Status.NEW, Instance.Status.STOPPED):
+        try:
+            system = comfyui_api.ComfyUI.of(instance).system_stats().get("system")
+        except comfyui_api.ComfyUIError:
+            system = None
+        if isinstance(system, dict):
+            version = system.get("comfyui_version")
+    if not isinstance(version, str) or not version:
+        version = (instance.health if isinstance(instance.health, dict) else {}).get("comfyui_version")
+    return version[:COMFYUI_VERSION_LIMIT] if isinstance(version, str) else ""
+
+
 def custom_node_manifest(instance) -> list[dict]:
     """Each entry of custom_nodes/: its origin URL and commit, read as files (instances.gitrepo), never by running
     git, whose configuration the instance's code could have written. `dirty` is None: only git knows it."""
@@ -165,6 +187,7 @@ def create(instance, *, kind: str, include_output: bool = False, note: str = "",
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     name = f"{instance.instance_id}-{kind}-{stamp}-{uuid.uuid4().hex[:6]}.tar.gz"
     final = folder / name
+        "comfyui_version": comfyui_version(instance),
     partial = folder / f".{name}.partial"
     report.log(f"archiving {', '.join(content.trees) or 'nothing'} of {instance}")
     try:
@@ -1182,7 +1205,9 @@ def to_manager(snapshot: Snapshot) -> dict:
             file_nodes.append({"filename": node["folder"], "disabled": bool(node.get("disabled"))})
         for requirement in node.get("pip", []):
             pips[requirement] = ""
-    return {"comfyui": "", "git_custom_nodes": git_nodes, "file_custom_nodes": file_nodes, "pips": pips}
+    version = snapshot.manifest.get("comfyui_version")
+    return {"comfyui": version if isinstance(version, str) else "", "git_custom_nodes": git_nodes,
+            "file_custom_nodes": file_nodes, "pips": pips}
 
 
 def manager_extras(data) -> tuple[list[str], list[str]]:

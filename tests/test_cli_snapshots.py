@@ -243,6 +243,25 @@ def test_export_manager_writes_the_custom_nodes_as_comfyui_manager_json(studio, 
     assert json.loads(snaps("export-manager", str(snapshot.pk), "-").out) == data
 
 
+@pytest.mark.docker
+def test_export_manager_names_the_comfyui_version_the_running_instance_reports(comfyui_double_image, docker_cleanup,
+                                                                               run_worker, tmp_path):
+    running = instance_services.instance_create(instance_id="busy", image=comfyui_double_image)
+    operation = instance_services.instance_start(instance=running)
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    running.refresh_from_db()
+    snapshot = snapshots.create(running, kind="config")
+    target = tmp_path / "manager.json"
+
+    result = snaps("export-manager", str(snapshot.pk), str(target))
+
+    assert result.code == 0, result.err
+    assert snapshot.manifest["comfyui_version"] == "0.0.0-testdouble"  # what the double's /system_stats says
+    assert json.loads(target.read_text())["comfyui"] == "0.0.0-testdouble"
+
+
 def test_import_manager_installs_the_nodes_at_their_commits(studio, repo, tmp_path, worker_process):
     url, commits = repo
     manager = tmp_path / "manager.json"
