@@ -181,13 +181,13 @@ def create(instance, *, kind: str, include_output: bool = False, note: str = "",
         "format": 2, "kind": kind, "include_output": include_output, "trees": content.trees,
         "created_at": timezone.now().isoformat(), "instance": registry_config(instance),
         "custom_nodes": custom_node_manifest(instance), "skipped": content.skipped,
+        "comfyui_version": comfyui_version(instance),
     }
     folder = backups_root() / instance.instance_id
     folder.mkdir(parents=True, exist_ok=True)
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     name = f"{instance.instance_id}-{kind}-{stamp}-{uuid.uuid4().hex[:6]}.tar.gz"
     final = folder / name
-        "comfyui_version": comfyui_version(instance),
     partial = folder / f".{name}.partial"
     report.log(f"archiving {', '.join(content.trees) or 'nothing'} of {instance}")
     try:
