@@ -94,12 +94,15 @@ def comfyui_version(instance) -> str:
 
 def custom_node_manifest(instance) -> list[dict]:
     """Each entry of custom_nodes/: its origin URL and commit, read as files (instances.gitrepo), never by running
-    git, whose configuration the instance's code could have written. `dirty` is None: only git knows it."""
+    git, whose configuration the instance's code could have written. `dirty` is None: only git knows it. `record` is
+    ComfyHub's record of the node (what a restore or clone brings back with the folder), None for one installed by
+    hand."""
     from instances import gitrepo
 
     from . import safefs
 
     root = layout.instance_dir(instance.instance_id, instance.node)
+    records = {node.name: node for node in instance.custom_nodes.all()}
     found = []
     try:
         with safefs.opened_dir(root, "custom_nodes") as fd:
@@ -113,6 +116,9 @@ def custom_node_manifest(instance) -> list[dict]:
         disabled = entry_name.endswith(".disabled")
         item = {"folder": entry_name[:-9] if disabled else entry_name, "disabled": disabled, "git_url": "",
                 "commit": "", "dirty": None, "pip": [], "file": is_file}
+        record = records.get(item["folder"]) if is_dir else None
+        item["record"] = record and {"url": record.url, "ref": record.ref, "commit": record.commit,
+                                     "requirements": record.requirements}
         folder = f"custom_nodes/{entry_name}"
         if is_dir:
             repo = gitrepo.read(root, folder)
@@ -1079,6 +1085,46 @@ def restore_clone(snapshot: Snapshot, new_root: Path, report=None) -> dict:
     return snapshot.manifest if isinstance(snapshot.manifest, dict) and snapshot.manifest else plan.manifest
 
 
+def restore_node_records(instance, manifest, report=None) -> None:
+    """Make the instance's custom-node records match the custom_nodes/ a snapshot just put back: a record for each
+    node the snapshot recorded whose folder is there now (as recorded then: URL, ref, commit, requirements), none
+    for the others. A snapshot taken before the manifest held the records gives a record to each git folder with an
+    origin URL. Enabled or disabled is the folder's own name, restored with it. The manifest may come from an
+    archive: only well-formed entries are used."""
+    from instances import customnodes
+    from instances.models import CustomNode
+
+    report = report or NullReport()
+    wanted = {}
+    entries = manifest.get("custom_nodes") if isinstance(manifest, dict) else None
+    for item in entries if isinstance(entries, list) else []:
+        if not isinstance(item, dict) or item.get("file"):
+            continue
+        record = item.get("record") if "record" in item else {
+            "url": item.get("git_url"), "ref": "", "commit": item.get("commit"),
+            "requirements": "\n".join(line for line in item.get("pip") or [] if isinstance(line, str))}
+        if not isinstance(record, dict):
+            continue  # installed by hand: no record
+        fields = {key: record.get(key) if isinstance(record.get(key), str) else "" for key in
+                  ("url", "ref", "commit", "requirements")}
+        name = item.get("folder")
+        try:
+            customnodes.check_name(name if isinstance(name, str) else "")
+        except customnodes.CustomNodeError:
+            continue
+        if (not fields["url"] or len(fields["url"]) > 500 or len(fields["ref"]) > 200 or len(fields["commit"]) > 64
+                or customnodes.folder_name(instance, name) is None):
+            continue
+        wanted[name] = fields
+    with transaction.atomic():
+        gone = list(instance.custom_nodes.exclude(name__in=list(wanted)).values_list("name", flat=True))
+        instance.custom_nodes.filter(name__in=gone).delete()
+        for name, fields in wanted.items():
+            CustomNode.objects.update_or_create(instance=instance, name=name, defaults=fields)
+    report.log(f"custom-node records: {', '.join(sorted(wanted)) or 'none'}"
+               + (f"; removed with their folders: {', '.join(sorted(gone))}" if gone else ""))
+
+
 # --- The restore and clone operations (their jobs: storage_app.jobs) ---------------------------------------------
 
 def restore_into_instance(*, snapshot_pk, user_pk=None, report) -> dict:
@@ -1131,6 +1177,8 @@ def restore_into_instance(*, snapshot_pk, user_pk=None, report) -> dict:
             if was_running:
                 containers.start(instance, report)
             raise OperationError(f"{exc} The instance was left as it was (undo snapshot {undo.pk} kept).") from exc
+        if "custom_nodes" in trees:
+            restore_node_records(instance, snapshot.manifest, report)
         config = snapshot.manifest.get("instance", {})
         try:
             instance_services.instance_update(
@@ -1153,9 +1201,11 @@ def restore_into_instance(*, snapshot_pk, user_pk=None, report) -> dict:
 
 
 def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None, report) -> dict:
-    """Create the new instance from the snapshot's registry settings, then extract the archive into its folder."""
+    """Create the new instance from the snapshot's registry settings, then extract the archive into its folder and
+    bring the custom-node records with the folders."""
     from django.contrib.auth import get_user_model
     from django.core.exceptions import ValidationError
+    from django.db import DatabaseError
 
     from comfyhub.operations import OperationError
     from instances import services as instance_services
@@ -1176,10 +1226,11 @@ def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_p
         raise OperationError("Cannot create the clone: " + "; ".join(exc.messages)) from exc
     try:
         report.progress(30, "extracting into the new instance's folder")
-        restore_clone(snapshot, layout.instance_dir(new_instance_id, instance.node), report)
+        manifest = restore_clone(snapshot, layout.instance_dir(new_instance_id, instance.node), report)
         layout.build_shared_tree(instance.node)
         layout.build_instance_tree(new_instance_id, instance.node)
-    except (SnapshotError, OSError) as exc:
+        restore_node_records(instance, manifest, report)
+    except (SnapshotError, OSError, DatabaseError) as exc:
         instance.delete()
         raise OperationError(f"{exc} The clone was not created.") from exc
     report.progress(100, f"cloned into {new_instance_id}")

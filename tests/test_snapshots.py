@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError
 
 from comfyhub.models import Operation
 from instances import customnodes, services as instance_services
-from instances.models import Instance
+from instances.models import CustomNode, Instance
 from storage_app import layout, services, snapshots
 from storage_app.models import Snapshot
 from tests.support.gitrepos import make_node_repo
@@ -130,6 +130,64 @@ def test_clone_makes_a_new_instance_with_new_port_and_gpus(instance, run_worker,
     assert (root / "user" / "default" / "workflows" / "w.json").exists()
     assert (root / "models" / "loras" / "own.pt").read_bytes() == b"own"
     assert (root / "extra_model_paths.yaml").exists() and not (root / "comfyhub-snapshot.json").exists()
+
+
+def test_a_clone_brings_the_custom_node_records_with_the_folders(instance, tmp_path, run_worker, storage, node_git):
+    url, commits = make_node_repo(tmp_path / "repos")
+    other_url, other_commits = make_node_repo(tmp_path / "repos", "Other-Nodes")
+    customnodes.set_enabled(customnodes.install(instance, url, "v1"), False)
+    customnodes.install(instance, other_url, "main")
+    (storage["instances"] / "snappy" / "custom_nodes" / "hand-made").mkdir()
+    snapshot = snapshots.create(instance, kind="full")
+    operation = run(services.snapshot_clone(snapshot=snapshot, new_instance_id="snappy-copy"), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    clone = Instance.objects.get(instance_id="snappy-copy")
+    assert sorted(clone.custom_nodes.values_list("name", "url", "ref", "commit")) == [
+        ("ComfyUI-Test-Nodes", url, "v1", commits["v1"]), ("Other-Nodes", other_url, "main", other_commits["main"])]
+    listed = {node["name"]: node for node in customnodes.list_nodes(clone)}
+    assert [(name, listed[name]["managed"], listed[name]["enabled"]) for name in sorted(listed)] == [
+        ("ComfyUI-Test-Nodes", True, False), ("Other-Nodes", True, True), ("hand-made", False, True)]
+    operation = run(instance_services.node_action(instance=clone, name="Other-Nodes", action="disable"), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    assert (storage["instances"] / "snappy-copy" / "custom_nodes" / "Other-Nodes.disabled").is_dir()
+    assert instance.custom_nodes.count() == 2  # the original keeps its own
+
+
+def test_a_clone_of_a_snapshot_without_records_records_its_git_folders(instance, tmp_path, run_worker, node_git):
+    url, commits = make_node_repo(tmp_path / "repos")
+    customnodes.install(instance, url, "v1")
+    snapshot = snapshots.create(instance, kind="full")
+    for node in snapshot.manifest["custom_nodes"]:
+        del node["record"]  # as a snapshot taken before the manifest held the records
+    snapshot.save()
+    operation = run(services.snapshot_clone(snapshot=snapshot, new_instance_id="snappy-copy"), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    clone = Instance.objects.get(instance_id="snappy-copy")
+    assert list(clone.custom_nodes.values_list("name", "url", "commit")) == [
+        ("ComfyUI-Test-Nodes", url, commits["v1"])]
+
+
+def test_a_restore_makes_the_custom_node_records_match_the_restored_folders(instance, tmp_path, run_worker, storage,
+                                                                           node_git):
+    url, commits = make_node_repo(tmp_path / "repos")
+    other_url, other_commits = make_node_repo(tmp_path / "repos", "Other-Nodes")
+    later_url, later_commits = make_node_repo(tmp_path / "repos", "Later-Nodes")
+    customnodes.install(instance, url, "v1")
+    customnodes.install(instance, other_url, "main")
+    snapshot = snapshots.create(instance, kind="full")
+    customnodes.update(CustomNode.objects.get(name="ComfyUI-Test-Nodes"), "main")
+    customnodes.remove(CustomNode.objects.get(name="Other-Nodes"))
+    customnodes.install(instance, later_url)
+    operation = run(services.snapshot_restore(snapshot=snapshot), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    assert list(instance.custom_nodes.values_list("name", "url", "ref", "commit")) == [
+        ("ComfyUI-Test-Nodes", url, "v1", commits["v1"]), ("Other-Nodes", other_url, "main", other_commits["main"])]
+    nodes = storage["instances"] / "snappy" / "custom_nodes"
+    assert (nodes / "Other-Nodes").is_dir() and not (nodes / "Later-Nodes").exists()
+    undo = Snapshot.objects.get(pk=operation.result["undo_snapshot"])
+    assert run(services.snapshot_restore(snapshot=undo), run_worker).status == Operation.Status.SUCCEEDED
+    assert list(instance.custom_nodes.values_list("name", "ref", "commit")) == [
+        ("ComfyUI-Test-Nodes", "main", commits["main"]), ("Later-Nodes", "", later_commits["main"])]
 
 
 def test_clone_refuses_a_taken_or_bad_id(instance):
