@@ -33,6 +33,10 @@ def env_to_text(env) -> str:
     return "\n".join(f"{key}={value}" for key, value in (env or {}).items())
 
 
+# ComfyUI's arguments fit in a few lines; far more is a paste gone wrong.
+EXTRA_ARGS_MAX_CHARS = 16384
+
+
 class GPUCheckboxField(forms.MultipleChoiceField):
     """Checkboxes of the node's GPUs. Any index submitted goes on to the service, which says whether it exists and
     who holds it, so the form never decides that itself."""
@@ -57,7 +61,8 @@ class InstanceForm(ServiceForm):
     description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
     image = forms.CharField(required=False, help_text="Docker image; empty means the default image.")
     extra_args = forms.CharField(
-        label="Extra ComfyUI arguments", required=False, help_text=EXTRA_ARGS_HELP,
+        # Bounded before shlex reads it: shlex takes time quadratic in a token's length (1 MB: minutes).
+        label="Extra ComfyUI arguments", required=False, help_text=EXTRA_ARGS_HELP, max_length=EXTRA_ARGS_MAX_CHARS,
         widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
     )
     extra_env = forms.CharField(

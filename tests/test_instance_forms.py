@@ -127,6 +127,13 @@ def test_it_refuses_a_taken_id(client, operator):
     assert Instance.objects.count() == 1
 
 
+def test_it_refuses_pages_of_pasted_arguments_before_splitting_them(client, operator):
+    client.force_login(operator)
+    response = client.post(CREATE, create_data(extra_args="--verbose " + "x" * (1 << 20)))
+    assert_refused(response, "extra_args", "at most 16384 characters")
+    assert not Instance.objects.exists()
+
+
 def test_it_refuses_a_port_another_instance_uses(client, operator):
     other = services.instance_create(instance_id="port-owner", image="example/comfyui:1")
     client.force_login(operator)
