@@ -12,13 +12,14 @@ class StorageAppConfig(AppConfig):
         from . import jobs  # noqa: F401  (declares its operation kinds, so every process knows their labels)
 
     def periodic_jobs(self):
-        """Run by comfyhub.cron: scheduled snapshots (hourly) and, when MODEL_FULL_VERIFY_CRON is set, a full
-        re-verification of the model library."""
+        """Run by comfyhub.cron: scheduled snapshots (hourly), the shared input links (every minute) and, when
+        MODEL_FULL_VERIFY_CRON is set, a full re-verification of the model library."""
         from django.conf import settings
 
-        from .jobs import scheduled_full_verify, scheduled_snapshots
+        from .jobs import refresh_shared_input, scheduled_full_verify, scheduled_snapshots
 
-        periodic = [{"func": scheduled_snapshots, "queue_name": "default", "cron": "7 * * * *", "job_timeout": 120}]
+        periodic = [{"func": scheduled_snapshots, "queue_name": "default", "cron": "7 * * * *", "job_timeout": 120},
+                    {"func": refresh_shared_input, "queue_name": "default", "interval": 60, "job_timeout": 120}]
         if settings.MODEL_FULL_VERIFY_CRON:
             periodic.append({"func": scheduled_full_verify, "queue_name": "default",
                              "cron": settings.MODEL_FULL_VERIFY_CRON, "job_timeout": 60})

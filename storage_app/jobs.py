@@ -7,6 +7,14 @@ from . import library
 @operation_job("models_scan", label="Scan model library", queue="long")
 def scan_models(report):
     result = library.scan(report)
+    shared_input = refresh_shared_input(force=True)
+    for links in shared_input.values():
+        for instance_id, names in links["linked"].items():
+            report.log(f"shared input linked into {instance_id}: {', '.join(names)}")
+        for instance_id, names in links["unlinked"].items():
+            report.log(f"shared input links dropped from {instance_id} (files gone): {', '.join(names)}")
+        for instance_id, problem in links["refused"].items():
+            report.log(f"shared input links of {instance_id} refused: {problem}", "WARNING")
     report.progress(100, f"{result.new} new, {result.changed} changed, {result.missing} missing")
     return {"new": result.new, "changed": result.changed, "missing": result.missing, "unchanged": result.unchanged,
             "problems": [{"path": p, "reason": r} for p, r in result.problems]}
@@ -165,6 +173,38 @@ def import_manager_snapshot(report, *, instance_pk, nodes, file_nodes=(), pips=(
         raise OperationError(f"{len(failed)} of {len(nodes)} node(s) failed: "
                              + "; ".join(f"{f['url']}: {f['error']}" for f in failed[:5]))
     return result
+
+
+def refresh_shared_input(*, force=False):
+    """Periodic (rq cron, every minute) and after `models scan` (force): link files added to the shared input folder
+    into every instance's input/ and drop the links to removed ones (layout.refresh_shared_input). Cheap when nothing
+    changed: one listing of each node's shared input folder, compared with the names seen last (kept in Redis); only
+    a change visits the instances' folders. Links depend on names alone, so a rewritten file needs no visit."""
+    import hashlib
+    import logging
+
+    from comfyhub import queues
+    from instances.models import Instance, Node
+
+    from . import layout
+
+    connection = queues.get_connection("default")
+    summary = {}
+    for node in Node.objects.all():
+        names = layout.shared_input_names(node)
+        if names is None:
+            continue
+        seen = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+        key = f"comfyhub:shared-input-seen:{node.pk}"
+        if not force and connection.get(key) == seen.encode():
+            continue
+        ids = list(Instance.objects.filter(node=node).values_list("instance_id", flat=True))
+        result = layout.refresh_shared_input(ids, node)
+        for instance_id, problem in result["refused"].items():
+            logging.getLogger(__name__).warning("Shared input links of %s refused: %s", instance_id, problem)
+        connection.set(key, seen)  # a refused instance is retried at its next build or start, or the next change
+        summary[node.name] = result
+    return summary
 
 
 def scheduled_snapshots():

@@ -132,6 +132,7 @@ class BuildReport:
     existing: int = 0
     links: list[str] = field(default_factory=list)
     skipped_links: list[str] = field(default_factory=list)
+    unlinked: list[str] = field(default_factory=list)  # links to shared input files that are gone, dropped
 
 
 def build_shared_tree(node=None, report: BuildReport | None = None) -> BuildReport:
@@ -205,11 +206,41 @@ def link_shared_input(instance_id: str, node=None, report: BuildReport | None = 
                     ours = os.readlink(entry.name, dir_fd=input_fd).startswith(f"{CONTAINER_SHARED}/input/")
                 except OSError:
                     continue
-                if ours:
-                    safefs.unlink_link(root, f"input/{entry.name}")
+                if ours and safefs.unlink_link(root, f"input/{entry.name}"):
+                    report.unlinked.append(entry.name)
     finally:
         os.close(input_fd)
     return report
+
+
+def shared_input_names(node=None) -> frozenset[str] | None:
+    """The names `link_shared_input` links (the plain, not hidden files at the top of the shared input folder), or
+    None without that folder. One listing of one folder: what the periodic refresh compares with what it saw last."""
+    shared_input = shared_input_dir(node)
+    if not shared_input.is_dir():
+        return None
+    return frozenset(entry.name for entry in os.scandir(shared_input)
+                     if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."))
+
+
+def refresh_shared_input(instance_ids, node=None) -> dict:
+    """Bring the shared input links of these instances up to date (`link_shared_input`: new shared files linked,
+    links to removed ones dropped, the instance's own files untouched). An instance whose folder or input/ does not
+    exist yet is skipped (its build links them); one with a planted link is refused, named, and the rest go on."""
+    result = {"linked": {}, "unlinked": {}, "refused": {}}
+    for instance_id in instance_ids:
+        try:
+            report = link_shared_input(instance_id, node)
+        except FileNotFoundError:
+            continue
+        except (LayoutError, safefs.UnsafePathError) as exc:
+            result["refused"][instance_id] = str(exc)
+            continue
+        if report.links:
+            result["linked"][instance_id] = report.links
+        if report.unlinked:
+            result["unlinked"][instance_id] = report.unlinked
+    return result
 
 
 def write_generated_file(path: Path, content: str, *, root: Path | None = None):
