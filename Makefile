@@ -67,17 +67,27 @@ run: run-packages venv $(DATA_DIR)/secret_key
 	@if [ -z "$$SECRET_KEY" ]; then export SECRET_KEY_FILE="$${SECRET_KEY_FILE:-$(DATA_DIR)/secret_key}"; fi; \
 	  exec $(PY) manage.py serve
 
-# The whole suite on SQLite, then its database-sensitive part (POSTGRES_PART in tests/testenv.py) again on a private
-# PostgreSQL the tests start; both parts run even when the first fails. With DATABASE_URL=postgres://... all of the
-# suite runs once, on that server.
+# The whole suite on SQLite and, beside it, its database-sensitive part (POSTGRES_PART in tests/testenv.py) on a
+# private PostgreSQL the tests start: two sessions at once, as the suite mostly waits on containers and workers (each
+# has its own Redis, database, container names and port range). The PostgreSQL part's report follows the SQLite one;
+# either failing fails the target. TEST_SERIAL=1 runs them one after the other. With DATABASE_URL=postgres://... all
+# of the suite runs once, on that server.
 test: test-packages venv-dev
 	@if [[ "$$DATABASE_URL" =~ ^(postgres|postgresql|pgsql):// ]]; then \
 	  echo "+ pytest (all of it on the PostgreSQL server DATABASE_URL names)"; exec $(PY) -m pytest; \
 	fi; \
-	status=0; \
+	status=0; pg_log=$$(mktemp -t comfyhub-test-postgres.XXXXXX); \
+	pg_part() { COMFYHUB_TEST_DATABASE=postgres $(PY) -m pytest -m postgres -p no:cacheprovider; }; \
+	if [ -n "$$TEST_SERIAL" ]; then \
+	  echo "+ pytest (SQLite)"; $(PY) -m pytest || status=$$?; \
+	  echo "+ pytest -m postgres (the database-sensitive part, on a private PostgreSQL)"; pg_part || status=$$?; \
+	  exit $$status; \
+	fi; \
+	echo "+ pytest -m postgres (the database-sensitive part, on a private PostgreSQL; started beside the SQLite run)"; \
+	pg_part > "$$pg_log" 2>&1 & pg_pid=$$!; \
 	echo "+ pytest (SQLite)"; $(PY) -m pytest || status=$$?; \
-	echo "+ pytest -m postgres (the database-sensitive part, on a private PostgreSQL)"; \
-	COMFYHUB_TEST_DATABASE=postgres $(PY) -m pytest -m postgres || status=$$?; \
+	wait $$pg_pid || status=$$?; \
+	echo "+ pytest -m postgres (its report)"; cat "$$pg_log"; rm -f "$$pg_log"; \
 	exit $$status
 
 bench: test-packages venv-dev

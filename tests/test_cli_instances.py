@@ -19,6 +19,7 @@ from instances import services
 from instances.models import Instance
 from tests.conftest import wait_for
 from tests.support.cli import run, run_process, start_process
+from tests import testenv
 
 LIST_KEYS = {"instance_id", "name", "description", "node", "image", "host_port", "url", "gpus", "cpu_only",
              "desired_state", "status", "status_detail", "container_id", "pending_changes", "checked_at",
@@ -74,7 +75,7 @@ def test_without_options_it_creates_a_cpu_instance_on_a_free_port_with_the_defau
     assert result.code == 0, result.err
     instance = Instance.objects.get(instance_id="plain")
     assert instance.cpu_only
-    assert 18188 <= instance.host_port <= 18387
+    assert testenv.PORT_RANGE[0] <= instance.host_port <= testenv.PORT_RANGE[1]
     assert instance.image == settings.COMFY_IMAGE
     assert "GPUs   none (CPU mode)" in result.out
 

@@ -9,6 +9,7 @@ from comfyhub.models import Operation
 from instances import runtime, services
 from instances.forms import InstanceForm, args_to_text
 from instances.models import GPU, Instance
+from tests import testenv
 
 pytestmark = pytest.mark.django_db
 
@@ -69,7 +70,7 @@ def test_an_operator_creates_an_instance_with_gpus_and_its_directories_are_queue
     assert instance.extra_args == ["--preview-method", "auto", "--lowvram"]
     assert instance.extra_env == {"TEAM": "vision", "HF_HOME": "/instance/hf"}
     assert instance.display_name == "Painter" and instance.created_by == operator
-    assert 18188 <= instance.host_port <= 18387
+    assert testenv.PORT_RANGE[0] <= instance.host_port <= testenv.PORT_RANGE[1]
     build = Operation.objects.get()
     assert build.kind == "instance_build" and build.target_id == str(instance.pk) and build.requested_by == operator
     assert "Instance &#x27;painter&#x27; created" in response.content.decode()
@@ -99,7 +100,7 @@ def test_an_empty_port_picks_a_free_one_and_a_given_one_is_kept(client, operator
     client.force_login(operator)
     client.post(CREATE, create_data(instance_id="port-auto"))
     client.post(CREATE, create_data(instance_id="port-given", host_port="18300"))
-    assert 18188 <= Instance.objects.get(instance_id="port-auto").host_port <= 18387
+    assert testenv.PORT_RANGE[0] <= Instance.objects.get(instance_id="port-auto").host_port <= testenv.PORT_RANGE[1]
     assert Instance.objects.get(instance_id="port-given").host_port == 18300
 
 

@@ -16,6 +16,7 @@ from comfyhub.operations import OperationError
 from instances.models import Instance
 from storage_app import migration, services
 from tests.conftest import REPO, worker_database_url
+from tests import testenv
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -76,7 +77,7 @@ def test_the_plan_is_available_as_json_from_the_command(legacy, capsys):
 def test_migrate_moves_by_rename_and_registers_the_instance(legacy, storage, settings):
     from instances.services import port_bound_on_host
 
-    first_port_free = not port_bound_on_host("127.0.0.1", 18188)  # other test sessions may hold it
+    first_port_free = not port_bound_on_host("127.0.0.1", testenv.PORT_RANGE[0])  # other test sessions may hold it
     inode = os.stat(legacy / "comfy" / "models" / "checkpoints" / "base.safetensors").st_ino
     result = services.legacy_migrate_now(source=str(legacy), instance_id="comfy")
     moved = storage["shared"] / "models" / "checkpoints" / "base.safetensors"
@@ -91,7 +92,7 @@ def test_migrate_moves_by_rename_and_registers_the_instance(legacy, storage, set
     instance = Instance.objects.get(instance_id="comfy")
     assert result["port"] == instance.host_port
     if first_port_free:
-        assert instance.host_port == 18188  # the first port of the range: 8188 outside tests
+        assert instance.host_port == testenv.PORT_RANGE[0]  # the first port of the range: 8188 outside tests
     assert os.path.exists(result["report"]) and os.path.exists(result["journal"])
 
 

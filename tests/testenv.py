@@ -56,6 +56,7 @@ def _database_url():
 
 DATABASE_URL = _database_url()
 ON_POSTGRES = DATABASE_URL.startswith(POSTGRES_SCHEMES)
+PORT_RANGE = (18388, 18587) if ON_POSTGRES else (18188, 18387)
 PRIVATE_POSTGRES = DATABASE_URL == f"postgres://comfyhub@/comfyhub?host={POSTGRES_DIR}"
 if ON_POSTGRES:
     # Django creates and drops test_<name> beside the database the URL names.
@@ -102,7 +103,8 @@ os.environ.update(
         "COMFYHUB_TEST_SESSION": SESSION,
         # Two test sessions on one engine never reuse each other's container names.
         "CONTAINER_NAME_PREFIX": f"comfyhub-t{SESSION}-",
-        "INSTANCE_PORT_RANGE": "18188-18387",
+        # The SQLite and PostgreSQL parts of `make test` run side by side: each picks ports from its own range.
+        "INSTANCE_PORT_RANGE": "{}-{}".format(*PORT_RANGE),
         # The default image's repository, the test double and the made-up images tests name (never pulled).
         "INSTANCE_IMAGES_ALLOWED": "ghcr.io/comfyhub/comfyui,ghcr.io/comfyhub/comfyui:*,ghcr.io/comfyhub/comfyui@*,"
                                    "comfyhub-comfyui-double:*,comfyhub-test-*:*,example/comfyui:*,comfy:*,img:*,"
