@@ -120,10 +120,16 @@ def start(instance: Instance, report) -> dict:
             report.progress(5, "building directories")
             build_directories(instance, report)
             ensure_image(engine, instance, report)
-            spec = runtime.container_spec(instance)
+            # The id the tag names now: a tag rebuilt or re-pulled since the container was made recreates it.
+            spec = runtime.container_spec(instance, image_id=docker_engine.image_id(engine, instance.image) or "")
             state = docker_engine.container_state(engine, spec.name)
             if state and state.labels.get(runtime.LABEL_CONFIG) != spec.config_hash:
-                report.log("The configuration changed since the container was made: recreating it (data stays).")
+                made_from = state.labels.get(runtime.LABEL_IMAGE_ID, "")
+                if made_from and made_from != spec.image_id:
+                    report.log(f"The image {instance.image} was updated since the container was made "
+                               f"({made_from[:19]} -> {spec.image_id[:19]}): recreating it (data stays).")
+                else:
+                    report.log("The configuration changed since the container was made: recreating it (data stays).")
                 docker_engine.remove_container(engine, spec.name)
                 state = None
             container_id = state.id if state else ""

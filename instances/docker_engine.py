@@ -279,6 +279,15 @@ def image_present(engine, image: str) -> bool:
             return False
 
 
+def image_id(engine, image: str) -> str | None:
+    """The id (sha256:...) of the image `image` names on this engine now, or None when it is not here."""
+    with _translated(f"Could not look up image {image}", engine):
+        try:
+            return engine.api.inspect_image(image)["Id"]
+        except docker.errors.ImageNotFound:
+            return None
+
+
 def pull_image(engine, image: str, on_progress=None):
     """Pull `image`, calling on_progress(percent, message) as layers download."""
     repository, tag = _split_image(image)

@@ -21,6 +21,8 @@ LABEL_MANAGED = "comfyhub.managed"
 LABEL_INSTANCE = "comfyhub.instance"
 LABEL_NODE = "comfyhub.node"
 LABEL_CONFIG = "comfyhub.config-hash"
+# The id (sha256:...) of the image the container was made from: a tag rebuilt or re-pulled since names another one.
+LABEL_IMAGE_ID = "comfyhub.image-id"
 # Docker restarts a crashed ComfyUI, backing off, at most INSTANCE_MAX_RESTARTS times, then gives up (crash-looping).
 RESTART_POLICY = "on-failure"
 # ComfyUI logs every request: rotated, 3 files of 20 MB at most.
@@ -75,11 +77,15 @@ class ContainerSpec:
     log_options: dict[str, str]
     init: bool = True  # a tiny init as PID 1 forwards signals and reaps the zombies custom nodes leave behind
     security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges"])
+    # What `image` names on the node now; "" when not known (then the hash is the one made before image ids counted).
+    image_id: str = ""
 
     @property
     def config_hash(self) -> str:
         data = asdict(self)
         data["labels"] = {k: v for k, v in self.labels.items() if k != LABEL_CONFIG}
+        if not self.image_id:
+            del data["image_id"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def with_hash_label(self) -> "ContainerSpec":
@@ -100,8 +106,11 @@ def comfyui_arguments(instance, gpus) -> list[str]:
     return args + [str(arg) for arg in instance.extra_args]
 
 
-def container_spec(instance) -> ContainerSpec:
-    """Everything Docker needs to run `instance`; its hash decides whether a container must be recreated."""
+def container_spec(instance, image_id: str = "") -> ContainerSpec:
+    """Everything Docker needs to run `instance`; its hash decides whether a container must be recreated.
+
+    `image_id` is the id the instance's image reference names on its node now (docker_engine.image_id): with it, a
+    tag rebuilt or re-pulled since the container was made gives another hash, so the next start recreates it."""
     gpus = instance.assigned_gpus()
     environment = {str(k): str(v) for k, v in instance.extra_env.items()}
     # Python packages that custom nodes require live in the instance's own folder (see customnodes.py).
@@ -126,6 +135,8 @@ def container_spec(instance) -> ContainerSpec:
         LABEL_NODE: instance.node.name,
         **settings.CONTAINER_EXTRA_LABELS,
     }
+    if image_id:
+        labels[LABEL_IMAGE_ID] = image_id
     spec = ContainerSpec(
         name=instance.container_name,
         image=instance.image,
@@ -146,6 +157,7 @@ def container_spec(instance) -> ContainerSpec:
         shm_size=settings.INSTANCE_SHM_SIZE,
         log_driver=LOG_DRIVER,
         log_options=dict(LOG_OPTIONS),
+        image_id=image_id,
     )
     return spec.with_hash_label()
 

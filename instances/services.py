@@ -307,8 +307,36 @@ def instance_update_check(*, instance: Instance, display_name: str, description:
 
 
 def instance_pending_changes(instance: Instance) -> bool:
-    """True when the running container was made from another configuration (restart to apply)."""
-    return bool(instance.config_hash) and instance.config_hash != runtime.container_spec(instance).config_hash
+    """True when the container was made from another configuration or image (restart to apply)."""
+    return bool(instance_pending_change_kinds(instance))
+
+
+def instance_pending_change_kinds(instance: Instance) -> set[str]:
+    """What a restart would change in the instance's container: "configuration" (its settings changed) and/or
+    "image" (its image tag was rebuilt or re-pulled: it names another image id on the node now). Two inspects, of
+    the container (the image id it was made from, its label) and of the image; with the engine unreachable nothing
+    is known and the set is empty."""
+    from . import docker_engine
+
+    if not instance.config_hash:
+        return set()
+    try:
+        engine = docker_engine.require_engine(instance.node.docker_host or None)
+        try:
+            state = docker_engine.container_state(engine, instance.container_name)
+            now = docker_engine.image_id(engine, instance.image) or ""
+        finally:
+            engine.close()
+    except docker_engine.EngineError:
+        return set()
+    # Made before image ids counted: no label, the hash without one. Gone: the next start makes it from `now`.
+    made_from = state.labels.get(runtime.LABEL_IMAGE_ID, "") if state else now
+    kinds = set()
+    if instance.config_hash != runtime.container_spec(instance, image_id=made_from).config_hash:
+        kinds.add("configuration")
+    if made_from and now and made_from != now:
+        kinds.add("image")
+    return kinds
 
 
 # --- Actions (each one an operation) -------------------------------------------------------------------------

@@ -105,11 +105,13 @@ def _operations_of(instance):
 def _live_context(instance):
     active = _operations_of(instance).filter(status__in=Operation.ACTIVE_STATUSES).first()
     health = instance.health or {}
+    pending = services.instance_pending_change_kinds(instance)
     return {
         "instance": instance,
         "active_operation": active,
         "polling": active is not None or instance.status == Instance.Status.STARTING,
-        "pending_changes": services.instance_pending_changes(instance),
+        "pending_changes": "configuration" in pending,
+        "image_updated": "image" in pending,
         "checks": [{**c, "name": _check_name(c)} for c in health.get("checks") or []],
         "devices": health.get("devices") or [],
         "comfyui_version": health.get("comfyui_version") or "",

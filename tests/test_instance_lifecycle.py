@@ -1,9 +1,11 @@
 """Instances on the real engine: two containers on different GPUs, checked from outside (inspect and ComfyUI)."""
+import io
 import json
 import urllib.request
 
 import pytest
 from django.conf import settings
+from django.urls import reverse
 
 from comfyhub.models import Operation
 from instances import docker_engine, health, services
@@ -128,6 +130,48 @@ def test_a_changed_configuration_recreates_the_container_and_keeps_the_data(imag
     assert "recreating it" in operation.log
     assert docker_engine_state(instance).id != old_id
     assert "--preview-method" in stats_of(instance)["system"]["argv"]
+    assert marker.read_text() == "{}"
+    instance.refresh_from_db()
+    assert not services.instance_pending_changes(instance)
+
+
+def test_a_rebuilt_image_tag_is_pending_and_the_restart_recreates_the_container_from_it(image, run_worker, client,
+                                                                                        admin_user, docker_cleanup):
+    from tests.support.docker_fixtures import session_label
+
+    tag = f"{image.split(':')[0]}:rebuilt"
+
+    def build(step):  # the same tag, another layer each time; labelled so the cleanup removes it
+        dockerfile = f"FROM {image}\nLABEL comfyhub.test.step={step}\n".encode()
+        built, _ = docker_cleanup.images.build(fileobj=io.BytesIO(dockerfile), tag=tag, labels=session_label(),
+                                               rm=True)
+        return built.id
+
+    first = build(1)
+    instance = services.instance_create(instance_id="rebuilt", image=tag)
+    assert run(services.instance_start(instance=instance), run_worker).status == Operation.Status.SUCCEEDED
+    marker = settings.COMFY_INSTANCES_PATH / "rebuilt" / "user" / "default" / "workflows" / "keep.json"
+    marker.write_text("{}")
+    old = docker_engine_state(instance)
+    assert old.labels["comfyhub.image-id"] == first
+    instance.refresh_from_db()
+    assert not services.instance_pending_changes(instance)
+
+    second = build(2)
+    assert second != first
+    assert services.instance_pending_change_kinds(instance) == {"image"}
+    client.force_login(admin_user)
+    content = client.get(reverse("instance-detail", args=["rebuilt"])).content.decode()
+    assert 'data-testid="image-updated"' in content and "Image updated: restart to use it" in content
+    assert 'data-testid="pending-changes"' not in content  # no other change is pending
+
+    operation = run(services.instance_restart(instance=instance), run_worker)
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    assert f"The image {tag} was updated since the container was made" in operation.log
+    new = docker_engine_state(instance)
+    assert new.id != old.id
+    assert docker_cleanup.api.inspect_container(new.id)["Image"] == second
+    assert new.labels["comfyhub.image-id"] == second
     assert marker.read_text() == "{}"
     instance.refresh_from_db()
     assert not services.instance_pending_changes(instance)

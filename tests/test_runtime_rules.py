@@ -234,4 +234,5 @@ def test_the_container_has_the_init_log_rotation_and_restart_policy_of_its_spec(
     assert recreated["Id"] != container["Id"]
     assert recreated["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "2"}}
     assert recreated["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 2}
-    assert recreated["Config"]["Labels"][runtime.LABEL_CONFIG] == runtime.container_spec(instance).config_hash
+    assert recreated["Config"]["Labels"][runtime.LABEL_CONFIG] == runtime.container_spec(
+        instance, image_id=recreated["Image"]).config_hash
