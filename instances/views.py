@@ -144,7 +144,7 @@ def instance_edit(request, instance_id):
         with service_errors(request, form):
             instance = services.instance_update(**form.arguments(), user=request.user)
             messages.success(request, f"Instance '{instance}' saved.")
-            if services.instance_pending_changes(instance):
+            if "configuration" in services.instance_pending_change_kinds(instance):
                 messages.warning(request, "Its container still runs the old configuration: restart to apply.")
             return redirect(instance)
     return render(request, "instances/instance_form.html", {
