@@ -337,25 +337,69 @@ def workflow_needs(data: dict) -> Needs:
     return Needs("api", node_types, models)
 
 
+# Where the pre-flight found the model names; said in its result.
+MODELS_FROM_INSTANCE = "checked against the running instance's model lists"
+MODELS_FROM_FILES = "checked against the files on disk (the instance is stopped)"
+MODELS_FROM_FILES_NO_ANSWER = "checked against the files on disk (the instance does not answer)"
+# Old folder names ComfyUI still reads into the new ones.
+LEGACY_MODEL_FOLDERS = {"unet": "diffusion_models", "clip": "text_encoders"}
+_NOT_RUNNING = (Instance.Status.NEW, Instance.Status.STOPPED)
+
+
 def available_models(instance: Instance) -> dict[str, set[str]]:
-    """Model names ComfyUI would list per folder: the shared library plus the instance's own models/."""
+    """Model names ComfyUI would list per folder, from the files on disk: the shared library's
+    <shared>/models/<folder>/ and the instance's own models/<folder>/, as paths relative to the folder with '/'.
+    Both are walked through descriptors that never follow a link (the instance's folder is the container's to
+    write); links and files that are not model files are left out."""
     from storage_app import library
-    from storage_app.models import ModelAsset
 
     found: dict[str, set[str]] = {}
-    for path, folder in ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).values_list("path", "folder"):
-        found.setdefault(folder, set()).add(path.split("/", 1)[1] if "/" in path else path)
-    for item in library.inbox(instance):
-        if "/" in item["path"]:
-            found.setdefault(item["folder"], set()).add(item["path"].split("/", 1)[1])
+    for root, relpath in ((layout.shared_models_dir(instance.node), ""), (_instance_root(instance), "models")):
+        try:
+            for folder, _dirs, files, _links in safefs.walk(root, relpath):
+                parts = PurePosixPath(folder).relative_to(relpath or ".").parts
+                if not parts:
+                    continue  # files at the top of models/ are in no folder
+                names = found.setdefault(LEGACY_MODEL_FOLDERS.get(parts[0], parts[0]), set())
+                for name in files:
+                    if library.is_model_file(PurePosixPath(*parts, name).as_posix()):
+                        names.add(PurePosixPath(*parts[1:], name).as_posix())
+        except (FileNotFoundError, NotADirectoryError, safefs.UnsafePathError):
+            continue
     return found
+
+
+def model_listing(instance: Instance, folders: set[str]) -> tuple[dict[str, set[str]], str]:
+    """The model names `instance` offers per folder and where they came from: its own GET /models/<folder> when it
+    runs (`folders`, plus every folder it has when "" is among them), else the files on disk."""
+    from .comfyui_api import ComfyUI, ComfyUIError
+
+    if instance.status in _NOT_RUNNING:
+        return available_models(instance), MODELS_FROM_FILES
+    on_disk = None
+    if "" in folders:
+        on_disk = available_models(instance)
+        folders = ({f for f in folders if f} | set(on_disk) | set(MODEL_INPUTS.values())
+                   | {folder for slots in WIDGET_MODEL_SLOTS.values() for _, folder in slots})
+    client, found = ComfyUI.of(instance), {}
+    try:
+        for folder in sorted(folders):
+            try:
+                found[folder] = {name.replace("\\", "/") for name in client.models(folder)}
+            except ComfyUIError as exc:
+                if exc.status_code != 404:
+                    raise
+                found[folder] = set()  # ComfyUI has no such folder
+    except ComfyUIError:
+        return (on_disk if on_disk is not None else available_models(instance)), MODELS_FROM_FILES_NO_ANSWER
+    return found, MODELS_FROM_INSTANCE
 
 
 def preflight(data: dict, target: Instance, node_types: set | None = None) -> dict:
     """What `target` lacks to run this workflow: node types and model files (with near matches)."""
     needs = workflow_needs(data)
     known_types = node_types if node_types is not None else set(target.node_types or [])
-    models = available_models(target)
+    models, models_source = model_listing(target, {folder for folder, _ in needs.models})
     everything = set().union(*models.values()) if models else set()
     indexes: dict[str, _NameIndex] = {}
     missing_models = []
@@ -373,6 +417,7 @@ def preflight(data: dict, target: Instance, node_types: set | None = None) -> di
         "node_types_known": bool(known_types),
         "models": [{"folder": f or "?", "name": n} for f, n in sorted(needs.models)],
         "missing_models": missing_models,
+        "models_source": models_source,
     }
 
 

@@ -32,7 +32,7 @@ API_WORKFLOW = {
 }
 WORKFLOW_KEYS = {"path", "size", "modified", "symlink"}
 CHECK_KEYS = {"instance", "file", "ready", "format", "node_types", "missing_node_types", "node_types_known", "models",
-              "missing_models"}
+              "missing_models", "models_source"}
 ENTRY_KEYS = {"name", "created_at", "latest", "versions", "holders"}
 VERSION_KEYS = {"number", "sha256", "published_from", "author", "created_at"}
 TEMPLATE_KEYS = {"name", "description", "image", "extra_args", "extra_env", "gpu_count", "custom_nodes", "settings",
@@ -199,6 +199,7 @@ def test_check_names_the_node_types_and_models_the_target_lacks(pair, library_mo
         "    FancyCustomNode",
         "  models: 1 named; 1 missing:",
         "    checkpoints/dreamy.safetensors (near: dreamy_v2.safetensors)",
+        "  models checked against the files on disk (the instance is stopped).",
     ]
     assert result.err == "target lacks what this workflow needs (see above)."
 
@@ -232,7 +233,28 @@ def test_check_reads_another_instances_workflow_and_exits_0_when_nothing_is_miss
         "source:portraits/api.json (api format) on instance 'target':",
         "  node types: 2 used, all offered by target.",
         "  models: 1 named, all present.",
+        "  models checked against the files on disk (the instance is stopped).",
     ]
+
+
+def test_check_finds_a_model_file_placed_without_a_scan_and_says_it_looked_at_the_files(pair, settings):
+    source, target = pair
+    placed = settings.COMFY_SHARED_PATH / "models" / "checkpoints" / "dreamy_v2.safetensors"
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    placed.write_bytes(b"weights")  # no library scan: ComfyHub's database does not know it
+    put_workflow(source, "api.json", API_WORKFLOW)
+    put_workflow(source, "ui.json", UI_WORKFLOW)
+
+    found = run("workflows", "check", "target", "source:api.json", "--json")
+    lacking = run("workflows", "check", "target", "source:ui.json")
+
+    assert found.code == 0, found.out
+    data = json.loads(found.out)
+    assert data["missing_models"] == [] and data["ready"] is True
+    assert data["models_source"] == "checked against the files on disk (the instance is stopped)"
+    assert lacking.code == 1
+    assert "    checkpoints/dreamy.safetensors (near: dreamy_v2.safetensors)" in lacking.out.splitlines()
+    assert "  models checked against the files on disk (the instance is stopped)." in lacking.out.splitlines()
 
 
 def test_check_says_when_the_node_types_of_an_instance_are_not_known_yet(pair, library_model):

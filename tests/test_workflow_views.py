@@ -189,6 +189,23 @@ def test_check_lists_what_each_target_lacks_in_place(client, operator, source, t
     assert '<button type="submit" id="copy-submit" class="primary" hx-swap-oob="true">Copy anyway</button>' in content
 
 
+def test_check_finds_a_model_placed_without_a_scan_and_names_where_it_looked(client, operator, source, target,
+                                                                             storage):
+    put_workflow(source, "a.json", PORTRAIT)
+    placed = storage["shared"] / "models" / "checkpoints" / "dreamy_v2.safetensors"
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    placed.write_bytes(b"x")  # no library scan: ComfyHub's database does not know it
+    client.force_login(operator)
+    response = client.post(url("instance-workflows-check", source), {"paths": ["a.json"], "targets": ["wf-target"]},
+                           headers={"HX-Request": "true"})
+    result = response.content.decode().split('data-target="wf-target"')[1]
+    assert "It has every model file the workflow names." in result and "missing-models" not in result
+    assert "Models checked against the files on disk (the instance is stopped)." in result
+    content = upload(client, source, json.dumps(API_WORKFLOW).encode()).content.decode()
+    assert "<code>dreamy_v1.safetensors</code>" in content.split('class="table compact missing-models"')[1]
+    assert "Models checked against the files on disk (the instance is stopped)." in content
+
+
 def test_check_lists_node_types_the_target_lacks_when_it_has_run(client, operator, source, target, storage):
     put_workflow(source, "a.json", PORTRAIT)
     put_shared_model(storage, "checkpoints/dreamy_v2.safetensors")

@@ -157,6 +157,47 @@ def test_the_target_instances_own_models_count_for_the_preflight(pair, storage):
     assert "sdxl_base.safetensors" not in [m["name"] for m in workflows.preflight(API_WORKFLOW, target)["missing_models"]]
 
 
+def test_a_model_file_placed_without_a_scan_is_found_on_disk_when_the_target_is_stopped(pair, storage):
+    _, target = pair
+    placed = storage["shared"] / "models" / "checkpoints" / "sdxl_base.safetensors"
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    placed.write_bytes(b"x")  # no library.scan(): ComfyHub's database does not know it
+    result = workflows.preflight(API_WORKFLOW, target)
+    assert [m["name"] for m in result["missing_models"]] == ["sdxl_vae.safetensors"]
+    assert result["models_source"] == "checked against the files on disk (the instance is stopped)"
+
+
+def test_a_link_in_the_instances_models_folder_is_not_followed_for_the_preflight(pair, storage, tmp_path):
+    _, target = pair
+    outside = tmp_path / "outside"
+    (outside / "checkpoints").mkdir(parents=True)
+    (outside / "checkpoints" / "sdxl_base.safetensors").write_bytes(b"x")
+    (storage["instances"] / "target" / "models").mkdir(parents=True, exist_ok=True)
+    (storage["instances"] / "target" / "models" / "checkpoints").symlink_to(outside / "checkpoints")
+    (storage["instances"] / "target" / "models" / "vae").mkdir()
+    (storage["instances"] / "target" / "models" / "vae" / "sdxl_vae.safetensors").symlink_to(
+        outside / "checkpoints" / "sdxl_base.safetensors")
+    missing = [m["name"] for m in workflows.preflight(API_WORKFLOW, target)["missing_models"]]
+    assert missing == ["sdxl_base.safetensors", "sdxl_vae.safetensors"]
+
+
+@pytest.mark.docker
+def test_a_running_target_is_checked_against_its_own_model_lists(comfyui_double_image, docker_cleanup, run_worker,
+                                                                  storage):
+    target = services.instance_create(instance_id="runner", image=comfyui_double_image)
+    placed = storage["shared"] / "models" / "checkpoints" / "sdxl_base.safetensors"
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    placed.write_bytes(b"x")  # no library.scan()
+    operation = services.instance_start(instance=target)
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    target.refresh_from_db()
+    result = services.workflow_check(instance=target, raw=json.dumps(API_WORKFLOW).encode())
+    assert [m["name"] for m in result["missing_models"]] == ["sdxl_vae.safetensors"]
+    assert result["models_source"] == "checked against the running instance's model lists"
+
+
 def test_something_that_is_not_a_workflow_is_a_clear_error(pair):
     _, target = pair
     with pytest.raises(ValidationError, match="Not a ComfyUI workflow"):

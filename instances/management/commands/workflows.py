@@ -161,6 +161,7 @@ class Command(cli.Command):
                 write(f"    {model['folder']}/{model['name']}{near}")
         else:
             write(f"  models: {len(report['models'])} named, all present.")
+        write(f"  models {report['models_source']}.")
 
     def publish(self, options):
         instance = find_instance(options["instance_id"])
