@@ -1,12 +1,12 @@
-"""Workflow pre-flight: instances.workflows.preflight of a 500-node UI-format workflow against an instance whose
-library holds 2,000 ModelAsset rows.
+"""Workflow pre-flight: instances.workflows.preflight of a 500-node UI-format workflow against a stopped instance
+whose shared library holds 2,000 model files (the pre-flight of a stopped instance walks the files on disk).
 
 The workflow (built here, ComfyUI's UI format with links, positions, widgets): 40 CheckpointLoaderSimple, 120
 LoraLoader, 10 VAELoader, 10 ControlNetLoader, 5 UpscaleModelLoader and 15 custom loaders naming a model file among
 their widgets (200 model references, 20 of them to files the library lacks, typically a neighbouring version), 80
 KSampler, 100 CLIPTextEncode, 100 nodes of custom types, 20 Note/Reroute. The instance knows 300 node types
 (Instance.node_types, as remembered from /object_info), six of the workflow's types not among them. The
-library: 2,000 rows across six model folders, made with bulk_create. The workflow is parsed once; preflight(data,
+library: 2,000 empty files across six model folders (and their subfolders) under shared/models. The workflow is parsed once; preflight(data,
 instance) is timed RUNS times (median).
 Baseline, in the same run: json.loads of the same workflow bytes (median of RUNS).
 
@@ -94,20 +94,21 @@ def main() -> int:
     with PrivateEnvironment(NAME, extra_env={"COMFY_DEFAULT_INSTANCE": "false"}) as env:
         env.setup_django()
 
+        from django.conf import settings
+
         from instances import services, workflows
         from instances.models import Instance
-        from storage_app.models import ModelAsset
 
         rng = random.Random(20250103)
         names = _library_names(rng)
-        ModelAsset.objects.bulk_create(
-            [ModelAsset(path=f"{folder}/{name}", folder=folder, size=rng.randint(10**6, 7 * 10**9),
-                        sha256=f"{rng.getrandbits(256):064x}", status=ModelAsset.Status.UNVERIFIED)
-             for folder, listed in names.items() for name in listed],
-            batch_size=500,
-        )
-        if ModelAsset.objects.count() != sum(LIBRARY.values()):
-            raise BenchError("the library rows were not all made")
+        models_root = settings.COMFY_SHARED_PATH / "models"
+        for folder, listed in names.items():
+            for name in listed:
+                path = models_root / folder / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+        if sum(1 for p in models_root.rglob("*") if p.is_file()) != sum(LIBRARY.values()):
+            raise BenchError("the library files were not all made")
         instance = services.instance_create(instance_id="bench-preflight", image="ghcr.io/comfyhub/comfyui:latest")
         builtin = ["CheckpointLoaderSimple", "LoraLoader", "VAELoader", "ControlNetLoader", "UpscaleModelLoader",
                    "KSampler", "CLIPTextEncode", *CUSTOM_LOADERS[:2], *CUSTOM_TYPES[:-5]]
@@ -137,7 +138,7 @@ def main() -> int:
         parts = {}
         for label, function in (
             ("workflow_needs(data)", lambda: workflows.workflow_needs(data)),
-            ("available_models(instance) (2,000 rows + the instance's models/ walk)",
+            ("available_models(instance) (a walk of 2,000 shared files + the instance's models/)",
              lambda: workflows.available_models(instance)),
         ):
             samples = []
@@ -153,7 +154,7 @@ def main() -> int:
     print(f"{NAME}: workflow of {len(data['nodes'])} nodes, {len(raw) / 1024:.0f} KiB, {len(result['models'])} "
           f"distinct "
           f"model references ({len(result['missing_models'])} missing), {len(result['missing_node_types'])} missing "
-          f"node types; library of {sum(LIBRARY.values()):,} rows; {RUNS} runs each", flush=True)
+          f"node types; library of {sum(LIBRARY.values()):,} files; {RUNS} runs each", flush=True)
     print("  where the time goes (each part timed alone; difflib is per missing model, summed):")
     for label, seconds in parts.items():
         print(f"    {label:88s} {ms(seconds):>9s}")

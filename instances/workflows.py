@@ -361,9 +361,9 @@ def available_models(instance: Instance) -> dict[str, set[str]]:
                 if not parts:
                     continue  # files at the top of models/ are in no folder
                 names = found.setdefault(LEGACY_MODEL_FOLDERS.get(parts[0], parts[0]), set())
-                for name in files:
-                    if library.is_model_file(PurePosixPath(*parts, name).as_posix()):
-                        names.add(PurePosixPath(*parts[1:], name).as_posix())
+                # Strings joined once per folder, not paths built per file: libraries hold thousands of files.
+                in_library, in_folder = "/".join(parts) + "/", "".join(f"{part}/" for part in parts[1:])
+                names.update(in_folder + name for name in files if library.is_model_file(in_library + name))
         except (FileNotFoundError, NotADirectoryError, safefs.UnsafePathError):
             continue
     return found
