@@ -5,6 +5,7 @@ import urllib.request
 
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.urls import reverse
 
 from comfyhub.models import Operation
@@ -164,6 +165,9 @@ def test_a_rebuilt_image_tag_is_pending_and_the_restart_recreates_the_container_
     content = client.get(reverse("instance-detail", args=["rebuilt"])).content.decode()
     assert 'data-testid="image-updated"' in content and "Image updated: restart to use it" in content
     assert 'data-testid="pending-changes"' not in content  # no other change is pending
+    out = io.StringIO()
+    call_command("instances", "status", "rebuilt", stdout=out)
+    assert "(image updated: restart to apply)" in out.getvalue()
 
     operation = run(services.instance_restart(instance=instance), run_worker)
     assert operation.status == Operation.Status.SUCCEEDED, operation.error

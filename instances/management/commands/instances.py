@@ -167,7 +167,10 @@ class Command(cli.Command):
         write(f"  env        {' '.join(f'{k}={v}' for k, v in instance.extra_env.items()) or '-'}")
         container = instance.container_id[:12] or "-"
         if data["pending_changes"]:
-            container += " (configuration changed: restart to apply)"
+            kinds = services.instance_pending_change_kinds(instance)
+            what = " and ".join(w for k, w in (("configuration", "configuration changed"),
+                                               ("image", "image updated")) if k in kinds) or "configuration changed"
+            container += f" ({what}: restart to apply)"
         write(f"  container  {container}")
         write(f"  restarts   {instance.restart_count}")
         write(f"  checked    {local_time(instance.checked_at)}")
