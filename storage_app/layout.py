@@ -3,7 +3,7 @@
     <shared>/models/<ComfyUI model folder>/    shared library, read-only in containers at /shared/models
     <shared>/input/                            shared input images, read-only at /shared/input
     <instances>/<id>/{custom_nodes,user,temp,output,input,models}   read-write at /instance
-    <instances>/<id>/extra_model_paths.yaml    maps every model folder to /shared/models/... (is_default: true)
+    <instances>/<id>/extra_model_paths.yaml    every model folder: /instance/models/... first, then /shared/models/...
 """
 from __future__ import annotations
 
@@ -109,13 +109,26 @@ def instance_dir(instance_id: str, node=None) -> Path:
 
 
 def extra_model_paths_yaml() -> str:
-    """The YAML that makes ComfyUI search the read-only shared library first for every model folder."""
+    """The YAML that adds the read-only shared library to every model folder, after the instance's own folder.
+
+    Nodes save downloads to folder_paths.get_folder_paths(kind)[0], so that first path must be the instance's
+    writable /instance/models/<folder>. ComfyUI (utils/extra_config.py, folder_paths.add_model_folder_path) appends a
+    section's paths, or puts them first when the section says `is_default: true` (each line in turn, so the last line
+    of a multi-line value ends up first). The shared section is therefore not default, and the instance section names
+    each key's default folder alone, marked `is_default: true`, so the instance's folder is first whatever
+    --base-directory gives."""
     lines = [
-        "# Written by ComfyHub: the shared, read-only model library comes first for every model folder.",
-        "# The instance's own /instance/models (ComfyUI's default) still receives what nodes download.",
+        "# Written by ComfyHub: for every model folder the instance's own /instance/models/<folder> comes first (nodes",
+        "# save downloads to the first path), the shared, read-only model library after it.",
+        "comfyhub_instance:",
+        f"    base_path: {CONTAINER_INSTANCE}/models",
+        "    is_default: true",
+    ]
+    # No trailing slash: ComfyUI does not normalise, and the path must equal its own default to move, not repeat.
+    lines.extend(f"    {key}: {folders[0]}" for key, folders in MODEL_FOLDERS.items())
+    lines += [
         "comfyhub_shared:",
         f"    base_path: {CONTAINER_SHARED}/models",
-        "    is_default: true",
     ]
     for key, folders in MODEL_FOLDERS.items():
         if len(folders) == 1:

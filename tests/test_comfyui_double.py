@@ -226,6 +226,24 @@ def test_it_reads_multi_line_values_legacy_names_and_a_base_path_relative_to_the
     assert "Adding extra search path unet /shared/library/diffusion" in double.logs()
 
 
+def test_with_comfyhubs_yaml_every_model_folder_lists_the_instances_own_folder_first(launcher):
+    # Nodes save downloads to folder_paths.get_folder_paths(kind)[0]: the instance's writable models/, not /shared.
+    from storage_app import layout
+
+    touch(launcher.instance / "extra_model_paths.yaml", layout.extra_model_paths_yaml().encode())
+
+    double = launcher.start("--extra-model-paths-config", "/instance/extra_model_paths.yaml")
+
+    folders = {entry["name"]: entry["folders"] for entry in double.get_json("/api/experiment/models")}
+    assert "configs" not in folders and "custom_nodes" not in folders  # left out by ComfyUI's route too
+    assert set(layout.MODEL_FOLDERS) - {"configs"} <= set(folders)
+    for key, names in layout.MODEL_FOLDERS.items():
+        if key == "configs":
+            continue
+        assert folders[key][0] == f"/instance/models/{names[0]}", (key, folders[key])
+        assert folders[key].index(f"/shared/models/{names[0]}") > 0, (key, folders[key])
+
+
 def test_it_fails_to_start_when_an_extra_model_paths_yaml_is_missing(launcher):
     double = launcher.start("--extra-model-paths-config", "/instance/missing.yaml", wait=False)
 

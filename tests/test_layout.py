@@ -1,6 +1,8 @@
 """The storage layout: what the directory build creates, what it never touches, and where paths may go."""
+import importlib.util
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,10 +21,40 @@ def test_the_build_creates_the_plans_tree_and_the_model_paths_file(settings):
         assert (instance / sub).is_dir()
     config = yaml.safe_load((instance / "extra_model_paths.yaml").read_text())
     section = config["comfyhub_shared"]
-    assert section["base_path"] == "/shared/models" and section["is_default"] is True
+    assert section["base_path"] == "/shared/models" and "is_default" not in section
     assert section["checkpoints"] == "checkpoints/"
     assert section["diffusion_models"].split() == ["diffusion_models/", "unet/"]
-    assert set(section) - {"base_path", "is_default"} == set(layout.MODEL_FOLDERS)
+    assert set(section) - {"base_path"} == set(layout.MODEL_FOLDERS)
+
+
+def _comfyui_double():
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_double_server", Path(__file__).parent / "comfyui_double" / "server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_instance_models_folder_comes_first_for_every_model_folder_so_downloads_land_there(settings):
+    # Nodes save downloads to folder_paths.get_folder_paths(kind)[0]: it must be the instance's writable
+    # /instance/models/<folder>, never the read-only /shared. Read with ComfyUI's rules as the test double has them
+    # (utils/extra_config.py, folder_paths.add_model_folder_path with is_default), started as docs/runtime-contract.md
+    # says.
+    layout.build_instance_tree("downloads")
+    config = settings.COMFY_INSTANCES_PATH / "downloads" / "extra_model_paths.yaml"
+    double = _comfyui_double()
+    args = double.build_parser().parse_args(
+        ["--listen", "0.0.0.0", "--base-directory", "/instance", "--extra-model-paths-config", str(config)])
+    paths = double.Paths(args)
+    paths.apply_custom_paths(args)
+    for key, folders in layout.MODEL_FOLDERS.items():
+        search = paths.folders[key][0]
+        assert search[0] == f"/instance/models/{folders[0]}", (key, search)
+        shared = [f"/shared/models/{folder}" for folder in folders]
+        assert set(shared) <= set(search), (key, search)
+        assert all(search.index(f"/instance/models/{folder}") < search.index(path)
+                   for folder in folders if f"/instance/models/{folder}" in search for path in shared), (key, search)
+        assert len(search) == len(set(search)), (key, search)
 
 
 def test_building_twice_changes_nothing_and_never_overwrites(settings):

@@ -9,7 +9,8 @@ source (https://github.com/comfyanonymous/ComfyUI, the files named below):
   --temp-directory (the latter gets "/temp" appended), model folder names, extensions and legacy aliases, and
   extra_model_paths.yaml loading (utils/extra_config.py), including that a missing YAML file stops the start;
 - the HTTP routes ComfyHub uses, also under the /api prefix: /system_stats, /prompt (GET), /queue (GET),
-  /object_info, /models, /embeddings, /userdata, /settings, /users, plus the origin check and CORS headers.
+  /object_info, /models, /experiment/models, /embeddings, /userdata, /settings, /users, plus the origin check and CORS
+  headers.
 
 GPUs: the devices reported come from NVIDIA_VISIBLE_DEVICES, which Docker sets from the container's GPU device
 requests, so a test can see which host GPUs reached the container.
@@ -694,6 +695,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if folder not in app.paths.folders:
                 raise HttpError(404)
             return self.respond_json(app.paths.filename_list(folder))
+        if key == ("GET", "experiment", 2) and parts[1] == "models":
+            # app/model_manager.py: every model folder's search paths, get_folder_paths() order (nodes save to [0]).
+            return self.respond_json([{"name": name, "folders": list(search)}
+                                      for name, (search, _extensions) in app.paths.folders.items()
+                                      if name not in ("configs", "custom_nodes")])
         if key == ("GET", "embeddings", 1):
             return self.respond_json([os.path.splitext(n)[0] for n in app.paths.filename_list("embeddings")])
         if key == ("GET", "users", 1):
