@@ -103,12 +103,14 @@ def shows_a_message(response) -> bool:
 
 PAGE_FIELDS = [
     ("instance-create", [], "post", {"instance_id": "new-one"},
-     ["instance_id", "display_name", "description", "image", "extra_args", "extra_env", "host_port", "gpus"]),
+     ["instance_id", "display_name", "description", "image", "extra_args", "extra_env", "host_port", "gpus",
+      "adopt"]),
     ("instance-edit", ["bad"], "post", {},
      ["display_name", "description", "image", "extra_args", "extra_env", "host_port", "gpus"]),
     ("instance-delete", ["bad"], "post", {}, ["confirm", "purge_data"]),
     ("instance-workflows-check", ["bad"], "post", {"paths": "w.json"}, ["paths", "targets", "on_conflict"]),
-    ("instance-workflows-copy", ["bad"], "post", {"paths": "w.json"}, ["paths", "targets", "on_conflict"]),
+    ("instance-workflows-copy", ["bad"], "post", {"paths": "w.json"}, ["paths", "targets", "on_conflict",
+                                                                       "all_workflows"]),
     ("instance-workflow-publish", ["bad"], "post", {"path": "w.json", "name": "n"}, ["path", "name"]),
     ("instance-node-install", ["bad"], "post", {"url": "https://example.com/o/n"}, ["url", "ref"]),
     ("instance-node-action", ["bad"], "post", {"name": "n", "action": "update"}, ["name", "action"]),
