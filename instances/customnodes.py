@@ -34,8 +34,10 @@ CONTAINER_SOURCE = "/comfyhub-source"  # where a local source is mounted, read-o
 REQUIREMENTS_LIMIT = 1024 * 1024
 
 # git inside the container. The container is the sandbox, but the repository's own settings that run commands are
-# switched off anyway; command-line settings win over the repository's config.
-GIT_OPTIONS = ("-c 'safe.directory=*' -c core.fsmonitor=false -c core.hooksPath=/dev/null -c core.pager=cat "
+# switched off anyway; command-line settings win over the repository's config. safe.directory names exactly the one
+# repository each command works in (g() adds the folder it runs in) and, in the global file below, the mounted local
+# source: never '*', so git's ownership guard stays on for every other folder.
+GIT_OPTIONS = ("-c core.fsmonitor=false -c core.hooksPath=/dev/null -c core.pager=cat "
                "-c credential.helper= -c protocol.ext.allow=never -c advice.detachedHead=false "
                "-c submodule.recurse=false")
 GIT_ENV = {"HOME": "/tmp", "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true", "LC_ALL": "C",
@@ -43,9 +45,9 @@ GIT_ENV = {"HOME": "/tmp", "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true
 NO_GIT = 127
 SCRIPT_PRELUDE = f"""set -u
 command -v git >/dev/null 2>&1 || {{ echo "comfyhub: no git in this image" >&2; exit {NO_GIT}; }}
-# A local clone's upload-pack drops command-line settings: the clones and a local source belong to other users.
-printf '[safe]\n\tdirectory = *\n' > "$GIT_CONFIG_GLOBAL" || exit 3
-g() {{ git {GIT_OPTIONS} -c "protocol.file.allow=$COMFYHUB_FILE_PROTOCOL" "$@"; }}
+# A local clone's upload-pack drops command-line settings, and the mounted source belongs to another user.
+printf '[safe]\\n\\tdirectory = %s\\n\\tdirectory = %s/.git\\n' {CONTAINER_SOURCE} {CONTAINER_SOURCE} > "$GIT_CONFIG_GLOBAL" || exit 3
+g() {{ git -c "safe.directory=$PWD" {GIT_OPTIONS} -c "protocol.file.allow=$COMFYHUB_FILE_PROTOCOL" "$@"; }}
 """
 # $1 the URL, $2 the new folder (in custom_nodes/), $3 the URL to record as origin
 CLONE_SCRIPT = """cd "$COMFYHUB_NODES" || exit 3
