@@ -566,7 +566,10 @@ def _link_in_library(shared: Path, existing_rel: str, shared_rel: str, sha256: s
             with safefs.opened_dir(shared, parent, create=True, chown=False) as dst_fd:
                 try:
                     # The descriptor's /proc entry names the very file that was hashed, never a path that could have
-                    # been swapped since; link() never replaces an existing name.
+                    # been swapped since; link() never replaces an existing name. Following that one entry is the
+                    # point (it is the kernel's handle on the open file, not a link anyone planted): the file was
+                    # opened with O_NOFOLLOW at every step, inside the shared tree containers mount read-only, and
+                    # the new name is made under a folder opened the same way.
                     os.link(f"/proc/self/fd/{existing_fd}", name, dst_dir_fd=dst_fd, follow_symlinks=True)
                 except FileExistsError:
                     raise PromoteError(f"{shared / shared_rel} appeared meanwhile; nothing was moved.") from None
