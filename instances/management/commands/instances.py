@@ -136,8 +136,9 @@ class Command(cli.Command):
     def show_status(self, options):
         instance = find_instance(options["instance_id"])
         operations = list(latest_operations(instance))
+        pending_kinds = services.instance_pending_change_kinds(instance)
         data = {
-            **instance_data(instance),
+            **instance_data(instance, pending_kinds=pending_kinds),
             "restart_count": instance.restart_count,
             "started_at": iso(instance.started_at),
             "health": {
@@ -166,10 +167,9 @@ class Command(cli.Command):
         write(f"  args       {' '.join(instance.extra_args) or '-'}")
         write(f"  env        {' '.join(f'{k}={v}' for k, v in instance.extra_env.items()) or '-'}")
         container = instance.container_id[:12] or "-"
-        if data["pending_changes"]:
-            kinds = services.instance_pending_change_kinds(instance)
+        if pending_kinds:
             what = " and ".join(w for k, w in (("configuration", "configuration changed"),
-                                               ("image", "image updated")) if k in kinds) or "configuration changed"
+                                               ("image", "image updated")) if k in pending_kinds)
             container += f" ({what}: restart to apply)"
         write(f"  container  {container}")
         write(f"  restarts   {instance.restart_count}")
@@ -240,8 +240,11 @@ def gpus_text(instance: Instance, *, names: bool = False) -> str:
     return ", ".join(str(gpu.index) for gpu in gpus)
 
 
-def instance_data(instance: Instance) -> dict:
-    """The documented JSON of one instance (docs/cli.md); add keys, never rename or remove them."""
+def instance_data(instance: Instance, pending_kinds: set[str] | None = None) -> dict:
+    """The documented JSON of one instance (docs/cli.md); add keys, never rename or remove them. `pending_kinds`:
+    services.instance_pending_change_kinds(instance) where the caller has it already (it costs two inspects)."""
+    if pending_kinds is None:
+        pending_kinds = services.instance_pending_change_kinds(instance)
     return {
         "instance_id": instance.instance_id,
         "name": instance.name,
@@ -256,7 +259,7 @@ def instance_data(instance: Instance) -> dict:
         "status": instance.status,
         "status_detail": instance.status_detail,
         "container_id": instance.container_id,
-        "pending_changes": services.instance_pending_changes(instance),
+        "pending_changes": bool(pending_kinds),
         "checked_at": iso(instance.checked_at),
         "created_at": iso(instance.created_at),
     }
