@@ -309,7 +309,8 @@ def test_the_adopt_box_shows_only_when_a_kept_folder_exists(client, operator, se
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_operator_takes_back_the_data_of_a_deleted_instance(client, operator, settings, run_worker):
+def test_an_operator_takes_back_the_data_of_a_deleted_instance(client, operator, settings, run_worker,
+                                                               docker_engine):  # deleting asks the engine first
     client.force_login(operator)
     client.post(CREATE, create_data(instance_id="kept"))
     run_worker()
@@ -378,7 +379,8 @@ def test_an_operator_changes_an_instance_and_its_id_stays(client, operator, edit
     assert editable.host_port == port  # an empty port keeps the one it has
 
 
-def test_saving_a_running_instance_says_restart_to_apply(client, operator, editable):
+def test_saving_a_running_instance_says_restart_to_apply(client, operator, editable, docker_engine):
+    # The notice compares with what the engine says the container was made from: it needs an engine to ask.
     # As if its container had been made from the current configuration.
     Instance.objects.filter(pk=editable.pk).update(config_hash=runtime.container_spec(editable).config_hash,
                                                    desired_state=Instance.DesiredState.RUNNING)

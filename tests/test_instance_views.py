@@ -217,7 +217,9 @@ def test_the_instance_page_shows_failing_checks_in_red_and_the_devices_comfyui_r
     assert "0.3.40" in content
 
 
-def test_the_instance_page_says_restart_to_apply_when_the_container_is_out_of_date(client, stranger, alpha):
+def test_the_instance_page_says_restart_to_apply_when_the_container_is_out_of_date(client, stranger, alpha,
+                                                                                   docker_engine):
+    # The page compares with what the engine says the container was made from: it needs an engine to ask.
     client.force_login(stranger)
     assert 'data-testid="pending-changes"' not in client.get(url("instance-detail", alpha)).content.decode()
     Instance.objects.filter(pk=alpha.pk).update(config_hash="made-from-an-older-configuration")
