@@ -55,7 +55,7 @@ def test_migrations_build_the_schema_on_an_empty_database_and_every_model_change
         assert unmade.returncode == 0, "a model change has no migration:\n" + unmade.stdout + unmade.stderr
 
 
-@pytest.mark.skipif(not testenv.ON_POSTGRES, reason="on SQLite, tests/test_serve.py is this test")
+@pytest.mark.postgres_only  # on SQLite, tests/test_serve.py is this test
 def test_serve_starts_on_an_empty_postgresql_database_and_a_person_logs_in(tmp_path):
     from tests.test_serve import Serve, free_port, log_in
 

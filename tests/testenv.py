@@ -211,7 +211,17 @@ def pytest_report_header(config):
     return f"database: PostgreSQL, {TEST_DATABASE_NAME} on {where}"
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    """Files of the database-sensitive part are marked `postgres`; a test marked `postgres_only` (one SQLite has
+    another test for) is left out of a SQLite run, reported as deselected, never as skipped."""
+    kept, left_out = [], []
     for item in items:
         if item.path.name in POSTGRES_PART:
             item.add_marker(pytest.mark.postgres)
+        if not ON_POSTGRES and item.get_closest_marker("postgres_only"):
+            left_out.append(item)
+        else:
+            kept.append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
