@@ -1,4 +1,4 @@
-"""pytest plugin: a real Docker engine, the ComfyUI test double image, and cleanup of what tests create.
+"""pytest plugin: a real Docker engine, the ComfyUI test images, and cleanup of what tests create.
 
 Load it with `pytest_plugins = ["tests.support.docker_fixtures"]` in tests/conftest.py.
 Every container, network and image a test creates must carry the label TEST_LABEL ("comfyhub.test"); docker_cleanup
@@ -17,9 +17,9 @@ import docker.errors
 import pytest
 
 from tests.support.engine import EngineHandle, ensure_engine
-from tests.support.images import BASE_TAG, CACHED_TAGS, DOUBLE_TAG, TEST_LABEL, ensure_test_images
+from tests.support.images import BASE_TAG, CACHED_TAGS, CLIARGS_TAG, DOUBLE_TAG, TEST_LABEL, ensure_test_images
 
-__all__ = ["TEST_LABEL", "DOUBLE_TAG", "wait_for_http", "published_port", "remove_test_objects", "session_label"]
+__all__ = ["TEST_LABEL", "DOUBLE_TAG", "CLIARGS_TAG", "wait_for_http", "published_port", "remove_test_objects", "session_label"]
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +58,14 @@ def _no_container_outlives_its_test():
 def comfyui_double_image(docker_engine: docker.DockerClient) -> str:
     """The tag of the ComfyUI test double image, built now if missing or stale."""
     return ensure_test_images(docker_engine)["comfyui_double"]
+
+
+@pytest.fixture(scope="session")
+def cliargs_image(docker_engine: docker.DockerClient) -> str:
+    """The tag of the stand-in for images that read ComfyUI's arguments from $CLI_ARGS (the double image with the
+    entrypoint `sh -c 'exec python3 /opt/comfyui/main.py $CLI_ARGS'` and no comfyhub.image.arguments label), built
+    now if missing or stale."""
+    return ensure_test_images(docker_engine)["comfyui_cliargs"]
 
 
 @pytest.fixture
