@@ -446,6 +446,31 @@ CUSTOM_NODE_GIT_IMAGE = env_text(
     "CUSTOM_NODE_GIT_IMAGE", valid=_IMAGE_RE.fullmatch,
     expected="use a Docker image reference with git in it, or leave it empty for the instance's own image, e.g. "
              "alpine/git:latest.")
+# Where pip finds custom nodes' requirements (in a throw-away container of the instance's image). The index: empty
+# for pip's own (or the image's pip configuration), "none" for NODE_PIP_FIND_LINKS alone (offline hosts).
+NODE_PIP_INDEX_URL = "none" if env_text("NODE_PIP_INDEX_URL").casefold() == "none" else env_url(
+    "NODE_PIP_INDEX_URL", "", ("https", "http"), "https://pypi.org/simple",
+    "the package index custom nodes' requirements come from, or none for NODE_PIP_FIND_LINKS alone")
+
+
+def env_existing_path(name: str, kind: str, meaning: str, example: str) -> Path | None:
+    """A folder ("folder") or file ("file") that exists on this host, or None when unset."""
+    text = env_text(name)
+    if not text:
+        return None
+    path = project_path(text)
+    if not (path.is_dir() if kind == "folder" else path.is_file()):
+        raise invalid(name, text, f"{path} is not a {kind} on this host; use an existing {kind} ({meaning}), or "
+                                  f"leave it empty, e.g. {example}.")
+    return path
+
+
+# A folder of wheels on this host, mounted read-only into pip's container and searched too (--find-links).
+NODE_PIP_FIND_LINKS = env_existing_path("NODE_PIP_FIND_LINKS", "folder", "wheels for custom nodes' requirements",
+                                        "/srv/wheels")
+# A PEM file of the certificate authorities pip trusts instead of its own, e.g. a TLS-inspecting proxy's.
+NODE_PIP_CA_BUNDLE = env_existing_path("NODE_PIP_CA_BUNDLE", "file", "the certificate authorities pip trusts "
+                                       "when installing custom nodes' requirements", "/etc/ssl/certs/proxy-ca.pem")
 # A restore stops before unpacking more than this many times the archive's size, and never past the free space
 # of the instances' filesystem minus this margin.
 RESTORE_MAX_UNPACKED_RATIO = env_float("RESTORE_MAX_UNPACKED_RATIO", 4.0,

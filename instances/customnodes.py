@@ -15,6 +15,8 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from comfyhub.operations import NullReport
 from storage_app import layout, safefs
@@ -353,17 +355,31 @@ def update(node: CustomNode, ref: str | None = None, report=None) -> CustomNode:
     report.log(f"fetching {node.url}")
     _fetch(instance, node.url, folder)
     commit = _checkout(instance, folder, ref, refuse_changes=True)
-    node.commit, node.ref = commit, ref
-    node.requirements = _requirements(instance, folder)
+    requirements = _requirements(instance, folder)
     try:
         safefs.chown_tree(instance_root(instance), f"{NODES}/{folder}")
-    except safefs.UnsafePathError as exc:
-        raise CustomNodeError(str(exc)) from exc
-    if _has_requirements(node.requirements):
-        install_requirements(instance, folder, report)
+        if _has_requirements(requirements):
+            install_requirements(instance, folder, report)
+    except (CustomNodeError, safefs.UnsafePathError) as exc:
+        _back_to(instance, folder, node.commit, report)
+        if isinstance(exc, safefs.UnsafePathError):
+            raise CustomNodeError(str(exc)) from exc
+        raise
+    node.commit, node.ref, node.requirements = commit, ref, requirements
     node.save()
     report.log(f"{node.name} now at {node.commit[:12]}")
     return node
+
+
+def _back_to(instance: Instance, folder: str, commit: str, report):
+    """After a refused update: the checkout goes back to the commit ComfyHub recorded, as it was before."""
+    if not commit:
+        return
+    try:
+        _checkout(instance, folder, commit, refuse_changes=False)
+        report.log(f"custom_nodes/{folder} is back at {commit[:12]}")
+    except CustomNodeError as exc:
+        report.log(f"custom_nodes/{folder} could not go back to {commit[:12]}: {exc}", "WARNING")
 
 
 def set_enabled(node: CustomNode, enabled: bool) -> CustomNode:
@@ -436,36 +452,207 @@ def list_nodes(instance: Instance) -> list[dict]:
 
 
 # --- Python requirements, per instance ------------------------------------------------------------------------
+# pip runs in a throw-away container of the instance's own image (its Python), as PUID:PGID, seeing only the
+# instance's folder (and, read-only, NODE_PIP_FIND_LINKS and NODE_PIP_CA_BUNDLE). In a ComfyHub image (the label
+# below names its constraints file) it installs with --user into /instance/python-packages, constrained to the image's
+# pins: pip sees the image's packages as installed and adds only what is missing, and cannot replace the torch stack.
+# Other images keep `pip install --target /instance/python-packages`.
+
+CONSTRAINTS_LABEL = "comfyhub.image.constraints"
+CONSTRAINTS_LIMIT = 256 * 1024
+CONTAINER_WHEELS = "/comfyhub-wheels"
+CONTAINER_CA_BUNDLE = "/comfyhub-pip-ca.pem"
+# pip reads its per-user configuration from $HOME/.config/pip and $XDG_CONFIG_HOME: the instance's home is written by
+# the instance's own code, so pip's home is the container's /tmp (the image's /etc/pip.conf still applies).
+PIP_ENV = {"HOME": "/tmp", "XDG_CONFIG_HOME": "/tmp/.config", "XDG_CACHE_HOME": "/tmp/.cache",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+CONFLICT_CAUSES = "The conflict is caused by:"
+
 
 def _has_requirements(text: str) -> bool:
     return any(line.strip() and not line.strip().startswith("#") for line in text.splitlines())
 
 
 def install_requirements(instance: Instance, name: str, report=None):
-    """pip-install the node's requirements.txt into <instance>/python-packages using the instance's own image
-    (its Python), in a one-off container that sees only the instance's folder."""
+    """pip-install the node's requirements.txt (custom_nodes/<name>) into <instance>/python-packages with the
+    instance's own image. A requirement that would replace a package the image pins is refused before pip runs,
+    and pip's own refusal (a dependency that asks for another torch) is named; either way nothing is installed."""
     from . import docker_engine
 
     report = report or NullReport()
-
+    node = name.removesuffix(".disabled")
+    requirements = _requirements(instance, name)
     try:
         engine = docker_engine.require_engine(instance.node.docker_host or None)
     except docker_engine.EngineError as exc:
-        raise CustomNodeError(f"Cannot install the requirements: {exc}") from exc
+        raise CustomNodeError(f"Cannot install the requirements of {node}: {exc}") from exc
     try:
-        output = docker_engine.run_once(
-            engine, image=instance.image,
-            command=["python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-                     "--target", CONTAINER_PACKAGES, "-r", "requirements.txt"],
-            workdir=f"{layout.CONTAINER_INSTANCE}/custom_nodes/{name}",
-            mounts=[(str(instance_root(instance)), layout.CONTAINER_INSTANCE)],
+        constraints, pins = _image_pins(engine, instance)
+        if pins:
+            _refuse_replacing_pins(node, requirements, pins)
+        mounts = [(str(settings.NODE_PIP_FIND_LINKS), CONTAINER_WHEELS)] if settings.NODE_PIP_FIND_LINKS else []
+        environment = dict(PIP_ENV)
+        if settings.NODE_PIP_CA_BUNDLE:
+            mounts.append((str(settings.NODE_PIP_CA_BUNDLE), CONTAINER_CA_BUNDLE))
+            environment["PIP_CERT"] = CONTAINER_CA_BUNDLE
+        if constraints:
+            # pip sees what the container will load: the user site, and the older --target installs on PYTHONPATH
+            environment.update(PYTHONUSERBASE=CONTAINER_PACKAGES, PYTHONPATH=CONTAINER_PACKAGES, PIP_USER="1")
+        report.log("pip " + ("adds what the image lacks, its pinned packages kept" if constraints else
+                             f"installs into {PACKAGES_DIR}/ (the image pins nothing)"))
+        result = docker_engine.run_container(
+            engine, image=instance.image, command=_pip_command(constraints),
+            workdir=f"{CONTAINER_NODES}/{name}",
+            mounts=[(str(instance_root(instance)), layout.CONTAINER_INSTANCE)], read_only_mounts=mounts,
             labels={"comfyhub.managed": "false", "comfyhub.instance": instance.instance_id,
                     **settings.CONTAINER_EXTRA_LABELS},
-            environment={"HOME": "/tmp"}, user=f"{settings.PUID}:{settings.PGID}", timeout=GIT_TIMEOUT,
+            environment=environment, user=f"{settings.PUID}:{settings.PGID}",
+            network=settings.NODE_PIP_INDEX_URL != "none", drop_capabilities=True, timeout=GIT_TIMEOUT,
         )
     except docker_engine.EngineError as exc:
-        raise CustomNodeError(f"Installing the requirements of {name} failed: {exc}") from exc
+        raise CustomNodeError(f"Installing the requirements of {node} failed: {exc}") from exc
     finally:
         engine.close()
-    for line in output.splitlines()[-5:]:
-        report.log(line)
+    if result.exit_code != 0:
+        raise CustomNodeError(_pip_failure(node, result.output, pins))
+    installed = [line for line in result.output.splitlines() if line.startswith("Successfully installed")]
+    report.log(installed[-1] if installed else "pip installed nothing: every requirement is already there (in the "
+               f"image, or in this instance's {PACKAGES_DIR}/)")
+
+
+def _pip_command(constraints: str) -> list[str]:
+    command = ["python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check", "--no-input",
+               "--progress-bar", "off"]
+    if constraints:
+        command += ["--user", "--constraint", constraints, "--no-warn-script-location"]
+    else:
+        command += ["--target", CONTAINER_PACKAGES]
+    if settings.NODE_PIP_INDEX_URL == "none":
+        command.append("--no-index")
+    elif settings.NODE_PIP_INDEX_URL:
+        command += ["--index-url", settings.NODE_PIP_INDEX_URL]
+    if settings.NODE_PIP_FIND_LINKS:
+        command += ["--find-links", CONTAINER_WHEELS]
+    return command + ["-r", "requirements.txt"]
+
+
+def _image_pins(engine, instance: Instance) -> tuple[str, dict[str, str]]:
+    """The constraints file the instance's image names (label comfyhub.image.constraints; "" for an image without
+    one) and what it pins: {canonical name: "name==version"}."""
+    from . import docker_engine
+
+    details = docker_engine.image_details(engine, instance.image)
+    if details is None:
+        raise CustomNodeError(f"The image {instance.image} is not on this host; start the instance once (which "
+                              "pulls it), or build or pull it with `manage.py images`.")
+    path = (details.labels.get(CONSTRAINTS_LABEL) or "").strip()
+    if not path:
+        return "", {}
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise CustomNodeError(f"The image {instance.image} names '{path}' as its constraints file (label "
+                              f"{CONSTRAINTS_LABEL}); that is not an absolute path. Rebuild the image.")
+    data = docker_engine.read_image_file(engine, instance.image, path, max_bytes=CONSTRAINTS_LIMIT,
+                                         labels={"comfyhub.managed": "false", **settings.CONTAINER_EXTRA_LABELS})
+    if data is None:
+        raise CustomNodeError(f"The image {instance.image} names {path} as its constraints file (label "
+                              f"{CONSTRAINTS_LABEL}) but has no such file (or one over {CONSTRAINTS_LIMIT} bytes); "
+                              "rebuild the image with `manage.py images build`.")
+    return path, pinned_versions(data.decode("utf-8", errors="replace"))
+
+
+def requirement_lines(text: str) -> list[str]:
+    """The requirements of a requirements.txt as pip reads them: continuation lines joined, comments, option lines
+    (-r, -c, --index-url, ...) and per-requirement options (--hash=...) dropped."""
+    found = []
+    for line in re.sub(r"\\\r?\n", "", text).splitlines():
+        line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0]
+        line = re.split(r"\s--?[A-Za-z]", f" {line}", maxsplit=1)[0].strip()
+        if line:
+            found.append(line)
+    return found
+
+
+def pinned_versions(text: str) -> dict[str, str]:
+    """{canonical name: "name==version"} for each exact pin in a constraints file."""
+    pins = {}
+    for line in requirement_lines(text):
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        exact = [spec for spec in requirement.specifier if spec.operator in ("==", "===") and "*" not in spec.version]
+        if len(exact) == 1 and not requirement.marker and not requirement.url:
+            pins[canonicalize_name(requirement.name)] = f"{requirement.name}=={exact[0].version}"
+    return pins
+
+
+def pin_conflicts(requirements: str, pins: dict[str, str]) -> list[tuple[str, str]]:
+    """(requirement as written, the image's pin) for each requirement the pinned version does not satisfy. A
+    requirement with an environment marker or a URL is left to pip, which enforces the pins anyway."""
+    conflicts = []
+    for line in requirement_lines(requirements):
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue  # pip says what is wrong with it
+        pin = pins.get(canonicalize_name(requirement.name))
+        if pin is None or requirement.marker or requirement.url:
+            continue
+        if not requirement.specifier.contains(pin.split("==", 1)[1], prereleases=True):
+            conflicts.append((line, pin))
+    return conflicts
+
+
+def _refuse_replacing_pins(node: str, requirements: str, pins: dict[str, str]):
+    conflicts = pin_conflicts(requirements, pins)
+    if not conflicts:
+        return
+    asked = _and([line for line, _ in conflicts])
+    pinned = _and(sorted({pin for _, pin in conflicts}))
+    names = _and(sorted({pin.split("==", 1)[0] for _, pin in conflicts}))
+    raise CustomNodeError(
+        f"{node} asks for {asked}, but this image pins {pinned} (its CUDA build); installing "
+        f"{'it' if len(conflicts) == 1 else 'them'} would replace the image's {names}. Ask the node's author, or use "
+        f"an image with that {names}.")
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _pip_failure(node: str, output: str, pins: dict[str, str]) -> str:
+    """What went wrong, from pip's output: the conflict its resolver names, else its error lines."""
+    lines = [line.strip() for line in output.splitlines()]
+    if CONFLICT_CAUSES in lines:
+        causes, replaced = [], []
+        for line in lines[lines.index(CONFLICT_CAUSES) + 1:]:
+            if not line:
+                break
+            text, pin = _cause(node, line, pins)
+            causes.append(text)
+            replaced += [pin.split("==", 1)[0]] if pin else []
+        advice = (f" Installing them would replace the image's {_and(replaced)}. Ask the node's author, or use an "
+                  f"image with that {_and(replaced)}." if replaced else " Ask the node's author.")
+        return f"{node}'s requirements cannot be installed beside this image's packages: {'; '.join(causes)}.{advice}"
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
+    said = " ".join(errors[-3:]) or " ".join(line for line in lines[-3:] if line) or "no output"
+    hint = ""
+    if "No matching distribution" in output and settings.NODE_PIP_INDEX_URL == "none":
+        hint = (" NODE_PIP_INDEX_URL is none: pip installs only from NODE_PIP_FIND_LINKS"
+                f"{f' ({settings.NODE_PIP_FIND_LINKS})' if settings.NODE_PIP_FIND_LINKS else ', which is not set'}; "
+                "add the wheel there.")
+    return f"Installing the requirements of {node} failed: pip said: {said}{hint}"
+
+
+def _cause(node: str, cause: str, pins: dict[str, str]) -> tuple[str, str | None]:
+    """One line of pip's "The conflict is caused by:" in ComfyHub's words, and the image's pin it names (or None)."""
+    if cause.startswith("The user requested (constraint) "):
+        wanted = cause.removeprefix("The user requested (constraint) ")
+        try:
+            pin = pins.get(canonicalize_name(Requirement(wanted).name))
+        except InvalidRequirement:
+            pin = None
+        return (f"this image pins {pin}", pin) if pin else (f"a constraint asks for {wanted}", None)
+    if cause.startswith("The user requested "):
+        return f"{node} asks for {cause.removeprefix('The user requested ')}", None
+    return cause, None

@@ -231,9 +231,11 @@ def create_container(engine, spec) -> str:
         if spec.gpu_ids else None,
     )
     with _translated(f"Could not create container {spec.name}", engine):
+        # An empty command leaves the image's own (an image that reads ComfyUI's arguments from a variable).
         created = engine.api.create_container(
-            image=spec.image, command=spec.command, name=spec.name, environment=spec.environment,
+            image=spec.image, command=spec.command or None, name=spec.name, environment=spec.environment,
             labels=spec.labels, ports=[spec.container_port], host_config=host_config, detach=True,
+            user=spec.user or None,
         )
         return created["Id"]
 

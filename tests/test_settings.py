@@ -144,8 +144,8 @@ BAD_VALUES = {
     "COMFY_BACKUPS_PATH": ["Makefile"],
     "COMFY_INSTANCE_ID": ["My Instance", "shared", "-comfy"],
     "COMFY_IMAGE": ["comfy ui", ":latest"],
-    "PUID": ["abc", "-1", "4294967295"],
-    "PGID": ["1000.5"],
+    "PUID": ["abc", "-1", "4294967295", "0"],
+    "PGID": ["1000.5", "0"],
     "COMFY_DEFAULT_INSTANCE": ["perhaps"],
     "COMFY_GPU_DISCOVERY": ["cuda"],
     "COMFY_GPUS": ["all", "0;1", "gpu0"],
@@ -160,6 +160,9 @@ BAD_VALUES = {
     "INSTANCE_IMAGES_ALLOWED": ["registry.example.org/*", "ghcr.io/comfyhub/comfyui:*,my image:*"],
     "CUSTOM_NODE_LOCAL_SOURCES": ["sure"],
     "CUSTOM_NODE_GIT_IMAGE": ["alpine git"],
+    "NODE_PIP_INDEX_URL": ["pypi.org/simple", "ftp://mirror.example.org/simple"],
+    "NODE_PIP_FIND_LINKS": ["manage.py", "no-such-wheels-folder"],
+    "NODE_PIP_CA_BUNDLE": ["docs", "no-such-ca.pem"],
     "RESTORE_MAX_UNPACKED_RATIO": ["0", "four"],
     "RESTORE_FREE_SPACE_MARGIN_MB": ["-1", "1GB"],
     "LEGACY_SOURCE_ROOTS": ["/srv/old-comfyui,manage.py"],
@@ -228,13 +231,13 @@ def test_good_values_are_read_as_what_they_mean():
         "print(repr((s.PUID, s.DEBUG, s.INSTANCE_PORT_RANGE, s.CONTAINER_EXTRA_LABELS, s.LOGGING['root']['level'],"
         " s.COMFY_GPU_DISCOVERY, s.ALLOWED_HOSTS, s.MODEL_FULL_VERIFY_CRON, s.OPERATION_HEARTBEAT_TIMEOUT,"
         " s.SECURE_HSTS_SECONDS)))",
-        env={"DEBUG": " Yes ", "PUID": "0", "INSTANCE_PORT_RANGE": "9000-9000", "LOG_LEVEL": "debug",
+        env={"DEBUG": " Yes ", "PUID": "1001", "INSTANCE_PORT_RANGE": "9000-9000", "LOG_LEVEL": "debug",
              "CONTAINER_EXTRA_LABELS": "team=vision, note=a=b,", "COMFY_GPU_DISCOVERY": "NVML",
              "ALLOWED_HOSTS": "comfyhub.example.org, .example.net,[::1]", "MODEL_FULL_VERIFY_CRON": "",
              "OPERATION_HEARTBEAT_SECONDS": "1", "OPERATION_HEARTBEAT_TIMEOUT": "2", "SECURE_HSTS_SECONDS": ""},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == repr((0, True, "9000-9000", {"team": "vision", "note": "a=b"}, "DEBUG", "nvml",
+    assert result.stdout.strip() == repr((1001, True, "9000-9000", {"team": "vision", "note": "a=b"}, "DEBUG", "nvml",
                                           ["comfyhub.example.org", ".example.net", "[::1]"], "", 2.0, 0))
 
 

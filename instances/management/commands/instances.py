@@ -53,6 +53,10 @@ class Command(cli.Command):
         create.add_argument("--adopt", action="store_true",
                             help="Take the folder kept from a deleted instance with this id as it is (nothing in it "
                                  "is overwritten or deleted; building adds only what is missing).")
+        create.add_argument("--arguments-env", default=None, metavar="NAME", dest="image_arguments",
+                            type=lambda name: f"env:{name}",
+                            help="The image reads ComfyUI's arguments from the environment variable NAME (e.g. "
+                                 "CLI_ARGS), not from its command (default: as the container's command).")
 
         listing = actions.add_parser("list", help="All instances, one line each.")
         listing.add_argument("--json", action="store_true", help="A JSON list of objects (see docs/cli.md).")
@@ -106,6 +110,7 @@ class Command(cli.Command):
                 instance_id=options["instance_id"], display_name=options["name"], description=options["description"],
                 image=options["image"], extra_args=options["extra_args"], extra_env=env, host_port=host_port,
                 gpu_indexes=gpu_indexes, adopt=options["adopt"],
+                image_arguments=options["image_arguments"] or "command",
             )
         except ValidationError as exc:
             raise input_error(exc) from exc
