@@ -113,6 +113,8 @@ def docker_run_argv(spec, *, name: str, host_port: int) -> list[str]:
         argv += ["--log-opt", f"{key}={value}"]
     if spec.init:
         argv.append("--init")
+    if spec.user:
+        argv += ["--user", spec.user]
     for option in spec.security_opt:
         argv += ["--security-opt", option]
     if spec.gpu_ids:

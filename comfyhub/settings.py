@@ -383,8 +383,21 @@ COMFY_INSTANCE_ID = env_text(
 COMFY_IMAGE = env_text("COMFY_IMAGE", "ghcr.io/comfyhub/comfyui:latest", valid=_IMAGE_RE.fullmatch,
                        expected="use a Docker image reference (the image new instances run), e.g. "
                                 "ghcr.io/comfyhub/comfyui:latest.")
-PUID = env_int("PUID", 1000, "the uid instance files are owned by", minimum=0, maximum=4294967294)
-PGID = env_int("PGID", 1000, "the gid instance files are owned by", minimum=0, maximum=4294967294)
+
+
+def env_owner_id(name: str, kind: str) -> int:
+    """PUID/PGID: the uid or gid instance containers run as and instance files belong to. Never 0: a container
+    running as root could write anything on its mounts as root, and ComfyUI does not need it."""
+    text = env_text(name)
+    if text.isascii() and text.isdigit() and int(text) == 0:
+        raise invalid(name, text, f"instance containers never run as root ({kind} 0); use the {kind} that should "
+                                  "own the instance files, e.g. 1000.")
+    return env_int(name, 1000, f"the {kind} instance containers run as and instance files are owned by",
+                   minimum=1, maximum=4294967294)
+
+
+PUID = env_owner_id("PUID", "uid")
+PGID = env_owner_id("PGID", "gid")
 
 # --- Instances -----------------------------------------------------------------------------------------------
 # A fresh install registers the single-instance user's instance (COMFY_INSTANCE_ID on port 8188).

@@ -95,7 +95,15 @@ class InstanceAdminForm(forms.ModelForm):
         model = Instance
         fields = "__all__"
 
-    CHECKED = ("display_name", "description", "image", "extra_args", "extra_env")
+    CHECKED = ("display_name", "description", "image", "extra_args", "extra_env", "image_arguments")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "image_arguments" in self.fields:
+            self.fields["image_arguments"].required = False  # empty: as the container's command
+
+    def clean_image_arguments(self):
+        return self.cleaned_data.get("image_arguments") or "command"
 
     def clean(self):
         data = super().clean()
@@ -106,7 +114,8 @@ class InstanceAdminForm(forms.ModelForm):
             services.instance_update_check(
                 instance=instance, display_name=data.get("display_name", ""), description=data.get("description", ""),
                 image=data.get("image", ""), extra_args=data.get("extra_args"), extra_env=data.get("extra_env"),
-                host_port=None, gpu_indexes=[gpu.index for gpu in instance.assigned_gpus()])
+                host_port=None, gpu_indexes=[gpu.index for gpu in instance.assigned_gpus()],
+                image_arguments=data.get("image_arguments", instance.image_arguments))
         except ValidationError as exc:
             add_service_error(self, exc)
         return data
@@ -123,8 +132,8 @@ class InstanceAdmin(SavedByServices):
     readonly_fields = ("instance_id", "node", "host_port", "desired_state", "status", "status_detail",
                        "container_id", "config_hash", "restart_count", "health", "checked_at", "started_at",
                        "created_by", "created_at", "updated_at")
-    fields = ("instance_id", "display_name", "description", "node", "image", "extra_args", "extra_env",
-              *readonly_fields[2:])
+    fields = ("instance_id", "display_name", "description", "node", "image", "image_arguments", "extra_args",
+              "extra_env", *readonly_fields[2:])
 
     def get_queryset(self, request):
         return services.instances_with_relations()
@@ -139,7 +148,8 @@ class InstanceAdmin(SavedByServices):
             services.instance_update(
                 instance=instance, display_name=obj.display_name, description=obj.description, image=obj.image,
                 extra_args=obj.extra_args, extra_env=obj.extra_env, host_port=None,
-                gpu_indexes=[g.index for g in instance.assigned_gpus()], user=request.user,
+                gpu_indexes=[g.index for g in instance.assigned_gpus()], image_arguments=obj.image_arguments,
+                user=request.user,
             )
         except ValidationError as exc:
             raise ServiceRefused(exc) from exc

@@ -11,12 +11,17 @@ from django.db.models import Prefetch
 
 from comfyhub.forms import ServiceForm
 
-from . import services
+from . import runtime, services
 from .models import GPU, GPUAssignment, Instance
 
 EXTRA_ARGS_HELP = ("One argument per line, with its value if it takes one (e.g. <code>--preview-method auto</code>). "
                    "Directories, address, port and GPUs come from ComfyHub.")
 EXTRA_ENV_HELP = "One <code>KEY=VALUE</code> per line."
+ARGUMENTS_CHOICES = [("command", "As the container's command (ComfyHub's image, most images)"),
+                     ("env", "In an environment variable")]
+ARGUMENTS_VARIABLE_HELP = ("With \"In an environment variable\": the variable the image's entrypoint reads "
+                           "ComfyUI's arguments from (it splits them at spaces, so no argument may hold one), e.g. "
+                           "<code>CLI_ARGS</code>.")
 
 
 def args_to_text(args) -> str:
@@ -60,6 +65,10 @@ class InstanceForm(ServiceForm):
     )
     description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
     image = forms.CharField(required=False, help_text="Docker image; empty means the default image.")
+    image_arguments = forms.ChoiceField(label="How the image takes ComfyUI's arguments", choices=ARGUMENTS_CHOICES,
+                                        initial="command", required=False)
+    arguments_variable = forms.CharField(label="Variable name", required=False, max_length=runtime.ARGUMENTS_MAX_LENGTH,
+                                         initial=runtime.ARGUMENTS_ENV_DEFAULT, help_text=ARGUMENTS_VARIABLE_HELP)
     extra_args = forms.CharField(
         # Bounded before shlex reads it: shlex takes time quadratic in a token's length (1 MB: minutes).
         label="Extra ComfyUI arguments", required=False, help_text=EXTRA_ARGS_HELP, max_length=EXTRA_ARGS_MAX_CHARS,
@@ -92,6 +101,7 @@ class InstanceForm(ServiceForm):
                 "extra_env": env_to_text(instance.extra_env),
                 "host_port": instance.host_port,
                 "gpus": [str(gpu.index) for gpu in instance.assigned_gpus()],
+                **arguments_initial(instance.image_arguments),
             })
         else:
             kwargs.setdefault("initial", {"image": settings.COMFY_IMAGE})
@@ -158,13 +168,27 @@ class InstanceForm(ServiceForm):
         arguments = {
             "display_name": data["display_name"], "description": data["description"], "image": data["image"],
             "extra_args": data["extra_args"], "extra_env": data["extra_env"], "host_port": data["host_port"],
-            "gpu_indexes": data["gpus"],
+            "gpu_indexes": data["gpus"], "image_arguments": image_arguments_value(data),
         }
         if self.instance is None:
             arguments.update(instance_id=data["instance_id"], node=self.node, adopt=data["adopt"])
         else:
             arguments.update(instance=self.instance)
         return arguments
+
+
+def arguments_initial(image_arguments: str) -> dict:
+    """The form's two fields for an instance's image_arguments ("command" or "env:NAME")."""
+    variable = runtime.arguments_variable(image_arguments)
+    return {"image_arguments": "command" if variable is None else "env",
+            "arguments_variable": variable or runtime.ARGUMENTS_ENV_DEFAULT}
+
+
+def image_arguments_value(data) -> str:
+    """The service's image_arguments from the form's two fields (the service judges the variable's name)."""
+    if data.get("image_arguments") == "env":
+        return runtime.ARGUMENTS_ENV_PREFIX + (data.get("arguments_variable") or "")
+    return runtime.ARGUMENTS_COMMAND
 
 
 class InstanceDeleteForm(ServiceForm):

@@ -87,6 +87,10 @@ class Instance(models.Model):
     image = models.CharField(max_length=300)
     extra_args = models.JSONField(default=list, blank=True, help_text="Extra ComfyUI arguments.")
     extra_env = models.JSONField(default=dict, blank=True, help_text="Extra environment variables.")
+    image_arguments = models.CharField(
+        max_length=80, default="command",
+        help_text="How the image takes ComfyUI's arguments: 'command' (as the container's command: ComfyHub's image, "
+                  "most images) or 'env:NAME' (in the environment variable NAME, e.g. env:CLI_ARGS).")
     host_port = models.PositiveIntegerField(validators=[MinValueValidator(1024), MaxValueValidator(65535)])
     gpus = models.ManyToManyField(GPU, through="GPUAssignment", related_name="instances", blank=True)
     template = models.ForeignKey("InstanceTemplate", null=True, blank=True, on_delete=models.SET_NULL,
@@ -140,6 +144,13 @@ class Instance(models.Model):
     @property
     def container_name(self):
         return f"{settings.CONTAINER_NAME_PREFIX}{self.instance_id}"
+
+    @property
+    def arguments_variable(self) -> str:
+        """The environment variable the image reads ComfyUI's arguments from; "" when they are its command."""
+        from .runtime import arguments_variable
+
+        return arguments_variable(self.image_arguments) or ""
 
     @property
     def cpu_only(self):

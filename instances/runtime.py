@@ -1,6 +1,6 @@
 """The runtime contract between ComfyHub and a ComfyUI container, in one module (documented in
-docs/runtime-contract.md): mounts, arguments, environment, labels, ports, GPUs, restart policy, init, log rotation
-and hardening."""
+docs/runtime-contract.md): the user it runs as, mounts, arguments (and how the image takes them), environment,
+labels, ports, GPUs, restart policy, init, log rotation and hardening."""
 from __future__ import annotations
 
 import fnmatch
@@ -38,6 +38,16 @@ RESERVED_ARGS = ("--base-directory", "--extra-model-paths-config", "--listen", "
 # Environment variables ComfyHub sets, or that choose the GPUs and the code every process in the container loads.
 # Compared without regard to case.
 RESERVED_ENV = ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "PUID", "PGID")
+# The container runs as PUID:PGID, which the image may not know (no passwd entry: HOME would be /): its home, caches
+# and the packages custom nodes install (pip --user) live in the instance's own folder. Not overridable: another
+# HOME or PYTHONUSERBASE would put them where the user cannot write, or hide the node packages from ComfyUI.
+CONTAINER_HOME = "/instance/home"
+CONTAINER_PACKAGES = "/instance/python-packages"
+HOME_ENV = {
+    "HOME": CONTAINER_HOME,
+    "XDG_CACHE_HOME": f"{CONTAINER_HOME}/.cache",
+    "PYTHONUSERBASE": CONTAINER_PACKAGES,
+}
 _GPU_VARIABLES = ("is set by ComfyHub from the instance's assigned GPUs (every NVIDIA_* and CUDA_* name is reserved, "
                   "in any case); assign GPUs instead")
 RESERVED_ENV_PREFIXES = {
@@ -49,6 +59,14 @@ RESERVED_ENV_PREFIXES = {
            "container loads; put libraries into the image instead",
 }
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# How the image takes ComfyUI's arguments (Instance.image_arguments): as the container's command (its entrypoint
+# runs main.py "$@": ComfyHub's image, most images), or in an environment variable its entrypoint splits on
+# whitespace ("env:CLI_ARGS", as images whose entrypoint runs `main.py $CLI_ARGS` do).
+ARGUMENTS_COMMAND = "command"
+ARGUMENTS_ENV_PREFIX = "env:"
+ARGUMENTS_ENV_DEFAULT = "CLI_ARGS"
+ARGUMENTS_MAX_LENGTH = 80
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,8 @@ class ContainerSpec:
     security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges"])
     # What `image` names on the node now; "" when not known (then the hash is the one made before image ids counted).
     image_id: str = ""
+    # "uid:gid" the container runs as (PUID:PGID), never root: the files it writes in /instance belong to it.
+    user: str = ""
 
     @property
     def config_hash(self) -> str:
@@ -91,6 +111,65 @@ class ContainerSpec:
     def with_hash_label(self) -> "ContainerSpec":
         return ContainerSpec(**{**asdict(self), "mounts": self.mounts,
                                 "labels": {**self.labels, LABEL_CONFIG: self.config_hash}})
+
+
+def arguments_variable(image_arguments: str) -> str | None:
+    """The environment variable the image reads ComfyUI's arguments from ("env:NAME"), or None when they are the
+    container's command."""
+    if isinstance(image_arguments, str) and image_arguments.startswith(ARGUMENTS_ENV_PREFIX):
+        return image_arguments[len(ARGUMENTS_ENV_PREFIX):]
+    return None
+
+
+def image_arguments_problem(image_arguments) -> str | None:
+    """Why `image_arguments` cannot say how an image takes ComfyUI's arguments, or None."""
+    if image_arguments == ARGUMENTS_COMMAND:
+        return None
+    name = arguments_variable(image_arguments)
+    if name is None:
+        return (f"{json.dumps(image_arguments)} is not a way to pass ComfyUI's arguments: use 'command' (as the "
+                f"container's command) or 'env:NAME' (in the environment variable NAME, e.g. "
+                f"'env:{ARGUMENTS_ENV_DEFAULT}').")
+    if not ENV_KEY_RE.fullmatch(name) or len(image_arguments) > ARGUMENTS_MAX_LENGTH:
+        return (f"{json.dumps(name)} is not a variable name for ComfyUI's arguments: use letters A-Z, digits and '_', "
+                f"not starting with a digit, e.g. {ARGUMENTS_ENV_DEFAULT}.")
+    if name.upper() == "PYTHONPATH" or (problem := environment_problem(name)):
+        return (f"'{name}' cannot carry ComfyUI's arguments: ComfyHub sets or refuses that variable itself. "
+                f"Name the variable the image reads them from, e.g. {ARGUMENTS_ENV_DEFAULT}.")
+    return None
+
+
+def env_argument_problem(arg, variable: str) -> str | None:
+    """Why `arg` cannot travel in the variable `variable` (the image splits it on whitespace), or None."""
+    if not isinstance(arg, str):
+        return None  # argument_problem names it
+    if arg == "":
+        return (f"An empty argument cannot travel in ${variable}: the image splits it at spaces, so it would vanish. "
+                "Remove it, or use an image that takes the arguments as its command.")
+    if any(c.isspace() for c in arg):
+        return (f"{json.dumps(arg)} holds whitespace, but this image reads ComfyUI's arguments from ${variable}, "
+                "which it splits at every space: it would become other arguments. Give values without spaces, or "
+                "use an image that takes the arguments as its command.")
+    return None
+
+
+def image_arguments_problems(image_arguments, extra_args, extra_env) -> dict[str, list[str]]:
+    """The refusals, by field (image_arguments, extra_args, extra_env), of how an instance passes ComfyUI's
+    arguments together with its extra arguments and environment; {} when they fit together."""
+    if problem := image_arguments_problem(image_arguments):
+        return {"image_arguments": [problem]}
+    variable = arguments_variable(image_arguments)
+    if variable is None:
+        return {}
+    errors: dict[str, list[str]] = {}
+    for arg in extra_args or []:
+        if problem := env_argument_problem(arg, variable):
+            errors.setdefault("extra_args", []).append(problem)
+    if any(str(key).upper() == variable.upper() for key in (extra_env or {})):
+        errors.setdefault("extra_env", []).append(
+            f"'{variable}' carries ComfyUI's arguments (ComfyHub writes them into it); remove it, and put extra "
+            "arguments among the extra arguments.")
+    return errors
 
 
 def comfyui_arguments(instance, gpus) -> list[str]:
@@ -113,9 +192,9 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
     tag rebuilt or re-pulled since the container was made gives another hash, so the next start recreates it."""
     gpus = instance.assigned_gpus()
     environment = {str(k): str(v) for k, v in instance.extra_env.items()}
-    # Python packages that custom nodes require live in the instance's own folder (see customnodes.py).
-    own_packages = f"{layout.CONTAINER_INSTANCE}/python-packages"
-    environment["PYTHONPATH"] = ":".join(filter(None, [own_packages, environment.get("PYTHONPATH", "")]))
+    # Python packages that custom nodes require live in the instance's own folder (see customnodes.py): installed
+    # with pip --user under PYTHONUSERBASE, or (before) with --target straight into it, which PYTHONPATH keeps.
+    environment["PYTHONPATH"] = ":".join(filter(None, [CONTAINER_PACKAGES, environment.get("PYTHONPATH", "")]))
     environment.update(
         {
             "COMFY_INSTANCE_ID": instance.instance_id,
@@ -123,8 +202,15 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
             "COMFY_BASE_DIRECTORY": layout.CONTAINER_INSTANCE,
             "PUID": str(settings.PUID),
             "PGID": str(settings.PGID),
+            **HOME_ENV,
         }
     )
+    command = comfyui_arguments(instance, gpus)
+    variable = arguments_variable(instance.image_arguments)
+    if variable is not None:
+        # The image's entrypoint reads them from the variable; its own command (CMD) is left as it is.
+        environment[variable] = " ".join(command)
+        command = []
     if not gpus:
         # CUDA base images set NVIDIA_VISIBLE_DEVICES=all; on a host whose default runtime is nvidia that would hand
         # a CPU instance every GPU.
@@ -140,7 +226,7 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
     spec = ContainerSpec(
         name=instance.container_name,
         image=instance.image,
-        command=comfyui_arguments(instance, gpus),
+        command=command,
         environment=environment,
         labels=labels,
         mounts=[
@@ -158,6 +244,7 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
         log_driver=LOG_DRIVER,
         log_options=dict(LOG_OPTIONS),
         image_id=image_id,
+        user=f"{settings.PUID}:{settings.PGID}",
     )
     return spec.with_hash_label()
 
@@ -216,6 +303,10 @@ def environment_problem(key: str, value="") -> str | None:
     if upper in RESERVED_ENV:
         return (f"'{key}' is reserved: ComfyHub sets it from the instance's settings (GPUs, owner of its files); "
                 "remove it.")
+    if upper in HOME_ENV:
+        return (f"'{key}' is reserved: ComfyHub sets HOME, XDG_CACHE_HOME and PYTHONUSERBASE to the instance's own "
+                f"folder ({CONTAINER_HOME}, {CONTAINER_PACKAGES}), the only place the container's user (PUID) can "
+                "write its caches and the packages custom nodes install; remove it.")
     for prefix, why in RESERVED_ENV_PREFIXES.items():
         if upper.startswith(prefix):
             return f"'{key}' {why}."

@@ -90,6 +90,7 @@ class InstanceFields:
     host_port: int | None = None
     gpu_indexes: list | None = None
     adopt: bool = False
+    image_arguments: str = runtime.ARGUMENTS_COMMAND
 
 
 def _validate(fields: InstanceFields, node: Node, instance: Instance | None = None) -> list[GPU]:
@@ -117,6 +118,9 @@ def _validate(fields: InstanceFields, node: Node, instance: Instance | None = No
     for key, value in (fields.extra_env or {}).items():
         if problem := runtime.environment_problem(key, value):
             errors.setdefault("extra_env", []).append(problem)
+    for field, problems in runtime.image_arguments_problems(fields.image_arguments, fields.extra_args,
+                                                            fields.extra_env).items():
+        errors.setdefault(field, []).extend(problems)
 
     if fields.host_port is not None:
         problem = _port_problem(fields.host_port, node, instance)
@@ -225,7 +229,8 @@ def _free_ports(node: Node):
 
 def instance_create(*, instance_id: str, display_name: str = "", description: str = "", image: str = "",
                     extra_args=None, extra_env=None, host_port: int | None = None, gpu_indexes=None,
-                    node: Node | None = None, adopt: bool = False, user=None) -> Instance:
+                    node: Node | None = None, adopt: bool = False, image_arguments: str = runtime.ARGUMENTS_COMMAND,
+                    user=None) -> Instance:
     """Register an instance. `adopt`: take the folder kept from a deleted instance with this id as it is (the
     directory build only adds what is missing); without it, that folder existing is refused."""
     node = node or local_node()
@@ -234,7 +239,8 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
     fields = InstanceFields(instance_id=instance_id or "", display_name=display_name,
                             description=description, image=image or settings.COMFY_IMAGE,
                             extra_args=extra_args, extra_env=extra_env,
-                            host_port=host_port, gpu_indexes=list(gpu_indexes or []), adopt=adopt)
+                            host_port=host_port, gpu_indexes=list(gpu_indexes or []), adopt=adopt,
+                            image_arguments=image_arguments)
     gpus = _validate(fields, node)
     ports = [host_port] if host_port is not None else _free_ports(node)
     for port in ports:
@@ -243,6 +249,7 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
                 instance = Instance.objects.create(
                     instance_id=fields.instance_id, display_name=display_name, description=description, node=node,
                     image=fields.image, extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=port,
+                    image_arguments=fields.image_arguments,
                     created_by=user if user is not None and user.is_authenticated else None,
                 )
                 _assign(instance, gpus)
@@ -275,11 +282,13 @@ def _assign(instance: Instance, gpus: list[GPU]):
 
 
 def instance_update(*, instance: Instance, display_name: str, description: str, image: str, extra_args, extra_env,
-                    host_port: int | None, gpu_indexes, user=None) -> Instance:
-    """Change an instance's configuration; a running container is recreated with it on the next start."""
+                    host_port: int | None, gpu_indexes, image_arguments: str | None = None, user=None) -> Instance:
+    """Change an instance's configuration; a running container is recreated with it on the next start.
+    `image_arguments` None keeps how its image takes ComfyUI's arguments."""
     fields, gpus = instance_update_check(instance=instance, display_name=display_name, description=description,
                                          image=image, extra_args=extra_args, extra_env=extra_env,
-                                         host_port=host_port, gpu_indexes=gpu_indexes)
+                                         host_port=host_port, gpu_indexes=gpu_indexes,
+                                         image_arguments=image_arguments)
     if host_port is None:
         host_port = instance.host_port
     try:
@@ -287,6 +296,7 @@ def instance_update(*, instance: Instance, display_name: str, description: str, 
             Instance.objects.filter(pk=instance.pk).update(
                 display_name=display_name, description=description, image=fields.image,
                 extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=host_port,
+                image_arguments=fields.image_arguments,
             )
             _assign(instance, gpus)
     except IntegrityError as exc:
@@ -297,12 +307,13 @@ def instance_update(*, instance: Instance, display_name: str, description: str, 
 
 
 def instance_update_check(*, instance: Instance, display_name: str, description: str, image: str, extra_args,
-                          extra_env, host_port: int | None, gpu_indexes):
+                          extra_env, host_port: int | None, gpu_indexes, image_arguments: str | None = None):
     """Every rule instance_update applies, without saving (the admin's form shows the refusals on its fields)."""
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     fields = InstanceFields(instance_id=instance.instance_id, display_name=display_name, description=description,
                             image=image or settings.COMFY_IMAGE, extra_args=extra_args, extra_env=extra_env,
-                            host_port=host_port, gpu_indexes=list(gpu_indexes or []))
+                            host_port=host_port, gpu_indexes=list(gpu_indexes or []),
+                            image_arguments=instance.image_arguments if image_arguments is None else image_arguments)
     return fields, _validate(fields, instance.node, instance)
 
 

@@ -2,7 +2,8 @@
 
     <shared>/models/<ComfyUI model folder>/    shared library, read-only in containers at /shared/models
     <shared>/input/                            shared input images, read-only at /shared/input
-    <instances>/<id>/{custom_nodes,user,temp,output,input,models}   read-write at /instance
+    <instances>/<id>/{custom_nodes,user,temp,output,input,models,python-packages,home}   read-write at /instance
+    (home/: HOME and caches of the container's user, PUID:PGID, which owns every folder here)
     <instances>/<id>/extra_model_paths.yaml    every model folder: /instance/models/... first, then /shared/models/...
 """
 from __future__ import annotations
@@ -43,7 +44,10 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
 # ComfyUI's legacy folder names.
 LEGACY_FOLDERS = {"unet": "diffusion_models", "clip": "text_encoders"}
 
-INSTANCE_SUBDIRS = ("custom_nodes", "user", "temp", "output", "input", "models", "python-packages")
+INSTANCE_SUBDIRS = ("custom_nodes", "user", "temp", "output", "input", "models", "python-packages", "home")
+# Folders the container (running as PUID:PGID) must be able to write, whatever made them: the build gives them to
+# PUID:PGID when root owns them ("" is the instance's folder itself). ComfyUI saves its settings in user/default.
+OWNED_FOLDERS = ("", *INSTANCE_SUBDIRS, "user/default", "user/default/workflows")
 EXTRA_MODEL_PATHS_FILE = "extra_model_paths.yaml"
 
 # Container side of the contract.
@@ -146,6 +150,7 @@ class BuildReport:
     links: list[str] = field(default_factory=list)
     skipped_links: list[str] = field(default_factory=list)
     unlinked: list[str] = field(default_factory=list)  # links to shared input files that are gone, dropped
+    repaired: list[str] = field(default_factory=list)  # folders root owned, given to PUID:PGID
 
 
 def build_shared_tree(node=None, report: BuildReport | None = None) -> BuildReport:
@@ -163,7 +168,9 @@ def build_instance_tree(instance_id: str, node=None, report: BuildReport | None 
     """Create (never delete or overwrite) the instance's tree and its generated files. Idempotent.
 
     Everything below the instance's folder is made through descriptors that never follow a link (the container can
-    write there): a link planted where a folder belongs stops the build with a LayoutError naming it."""
+    write there): a link planted where a folder belongs stops the build with a LayoutError naming it. Every folder
+    it makes belongs to PUID:PGID (when ComfyHub runs as root), and so does each of OWNED_FOLDERS found owned by
+    root (made by an older ComfyHub, or by a container that ran as root)."""
     report = report or BuildReport()
     root = instance_dir(instance_id, node)
     _make_dir(instances_root(node), report)
@@ -171,6 +178,7 @@ def build_instance_tree(instance_id: str, node=None, report: BuildReport | None 
     for sub in INSTANCE_SUBDIRS:
         _make_inside(root, sub, report)
     _make_inside(root, "user/default/workflows", report)
+    _give_root_owned_folders_to_puid(root, report)
     write_generated_file(root / EXTRA_MODEL_PATHS_FILE, extra_model_paths_yaml(), root=root)
     link_shared_input(instance_id, node, report)
     return report
@@ -267,6 +275,23 @@ def write_generated_file(path: Path, content: str, *, root: Path | None = None):
         safefs.write_bytes(root, safefs.relative_to_root(root, path), content.encode("utf-8"))
     except safefs.UnsafePathError as exc:
         raise LayoutError(str(exc)) from None
+
+
+def _give_root_owned_folders_to_puid(root: Path, report: BuildReport):
+    """chown to PUID:PGID each of OWNED_FOLDERS that root owns, through a descriptor reached without following any
+    link (a link where a folder belongs is refused, named, and nothing is changed through it)."""
+    if os.geteuid() != 0:
+        return  # only root can give files away; then ComfyHub's own user owns what it made
+    for relpath in OWNED_FOLDERS:
+        try:
+            with safefs.opened_dir(root, relpath) as fd:
+                if os.fstat(fd).st_uid == 0:
+                    os.fchown(fd, settings.PUID, settings.PGID)
+                    report.repaired.append(str(root / relpath) if relpath else str(root))
+        except FileNotFoundError:
+            continue  # removed meanwhile by the container: the next build makes it
+        except safefs.UnsafePathError as exc:
+            raise LayoutError(str(exc)) from None
 
 
 def _make_dir(path: Path, report: BuildReport):

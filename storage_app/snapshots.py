@@ -40,6 +40,7 @@ from .models import Snapshot
 
 MANIFEST_NAME = "comfyhub-snapshot.json"
 CONFIG_TREES = ("user",)
+# Never home/ (HOME and caches: rebuilt by whatever filled them), temp/ or input/.
 FULL_TREES = ("user", "custom_nodes", "models", "python-packages")
 
 
@@ -64,7 +65,8 @@ def registry_config(instance) -> dict:
     return {
         "instance_id": instance.instance_id, "display_name": instance.display_name,
         "description": instance.description, "image": instance.image, "extra_args": list(instance.extra_args),
-        "extra_env": dict(instance.extra_env), "host_port": instance.host_port,
+        "extra_env": dict(instance.extra_env), "image_arguments": instance.image_arguments,
+        "host_port": instance.host_port,
         "gpus": [gpu.index for gpu in instance.assigned_gpus()],
         "template": instance.template.name if instance.template_id else None,
     }
@@ -1186,7 +1188,8 @@ def restore_into_instance(*, snapshot_pk, user_pk=None, report) -> dict:
                 description=config.get("description", instance.description),
                 image=config.get("image", instance.image), extra_args=config.get("extra_args", []),
                 extra_env=config.get("extra_env", {}), host_port=None,
-                gpu_indexes=[g.index for g in instance.assigned_gpus()], user=user)
+                gpu_indexes=[g.index for g in instance.assigned_gpus()],
+                image_arguments=config.get("image_arguments"), user=user)
             kept = ["GPUs and port stay as they are now"]
         except ValidationError as exc:
             kept = [f"registry settings not restored: {'; '.join(exc.messages)}"]
@@ -1219,7 +1222,7 @@ def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_p
             instance_id=new_instance_id, display_name=config.get("display_name", ""),
             description=config.get("description", ""), image=config.get("image", ""),
             extra_args=config.get("extra_args", []), extra_env=config.get("extra_env", {}),
-            gpu_indexes=gpu_indexes, user=user)
+            image_arguments=config.get("image_arguments", "command"), gpu_indexes=gpu_indexes, user=user)
     except SnapshotError as exc:
         raise OperationError(f"{exc} Nothing was created.") from exc
     except ValidationError as exc:
