@@ -378,3 +378,12 @@ def run_once(engine, *, image: str, command: list[str], workdir: str, mounts: li
         tail = "\n".join(result.output.strip().splitlines()[-8:])
         raise EngineError(f"{' '.join(command[:4])} exited with code {result.exit_code}:\n{tail}")
     return result.output
+
+
+def container_image_id(engine, name: str) -> str | None:
+    """The id (sha256:...) of the image the container `name` was made from, or None when there is no such container."""
+    with _translated(f"Could not inspect container {name}", engine):
+        try:
+            return engine.api.inspect_container(name).get("Image") or None
+        except docker.errors.NotFound:
+            return None

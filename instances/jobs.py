@@ -115,3 +115,16 @@ def custom_node_action(report, *, instance_pk, name, action, ref=None):
         return {"name": name, "removed": True}
     except customnodes.CustomNodeError as exc:
         raise OperationError(str(exc)) from exc
+
+
+@operation_job("update_image", label="Update image", queue="long")
+def update_image(report, *, instance_pks, refresh=True):
+    from . import updates
+
+    found = {i.pk: i for i in Instance.objects.select_related("node").filter(pk__in=instance_pks)}
+    if not found:
+        raise OperationError("None of the instances exists any more (deleted while this operation waited).")
+    gone = len(instance_pks) - len(found)
+    if gone:
+        report.log(f"{gone} of the chosen instances were deleted while this operation waited; updating the others.")
+    return updates.roll_out([found[pk] for pk in instance_pks if pk in found], refresh=refresh, report=report)

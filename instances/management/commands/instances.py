@@ -30,7 +30,7 @@ Arguments for ComfyUI start with '-', so give each with '=' (otherwise they are 
 class Command(cli.Command):
     help = "Create, list, inspect, start, stop, build and delete ComfyUI instances (see docs/cli.md)."
     handlers = {"create": "create_instance", "list": "list_instances", "status": "show_status",
-                "logs": "show_logs", **{action: "run_operation"
+                "logs": "show_logs", "update-image": "update_image", **{action: "run_operation"
                                         for action in ("start", "stop", "restart", "build", "delete")}}
 
     def add_arguments(self, parser):
@@ -83,6 +83,16 @@ class Command(cli.Command):
         logs = actions.add_parser("logs", help="The container's log output.")
         logs.add_argument("instance_id", metavar="ID")
         logs.add_argument("--tail", type=int, default=100, metavar="N", help="Last N lines (default 100).")
+
+        update = actions.add_parser(
+            "update-image", parents=[waiting],
+            help="Pull or rebuild the instances' images, then restart the running ones on it one at a time, each "
+                 "healthy before the next; one that does not come up goes back to its old image and ends the update.")
+        update.add_argument("instance_ids", nargs="*", metavar="ID", help="The instances to update.")
+        update.add_argument("--all", action="store_true", help="Every instance (instead of naming them).")
+        update.add_argument("--no-pull", action="store_true",
+                            help="Neither pull nor rebuild: use the image the tag names now (after `docker load` on "
+                                 "an offline host).")
 
     # --- Sub-commands ----------------------------------------------------------------------------------------
 
@@ -224,6 +234,23 @@ class Command(cli.Command):
                               "started?).")
             return
         self.stdout.write(text, ending="" if text.endswith("\n") else "\n")
+
+    def update_image(self, options):
+        from instances import updates
+
+        ids = options["instance_ids"]
+        if bool(ids) == options["all"]:
+            raise CommandError("Name the instances to update (update-image ID [ID ...]) or give --all, not both."
+                               if ids else "Name the instances to update (update-image ID [ID ...]) or give --all.",
+                               returncode=EXIT_INPUT)
+        instances = list(services.instances_with_relations()) if options["all"] else cli.find_instances(ids)
+        if not instances:
+            raise CommandError("There are no instances to update; create one first.", returncode=EXIT_INPUT)
+        operation = cli.call_service(updates.image_update, instances=instances, refresh=not options["no_pull"])
+        done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+        if done is not None and isinstance(done.result, dict):
+            for entry in done.result.get("instances", []):
+                self.stdout.write(f"{entry['instance']}: {entry['outcome']}")
 
 
 # --- Helpers ------------------------------------------------------------------------------------------------------
