@@ -170,7 +170,8 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
             # Don't let Docker keep restarting something that cannot start.
             docker_engine.stop_container(engine, instance.container_name, timeout=5)
             Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.ERROR, status_detail=detail)
-            raise OperationError(f"{detail}. Last log lines:\n{logs}" if logs else detail + ".")
+            raise OperationError((f"{detail}. Last log lines:\n{logs}" if logs else detail + ".")
+                                 + "\n" + runtime.arguments_hint(instance))
         stats = health.system_stats(instance)
         if stats is not None:
             Instance.objects.filter(pk=instance.pk).update(
@@ -189,7 +190,8 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
                 status_detail=f"ComfyUI did not answer within {settings.INSTANCE_START_TIMEOUT} s",
             )
             raise OperationError(f"The container runs, but ComfyUI did not answer on {instance.url} within "
-                                 f"{settings.INSTANCE_START_TIMEOUT} s; check its logs.")
+                                 f"{settings.INSTANCE_START_TIMEOUT} s; check its logs. "
+                                 + runtime.arguments_hint(instance))
         report.progress(75, "waiting for ComfyUI to answer")
         time.sleep(pause)
         pause = min(pause * 1.5, 0.5)

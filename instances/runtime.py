@@ -172,6 +172,18 @@ def image_arguments_problems(image_arguments, extra_args, extra_env) -> dict[str
     return errors
 
 
+def arguments_hint(instance) -> str:
+    """What to check when ComfyUI did not come up: the image may take its arguments the other way (a start's
+    failure message ends with this)."""
+    variable = arguments_variable(instance.image_arguments)
+    if variable is None:
+        return (f"If the image {instance.image} reads ComfyUI's arguments from an environment variable (an "
+                "entrypoint running main.py $CLI_ARGS), it got none: set the instance's \"How the image takes "
+                "ComfyUI's arguments\" to that variable (instances create --arguments-env CLI_ARGS).")
+    return (f"ComfyUI's arguments went into ${variable} only (\"How the image takes ComfyUI's arguments\"); if the "
+            f"image {instance.image} takes them as its command, set that to \"As the container's command\".")
+
+
 def comfyui_arguments(instance, gpus) -> list[str]:
     args = [
         "--listen", "0.0.0.0",

@@ -200,10 +200,16 @@ def test_a_clone_keeps_how_the_image_takes_the_arguments(run_worker, storage):
 
 # --- On the real engine: one stand-in of each kind -------------------------------------------------------------------
 
+@pytest.fixture
+def cliargs(cliargs_image, settings):
+    settings.INSTANCE_IMAGES_ALLOWED = [*settings.INSTANCE_IMAGES_ALLOWED, cliargs_image]
+    return cliargs_image
+
+
 @pytest.mark.docker
-def test_an_image_that_reads_cli_args_starts_healthy_with_the_arguments_in_that_variable(cliargs_image,
-                                                                                         docker_cleanup, run_worker):
-    instance = services.instance_create(instance_id="cliargs", image=cliargs_image, image_arguments="env:CLI_ARGS",
+def test_an_image_that_reads_cli_args_starts_healthy_with_the_arguments_in_that_variable(cliargs, docker_cleanup,
+                                                                                         run_worker):
+    instance = services.instance_create(instance_id="cliargs", image=cliargs, image_arguments="env:CLI_ARGS",
                                         extra_args=["--preview-method", "auto"])
     operation = run(services.instance_start(instance=instance), run_worker)
     assert operation.status == Operation.Status.SUCCEEDED, operation.error + operation.log
@@ -216,9 +222,9 @@ def test_an_image_that_reads_cli_args_starts_healthy_with_the_arguments_in_that_
 
 @pytest.mark.docker
 def test_the_same_image_given_the_arguments_as_its_command_does_not_become_healthy_and_the_operation_says_why(
-        cliargs_image, docker_cleanup, run_worker, settings):
+        cliargs, docker_cleanup, run_worker, settings):
     settings.INSTANCE_START_TIMEOUT = 20  # it never answers on the published port: no need to wait 5 minutes
-    instance = services.instance_create(instance_id="wrong", image=cliargs_image)
+    instance = services.instance_create(instance_id="wrong", image=cliargs)
     operation = run(services.instance_start(instance=instance), run_worker)
     assert operation.status == Operation.Status.FAILED
     instance.refresh_from_db()
