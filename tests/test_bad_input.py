@@ -265,7 +265,7 @@ TEXT_VALUES = ["bad\x00value", "x" * 100_000]
 COMMAND_ARGS = [
     # Instance ids, wherever a command takes one.
     *[("instances", [action, "{bad}"], ID_VALUES) for action in ("status", "start", "stop", "restart", "build",
-                                                                 "delete", "logs")],
+                                                                 "delete", "logs", "update-image")],
     ("instances", ["create", "{bad}"], ["", "bad\n", "bad\x00", "x" * 100_000, "Bad", "../x"]),
     ("instances", ["create", "okay", "--port", "{bad}"], NUMBER_VALUES[:-1]),
     ("instances", ["create", "okay", "--gpus", "{bad}"], NUMBER_VALUES[:-1]),

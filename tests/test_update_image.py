@@ -31,11 +31,11 @@ def build(tag, comfyui_double_image, docker_cleanup):
     """Build a variant of the test double (one more label; `entrypoint` replaces its entrypoint) and tag it as the
     instances' image. Labelled with the session, so the cleanup removes it."""
 
-    def make(variant, entrypoint=None):
+    def make(variant, entrypoint=None, as_tag=tag):
         dockerfile = f"FROM {comfyui_double_image}\nLABEL comfyhub.test.update={variant}\n"
         if entrypoint:
             dockerfile += f"ENTRYPOINT {json.dumps(entrypoint)}\n"
-        image, _ = docker_cleanup.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True,
+        image, _ = docker_cleanup.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=as_tag, rm=True,
                                                pull=False, labels=session_label())
         return image.id
 
@@ -46,8 +46,8 @@ def build(tag, comfyui_double_image, docker_cleanup):
 def running(tag, production_worker):
     """Instances on the tag, started (and healthy) through the production worker."""
 
-    def start(*instance_ids):
-        instances = [services.instance_create(instance_id=i, image=tag) for i in instance_ids]
+    def start(*instance_ids, image=tag):
+        instances = [services.instance_create(instance_id=i, image=image) for i in instance_ids]
         operations = [services.instance_start(instance=instance) for instance in instances]
         production_worker(timeout=120)
         for operation in operations:
@@ -173,6 +173,23 @@ def test_a_stopped_instance_is_not_started_and_takes_the_new_image_at_its_next_s
     beta.refresh_from_db()
     assert beta.desired_state == Instance.DesiredState.STOPPED
     assert services.instance_pending_change_kinds(beta) == {"image"}
+
+
+def test_an_image_that_cannot_be_pulled_restarts_nothing(build, running, tag, production_worker, docker_engine):
+    # A tag of a registry that does not exist: the instance runs it from this host, and the pull fails at once.
+    unreachable = f"registry.invalid/{tag}"
+    build("local", as_tag=unreachable)
+    (alpha,) = running("alpha", image=unreachable)
+    before = inspect(docker_engine, alpha)
+
+    result = cli("update-image", "alpha")
+
+    assert result.code == 1
+    assert f"Could not pull image {unreachable}" in result.err
+    assert f"Nothing was restarted on node local for {unreachable}." in result.err
+    after = inspect(docker_engine, alpha)
+    assert (after["Id"], after["State"]["StartedAt"], after["Image"]) == \
+        (before["Id"], before["State"]["StartedAt"], before["Image"])
 
 
 @pytest.mark.parametrize("args, message", [
