@@ -73,6 +73,7 @@ class DoubleLauncher:
         self.instance = root / "instance"
         self.shared.mkdir()
         self.instance.mkdir()
+        os.chown(self.instance, 1000, 1000)  # the image runs as its USER 1000:1000 and writes /instance/home
 
     def start(self, *extra_args: str, command: list[str] | None = None, environment: dict | None = None,
               device_requests=None, user: str | None = None, wait: bool = True) -> RunningDouble:
@@ -173,6 +174,7 @@ def test_it_reports_a_taken_port(launcher):
 
 def test_it_creates_its_directories_under_the_base_directory_and_empties_temp(launcher):
     touch(launcher.instance / "temp" / "left-over.png")
+    os.chown(launcher.instance / "temp", 1000, 1000)
 
     launcher.start()
 

@@ -50,7 +50,13 @@ def copy_entry(path, staging):
     if stat.S_ISDIR(info.st_mode):
         os.makedirs(target, exist_ok=True)
         shutil.copystat(path, target)
-    elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+    elif stat.S_ISREG(info.st_mode):
+        try:
+            os.link(path, target)  # gigabytes of torch need no second copy in the build stage
+            return
+        except OSError:
+            shutil.copy2(path, target)
+    elif stat.S_ISLNK(info.st_mode):
         shutil.copy2(path, target, follow_symlinks=False)
     else:
         print(f"comfyhub-build: left out {path}: not a file, link or folder", flush=True)
