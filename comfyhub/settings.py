@@ -380,9 +380,16 @@ COMFY_INSTANCE_ID = env_text(
     expected="use lowercase letters a-z, digits and '-', starting and ending with a letter or digit, at most 63 "
              "characters, not a folder name the storage layout reserves (shared, models, ...), e.g. comfy.")
 # The image grammar itself is checked where an image is used (instances/runtime.py); this catches typos early.
-COMFY_IMAGE = env_text("COMFY_IMAGE", "ghcr.io/comfyhub/comfyui:latest", valid=_IMAGE_RE.fullmatch,
+# The default is the tag `manage.py images build` makes (docker/comfyui, docs/images.md).
+COMFY_IMAGE = env_text("COMFY_IMAGE", "comfyhub/comfyui:latest", valid=_IMAGE_RE.fullmatch,
                        expected="use a Docker image reference (the image new instances run), e.g. "
-                                "ghcr.io/comfyhub/comfyui:latest.")
+                                "comfyhub/comfyui:latest.")
+# What the dashboard says building ComfyHub's image takes ("Build it (about N GB)"): its size with PyPI's torch.
+IMAGE_BUILD_SIZE_HINT_GB = env_int("IMAGE_BUILD_SIZE_HINT_GB", 7, "gigabytes the dashboard says a built image takes",
+                                   minimum=1, maximum=1000)
+# An image build may run this long without printing anything (pip installing torch is silent for minutes).
+IMAGE_BUILD_TIMEOUT = env_int("IMAGE_BUILD_TIMEOUT", 3600, "seconds an image build may go without any output",
+                              minimum=30)
 
 
 def env_owner_id(name: str, kind: str) -> int:

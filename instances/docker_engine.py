@@ -5,6 +5,9 @@ A client is created per call site and process (never shared across fork()).
 """
 from __future__ import annotations
 
+import io
+import re
+import tarfile
 import threading
 import time
 from dataclasses import dataclass
@@ -378,6 +381,132 @@ def run_once(engine, *, image: str, command: list[str], workdir: str, mounts: li
         tail = "\n".join(result.output.strip().splitlines()[-8:])
         raise EngineError(f"{' '.join(command[:4])} exited with code {result.exit_code}:\n{tail}")
     return result.output
+
+
+# --- Building images and reading what they hold (instances/images.py) -----------------------------------------
+
+@dataclass(frozen=True)
+class ImageDetails:
+    """What `docker image inspect` says about an image, as instances/images.py needs it."""
+
+    id: str
+    tags: list
+    size: int  # bytes
+    created: str  # ISO 8601, as the engine writes it
+    labels: dict
+
+
+def image_details(engine, image: str) -> ImageDetails | None:
+    """The image `image` names on this engine, or None when it is not here (one inspect)."""
+    with _translated(f"Could not look up image {image}", engine):
+        try:
+            attrs = engine.api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            return None
+    return ImageDetails(id=attrs.get("Id", ""), tags=list(attrs.get("RepoTags") or []),
+                        size=int(attrs.get("Size") or 0), created=attrs.get("Created") or "",
+                        labels=dict((attrs.get("Config") or {}).get("Labels") or {}))
+
+
+def build_image(engine, *, context, tag: str | None = None, build_args: dict | None = None,
+                labels: dict | None = None, on_line=None, timeout: float | None = None, name: str = "") -> str:
+    """Build an image with the classic builder from `context` (an open file holding a tar of the build context,
+    Dockerfile at its top), calling on_line(text) for each line of the build's log as it comes. Returns the new
+    image's id; a failed build raises EngineError with the builder's own message and the last lines of its log.
+    `tag`: the tag it gets (none: untagged); `name`: what messages call it (default the tag); `timeout`: seconds the
+    engine may stay silent (a pip install of torch prints nothing for minutes)."""
+    tail: list[str] = []
+    image = None
+    pending = ""
+    name = name or tag or "the image"
+
+    def emit(text):
+        text = _TERMINAL_CODES.sub("", text)
+        if text.startswith("Step "):
+            tail.clear()  # a failure shows the step that failed and what it printed
+        if text.strip() and not _BUILDER_CHATTER.match(text):
+            tail.append(text)
+            del tail[:-BUILD_ERROR_LINES]
+        if on_line is not None:
+            on_line(text)
+
+    what = f"Could not build {name}"
+    try:
+        stream = engine.api.build(
+            fileobj=context, custom_context=True, tag=tag, buildargs=build_args or {}, labels=labels or {},
+            rm=True, forcerm=True, pull=False, decode=True, timeout=timeout or settings.DOCKER_TIMEOUT,
+        )
+        for event in stream:
+            if "error" in event:
+                if pending:
+                    emit(pending)
+                reason = (event.get("errorDetail") or {}).get("message") or event["error"]
+                raise EngineError(_build_failure(name, str(reason).strip(), tail))
+            if "stream" in event:
+                pending += event["stream"]
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    emit(line.rstrip("\r"))
+            if (event.get("aux") or {}).get("ID"):
+                image = event["aux"]["ID"]
+        if pending:
+            emit(pending)
+    except EngineError:
+        raise
+    except docker.errors.APIError as exc:
+        raise EngineError(_build_failure(name, exc.explanation or str(exc), tail)) from exc
+    except (DockerException, RequestException, OSError) as exc:
+        raise EngineUnavailable(f"{what}: {unavailable_message(None, exc)}") from exc
+    if image is None:  # an engine without the aux message: "Successfully built 0123456789ab"
+        built = [line.split()[-1] for line in tail if line.startswith("Successfully built ")]
+        if not built:
+            raise EngineError(_build_failure(name, "the engine did not say which image it built", tail))
+        image = image_id(engine, built[-1])
+    return image
+
+
+BUILD_ERROR_LINES = 20
+# Colour codes around a RUN's stderr, and the builder's own bookkeeping lines (left out of a failure's last lines).
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_BUILDER_CHATTER = re.compile(r"^\s*(---> |Removing intermediate container |Running in )")
+
+
+def _build_failure(name, reason, tail) -> str:
+    lines = "\n".join(tail)
+    return f"Building {name} failed: {reason}" + (f"\nThe build's last lines:\n{lines}" if lines else "")
+
+
+def tag_image(engine, image: str, tag: str):
+    """Make `tag` name `image` (an id or another tag) on this engine."""
+    repository, name = _split_image(tag)
+    with _translated(f"Could not tag {image} as {tag}", engine):
+        engine.api.tag(image, repository, name, force=True)
+
+
+def read_image_file(engine, image: str, path: str, *, labels: dict, max_bytes: int = 65536) -> bytes | None:
+    """The contents of the regular file `path` inside `image`, copied out of a container that is created, never
+    started, and removed at once; None when the image has no regular file there (a link is not followed) or it is
+    larger than `max_bytes`."""
+    with _translated(f"Could not read {path} from image {image}", engine):
+        container = engine.api.create_container(image=image, entrypoint=["/comfyhub-never-started"], command=[],
+                                                labels=labels, network_disabled=True, detach=True)
+        try:
+            try:
+                stream, _ = engine.api.get_archive(container["Id"], path)
+            except docker.errors.NotFound:
+                return None
+            data = bytearray()
+            for chunk in stream:
+                data += chunk
+                if len(data) > max_bytes + 10240:  # the tar wraps the file in 512-byte headers and padding
+                    return None
+        finally:
+            engine.api.remove_container(container["Id"], force=True, v=True)
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as archive:
+        member = next(iter(archive.getmembers()), None)
+        if member is None or not member.isreg() or member.size > max_bytes:
+            return None
+        return archive.extractfile(member).read()
 
 
 def container_image_id(engine, name: str) -> str | None:

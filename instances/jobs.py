@@ -128,3 +128,46 @@ def update_image(report, *, instance_pks, refresh=True):
     if gone:
         report.log(f"{gone} of the chosen instances were deleted while this operation waited; updating the others.")
     return updates.roll_out([found[pk] for pk in instance_pks if pk in found], refresh=refresh, report=report)
+
+
+def _load_node(node_pk):
+    from .models import Node
+
+    node = Node.objects.filter(pk=node_pk).first()
+    if node is None:
+        raise OperationError("The node no longer exists (deleted while this operation waited).")
+    return node
+
+
+@operation_job("image_build", label="Build image", queue="long")
+def build_image(report, *, node_pk, tag, **arguments):
+    from . import docker_engine, images
+
+    node = _load_node(node_pk)
+    try:
+        engine = images.engine_for(node)
+        try:
+            image_id = images.build_image(engine, tag=tag, report=report, **arguments)
+            info = images.describe(engine, tag)
+        finally:
+            engine.close()
+    except (images.ImageError, docker_engine.EngineError) as exc:
+        raise OperationError(f"{exc}\nThe tag {tag} was not changed on {node}.") from exc
+    return {"image": tag, "node": node.name, "id": image_id, **images.info_data(info)}
+
+
+@operation_job("image_pull", label="Pull image", queue="long")
+def pull_image(report, *, node_pk, image):
+    from . import docker_engine, images
+
+    node = _load_node(node_pk)
+    try:
+        engine = images.engine_for(node)
+        try:
+            image_id = images.pull_image(engine, image, report)
+            info = images.describe(engine, image)
+        finally:
+            engine.close()
+    except (images.ImageError, docker_engine.EngineError) as exc:
+        raise OperationError(str(exc)) from exc
+    return {"image": image, "node": node.name, "id": image_id, **images.info_data(info)}

@@ -19,7 +19,7 @@ from comfyhub.queues import QueueUnavailable, queue_overview
 
 from storage_app.library import library_summary
 
-from . import services
+from . import images, services
 from .docker_engine import EngineError, cached_engine_status
 from .forms import InstanceDeleteForm, InstanceForm
 from .models import GPU, GPUAssignment, Instance, Node
@@ -45,8 +45,32 @@ def dashboard(request):
         request,
         "instances/dashboard.html",
         {"engine": cached_engine_status(), "queue": queue_overview(), "operations": latest,
-         "library": library_summary(), **_instance_page(request)},
+         "library": library_summary(), "missing_images": images.missing_images(), **_instance_page(request)},
     )
+
+
+# --- Images an instance needs that its host lacks (the dashboard's notice) -----------------------------------------
+
+@require_POST
+@permission_required("instances.change_instance", raise_exception=True)
+def image_build(request):
+    node = get_object_or_404(Node, name=request.POST.get("node", ""))
+    with service_errors(request):
+        operation = images.image_build(node=node, tag=request.POST.get("image", ""), user=request.user)
+        messages.success(request, f"Building {operation.target_label}.")
+        return redirect(operation)
+    return redirect("dashboard")
+
+
+@require_POST
+@permission_required("instances.change_instance", raise_exception=True)
+def image_pull(request):
+    node = get_object_or_404(Node, name=request.POST.get("node", ""))
+    with service_errors(request):
+        operation = images.image_pull(node=node, image=request.POST.get("image", ""), user=request.user)
+        messages.success(request, f"Pulling {operation.target_label}.")
+        return redirect(operation)
+    return redirect("dashboard")
 
 
 def instance_rows(request):

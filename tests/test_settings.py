@@ -144,6 +144,8 @@ BAD_VALUES = {
     "COMFY_BACKUPS_PATH": ["Makefile"],
     "COMFY_INSTANCE_ID": ["My Instance", "shared", "-comfy"],
     "COMFY_IMAGE": ["comfy ui", ":latest"],
+    "IMAGE_BUILD_SIZE_HINT_GB": ["0", "7GB"],
+    "IMAGE_BUILD_TIMEOUT": ["10", "1h"],
     "PUID": ["abc", "-1", "4294967295", "0"],
     "PGID": ["1000.5", "0"],
     "COMFY_DEFAULT_INSTANCE": ["perhaps"],

@@ -106,7 +106,8 @@ os.environ.update(
         # The SQLite and PostgreSQL parts of `make test` run side by side: each picks ports from its own range.
         "INSTANCE_PORT_RANGE": "{}-{}".format(*PORT_RANGE),
         # The default image's repository, the test double and the made-up images tests name (never pulled).
-        "INSTANCE_IMAGES_ALLOWED": "ghcr.io/comfyhub/comfyui,ghcr.io/comfyhub/comfyui:*,ghcr.io/comfyhub/comfyui@*,"
+        "INSTANCE_IMAGES_ALLOWED": "comfyhub/comfyui,comfyhub/comfyui:*,comfyhub/comfyui@*,"
+                                   "ghcr.io/comfyhub/comfyui,ghcr.io/comfyhub/comfyui:*,ghcr.io/comfyhub/comfyui@*,"
                                    "comfyhub-comfyui-double:*,comfyhub-test-*:*,example/comfyui:*,comfy:*,img:*,"
                                    "other:*,registry.invalid/*",
     }
