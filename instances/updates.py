@@ -152,7 +152,7 @@ def _roll_back(engine, instance: Instance, old_id: str, new_id: str, why: str, r
     with an OperationError that says why and what was left where."""
     report.log(f"did not come up on {_short(new_id)}: {why}", "ERROR")
     report.log(f"putting it back on the old image {old_id} (re-tagging it as {instance.image}).", "WARNING")
-    reason = _one_line(why)
+    reason = _reason(why, _last_log_line(engine, instance))
     not_touched = f"the instances after it ({', '.join(untouched)}) were not touched" if untouched else \
         "no instance after it was touched"
     try:
@@ -165,7 +165,7 @@ def _roll_back(engine, instance: Instance, old_id: str, new_id: str, why: str, r
     except (OperationError, docker_engine.EngineError) as exc:
         raise OperationError(
             f"{instance} did not come up on the new image ({reason}), and putting it back on the old image {old_id} "
-            f"failed too: {_one_line(str(exc))}. Check its logs (instances logs {instance}); {not_touched}; the "
+            f"failed too: {_reason(str(exc), '')}. Check its logs (instances logs {instance}); {not_touched}; the "
             f"new image is {new_id}.") from exc
     report.log(f"back on the old image {_short(old_id)}, healthy.")
     raise OperationError(
@@ -173,12 +173,21 @@ def _roll_back(engine, instance: Instance, old_id: str, new_id: str, why: str, r
         f"{not_touched}; the new image is {new_id} (tag it as {instance.image} to retry).")
 
 
-def _one_line(message: str) -> str:
-    """A start's error in one line: its first sentence and the container's last log line, if it gave them."""
-    first, _, logs = message.partition("\n")
-    first = first.rstrip(". ").removesuffix(" Last log lines:").rstrip(". ")
-    last = next((line.strip() for line in reversed(logs.splitlines()) if line.strip()), "")
-    return f"{first}; last log line: {last}" if last else first
+def _reason(message: str, last_log_line: str) -> str:
+    """Why a start failed, in one line: the first line of its error (the whole error is in the operation's log) and
+    the container's last log line."""
+    first = message.partition("\n")[0].rstrip(". ").removesuffix(" Last log lines:").rstrip(". ")
+    return f"{first}; last log line: {last_log_line}" if last_log_line else first
+
+
+def _last_log_line(engine, instance: Instance) -> str:
+    """The container's last line of output ("" when it has none or the engine does not answer): read before the
+    rollback recreates the container, which takes its log with it."""
+    try:
+        logs = docker_engine.container_logs(engine, instance.container_name, tail=5)
+    except docker_engine.EngineError:
+        return ""
+    return next((line.strip() for line in reversed(logs.splitlines()) if line.strip()), "")[:300]
 
 
 def _short(image_id: str | None) -> str:
