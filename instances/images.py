@@ -101,7 +101,12 @@ def describe(engine, image: str) -> ImageInfo | None:
     if any(label in labels for label in VERSION_LABELS.values()):
         versions, source = {key: labels.get(label) or None for key, label in VERSION_LABELS.items()}, "labels"
     else:
-        info = read_image_info(engine, details.id, labels.get(LABEL_INFO) or INFO_PATH)
+        try:
+            info = read_image_info(engine, details.id, labels.get(LABEL_INFO) or INFO_PATH)
+        except docker_engine.EngineUnavailable:
+            raise
+        except docker_engine.EngineError:
+            info = None  # an image the engine cannot make a container of (another platform...): versions unknown
         if info is not None:
             versions, source = info, "image.json"
     return ImageInfo(
@@ -566,8 +571,9 @@ def images_in_use(node: Node, *, with_default: bool = True) -> dict[str, list[st
 
 
 def buildable(image: str) -> bool:
-    """Whether `images build` makes this image: COMFY_IMAGE's repository or ComfyHub's own (comfyhub/comfyui)."""
-    return _repository(image) in {_repository(settings.COMFY_IMAGE), _repository(DEFAULT_TAG)}
+    """Whether `images build` makes this image: a tag (not a digest) of COMFY_IMAGE's repository or of ComfyHub's
+    own (comfyhub/comfyui)."""
+    return "@" not in image and _repository(image) in {_repository(settings.COMFY_IMAGE), _repository(DEFAULT_TAG)}
 
 
 DEFAULT_TAG = "comfyhub/comfyui:latest"

@@ -234,7 +234,7 @@ def git(folder, *args):
                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"})
 
 
-def test_the_context_holds_docker_comfyui_and_the_options_files_never_a_hosts_own_extras(checkout, wheels, tmp_path):
+def test_the_context_holds_docker_comfyui_and_the_files_the_options_name(checkout, wheels, tmp_path):
     ca = tmp_path / "proxy-ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
 
@@ -271,6 +271,17 @@ def test_a_git_checkout_gives_only_its_tracked_files_read_from_the_index(checkou
                       "nodes/a_rather_long_name_for_prefix_compression_too.py"}
     assert names["comfyui/link_inside"].issym() and names["comfyui/link_inside"].linkname == "nodes"
     assert images.checkout_problem(checkout) is None
+
+
+@pytest.mark.parametrize("image, build", [
+    ("comfyhub/comfyui:latest", True), ("comfyhub/comfyui:v0.8.0-cu128", True), ("comfyhub/comfyui", True),
+    ("registry.example.org:5000/team/comfy:v2", True),  # COMFY_IMAGE's repository, another tag
+    ("comfyhub/comfyui@sha256:" + "0" * 64, False),  # a digest cannot be built
+    ("example/comfyui:1", False), ("comfyhub/comfyui-other:1", False),
+])
+def test_build_is_offered_for_tags_of_comfyhubs_image_and_of_comfy_image(settings, image, build):
+    settings.COMFY_IMAGE = "registry.example.org:5000/team/comfy:v1"
+    assert images.buildable(image) is build
 
 
 # --- describe, refresh -------------------------------------------------------------------------------------------
