@@ -9,8 +9,8 @@ source (https://github.com/comfyanonymous/ComfyUI, the files named below):
   --temp-directory (the latter gets "/temp" appended), model folder names, extensions and legacy aliases, and
   extra_model_paths.yaml loading (utils/extra_config.py), including that a missing YAML file stops the start;
 - the HTTP routes ComfyHub uses, also under the /api prefix: /system_stats, /prompt (GET), /queue (GET),
-  /object_info, /models, /experiment/models, /embeddings, /userdata, /settings, /users, plus the origin check and CORS
-  headers.
+  /object_info, /models, /experiment/models, /embeddings, /userdata, /settings, /users, /upload/image and
+  /upload/mask, plus the origin check and CORS headers.
 
 GPUs: the devices reported come from NVIDIA_VISIBLE_DEVICES, which Docker sets from the container's GPU device
 requests, so a test can see which host GPUs reached the container.
@@ -24,6 +24,8 @@ Standard library only, plus PyYAML when --extra-model-paths-config is given (as 
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
 import errno
 import glob
 import http.server
@@ -571,6 +573,46 @@ def write_atomically(path: str, data: bytes) -> None:
         raise
 
 
+# --- uploads (server.py: image_upload behind POST /upload/image and /upload/mask) ----------------------------------
+
+class FileField:
+    """A form part that came with a file name, as aiohttp's request.post() hands it to ComfyUI."""
+
+    def __init__(self, filename: str, data: bytes) -> None:
+        self.filename = filename
+        self.data = data
+
+
+def parse_form(content_type: str, body: bytes) -> dict:
+    """The first value of each field, as aiohttp's request.post() gives them (MultiDict.get): a multipart part with a
+    non-empty file name is a FileField, every other field a str; a body of another type is an empty form."""
+    kind = content_type.split(";")[0].strip().lower()
+    form: dict = {}
+    if kind == "application/x-www-form-urlencoded":
+        for name, value in urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+            form.setdefault(name, value)
+    elif kind == "multipart/form-data":
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if name is None:
+                continue
+            data = part.get_payload(decode=True) or b""
+            filename = part.get_filename()
+            form.setdefault(name, FileField(filename, data) if filename
+                            else data.decode(part.get_content_charset() or "utf-8", "replace"))
+    return form
+
+
+def annotated_filepath(name: str) -> tuple[str, str | None]:
+    """folder_paths.annotated_filepath: "a.png [output]" names a.png in the output folder (same slicing)."""
+    for annotation, length in (("[output]", 9), ("[input]", 8), ("[temp]", 7)):
+        if name.endswith(annotation):
+            return name[:-length], annotation[1:-1]
+    return name, None
+
+
 INDEX_HTML = b"""<!doctype html>
 <html><head><title>ComfyUI</title></head>
 <body><p>ComfyUI test double: no frontend, API only.</p></body></html>
@@ -741,6 +783,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.respond(204, b"", "text/plain")
         if method == "POST" and len(parts) == 4 and parts[0] == "userdata" and parts[2] == "move":
             return self.move_userdata(parts[1], parts[3])
+        if key == ("POST", "upload", 2) and parts[1] in ("image", "mask"):
+            return self.upload(mask=parts[1] == "mask")
         raise HttpError(404)
 
     def list_userdata(self) -> None:
@@ -790,6 +834,78 @@ class Handler(http.server.BaseHTTPRequestHandler):
         shutil.move(source_path, dest_path)
         root = self.app.user_root()
         self.respond_json(self.app.file_info(dest_path, root) if full_info else os.path.relpath(dest_path, root))
+
+
+    def directory_by_type(self, kind: str | None) -> str | None:
+        return {"input": self.app.paths.input, "output": self.app.paths.output,
+                "temp": self.app.paths.temp}.get(kind)
+
+    def upload(self, mask: bool) -> None:
+        """ComfyUI's image_upload: the file lands in <type>/<subfolder>/<name>, written through whatever is there
+        (open(path, "wb") follows a link: onto the read-only /shared that is an OSError, answered 500). Without
+        overwrite=true|1 an existing name becomes "name (1).ext", unless it holds the same bytes (nothing written)."""
+        post = parse_form(self.headers.get("Content-Type", ""), self.read_body())
+        image = post.get("image")
+        overwrite = post.get("overwrite")
+        upload_type = post.get("type")
+        if upload_type is None:
+            upload_type = "input"
+        upload_dir = self.directory_by_type(upload_type)
+        if upload_dir is None:  # ComfyUI's get_dir_by_type leaves its variable unset: an exception, 500
+            raise RuntimeError(f"unknown upload type {upload_type!r}")
+        if not image:
+            raise HttpError(400)
+        if not isinstance(image, FileField):  # ComfyUI reads image.file of a str: an exception, 500
+            raise RuntimeError("'str' object has no attribute 'file'")
+        filename = image.filename
+        if not filename:
+            raise HttpError(400)
+        subfolder = post.get("subfolder", "")
+        full_output_folder = os.path.join(upload_dir, os.path.normpath(subfolder))
+        filepath = os.path.abspath(os.path.join(full_output_folder, filename))
+        if os.path.commonpath((upload_dir, filepath)) != upload_dir:
+            raise HttpError(400)
+        if not os.path.exists(full_output_folder):
+            os.makedirs(full_output_folder)
+        stem, extension = os.path.splitext(filename)
+        duplicate = False
+        if overwrite not in ("true", "1"):
+            i = 1
+            while os.path.exists(filepath):
+                with open(filepath, "rb") as f:  # ComfyUI compares hashes of the two
+                    if f.read() == image.data:
+                        duplicate = True
+                        break
+                filename = f"{stem} ({i}){extension}"
+                filepath = os.path.join(full_output_folder, filename)
+                i += 1
+        if not duplicate:
+            if mask:
+                self.save_mask(image, post, filepath)
+            else:
+                with open(filepath, "wb") as f:
+                    f.write(image.data)
+        self.respond_json({"name": filename, "subfolder": subfolder, "type": upload_type})
+
+    def save_mask(self, image: FileField, post: dict, filepath: str) -> None:
+        """The mask is saved only when its original_ref names an existing file (ComfyUI's checks, whose refusals it
+        ignores: the answer is still 200). ComfyUI puts the mask's alpha onto that image with Pillow; the double,
+        without Pillow, writes the uploaded bytes as they are, to the same path and the same way."""
+        original_ref = json.loads(post.get("original_ref"))  # missing or not JSON: an exception, 500 as in ComfyUI
+        filename, annotation = annotated_filepath(original_ref["filename"])
+        if not filename or filename[0] == "/" or ".." in filename:
+            return
+        output_dir = self.directory_by_type(annotation or original_ref.get("type", "output"))
+        if output_dir is None:
+            return
+        if original_ref.get("subfolder", "") != "":
+            full_output_dir = os.path.join(output_dir, original_ref["subfolder"])
+            if os.path.commonpath((os.path.abspath(full_output_dir), output_dir)) != output_dir:
+                return
+            output_dir = full_output_dir
+        if os.path.isfile(os.path.join(output_dir, filename)):
+            with open(filepath, "wb") as f:
+                f.write(image.data)
 
 
 class Server(http.server.ThreadingHTTPServer):
