@@ -209,6 +209,13 @@ PY
 install -m 0755 "$context/entrypoint.sh" /usr/local/bin/comfyhub-entrypoint
 if [ -d "$context/custom_nodes" ]; then
     mkdir -p /opt/comfyhub && cp -a "$context/custom_nodes" /opt/comfyhub/custom_nodes
+    # ComfyUI reads the extra_model_paths.yaml next to its main.py at every start: this one adds the folder above to
+    # its custom node folders (after the instance's own). A local checkout's own file is kept, this one appended.
+    # Only here: ComfyUI stops at start on a custom_nodes folder that does not exist.
+    if [ -f "$context/extra_model_paths.yaml" ]; then
+        if [ -f /opt/comfyui/extra_model_paths.yaml ]; then echo >> /opt/comfyui/extra_model_paths.yaml; fi
+        cat "$context/extra_model_paths.yaml" >> /opt/comfyui/extra_model_paths.yaml
+    fi
 fi
 # Compiled now, as root: at run time /opt is read-only to the instance's uid.
 python3 -m compileall -q /opt/comfyui /opt/comfyhub >/dev/null 2>&1 || true
