@@ -491,7 +491,7 @@ def build_problems(*, tag, comfyui_ref=None, comfyui_source=None, torch_index_ur
     def refuse(name, message):
         errors.setdefault(name, []).append(message)
 
-    if problem := runtime.image_problem(tag):
+    if problem := _image_problem(tag):
         refuse("tag", problem)
     elif "@" in tag:
         refuse("tag", f"'{tag}' names a digest; a build makes a tag: give NAME:TAG (--tag).")
@@ -509,7 +509,9 @@ def build_problems(*, tag, comfyui_ref=None, comfyui_source=None, torch_index_ur
         if value is None:
             continue
         path = Path(value)
-        if not path.exists():
+        if not value or "\x00" in value:
+            refuse(name, f"Give the path of a {kind} on this host.")
+        elif not path.exists():
             refuse(name, f"{path} does not exist; give the path of a {kind} on this host.")
         elif kind == "folder" and not path.is_dir():
             refuse(name, f"{path} is not a folder.")
@@ -532,8 +534,8 @@ def build_problems(*, tag, comfyui_ref=None, comfyui_source=None, torch_index_ur
 def image_build(*, node: Node, tag: str | None = None, comfyui_ref=None, comfyui_source=None, torch_index_url=None,
                 base_image=None, ca_bundle=None, wheels=None, build_args=None, user=None):
     """Queue a build of ComfyHub's image on `node` (default tag: COMFY_IMAGE); ValidationError for bad input."""
-    tag = tag or settings.COMFY_IMAGE
-    paths = {name: str(Path(value).expanduser().resolve()) if value else None for name, value in
+    tag = settings.COMFY_IMAGE if tag is None else tag
+    paths = {name: str(Path(value).expanduser().resolve()) if value else value for name, value in
              (("comfyui_source", comfyui_source), ("ca_bundle", ca_bundle), ("wheels", wheels))}
     arguments = dict(tag=tag, comfyui_ref=comfyui_ref, torch_index_url=torch_index_url, base_image=base_image,
                      build_args=dict(build_args or {}), **paths)
@@ -544,9 +546,20 @@ def image_build(*, node: Node, tag: str | None = None, comfyui_ref=None, comfyui
 
 def image_pull(*, node: Node, image: str, user=None):
     """Queue a pull of `image` on `node`; ValidationError when it is not an image instances may run."""
-    if problem := runtime.image_problem(image):
+    if problem := _image_problem(image):
         raise ValidationError({"image": [problem]})
     return _enqueue("instances.jobs.pull_image", node, f"{image} on {node}", user, node_pk=node.pk, image=image)
+
+
+IMAGE_MAX = 512  # longer than any reference Docker takes (a 255-character name, a tag, a digest)
+
+
+def _image_problem(image) -> str | None:
+    """Why an image to build or pull is refused: not a reference, or one instances may not run (so nothing
+    builds or pulls what no instance could use)."""
+    if isinstance(image, str) and len(image) > IMAGE_MAX:
+        return f"An image reference is at most {IMAGE_MAX} characters; this one has {len(image)}."
+    return runtime.image_problem(image)
 
 
 def _enqueue(job, node, label, user, **kwargs):

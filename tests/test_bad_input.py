@@ -141,6 +141,8 @@ PAGE_FIELDS = [
     ("snapshot-list", [], "get", {}, ["page"]),
     ("snapshot-instance", ["bad"], "get", {}, ["page"]),
     ("instance-logs", ["bad"], "get", {}, ["tail"]),
+    ("image-build", [], "post", {"node": "local"}, ["node", "image"]),
+    ("image-pull", [], "post", {"node": "local"}, ["node", "image"]),
 ]
 # Upload fields: (url name, url args, field, the bad contents to send).
 UPLOAD_FIELDS = [
@@ -335,6 +337,18 @@ COMMAND_ARGS = [
     ("legacy", ["plan", "--from", "/nonexistent", "--instance-id", "{bad}"], ["Bad", "bad\n"]),
     ("legacy", ["migrate", "--from", "{bad}"], ["", "/nonexistent"]),
     ("legacy", ["migrate", "--from", "/nonexistent", "--instance-id", "{bad}"], ["Bad"]),
+    *[("images", [action, "--node", "{bad}"], ["", "nope", "bad\x00", "x" * 100_000]) for action in ("build", "list")],
+    ("images", ["pull", "img:1", "--node", "{bad}"], ["nope", "bad\x00"]),
+    ("images", ["pull", "{bad}"], ["", "has space", "bad\x00", "x" * 100_000, "registry.example.org/other:1"]),
+    ("images", ["build", "--tag", "{bad}"], ["", "has space", "x" * 100_000, "img@sha256:" + "0" * 64,
+                                              "registry.example.org/other:1"]),
+    ("images", ["build", "--comfyui-ref={bad}"], ["", "--upload-pack=x", "a b", "x" * 300]),
+    *[("images", ["build", option, "{bad}"], ["", "/nonexistent", "bad\x00", "/etc/hostname"])
+      for option in ("--comfyui-source", "--wheels")],
+    ("images", ["build", "--ca-bundle", "{bad}"], ["", "/nonexistent", "bad\x00", "/"]),
+    ("images", ["build", "--torch-index-url", "{bad}"], ["", "pypi.org/simple", "ftp://x", "a b"]),
+    ("images", ["build", "--base-image", "{bad}"], ["", "has space", "x" * 100_000]),
+    ("images", ["build", "--build-arg", "{bad}"], ["novalue", "=1", "OTHER=1", "PIP_INDEX_URL=a\nb"]),
     ("serve", ["--workers", "{bad}"], ["abc", "²"]),
     ("serve", ["--web-workers", "{bad}"], ["abc"]),
 ]
@@ -411,7 +425,8 @@ def test_every_form_page_and_argument_is_in_a_table():
                COMMAND_ARGS}
     uncovered = []
     for app, command in (("instances", "instances"), ("instances", "nodes"), ("instances", "templates"),
-                         ("instances", "workflows"), ("storage_app", "models"), ("storage_app", "snapshots"),
+                         ("instances", "workflows"), ("instances", "images"), ("storage_app", "models"),
+                         ("storage_app", "snapshots"),
                          ("storage_app", "storage"), ("storage_app", "legacy"), ("comfyhub", "serve")):
         for action, dest in _arguments(load_command_class(app, command).create_parser("manage.py", command)):
             if dest in ("timeout",):
@@ -438,7 +453,7 @@ def _dest(command, argv) -> str:
     """Which argument `{bad}` stands in for in argv: the option before it (or joined to it with '='), else the
     positional argument that takes a value put in its place."""
     app = {"instances": "instances", "nodes": "instances", "templates": "instances", "workflows": "instances",
-           "models": "storage_app", "snapshots": "storage_app", "storage": "storage_app", "legacy": "storage_app",
+           "images": "instances", "models": "storage_app", "snapshots": "storage_app", "storage": "storage_app", "legacy": "storage_app",
            "serve": "comfyhub"}[command]
     parser = load_command_class(app, command).create_parser("manage.py", command)
     at = next(i for i, a in enumerate(argv) if "{bad}" in a)
