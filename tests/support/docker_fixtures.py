@@ -26,6 +26,12 @@ __all__ = ["TEST_LABEL", "DOUBLE_TAG", "CLIARGS_TAG", "wait_for_http", "publishe
 def docker_engine_handle() -> EngineHandle:
     handle = ensure_engine()
     yield handle
+    # Image builds in tests (the test images, `images build`) leave untagged stages behind, labelled comfyhub.test
+    # through their base: drop those no container uses, so they do not pile up from session to session.
+    try:
+        handle.client.images.prune(filters={"dangling": True, "label": TEST_LABEL})
+    except docker.errors.APIError:
+        pass  # a prune already running (409) does it
     if handle.started_here and not os.environ.get("COMFYHUB_TEST_KEEP_DOCKERD"):
         handle.stop()
     else:
