@@ -31,6 +31,8 @@ def extra_env(token: str, **more) -> dict[str, str]:
         "COMFY_GPUS": "0,1,2,3",
         # No default `comfy` instance on port 8188: the benchmark creates exactly the instances it measures.
         "COMFY_DEFAULT_INSTANCE": "false",
+        # The instances it creates run the test double: COMFY_IMAGE's repository is what INSTANCE_IMAGES_ALLOWED allows.
+        "COMFY_IMAGE": "comfyhub-comfyui-double:test",
         **more,
     }
 
