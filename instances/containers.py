@@ -156,8 +156,10 @@ def start(instance: Instance, report) -> dict:
 
 
 def _wait_until_healthy(engine, instance: Instance, report) -> dict:
-    deadline = time.monotonic() + settings.INSTANCE_START_TIMEOUT
-    pause = 0.05  # ComfyUI often answers within a fraction of a second: look often first, then back off
+    started = time.monotonic()
+    deadline = started + settings.INSTANCE_START_TIMEOUT
+    # ComfyUI often answers within a fraction of a second: look every 20 ms for the first seconds, then back off.
+    pause = 0.02
     while True:
         state = docker_engine.container_state(engine, instance.container_name)
         if state is None or state.status in ("exited", "dead") or state.restart_count > 0:
@@ -192,9 +194,10 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
             raise OperationError(f"The container runs, but ComfyUI did not answer on {instance.url} within "
                                  f"{settings.INSTANCE_START_TIMEOUT} s; check its logs. "
                                  + runtime.arguments_hint(instance))
-        report.progress(75, "waiting for ComfyUI to answer")
+        report.progress(75, "waiting for ComfyUI to answer")  # written at most every so often; cancels the wait
         time.sleep(pause)
-        pause = min(pause * 1.5, 0.5)
+        if time.monotonic() - started > 2:
+            pause = min(pause * 1.5, 0.5)
 
 
 def stop(instance: Instance, report) -> dict:
