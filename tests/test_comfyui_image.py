@@ -76,6 +76,27 @@ def test_its_default_command_serves_the_instance_folder(docker_cleanup, comfyui_
     assert stats["system"]["argv"][1:] == ["--listen", "0.0.0.0", "--port", "8188", "--base-directory", "/instance"]
 
 
+def test_a_comfyui_with_a_database_keeps_it_in_the_instances_user_folder(docker_cleanup, comfyui_double_image,
+                                                                         instance_folder, tmp_path):
+    # ComfyUI's default database lies beside its code, which the instance's uid cannot write. The double has no
+    # comfy/cli_args.py; give it one that declares --database-url, as ComfyUI's does.
+    cli_args = tmp_path / "cli_args.py"
+    cli_args.write_text('parser.add_argument("--database-url", type=str, default="sqlite:///beside-the-code")\n')
+    mounts = {str(instance_folder): {"bind": "/instance", "mode": "rw"},
+              str(cli_args): {"bind": "/opt/comfyui/comfy/cli_args.py", "mode": "ro"}}
+
+    def argv(command):
+        container = docker_cleanup.containers.run(
+            comfyui_double_image, command=command, detach=True, user=f"{UID}:{GID}", labels=session_label(),
+            ports={"8188/tcp": ("127.0.0.1", None)}, volumes=mounts)
+        return system_stats(container)["system"]["argv"]
+
+    assert argv(ARGUMENTS) == ["/opt/comfyui/main.py", "--database-url", "sqlite:////instance/user/comfyui.db",
+                               *ARGUMENTS]
+    chosen = [*ARGUMENTS, "--database-url", "sqlite:///:memory:"]
+    assert argv(chosen)[-2:] == ["--database-url", "sqlite:///:memory:"]  # the later one is the one ComfyUI takes
+
+
 def test_home_and_its_cache_are_made_in_the_instance_folder_for_that_uid(docker_cleanup, comfyui_double_image,
                                                                          instance_folder):
     container = start(docker_cleanup, comfyui_double_image, instance_folder, command=ARGUMENTS)

@@ -108,6 +108,21 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
     exit 1
 fi
 
+# git: ComfyHub clones and updates custom nodes with the instance's own image (CUSTOM_NODE_GIT_IMAGE empty).
+if ! command -v git >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        say "installing git from the base image's package sources"
+        if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends git ca-certificates; }; then
+            say "apt-get could not install git; pick a BASE_IMAGE that has git (or reaches its package mirror)"
+            exit 1
+        fi
+        rm -rf /var/lib/apt/lists/*
+    else
+        say "the base image has no git and no apt-get; pick a BASE_IMAGE with git (custom nodes are cloned with it)"
+        exit 1
+    fi
+fi
+
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 wheels=""
 if [ -d "$context/wheels" ]; then wheels="--find-links $context/wheels"; fi

@@ -14,4 +14,9 @@ for folder in "$HOME" "${XDG_CACHE_HOME:-$HOME/.cache}"; do
         exit 1
     fi
 done
+# ComfyUI keeps its database beside its code by default (/opt/comfyui/user/comfyui.db), which this uid cannot
+# write: the instance's user/ folder holds it instead. A --database-url among the arguments comes later and wins.
+if grep -q -e "--database-url" /opt/comfyui/comfy/cli_args.py 2>/dev/null; then
+    set -- --database-url "sqlite:////instance/user/comfyui.db" "$@"
+fi
 exec python3 /opt/comfyui/main.py "$@"
