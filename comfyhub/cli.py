@@ -106,6 +106,13 @@ class Command(BaseCommand):
                 raise
             self.stderr.write(str(exc))
             sys.exit(exc.returncode)
+        except BrokenPipeError:
+            if not getattr(self, "_called_from_command_line", False):
+                raise
+            # Output piped into `head` or a pager that quit: stop quietly, as Unix tools do (and keep Python from
+            # complaining again when it flushes stdout at exit).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
 
     def handle(self, *args, **options):
         getattr(self, self.handlers[options["action"]])(options)

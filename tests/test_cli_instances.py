@@ -473,3 +473,12 @@ def test_an_adopted_folder_with_a_planted_link_is_refused_by_the_build_naming_it
     assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt"]
     assert (elsewhere / "precious.txt").read_bytes() == b"not the instance's\n"
     assert (folder / "output").is_symlink()
+
+
+def test_output_into_a_pipe_nobody_reads_any_more_ends_quietly(transactional_db):
+    services.instance_create(instance_id="piped", image=settings.COMFY_IMAGE)
+    process = start_process("instances", "list")
+    process.stdout.close()  # as `| head` does once it has its lines: every write now meets a closed pipe
+    _, err = process.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert process.returncode == 141  # 128 + SIGPIPE, what a Unix tool cut off by its reader exits with
