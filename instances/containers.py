@@ -180,9 +180,8 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
                 status=Instance.Status.HEALTHY, status_detail="", checked_at=timezone.now(), restart_count=0,
             )
             report.progress(100, "healthy")
-            from .services import node_types_of
-
-            node_types_of(instance)  # remembered for workflow pre-flights while it is stopped
+            # The node types it offers are remembered when it stops (and by the health checks while it runs): asking
+            # for /object_info here would hold up every start by what is the slowest call of a real ComfyUI.
             devices = [d.get("name", "") for d in stats.get("devices", [])]
             report.log(f"ComfyUI answers on {instance.url} ({', '.join(devices) or 'no devices'})")
             return {"url": instance.url, "devices": devices}
@@ -204,6 +203,10 @@ def stop(instance: Instance, report) -> dict:
     with instance_lock(instance, report):
         engine = engine_for(instance)
         try:
+            report.progress(10, "remembering the node types it offers")
+            from .services import node_types_of
+
+            node_types_of(instance)  # for workflow pre-flights while it is stopped; kept as it was if it does not answer
             report.progress(20, "stopping the container")
             docker_engine.stop_container(engine, instance.container_name)
         except docker_engine.EngineError as exc:

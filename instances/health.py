@@ -182,8 +182,24 @@ def reconcile_node(node: Node) -> Counter:
         instance.checked_at = now
     Instance.objects.bulk_update(
         changed, ["status", "status_detail", "health", "restart_count", "container_id"], batch_size=200)
+    # Node types are remembered when an instance stops; one that answers and has none remembered yet (never stopped
+    # through ComfyHub: started, then crashed or still running) gets them now, once.
+    unknown = [i for i in instances if i.status == Instance.Status.HEALTHY and not i.node_types]
+    if unknown:
+        with ThreadPoolExecutor(max_workers=8) as pool:  # asked in threads, written here (one connection)
+            offered = list(pool.map(_node_types_offered, unknown))
+        for instance, types in zip(unknown, offered):
+            if types:
+                Instance.objects.filter(pk=instance.pk).update(node_types=types)
     Instance.objects.filter(node=node).update(checked_at=now)
     return counts
+
+
+def _node_types_offered(instance: Instance) -> list[str] | None:
+    try:
+        return sorted(comfyui_api.ComfyUI.of(instance).object_info())
+    except comfyui_api.ComfyUIError:
+        return None
 
 
 class _Missing:

@@ -262,9 +262,23 @@ def docker_engine_state(instance):
         engine.close()
 
 
-def test_a_start_remembers_the_node_types_comfyui_offers(image, run_worker, storage):
-    instance = services.instance_create(instance_id="typed", image=image)
-    (storage["instances"] / "typed" / "custom_nodes" / "MyPack").mkdir(parents=True)
+def test_the_node_types_an_instance_offers_are_remembered_by_the_health_checks_and_when_it_stops(image, run_worker,
+                                                                                                  storage):
+    instance = services.instance_create(instance_id="remembers", image=image)
+    (storage["instances"] / "remembers" / "custom_nodes" / "MyPack").mkdir(parents=True)
     assert run(services.instance_start(instance=instance), run_worker).status == Operation.Status.SUCCEEDED
     instance.refresh_from_db()
-    assert "KSampler" in instance.node_types and "MyPack" in instance.node_types
+    assert instance.node_types == []  # the start does not wait for /object_info
+
+    health.reconcile_all()  # it answers and nothing is remembered yet: asked once
+    instance.refresh_from_db()
+    assert {"KSampler", "CheckpointLoaderSimple", "MyPack"} <= set(instance.node_types)
+
+    Instance.objects.filter(pk=instance.pk).update(node_types=["Forgotten"])
+    health.reconcile_all()  # something is remembered: the health checks do not ask again
+    instance.refresh_from_db()
+    assert instance.node_types == ["Forgotten"]
+
+    assert run(services.instance_stop(instance=instance), run_worker).status == Operation.Status.SUCCEEDED
+    instance.refresh_from_db()
+    assert "KSampler" in instance.node_types and "Forgotten" not in instance.node_types
