@@ -98,15 +98,17 @@ def build_directories(instance: Instance, report) -> dict:
     return {"created": len(result.created), "existing": result.existing, "links": len(result.links)}
 
 
-def ensure_image(engine, instance: Instance, report):
-    if docker_engine.image_present(engine, instance.image):
-        return
+def ensure_image(engine, instance: Instance, report) -> str:
+    """The id of the instance's image on its node, pulled first when the node lacks it."""
+    if found := docker_engine.image_id(engine, instance.image):
+        return found
     report.log(f"Image {instance.image} is not on this host; pulling it.")
     try:
         docker_engine.pull_image(engine, instance.image,
                                  on_progress=lambda pct, msg: report.progress(10 + pct * 0.5, msg))
     except docker_engine.EngineError as exc:
         raise OperationError(str(exc)) from exc
+    return docker_engine.image_id(engine, instance.image) or ""
 
 
 def start(instance: Instance, report) -> dict:
@@ -119,9 +121,8 @@ def start(instance: Instance, report) -> dict:
         try:
             report.progress(5, "building directories")
             build_directories(instance, report)
-            ensure_image(engine, instance, report)
             # The id the tag names now: a tag rebuilt or re-pulled since the container was made recreates it.
-            spec = runtime.container_spec(instance, image_id=docker_engine.image_id(engine, instance.image) or "")
+            spec = runtime.container_spec(instance, image_id=ensure_image(engine, instance, report))
             state = docker_engine.container_state(engine, spec.name)
             if state and state.labels.get(runtime.LABEL_CONFIG) != spec.config_hash:
                 made_from = state.labels.get(runtime.LABEL_IMAGE_ID, "")
