@@ -88,3 +88,27 @@ class Operation(models.Model):
     @property
     def log_lines(self):
         return self.log.splitlines()
+
+
+class AccessToken(models.Model):
+    """A personal access token: `Authorization: Bearer <token>` on /i/<id>/… uses instances with its user's rights.
+    Only a hash is stored; the token is shown once, when it is made (comfyhub/tokens.py)."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="access_tokens")
+    name = models.CharField(max_length=100, help_text="What it is for, e.g. 'render farm script'.")
+    prefix = models.CharField(max_length=16, help_text="The token's first characters, to recognise it by.")
+    digest = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the token, hex.")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def active(self):
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())

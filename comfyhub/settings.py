@@ -360,6 +360,30 @@ SERVE_BIND = env_text("COMFYHUB_BIND", "127.0.0.1:8000", valid=lambda t: bool(re
 SERVE_WORKERS = env_int("COMFYHUB_WORKERS", 2, "RQ worker processes", minimum=1, maximum=64)
 SERVE_WEB_WORKERS = env_int("COMFYHUB_WEB_WORKERS", 2, "gunicorn worker processes", minimum=1, maximum=64)
 
+SERVE_NGINX = env_bool("COMFYHUB_NGINX", True, "start nginx in front of gunicorn (the /i/<id>/ proxy; off: "
+                       "gunicorn alone on COMFYHUB_BIND, instances not reachable through the hub)")
+
+# --- Access through the hub (/i/<id>/: docker/nginx, instances/access.py, docs/access.md) ---------------------------
+# How long nginx may reuse the hub's answer for one session (or token) and one instance; revoking access takes
+# effect within this time. 0: ask the hub on every request.
+ACCESS_CACHE_SECONDS = env_int("ACCESS_CACHE_SECONDS", 5, "seconds nginx reuses an access decision", minimum=0,
+                               maximum=300)
+# Opens are recorded once per person, instance and way in (browser or token) per this many minutes.
+ACCESS_OPEN_RECORD_MINUTES = env_int("ACCESS_OPEN_RECORD_MINUTES", 10, "minutes between two recorded opens of an "
+                                     "instance by the same person", minimum=1)
+# Largest request body (an upload) nginx passes to an instance, in megabytes.
+PROXY_MAX_UPLOAD_MB = env_int("PROXY_MAX_UPLOAD_MB", 1024, "largest upload through the hub, in megabytes",
+                              minimum=1)
+# Self-service: what a user with "create own instances" may hold.
+SELF_SERVICE_MAX_INSTANCES = env_int("SELF_SERVICE_MAX_INSTANCES", 2, "instances a self-service user may own",
+                                     minimum=0)
+SELF_SERVICE_MAX_GPUS = env_int("SELF_SERVICE_MAX_GPUS", 1, "GPUs a self-service user's instances may hold in all",
+                                minimum=0)
+# Idle stop: the minutes offered when someone turns it on for an instance (it is off until they do).
+IDLE_STOP_AFTER_DEFAULT = env_int("IDLE_STOP_AFTER_DEFAULT", 60, "minutes of idleness offered for idle stop",
+                                  minimum=1)
+IDLE_CHECK_INTERVAL = env_int("IDLE_CHECK_INTERVAL", 60, "seconds between idle-stop checks", minimum=5)
+
 # --- Operations ----------------------------------------------------------------------------------------------
 # A running operation's runner writes a heartbeat this often; one silent for longer than the timeout is failed
 # by the periodic sweep ("the worker died").

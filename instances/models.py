@@ -116,6 +116,18 @@ class Instance(models.Model):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Who may use it (instances/access.py): its owner, those it is shared with, operators and superusers.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="owned_instances",
+        help_text="May open it through the hub and share it; with 'create own instances', start and stop it too.")
+    # Idle stop (instances/idle.py): 0 = never.
+    idle_stop_after = models.PositiveIntegerField(
+        default=0, help_text="Stop it after this many minutes with no traffic through the hub and an empty ComfyUI "
+                             "queue (0 = never).")
+    last_activity_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last request through the hub or work in ComfyUI's queue.")
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    stop_reason = models.CharField(max_length=300, blank=True, default="", help_text="Why it was last stopped.")
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -129,6 +141,8 @@ class Instance(models.Model):
             ("build_instance", "Can build instance directories"),
             ("manage_workflows", "Can copy, publish and install workflows"),
             ("manage_custom_nodes", "Can install, update, disable and remove custom nodes"),
+            ("use_any_instance", "Can use every instance through the hub"),
+            ("create_own_instance", "Can create own instances from self-service templates and start and stop them"),
         ]
 
     def __str__(self):
@@ -161,7 +175,13 @@ class Instance(models.Model):
         return sorted((a.gpu for a in self.assignments.all()), key=lambda gpu: gpu.index)
 
     @property
+    def hub_path(self):
+        """Where people open it: through the hub's proxy (docker/nginx), which checks who may use it."""
+        return f"/i/{self.instance_id}/"
+
+    @property
     def url(self):
+        """Its published port on the node: for ComfyHub itself and the node's own administrators, not for people."""
         from .comfyui_api import base_url
 
         host = self.node.bind_address
@@ -185,6 +205,57 @@ class GPUAssignment(models.Model):
         ]
 
 
+class InstanceShare(models.Model):
+    """An instance shared with one user or with one group: they may use it through the hub."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="shares")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="instance_shares")
+    group = models.ForeignKey("auth.Group", null=True, blank=True, on_delete=models.CASCADE,
+                              related_name="instance_shares")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["instance", "pk"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(user__isnull=False, group__isnull=True) | Q(user__isnull=True, group__isnull=False)),
+                name="share_user_xor_group"),
+            models.UniqueConstraint(fields=["instance", "user"], condition=Q(user__isnull=False),
+                                    name="share_unique_user"),
+            models.UniqueConstraint(fields=["instance", "group"], condition=Q(group__isnull=False),
+                                    name="share_unique_group"),
+        ]
+
+    def __str__(self):
+        return f"{self.instance} → {self.user or f'group {self.group}'}"
+
+
+class InstanceOpen(models.Model):
+    """Someone opened an instance through the hub (one row per person and way in per ACCESS_OPEN_RECORD_MINUTES,
+    not one per request)."""
+
+    class Via(models.TextChoices):
+        BROWSER = "browser", "Browser"
+        TOKEN = "token", "Token"
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="opens")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    via = models.CharField(max_length=10, choices=Via.choices, default=Via.BROWSER)
+    token = models.ForeignKey("comfyhub.AccessToken", null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-at"]
+        indexes = [models.Index(fields=["instance", "user", "via", "at"], name="open_lookup")]
+
+    def __str__(self):
+        return f"{self.user} opened {self.instance} at {self.at:%Y-%m-%d %H:%M}"
+
+
 class InstanceTemplate(models.Model):
     """Shared configuration: what a new instance starts from, and what an instance's drift is measured against."""
 
@@ -197,6 +268,8 @@ class InstanceTemplate(models.Model):
     custom_nodes = models.JSONField(default=list, blank=True, help_text='[{"url": "...", "ref": "..."}]')
     settings = models.JSONField(default=dict, blank=True, help_text="comfy.settings.json values.")
     starter_workflows = models.ManyToManyField("WorkflowVersion", blank=True, related_name="templates")
+    self_service = models.BooleanField(
+        default=False, help_text="Users with 'create own instances' may create instances from it for themselves.")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Prefetch
+from django.utils import timezone
 
 from comfyhub import operations
 from storage_app import layout
@@ -230,9 +231,10 @@ def _free_ports(node: Node):
 def instance_create(*, instance_id: str, display_name: str = "", description: str = "", image: str = "",
                     extra_args=None, extra_env=None, host_port: int | None = None, gpu_indexes=None,
                     node: Node | None = None, adopt: bool = False, image_arguments: str = runtime.ARGUMENTS_COMMAND,
-                    user=None) -> Instance:
+                    idle_stop_after: int = 0, owner=None, user=None) -> Instance:
     """Register an instance. `adopt`: take the folder kept from a deleted instance with this id as it is (the
-    directory build only adds what is missing); without it, that folder existing is refused."""
+    directory build only adds what is missing); without it, that folder existing is refused. The owner is `owner`,
+    else the user who creates it."""
     node = node or local_node()
     # The id is taken as given (never trimmed): "abc\n" is refused, not quietly made into "abc".
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
@@ -249,8 +251,8 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
                 instance = Instance.objects.create(
                     instance_id=fields.instance_id, display_name=display_name, description=description, node=node,
                     image=fields.image, extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=port,
-                    image_arguments=fields.image_arguments,
-                    created_by=user if user is not None and user.is_authenticated else None,
+                    image_arguments=fields.image_arguments, idle_stop_after=max(0, int(idle_stop_after or 0)),
+                    created_by=_person(user), owner=_person(owner) or _person(user),
                 )
                 _assign(instance, gpus)
             return instance
@@ -258,6 +260,10 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
             _raise_for_integrity(exc, fields, port, explicit_port=host_port is not None)
     raise ValidationError({"host_port": [f"No free port left in {node.port_range_start}-{node.port_range_end} on "
                                          f"node {node}; give one explicitly or widen the range."]})
+
+
+def _person(user):
+    return user if user is not None and user.is_authenticated else None
 
 
 def _raise_for_integrity(exc, fields, port, *, explicit_port, creating=True):
@@ -362,9 +368,13 @@ def instance_start(*, instance: Instance, user=None):
         return operations.enqueue("instances.jobs.start_instance", target=instance, user=user, instance_pk=instance.pk)
 
 
-def instance_stop(*, instance: Instance, user=None):
+def instance_stop(*, instance: Instance, user=None, reason: str = ""):
+    """Stop it; `reason` is what its page says about why (default: who stopped it)."""
+    if not reason:
+        reason = f"Stopped by {user.get_username()}." if _person(user) else "Stopped."
     with transaction.atomic():  # no queue, no operation: then the desired state does not change either
-        Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED)
+        Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED,
+                                                       stopped_at=timezone.now(), stop_reason=reason[:300])
         return operations.enqueue("instances.jobs.stop_instance", target=instance, user=user, instance_pk=instance.pk)
 
 
@@ -579,7 +589,7 @@ def template_update(*, template, description: str = "", image: str = "", extra_a
 
 
 def instance_create_from_template(*, template, instance_id: str, host_port: int | None = None, node=None,
-                                  user=None, display_name: str = ""):
+                                  user=None, owner=None, display_name: str = ""):
     """Create an instance with the template's configuration, then apply the rest of it as an operation."""
     from .templating import free_gpus
 
@@ -587,7 +597,8 @@ def instance_create_from_template(*, template, instance_id: str, host_port: int 
     with transaction.atomic():  # no queue to apply it: no half-made instance either
         instance = instance_create(instance_id=instance_id, display_name=display_name, image=template.image,
                                    extra_args=template.extra_args, extra_env=template.extra_env, host_port=host_port,
-                                   gpu_indexes=free_gpus(node, template.gpu_count), node=node, user=user)
+                                   gpu_indexes=free_gpus(node, template.gpu_count), node=node, user=user,
+                                   owner=owner)
         Instance.objects.filter(pk=instance.pk).update(template=template)
         instance.refresh_from_db()
         return instance, template_apply(template=template, instance=instance, user=user)

@@ -181,6 +181,14 @@ BAD_VALUES = {
     "COMFYHUB_BIND": ["8000", "localhost", "::1:8000"],
     "COMFYHUB_WORKERS": ["0", "two"],
     "COMFYHUB_WEB_WORKERS": ["-1", "2.5"],
+    "COMFYHUB_NGINX": ["sometimes"],
+    "ACCESS_CACHE_SECONDS": ["-1", "5s", "301"],
+    "ACCESS_OPEN_RECORD_MINUTES": ["0"],
+    "PROXY_MAX_UPLOAD_MB": ["0", "1G"],
+    "SELF_SERVICE_MAX_INSTANCES": ["-1", "few"],
+    "SELF_SERVICE_MAX_GPUS": ["-1"],
+    "IDLE_STOP_AFTER_DEFAULT": ["0", "1h"],
+    "IDLE_CHECK_INTERVAL": ["1"],
 }
 # Read by the settings but set only by the test session, never by a deployment.
 TEST_ONLY_VARIABLES = {"TEST_DATABASE_NAME"}
