@@ -33,3 +33,14 @@ def token_authenticate(raw: str) -> AccessToken | None:
     if token is None or not token.active or not token.user.is_active:
         return None
     return token
+
+
+LAST_USED_RESOLUTION_SECONDS = 60
+
+
+def token_touch(token: AccessToken) -> None:
+    """Record that the token was used now (written at most once a minute)."""
+    now = timezone.now()
+    if token.last_used_at is None or (now - token.last_used_at).total_seconds() >= LAST_USED_RESOLUTION_SECONDS:
+        AccessToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
