@@ -13,6 +13,8 @@ urlpatterns = [
     path("operations/<uuid:pk>/cancel/", core_views.operation_cancel, name="operation-cancel"),
     path("diagnostics/", core_views.diagnostics_run, name="diagnostics-run"),
     path("", include("instances.urls")),
+    path("", include("instances.access_urls")),
+    path("", include("comfyhub.account_urls")),
     path("", include("storage_app.urls")),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -1,0 +1,3 @@
+"""The signed-in user's own page: personal access tokens."""
+
+urlpatterns = []
