@@ -7,6 +7,7 @@ from django import forms
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 
+from . import tokens
 from .models import Operation
 from .operations import kind_choices
 from .queues import QueueUnavailable
@@ -58,3 +59,17 @@ class OperationFilterForm(forms.Form):
         if self.cleaned_data["kind"]:
             queryset = queryset.filter(kind=self.cleaned_data["kind"])
         return queryset
+
+
+class AccessTokenForm(ServiceForm):
+    """A new personal access token: what it is for and when it runs out (comfyhub/tokens.py has the rules)."""
+
+    name = forms.CharField(max_length=100, help_text="What it is for, e.g. 'render farm script'.")
+    expires = forms.CharField(label="Expires after", required=False, initial="90",
+                              help_text=tokens.EXPIRY_HELP)
+
+    def clean_expires(self):
+        try:
+            return tokens.parse_expiry(self.cleaned_data["expires"])
+        except ValidationError as exc:
+            raise ValidationError(exc.message_dict["expires"]) from exc
