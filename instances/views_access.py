@@ -1,0 +1,198 @@
+"""The hub's side of the proxy (docker/nginx, docs/access.md): the access check nginx asks before every request to
+/i/<id>/..., the pages it shows instead of an instance (denied, unavailable), and /i/<id>/ itself for when nginx is
+not in front. Who may do what is instances/access.py's; these views only ask it."""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import NamedTuple
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_not_required
+from django.http import HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render, resolve_url
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from comfyhub import tokens
+
+from . import access
+from .models import Instance, InstanceOpen
+
+# /i/<id>/... as nginx saw it (X-Original-URI: the raw request URI); nginx refuses every other shape before asking.
+_HUB_PATH = re.compile(r"/i/(?P<id>[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:[/?]|\Z)")
+
+
+class Caller(NamedTuple):
+    user: object  # None: nobody we know
+    token: object  # the AccessToken when one was sent
+    problem: str  # why user is None
+
+
+def caller_of(request) -> Caller:
+    """Who asks: a Bearer token when an Authorization header is sent (then only the token counts, even beside a
+    session cookie), else the session's user."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, raw = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return Caller(None, None, "Send a personal access token as 'Authorization: Bearer chub_...'.")
+        token = tokens.token_authenticate(raw.strip())
+        if token is None:
+            return Caller(None, None, "This token is unknown, revoked or expired: make a new one on your account "
+                                      "page.")
+        return Caller(token.user, token, "")
+    if request.user.is_authenticated:
+        return Caller(request.user, None, "")
+    return Caller(None, None, "Log in to ComfyHub, or send a personal access token from your account page as "
+                              "'Authorization: Bearer chub_...'.")
+
+
+def original_uri(request) -> str:
+    return request.headers.get("X-Original-URI", "")
+
+
+def instance_id_in(uri: str) -> str | None:
+    match = _HUB_PATH.match(uri)
+    return match["id"] if match else None
+
+
+def upstream_of(instance: Instance) -> str:
+    """HOST:PORT nginx proxies to: the node's bind address ([IPv6] bracketed; a wildcard bind means loopback)."""
+    host = instance.node.bind_address
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    address = ipaddress.ip_address(host)
+    return f"[{address}]:{instance.host_port}" if address.version == 6 else f"{address}:{instance.host_port}"
+
+
+def wants_page(request) -> bool:
+    """A browser navigating (a page for people), not a script (JSON)."""
+    return "Authorization" not in request.headers and "text/html" in request.headers.get("Accept", "")
+
+
+def _decision(status: int) -> HttpResponse:
+    response = HttpResponse(status=status)
+    # nginx caches 200 and 403 this long (per session cookie, token and instance); a 401 never.
+    response["X-Accel-Expires"] = "0" if status == 401 else str(settings.ACCESS_CACHE_SECONDS)
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@login_not_required
+@require_GET
+def hub_auth(request):
+    """nginx's auth_request: 200 with X-ComfyHub-Upstream, 401 (nobody, or a bad token) or 403 (no access, or no
+    such instance)."""
+    caller = caller_of(request)
+    if caller.user is None:
+        return _decision(401)
+    instance_id = instance_id_in(original_uri(request))
+    instance = (Instance.objects.select_related("node").filter(instance_id=instance_id).first()
+                if instance_id else None)
+    if instance is None or not access.can_use(caller.user, instance):
+        return _decision(403)
+    access.note_activity(instance)
+    if caller.token is not None:
+        tokens.token_touch(caller.token)
+        access.record_open(user=caller.user, instance=instance, via=InstanceOpen.Via.TOKEN, token=caller.token)
+    else:
+        access.record_open(user=caller.user, instance=instance, via=InstanceOpen.Via.BROWSER)
+    response = _decision(200)
+    response["X-ComfyHub-Upstream"] = upstream_of(instance)
+    return response
+
+
+def _unauthorized(request, caller: Caller):
+    if wants_page(request):
+        uri = original_uri(request)
+        return redirect(f"{resolve_url(settings.LOGIN_URL)}?{urlencode({'next': uri if uri.startswith('/') else '/'})}")
+    response = JsonResponse({"error": caller.problem}, status=401)
+    response["WWW-Authenticate"] = 'Bearer realm="ComfyHub"'
+    return response
+
+
+def _forbidden(request, instance_id: str | None, instance: Instance | None, user):
+    if instance is None:
+        message = f"There is no instance '{instance_id}' here." if instance_id else "There is no such instance here."
+        grantors = None
+    elif access.can_use(user, instance):
+        message = (f"You may use '{instance.name}' now: access was given moments ago. Reload in "
+                   f"{settings.ACCESS_CACHE_SECONDS or 1} seconds.")
+        grantors = None
+    else:
+        grantors = access.grantors(instance)
+        message = f"You may not use '{instance.name}'."
+    if not wants_page(request):
+        detail = message
+        if grantors:
+            names = [person.get_username() for person in ([grantors.owner] if grantors.owner else [])
+                     + list(grantors.operators)]
+            detail += f" Ask {', '.join(names) or 'an administrator'} to share it with you."
+        return JsonResponse({"error": detail}, status=403)
+    return render(request, "instances/access_denied.html", {
+        "instance": instance, "instance_id": instance_id, "message": message, "grantors": grantors,
+    }, status=403)
+
+
+@login_not_required
+@never_cache
+@require_GET
+def hub_denied(request):
+    """What nginx shows for a 401 or 403 from hub_auth (it passes the original request's headers)."""
+    caller = caller_of(request)
+    if caller.user is None:
+        return _unauthorized(request, caller)
+    instance_id = instance_id_in(original_uri(request))
+    instance = Instance.objects.filter(instance_id=instance_id).first() if instance_id else None
+    return _forbidden(request, instance_id, instance, caller.user)
+
+
+@login_not_required
+@never_cache
+@require_GET
+def hub_unavailable(request):
+    """What nginx shows when the instance does not answer (502/504): its state, a Start button for those who may
+    start it; htmx polls this with ?instance=<id>&was=<status> and reloads the page once it is healthy."""
+    caller = caller_of(request)
+    if caller.user is None:
+        return _unauthorized(request, caller)
+    instance_id = request.GET.get("instance") or instance_id_in(original_uri(request))
+    instance = (Instance.objects.select_related("node", "owner").filter(instance_id=instance_id).first()
+                if instance_id else None)
+    if instance is None or not access.can_use(caller.user, instance):
+        return _forbidden(request, instance_id, None if instance is None else instance, caller.user)
+    healthy = instance.status == Instance.Status.HEALTHY
+    if request.htmx:
+        if healthy and request.GET.get("was") != Instance.Status.HEALTHY:
+            response = HttpResponse(status=200)
+            response["HX-Refresh"] = "true"
+            return response
+        # The whole page, 200 for htmx to swap; it selects the state card (hx-select).
+        return render(request, "instances/instance_unavailable.html",
+                      _unavailable_context(request, instance, caller.user))
+    if not wants_page(request):
+        return JsonResponse({"error": f"Instance '{instance.instance_id}' does not answer: it is "
+                                      f"{instance.get_status_display().lower()}.", "status": instance.status},
+                            status=503)
+    return render(request, "instances/instance_unavailable.html",
+                  _unavailable_context(request, instance, caller.user), status=503)
+
+
+def _unavailable_context(request, instance, user):
+    uri = original_uri(request)
+    return {
+        "instance": instance,
+        "can_operate": access.can_operate(user, instance),
+        "grantors": access.grantors(instance),
+        "back": uri if instance_id_in(uri) == instance.instance_id else instance.hub_path,
+        "healthy": instance.status == Instance.Status.HEALTHY,
+        "starting": instance.status == Instance.Status.STARTING,
+    }
+
+
+def instance_open(request, instance_id, rest=""):
+    """/i/<id>/ reached Django: nginx is not in front (COMFYHUB_NGINX=false, runserver), so nothing proxies it."""
+    instance = get_object_or_404(Instance, instance_id=instance_id)
+    return render(request, "instances/instance_open.html", {"instance": instance}, status=503)
