@@ -10,7 +10,9 @@ from comfyhub.forms import add_service_error
 from comfyhub.queues import QueueUnavailable
 
 from . import services
-from .models import GPU, CustomNode, GPUAssignment, Instance, InstanceTemplate, Node, WorkflowEntry, WorkflowVersion
+from . import access
+from .models import (GPU, CustomNode, GPUAssignment, Instance, InstanceOpen, InstanceShare, InstanceTemplate, Node,
+                     WorkflowEntry, WorkflowVersion)
 
 
 class ServiceRefused(Exception):
@@ -88,6 +90,73 @@ class GPUAssignmentInline(admin.TabularInline):
         return False  # assigned through the instance form, which runs the exclusivity checks
 
 
+class InstanceShareForm(forms.ModelForm):
+    """A share added in the admin: judged by access.share_add's rules (not the owner, not twice, a user or a group)."""
+
+    class Meta:
+        model = InstanceShare
+        fields = ("user", "group")
+
+    def clean(self):
+        data = super().clean()
+        if self.instance.pk is not None or not self.has_changed():
+            return data
+        instance = getattr(self.instance, "instance", None) if self.instance.instance_id else None
+        user, group = data.get("user"), data.get("group")
+        if bool(user) == bool(group):
+            raise ValidationError("Choose a user or a group, not both.")
+        if instance is not None:
+            if user is not None and user.pk == instance.owner_id:
+                raise ValidationError(f"'{user}' owns '{instance}' already; owners need no share.")
+        return data
+
+
+class InstanceShareInline(admin.TabularInline):
+    model = InstanceShare
+    form = InstanceShareForm
+    fk_name = "instance"
+    extra = 0
+    fields = ("user", "group", "created_by", "created_at")
+    readonly_fields = ("created_by", "created_at")
+
+    def _may_share(self, request, obj):
+        return obj is None or access.can_share(request.user, obj)
+
+    def has_add_permission(self, request, obj=None):
+        return self._may_share(request, obj)
+
+    def has_change_permission(self, request, obj=None):
+        return False  # a share is added or removed, never turned into another one
+
+    def has_delete_permission(self, request, obj=None):
+        return self._may_share(request, obj)
+
+    def has_view_permission(self, request, obj=None):
+        return True
+
+
+class InstanceOpenInline(admin.TabularInline):
+    model = InstanceOpen
+    extra = 0
+    fields = ("user", "via", "token", "at")
+    readonly_fields = fields
+    can_delete = False
+    max_num = 0
+    verbose_name_plural = "Last opened through the hub"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user", "token")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_view_permission(self, request, obj=None):
+        return True
+
+
 class InstanceAdminForm(forms.ModelForm):
     """The admin's instance form: services.instance_update_check judges it, as it judges the instance page."""
 
@@ -95,7 +164,8 @@ class InstanceAdminForm(forms.ModelForm):
         model = Instance
         fields = "__all__"
 
-    CHECKED = ("display_name", "description", "image", "extra_args", "extra_env", "image_arguments")
+    CHECKED = ("display_name", "description", "image", "extra_args", "extra_env", "image_arguments", "owner",
+               "idle_stop_after")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -115,7 +185,9 @@ class InstanceAdminForm(forms.ModelForm):
                 instance=instance, display_name=data.get("display_name", ""), description=data.get("description", ""),
                 image=data.get("image", ""), extra_args=data.get("extra_args"), extra_env=data.get("extra_env"),
                 host_port=None, gpu_indexes=[gpu.index for gpu in instance.assigned_gpus()],
-                image_arguments=data.get("image_arguments", instance.image_arguments))
+                image_arguments=data.get("image_arguments", instance.image_arguments),
+                idle_stop_after=data.get("idle_stop_after", instance.idle_stop_after),
+                owner=data.get("owner", services.KEEP))
         except ValidationError as exc:
             add_service_error(self, exc)
         return data
@@ -124,19 +196,35 @@ class InstanceAdminForm(forms.ModelForm):
 @admin.register(Instance)
 class InstanceAdmin(SavedByServices):
     form = InstanceAdminForm
-    list_display = ("instance_id", "display_name", "node", "host_port", "desired_state", "status", "checked_at")
+    list_display = ("instance_id", "display_name", "owner", "node", "host_port", "desired_state", "status",
+                    "checked_at")
     list_filter = ("status", "desired_state", "node")
-    search_fields = ("instance_id", "display_name", "description", "image")
-    inlines = [GPUAssignmentInline]
+    search_fields = ("instance_id", "display_name", "description", "image", "owner__username")
+    inlines = [GPUAssignmentInline, InstanceShareInline, InstanceOpenInline]
     actions = ["build", "start", "stop", "restart", "delete_keeping_data"]
     readonly_fields = ("instance_id", "node", "host_port", "desired_state", "status", "status_detail",
                        "container_id", "config_hash", "restart_count", "health", "checked_at", "started_at",
-                       "created_by", "created_at", "updated_at")
-    fields = ("instance_id", "display_name", "description", "node", "image", "image_arguments", "extra_args",
-              "extra_env", *readonly_fields[2:])
+                       "last_activity_at", "stopped_at", "stop_reason", "created_by", "created_at", "updated_at")
+    fields = ("instance_id", "display_name", "description", "node", "owner", "idle_stop_after", "image",
+              "image_arguments", "extra_args", "extra_env", *readonly_fields[2:])
 
     def get_queryset(self, request):
-        return services.instances_with_relations()
+        return services.instances_with_relations().select_related("owner")
+
+    def save_formset(self, request, form, formset, change):
+        if formset.model is not InstanceShare:
+            return super().save_formset(request, form, formset, change)
+        # Shares go through access.share_add/share_remove: the same rules and the same record of who shared.
+        added = formset.save(commit=False)
+        for share in formset.deleted_objects:
+            access.share_remove(share=share, user=request.user)
+        for share in added:
+            if share.pk is None:
+                try:
+                    access.share_add(instance=form.instance, username=share.user.get_username() if share.user else "",
+                                     group=share.group.name if share.group else "", user=request.user)
+                except ValidationError as exc:
+                    raise ServiceRefused(exc) from exc
 
     def has_add_permission(self, request):
         return False  # created with the form or `manage.py instances create`, which run every safety check
@@ -149,7 +237,7 @@ class InstanceAdmin(SavedByServices):
                 instance=instance, display_name=obj.display_name, description=obj.description, image=obj.image,
                 extra_args=obj.extra_args, extra_env=obj.extra_env, host_port=None,
                 gpu_indexes=[g.index for g in instance.assigned_gpus()], image_arguments=obj.image_arguments,
-                user=request.user,
+                idle_stop_after=obj.idle_stop_after, owner=obj.owner, user=request.user,
             )
         except ValidationError as exc:
             raise ServiceRefused(exc) from exc
@@ -238,7 +326,8 @@ class InstanceTemplateForm(forms.ModelForm):
 @admin.register(InstanceTemplate)
 class InstanceTemplateAdmin(SavedByServices):
     form = InstanceTemplateForm
-    list_display = ("name", "image", "gpu_count", "description")
+    list_display = ("name", "image", "gpu_count", "self_service", "description")
+    list_filter = ("self_service",)
     filter_horizontal = ("starter_workflows",)
     readonly_fields = ("created_at",)
 
@@ -250,7 +339,8 @@ class InstanceTemplateAdmin(SavedByServices):
         data = form.cleaned_data
         values = dict(description=data["description"], image=data["image"], extra_args=data["extra_args"],
                       extra_env=data["extra_env"], gpu_count=data["gpu_count"], custom_nodes=data["custom_nodes"],
-                      settings_values=data["settings"], starter_workflows=list(data["starter_workflows"]))
+                      settings_values=data["settings"], starter_workflows=list(data["starter_workflows"]),
+                      self_service=data["self_service"])
         try:
             if change:
                 template = services.template_update(template=InstanceTemplate.objects.get(pk=obj.pk), **values)

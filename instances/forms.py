@@ -82,6 +82,16 @@ class InstanceForm(ServiceForm):
         label="Host port", required=False, help_text="Empty: choose a free one automatically.",
     )
     gpus = GPUCheckboxField(label="GPUs", required=False, help_text="None checked: the instance runs on the CPU.")
+    owner = forms.CharField(
+        label="Owner", required=False, max_length=150,
+        help_text="The user name of who may open it through the hub and share it (with 'create own instances', "
+                  "start and stop it too).",
+    )
+    idle_stop_after = forms.IntegerField(
+        label="Idle stop after (minutes)", required=False, min_value=0, max_value=services.IDLE_STOP_MAX_MINUTES,
+        help_text="Stop it after this many minutes with no traffic through the hub and an empty ComfyUI queue, "
+                  "freeing its GPUs; 0 or empty: never.",
+    )
     adopt = forms.BooleanField(
         label="Adopt the kept folder", required=False,
         help_text="The folder of a deleted instance with this id was kept: take it as it is (its workflows, outputs, "
@@ -101,14 +111,21 @@ class InstanceForm(ServiceForm):
                 "extra_env": env_to_text(instance.extra_env),
                 "host_port": instance.host_port,
                 "gpus": [str(gpu.index) for gpu in instance.assigned_gpus()],
+                "owner": instance.owner.get_username() if instance.owner_id else "",
+                "idle_stop_after": instance.idle_stop_after,
                 **arguments_initial(instance.image_arguments),
             })
         else:
-            kwargs.setdefault("initial", {"image": settings.COMFY_IMAGE})
+            kwargs.setdefault("initial", {"image": settings.COMFY_IMAGE, "idle_stop_after": 0})
         super().__init__(*args, **kwargs)
         if instance is not None:
             del self.fields["instance_id"]  # the id names its folder and container: it never changes
             del self.fields["adopt"]
+            self.fields["owner"].help_text += " Empty: no owner (operators only)."
+        else:
+            self.fields["owner"].help_text += " Empty: you."
+        self.fields["idle_stop_after"].help_text += (f" {settings.IDLE_STOP_AFTER_DEFAULT} is a good start "
+                                                     "(IDLE_STOP_AFTER_DEFAULT).")
         self.gpu_list = self._gpus_to_show()
         self.fields["gpus"].choices = [(str(gpu.index), str(gpu)) for gpu in self.gpu_list]
 
@@ -160,6 +177,20 @@ class InstanceForm(ServiceForm):
         except ValidationError as exc:
             raise ValidationError(exc.messages) from exc
 
+    def clean_owner(self):
+        from . import access
+
+        name = self.cleaned_data["owner"].strip()
+        if not name:
+            return None
+        try:
+            return access.user_named(name)
+        except ValidationError as exc:
+            raise ValidationError(exc.messages) from exc
+
+    def clean_idle_stop_after(self):
+        return self.cleaned_data["idle_stop_after"] or 0
+
     # --- Talking to the services -----------------------------------------------------------------------------
 
     def arguments(self) -> dict:
@@ -169,6 +200,7 @@ class InstanceForm(ServiceForm):
             "display_name": data["display_name"], "description": data["description"], "image": data["image"],
             "extra_args": data["extra_args"], "extra_env": data["extra_env"], "host_port": data["host_port"],
             "gpu_indexes": data["gpus"], "image_arguments": image_arguments_value(data),
+            "idle_stop_after": data["idle_stop_after"], "owner": data["owner"],
         }
         if self.instance is None:
             arguments.update(instance_id=data["instance_id"], node=self.node, adopt=data["adopt"])
@@ -309,6 +341,11 @@ class TemplateForm(ServiceForm):
         required=False, queryset=None, help_text="Library versions written into each new instance.",
         widget=forms.SelectMultiple(attrs={"size": 6}),
     )
+    self_service = forms.BooleanField(
+        label="Self-service", required=False,
+        help_text="Users with 'create own instances' may create instances from it for themselves, within "
+                  "SELF_SERVICE_MAX_INSTANCES and SELF_SERVICE_MAX_GPUS.",
+    )
 
     # The same conversions as the instance form: one rule, two forms.
     clean_extra_args = InstanceForm.clean_extra_args
@@ -349,7 +386,7 @@ class TemplateForm(ServiceForm):
         return {"name": data["name"], "description": data["description"], "image": data["image"],
                 "extra_args": data["extra_args"], "extra_env": data["extra_env"], "gpu_count": data["gpu_count"],
                 "custom_nodes": data["custom_nodes"], "settings_values": data["settings"],
-                "starter_workflows": list(data["starter_workflows"])}
+                "starter_workflows": list(data["starter_workflows"]), "self_service": data["self_service"]}
 
 
 class TemplateInstanceForm(ServiceForm):
@@ -358,6 +395,30 @@ class TemplateInstanceForm(ServiceForm):
     instance_id = InstanceForm.base_fields["instance_id"]
     display_name = InstanceForm.base_fields["display_name"]
     host_port = InstanceForm.base_fields["host_port"]
+
+
+class SelfServiceForm(ServiceForm):
+    """An instance of one's own from a self-service template (instances/selfservice.py)."""
+
+    template = forms.ModelChoiceField(label="Template", queryset=None, to_field_name="name", required=False,
+                                      empty_label="Choose a template")
+    instance_id = InstanceForm.base_fields["instance_id"]
+    display_name = InstanceForm.base_fields["display_name"]
+
+    def __init__(self, *args, **kwargs):
+        from .selfservice import self_service_templates
+
+        super().__init__(*args, **kwargs)
+        self.fields["template"].queryset = self_service_templates()
+        self.fields["template"].error_messages["invalid_choice"] = (
+            "That template is not offered for self-service; choose one of the list.")
+
+
+class ShareForm(ServiceForm):
+    """Share an instance with one user or one group, by name (instances/access.py judges it)."""
+
+    username = forms.CharField(label="User", required=False, max_length=150)
+    group = forms.CharField(label="or group", required=False, max_length=150)
 
 
 class TemplateApplyForm(ServiceForm):

@@ -39,7 +39,7 @@ def local_node() -> Node:
 
 def instances_with_relations():
     """Instances with everything list pages show, in a fixed number of queries."""
-    return Instance.objects.select_related("node").prefetch_related(
+    return Instance.objects.select_related("node", "owner").prefetch_related(
         Prefetch("assignments", queryset=GPUAssignment.objects.select_related("gpu"))
     )
 
@@ -236,6 +236,8 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
     directory build only adds what is missing); without it, that folder existing is refused. The owner is `owner`,
     else the user who creates it."""
     node = node or local_node()
+    if problem := idle_stop_problem(idle_stop_after):
+        raise ValidationError({"idle_stop_after": [problem]})
     # The id is taken as given (never trimmed): "abc\n" is refused, not quietly made into "abc".
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     fields = InstanceFields(instance_id=instance_id or "", display_name=display_name,
@@ -251,7 +253,7 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
                 instance = Instance.objects.create(
                     instance_id=fields.instance_id, display_name=display_name, description=description, node=node,
                     image=fields.image, extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=port,
-                    image_arguments=fields.image_arguments, idle_stop_after=max(0, int(idle_stop_after or 0)),
+                    image_arguments=fields.image_arguments, idle_stop_after=idle_stop_after,
                     created_by=_person(user), owner=_person(owner) or _person(user),
                 )
                 _assign(instance, gpus)
@@ -264,6 +266,17 @@ def instance_create(*, instance_id: str, display_name: str = "", description: st
 
 def _person(user):
     return user if user is not None and user.is_authenticated else None
+
+
+IDLE_STOP_MAX_MINUTES = 60 * 24 * 365  # a year: more is a typo, not a wish
+
+
+def idle_stop_problem(minutes) -> str | None:
+    """Why `minutes` cannot be an instance's idle stop, or None (0 = never)."""
+    if isinstance(minutes, bool) or not isinstance(minutes, int) or not 0 <= minutes <= IDLE_STOP_MAX_MINUTES:
+        return (f"Give the idle stop in whole minutes from 0 (never) to {IDLE_STOP_MAX_MINUTES}, e.g. "
+                f"{settings.IDLE_STOP_AFTER_DEFAULT}.")
+    return None
 
 
 def _raise_for_integrity(exc, fields, port, *, explicit_port, creating=True):
@@ -287,22 +300,33 @@ def _assign(instance: Instance, gpus: list[GPU]):
         GPUAssignment.objects.create(instance=instance, gpu=gpu, exclusive=not gpu.shareable)
 
 
+KEEP = object()  # instance_update's `owner` when it stays as it is
+
+
 def instance_update(*, instance: Instance, display_name: str, description: str, image: str, extra_args, extra_env,
-                    host_port: int | None, gpu_indexes, image_arguments: str | None = None, user=None) -> Instance:
+                    host_port: int | None, gpu_indexes, image_arguments: str | None = None,
+                    idle_stop_after: int | None = None, owner=KEEP, user=None) -> Instance:
     """Change an instance's configuration; a running container is recreated with it on the next start.
-    `image_arguments` None keeps how its image takes ComfyUI's arguments."""
+    `image_arguments` None keeps how its image takes ComfyUI's arguments; `idle_stop_after` None keeps its idle stop
+    (minutes, 0 = never); `owner` KEEP keeps its owner, None leaves it without one (operators only)."""
     fields, gpus = instance_update_check(instance=instance, display_name=display_name, description=description,
                                          image=image, extra_args=extra_args, extra_env=extra_env,
                                          host_port=host_port, gpu_indexes=gpu_indexes,
-                                         image_arguments=image_arguments)
+                                         image_arguments=image_arguments, idle_stop_after=idle_stop_after,
+                                         owner=owner)
     if host_port is None:
         host_port = instance.host_port
+    access = {}
+    if idle_stop_after is not None:
+        access["idle_stop_after"] = idle_stop_after
+    if owner is not KEEP:
+        access["owner"] = owner
     try:
         with transaction.atomic():
             Instance.objects.filter(pk=instance.pk).update(
                 display_name=display_name, description=description, image=fields.image,
                 extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=host_port,
-                image_arguments=fields.image_arguments,
+                image_arguments=fields.image_arguments, **access,
             )
             _assign(instance, gpus)
     except IntegrityError as exc:
@@ -313,8 +337,16 @@ def instance_update(*, instance: Instance, display_name: str, description: str, 
 
 
 def instance_update_check(*, instance: Instance, display_name: str, description: str, image: str, extra_args,
-                          extra_env, host_port: int | None, gpu_indexes, image_arguments: str | None = None):
+                          extra_env, host_port: int | None, gpu_indexes, image_arguments: str | None = None,
+                          idle_stop_after: int | None = None, owner=KEEP):
     """Every rule instance_update applies, without saving (the admin's form shows the refusals on its fields)."""
+    errors = {}
+    if idle_stop_after is not None and (problem := idle_stop_problem(idle_stop_after)):
+        errors["idle_stop_after"] = [problem]
+    if owner is not KEEP and owner is not None and not owner.is_active:
+        errors["owner"] = [f"The user '{owner.get_username()}' is deactivated; pick an active owner or none."]
+    if errors:
+        raise ValidationError(errors)
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     fields = InstanceFields(instance_id=instance.instance_id, display_name=display_name, description=description,
                             image=image or settings.COMFY_IMAGE, extra_args=extra_args, extra_env=extra_env,
@@ -550,7 +582,8 @@ def template_name_problem(name) -> str | None:
 
 
 def template_create(*, name: str, description: str = "", image: str = "", extra_args=None, extra_env=None,
-                    gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=()):
+                    gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=(),
+                    self_service: bool = False):
     from .models import InstanceTemplate
     from .templating import validate_template
 
@@ -564,15 +597,17 @@ def template_create(*, name: str, description: str = "", image: str = "", extra_
     template = InstanceTemplate.objects.create(
         name=name, description=description, image=image, extra_args=extra_args,
         extra_env=extra_env, gpu_count=gpu_count, custom_nodes=list(custom_nodes or []),
-        settings=dict(settings_values or {}))
+        settings=dict(settings_values or {}), self_service=bool(self_service))
     template.starter_workflows.set(starter_workflows)
     return template
 
 
 def template_update(*, template, description: str = "", image: str = "", extra_args=None, extra_env=None,
-                    gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=()):
+                    gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=(),
+                    self_service: bool | None = None):
     """Change a template (its name stays: instances and commands refer to it). Instances made from it keep their
-    configuration; their drift shows what differs."""
+    configuration; their drift shows what differs. `self_service` None keeps whether it is offered for
+    self-service."""
     from .models import InstanceTemplate
     from .templating import validate_template
 
@@ -582,7 +617,8 @@ def template_update(*, template, description: str = "", image: str = "", extra_a
     with transaction.atomic():
         InstanceTemplate.objects.filter(pk=template.pk).update(
             description=description, image=image, extra_args=extra_args, extra_env=extra_env, gpu_count=gpu_count,
-            custom_nodes=list(custom_nodes or []), settings=dict(settings_values or {}))
+            custom_nodes=list(custom_nodes or []), settings=dict(settings_values or {}),
+            self_service=template.self_service if self_service is None else bool(self_service))
         template.starter_workflows.set(starter_workflows)
     template.refresh_from_db()
     return template

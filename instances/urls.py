@@ -7,6 +7,7 @@ urlpatterns = [
     path("dashboard/instances/", views.instance_rows, name="instance-rows"),
     # "new" is a reserved instance id, so this never hides an instance's page.
     path("instances/new/", views.instance_create, name="instance-create"),
+    path("instances/new/own/", views.instance_create_own, name="instance-create-own"),
     path("instances/<slug:instance_id>/", views.instance_detail, name="instance-detail"),
     path("instances/<slug:instance_id>/live/", views.instance_live, name="instance-live"),
     path("instances/<slug:instance_id>/edit/", views.instance_edit, name="instance-edit"),
@@ -15,6 +16,8 @@ urlpatterns = [
     path("instances/<slug:instance_id>/start/", views.instance_start, name="instance-start"),
     path("instances/<slug:instance_id>/stop/", views.instance_stop, name="instance-stop"),
     path("instances/<slug:instance_id>/restart/", views.instance_restart, name="instance-restart"),
+    path("instances/<slug:instance_id>/shares/add/", views.share_add, name="instance-share-add"),
+    path("instances/<slug:instance_id>/shares/<int:pk>/remove/", views.share_remove, name="instance-share-remove"),
     path("instances/<slug:instance_id>/logs/", views.instance_logs, name="instance-logs"),
     path("instances/<slug:instance_id>/logs/download/", views.instance_logs_download, name="instance-logs-download"),
     path("images/build/", views.image_build, name="image-build"),

@@ -1,10 +1,11 @@
 """Pages for instances and GPUs: the dashboard, one instance with its live status, its form, logs and actions, and
 the GPU list. A view parses the request, calls one service, says what happened and redirects; rules live in
 services.py."""
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.contrib.contenttypes.models import ContentType
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Prefetch
 from django.http import HttpResponse
@@ -19,10 +20,10 @@ from comfyhub.queues import QueueUnavailable, queue_overview
 
 from storage_app.library import library_summary
 
-from . import images, services
+from . import access, images, selfservice, services
 from .docker_engine import EngineError, cached_engine_status
-from .forms import InstanceDeleteForm, InstanceForm
-from .models import GPU, GPUAssignment, Instance, Node
+from .forms import InstanceDeleteForm, InstanceForm, SelfServiceForm, ShareForm
+from .models import GPU, GPUAssignment, Instance, InstanceShare, Node
 
 LATEST_OPERATIONS = 10
 INSTANCE_OPERATIONS = 10
@@ -111,8 +112,21 @@ def instance_detail(request, instance_id):
     instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
     operations = _operations_of(instance)
     context = _live_context(instance)
-    context.update(operations=operations[:INSTANCE_OPERATIONS])
+    context.update(operations=operations[:INSTANCE_OPERATIONS], **_access_context(request, instance))
     return render(request, "instances/instance_detail.html", context)
+
+
+def _access_context(request, instance, share_form=None):
+    """What the instance page's buttons and its access panel need (instances/access.py decides)."""
+    return {
+        "can_operate": access.can_operate(request.user, instance),
+        "can_share": access.can_share(request.user, instance),
+        "hub_url": request.build_absolute_uri(instance.hub_path),
+        "shares": access.shares_of(instance),
+        "opens": access.recent_opens(instance),
+        "share_form": share_form or ShareForm(),
+        "access_cache_seconds": settings.ACCESS_CACHE_SECONDS,
+    }
 
 
 def instance_live(request, instance_id):
@@ -148,8 +162,11 @@ def _live_context(instance):
 
 
 @require_http_methods(["GET", "POST"])
-@permission_required("instances.add_instance", raise_exception=True)
 def instance_create(request):
+    if not request.user.has_perm("instances.add_instance"):
+        if selfservice.may_self_serve(request.user):
+            return redirect("instance-create-own")  # "New instance" for those who make their own
+        raise PermissionDenied
     form = InstanceForm(request.POST if request.method == "POST" else None)
     if form.is_bound and form.is_valid():
         with service_errors(request, form):
@@ -162,6 +179,26 @@ def instance_create(request):
                 messages.warning(request, f"{exc} Its directories will be built when it first starts.")
             return redirect(instance)
     return render(request, "instances/instance_form.html", {"form": form})
+
+
+@require_http_methods(["GET", "POST"])
+def instance_create_own(request):
+    """Self-service: an instance of one's own from a self-service template, within the quotas."""
+    if not selfservice.may_self_serve(request.user) and not selfservice.is_operator(request.user):
+        raise PermissionDenied
+    form = SelfServiceForm(request.POST if request.method == "POST" else None)
+    if form.is_bound and form.is_valid():
+        data = form.cleaned_data
+        with service_errors(request, form):
+            instance, _ = selfservice.instance_create_own(user=request.user, template=data["template"],
+                                                          instance_id=data["instance_id"],
+                                                          display_name=data["display_name"])
+            messages.success(request, f"Instance '{instance}' created from template '{data['template']}'; "
+                                      "applying the template. Start it when that is done.")
+            return redirect(instance)
+    return render(request, "instances/self_service_form.html", {
+        "form": form, "usage": selfservice.usage(request.user), "operator": selfservice.is_operator(request.user),
+    }, status=400 if form.errors else 200)
 
 
 @require_http_methods(["GET", "POST"])
@@ -206,26 +243,27 @@ def instance_build(request, instance_id):
     return _queue_action(request, instance_id, services.instance_build, "Building the directories of '{}'.")
 
 
+# Start, stop and restart: operators, and owners who make their own instances (access.can_operate).
+
 @require_POST
-@permission_required("instances.start_instance", raise_exception=True)
 def instance_start(request, instance_id):
-    return _queue_action(request, instance_id, services.instance_start, "Starting '{}'.")
+    return _queue_action(request, instance_id, services.instance_start, "Starting '{}'.", operate=True)
 
 
 @require_POST
-@permission_required("instances.start_instance", raise_exception=True)
 def instance_stop(request, instance_id):
-    return _queue_action(request, instance_id, services.instance_stop, "Stopping '{}'.")
+    return _queue_action(request, instance_id, services.instance_stop, "Stopping '{}'.", operate=True)
 
 
 @require_POST
-@permission_required("instances.start_instance", raise_exception=True)
 def instance_restart(request, instance_id):
-    return _queue_action(request, instance_id, services.instance_restart, "Restarting '{}'.")
+    return _queue_action(request, instance_id, services.instance_restart, "Restarting '{}'.", operate=True)
 
 
-def _queue_action(request, instance_id, service, done):
+def _queue_action(request, instance_id, service, done, operate=False):
     instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
+    if operate and not access.can_operate(request.user, instance):
+        raise PermissionDenied
     with service_errors(request):
         service(instance=instance, user=request.user)
         messages.success(request, done.format(instance))
@@ -240,6 +278,38 @@ def _back(request, instance):
                                                                   request.is_secure()):
         return redirect(target)
     return redirect(instance)
+
+
+# --- Shares (the access panel) ---------------------------------------------------------------------------------
+
+@require_POST
+def share_add(request, instance_id):
+    instance = get_object_or_404(Instance, instance_id=instance_id)
+    if not access.can_share(request.user, instance):
+        raise PermissionDenied
+    form = ShareForm(request.POST)
+    if form.is_valid():
+        with service_errors(request, prefix="Not shared: "):
+            share = access.share_add(instance=instance, username=form.cleaned_data["username"],
+                                     group=form.cleaned_data["group"], user=request.user)
+            messages.success(request, f"'{instance}' is now shared with {access.share_label(share)}.")
+    return redirect(instance.get_absolute_url() + "#access")
+
+
+@require_POST
+def share_remove(request, instance_id, pk):
+    """Asks first (a page with a confirming button), then removes: both steps are POSTs."""
+    instance = get_object_or_404(Instance, instance_id=instance_id)
+    share = get_object_or_404(InstanceShare.objects.select_related("user", "group"), pk=pk, instance=instance)
+    if not access.can_share(request.user, instance):
+        raise PermissionDenied
+    if request.POST.get("confirm") != "yes":
+        return render(request, "instances/share_remove.html", {"instance": instance, "share": share,
+                                                                "label": access.share_label(share)})
+    access.share_remove(share=share, user=request.user)
+    messages.success(request, f"'{instance}' is no longer shared with {access.share_label(share)}; access ends "
+                              f"within {settings.ACCESS_CACHE_SECONDS} s.")
+    return redirect(instance.get_absolute_url() + "#access")
 
 
 # --- Logs ----------------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from tests import testenv
 
 LIST_KEYS = {"instance_id", "name", "description", "node", "image", "host_port", "url", "gpus", "cpu_only",
              "desired_state", "status", "status_detail", "container_id", "pending_changes", "checked_at",
-             "created_at"}
-STATUS_KEYS = LIST_KEYS | {"restart_count", "started_at", "health", "extra_args", "extra_env", "operations"}
+             "created_at", "hub_path", "owner", "idle_stop_after"}
+STATUS_KEYS = LIST_KEYS | {"restart_count", "started_at", "health", "extra_args", "extra_env", "operations", "shares"}
 OPERATION_KEYS = {"id", "kind", "status", "progress", "progress_message", "created_at", "finished_at", "error"}
 
 

@@ -37,18 +37,24 @@ def test_admin_delete_leads_to_the_delete_page_that_asks_for_the_id(client, admi
     assert Instance.objects.filter(pk=instance.pk).exists()  # the plain admin delete is not offered
 
 
+# The instance form's access fields and inlines (shares, last opens) since issue #13: no owner, no idle stop, none added.
+ACCESS_FIELDS = {"idle_stop_after": "0", "shares-TOTAL_FORMS": "0", "shares-INITIAL_FORMS": "0",
+                 "opens-TOTAL_FORMS": "0", "opens-INITIAL_FORMS": "0"}
+
+
 def test_admin_edits_obey_the_same_rules_as_the_form(client, admin_user):
     instance = services.instance_create(instance_id="edited")
     client.force_login(admin_user)
     url = reverse("admin:instances_instance_change", args=[instance.pk])
     response = client.post(url, {"display_name": "Edited", "description": "", "image": "img:1",
                                  "extra_args": '["--port=1"]', "extra_env": "{}", "assignments-TOTAL_FORMS": "0",
-                                 "assignments-INITIAL_FORMS": "0"}, follow=True)
+                                 "assignments-INITIAL_FORMS": "0", **ACCESS_FIELDS}, follow=True)
     assert "set by ComfyHub to keep instances isolated" in response.content.decode()
     instance.refresh_from_db()
     assert instance.extra_args == [] and instance.display_name == ""
     client.post(url, {"display_name": "Edited", "description": "", "image": "img:1", "extra_args": "[]",
-                      "extra_env": "{}", "assignments-TOTAL_FORMS": "0", "assignments-INITIAL_FORMS": "0"})
+                      "extra_env": "{}", "assignments-TOTAL_FORMS": "0", "assignments-INITIAL_FORMS": "0",
+                      **ACCESS_FIELDS})
     instance.refresh_from_db()
     assert (instance.display_name, instance.image) == ("Edited", "img:1")
 
@@ -90,7 +96,7 @@ def test_a_template_that_would_break_isolation_is_not_saved_from_the_admin(clien
 
 def admin_instance_data(**fields):
     data = {"display_name": "Edited", "description": "", "image": "example/comfyui:1", "extra_args": "[]",
-            "extra_env": "{}", "assignments-TOTAL_FORMS": "0", "assignments-INITIAL_FORMS": "0"}
+            "extra_env": "{}", "assignments-TOTAL_FORMS": "0", "assignments-INITIAL_FORMS": "0", **ACCESS_FIELDS}
     data.update(fields)
     return data
 

@@ -194,7 +194,8 @@ def test_the_instance_page_shows_its_facts(client, stranger, alpha, admin_user):
     client.force_login(stranger)
     content = client.get(url("instance-detail", alpha)).content.decode()
     assert "<code>example/comfyui:1</code>" in content
-    assert f"http://127.0.0.1:{alpha.host_port}/" in content
+    # People open it through the hub; the node's own address is for operators (tests/test_shares.py).
+    assert f'href="{alpha.hub_path}"' in content and f"http://127.0.0.1:{alpha.host_port}/" not in content
     gpus = content.split('data-testid="instance-gpus">')[1].split("</dd>")[0]
     assert "GPU 1" in gpus and "GPU 2" in gpus and "GPU 0" not in gpus
     assert '<code title="0123456789abcdef0123">0123456789ab</code>' in content

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError
@@ -29,7 +30,8 @@ Arguments for ComfyUI start with '-', so give each with '=' (otherwise they are 
 
 class Command(cli.Command):
     help = "Create, list, inspect, start, stop, build and delete ComfyUI instances (see docs/cli.md)."
-    handlers = {"create": "create_instance", "list": "list_instances", "status": "show_status",
+    handlers = {"create": "create_instance", "edit": "edit_instance", "list": "list_instances",
+                "status": "show_status", "share": "share_instance", "unshare": "unshare_instance",
                 "logs": "show_logs", "update-image": "update_image", **{action: "run_operation"
                                         for action in ("start", "stop", "restart", "build", "delete")}}
 
@@ -57,6 +59,32 @@ class Command(cli.Command):
                             type=lambda name: f"env:{name}",
                             help="The image reads ComfyUI's arguments from the environment variable NAME (e.g. "
                                  "CLI_ARGS), not from its command (default: as the container's command).")
+        create.add_argument("--owner", default="", metavar="USERNAME",
+                            help="Who may open it through the hub and share it (default: none, operators only).")
+        create.add_argument("--idle-stop", default="", metavar="MINUTES", dest="idle_stop",
+                            help="Stop it after this many idle minutes (no traffic through the hub, an empty queue); "
+                                 "0 = never (default).")
+
+        edit = actions.add_parser("edit", help="Change an instance's name, description, owner or idle stop (the rest "
+                                               "of its configuration: the instance page or the admin).")
+        edit.add_argument("instance_id", metavar="ID")
+        edit.add_argument("--name", default=None, help="Display name ('' clears it).")
+        edit.add_argument("--description", default=None)
+        owner = edit.add_mutually_exclusive_group()
+        owner.add_argument("--owner", default=None, metavar="USERNAME",
+                           help="Who may open it through the hub and share it.")
+        owner.add_argument("--no-owner", action="store_true", help="Leave it without an owner (operators only).")
+        edit.add_argument("--idle-stop", default=None, metavar="MINUTES", dest="idle_stop",
+                          help="Stop it after this many idle minutes; 0 = never.")
+
+        for name, text in (("share", "Let a user or a group open it through the hub."),
+                           ("unshare", "Take a user's or a group's share away (access ends within "
+                                       "ACCESS_CACHE_SECONDS).")):
+            sharing = actions.add_parser(name, help=text)
+            sharing.add_argument("instance_id", metavar="ID")
+            whom = sharing.add_mutually_exclusive_group(required=True)
+            whom.add_argument("--user", default="", metavar="USERNAME")
+            whom.add_argument("--group", default="", metavar="GROUP")
 
         listing = actions.add_parser("list", help="All instances, one line each.")
         listing.add_argument("--json", action="store_true", help="A JSON list of objects (see docs/cli.md).")
@@ -113,6 +141,8 @@ class Command(cli.Command):
         elif port not in ("", "auto"):
             errors["host_port"] = [f"'{options['port']}' is not a port number; give one from 1024 to 65535, or "
                                    "leave --port out to choose one automatically."]
+        owner = self.owner_option(options["owner"], errors) if options["owner"] else None
+        idle_stop = self.idle_stop_option(options["idle_stop"], errors) if options["idle_stop"] else 0
         if errors:
             raise input_error(errors)
         try:
@@ -120,7 +150,7 @@ class Command(cli.Command):
                 instance_id=options["instance_id"], display_name=options["name"], description=options["description"],
                 image=options["image"], extra_args=options["extra_args"], extra_env=env, host_port=host_port,
                 gpu_indexes=gpu_indexes, adopt=options["adopt"],
-                image_arguments=options["image_arguments"] or "command",
+                image_arguments=options["image_arguments"] or "command", owner=owner, idle_stop_after=idle_stop,
             )
         except ValidationError as exc:
             raise input_error(exc) from exc
@@ -129,9 +159,74 @@ class Command(cli.Command):
                           + (f" It adopted {layout.instance_dir(instance.instance_id, instance.node)} as it is."
                              if options["adopt"] else ""))
         self.stdout.write(f"  port   {instance.host_port} ({instance.url})")
+        self.stdout.write(f"  hub    {hub_text(instance)}")
+        self.stdout.write(f"  owner  {owner_text(instance)}")
         self.stdout.write(f"  GPUs   {gpus_text(instance)}")
         self.stdout.write(f"  image  {instance.image}")
         self.stdout.write(f"Start it with: python manage.py instances start {instance}")
+
+    @staticmethod
+    def owner_option(name: str, errors: dict):
+        from instances import access
+
+        try:
+            return access.user_named(name.strip())
+        except ValidationError as exc:
+            errors["owner"] = exc.messages
+            return None
+
+    @staticmethod
+    def idle_stop_option(value: str, errors: dict):
+        minutes = cli.whole_number(value, low=0, high=services.IDLE_STOP_MAX_MINUTES)
+        if minutes is None:
+            errors["idle_stop_after"] = [f"'{value}' is not a number of minutes; give a whole number from 0 (never) "
+                                         f"to {services.IDLE_STOP_MAX_MINUTES}, e.g. "
+                                         f"{settings.IDLE_STOP_AFTER_DEFAULT}."]
+        return minutes
+
+    def edit_instance(self, options):
+        instance = find_instance(options["instance_id"])
+        errors = {}
+        owner = services.KEEP
+        if options["no_owner"]:
+            owner = None
+        elif options["owner"] is not None:
+            owner = self.owner_option(options["owner"], errors)
+        idle_stop = None if options["idle_stop"] is None else self.idle_stop_option(options["idle_stop"], errors)
+        if errors:
+            raise input_error(errors)
+        if owner is services.KEEP and idle_stop is None and options["name"] is None and options["description"] is None:
+            raise CommandError("Nothing to change: give --name, --description, --owner, --no-owner or --idle-stop.",
+                               returncode=EXIT_INPUT)
+        instance = cli.call_service(
+            services.instance_update, instance=instance,
+            display_name=instance.display_name if options["name"] is None else options["name"],
+            description=instance.description if options["description"] is None else options["description"],
+            image=instance.image, extra_args=instance.extra_args, extra_env=instance.extra_env, host_port=None,
+            gpu_indexes=[gpu.index for gpu in instance.assigned_gpus()], image_arguments=instance.image_arguments,
+            idle_stop_after=idle_stop, owner=owner)
+        self.stdout.write(f"Saved instance '{instance}'.")
+        self.stdout.write(f"  owner      {owner_text(instance)}")
+        self.stdout.write(f"  idle stop  {idle_text(instance)}")
+
+    def share_instance(self, options):
+        from instances import access
+
+        instance = find_instance(options["instance_id"])
+        share = cli.call_service(access.share_add, instance=instance, username=options["user"],
+                                 group=options["group"])
+        self.stdout.write(f"Shared '{instance}' with {access.share_label(share)}; they open it at "
+                          f"{instance.hub_path} on ComfyHub's address.")
+
+    def unshare_instance(self, options):
+        from instances import access
+
+        instance = find_instance(options["instance_id"])
+        share = cli.call_service(access.share_find, instance=instance, username=options["user"],
+                                 group=options["group"])
+        access.share_remove(share=share)
+        self.stdout.write(f"'{instance}' is no longer shared with {access.share_label(share)}; access ends within "
+                          f"{settings.ACCESS_CACHE_SECONDS} s.")
 
     def list_instances(self, options):
         instances = list(services.instances_with_relations())
@@ -149,8 +244,11 @@ class Command(cli.Command):
         self.write_table(rows)
 
     def show_status(self, options):
+        from instances import access
+
         instance = find_instance(options["instance_id"])
         operations = list(latest_operations(instance))
+        shares = list(access.shares_of(instance))
         pending_kinds = services.instance_pending_change_kinds(instance)
         data = {
             **instance_data(instance, pending_kinds=pending_kinds),
@@ -164,6 +262,8 @@ class Command(cli.Command):
             },
             "extra_args": list(instance.extra_args),
             "extra_env": dict(instance.extra_env),
+            "shares": [{"user": s.user.get_username() if s.user_id else None,
+                        "group": s.group.name if s.group_id else None} for s in shares],
             "operations": [operation_data(o) for o in operations],
         }
         if options["json"]:
@@ -175,7 +275,11 @@ class Command(cli.Command):
             write(f"  {instance.description}")
         detail = f" - {instance.status_detail}" if instance.status_detail else ""
         write(f"  status     {instance.status} (desired: {instance.desired_state}){detail}")
-        write(f"  url        {instance.url}")
+        write(f"  hub        {hub_text(instance)}")
+        write(f"  url        {instance.url} (on the node, for ComfyHub itself)")
+        write(f"  owner      {owner_text(instance)}")
+        write(f"  shared     {', '.join(access.share_label(s) for s in shares) or 'with nobody'}")
+        write(f"  idle stop  {idle_text(instance)}")
         write(f"  node       {instance.node}")
         write(f"  GPUs       {gpus_text(instance, names=True)}")
         write(f"  image      {instance.image}")
@@ -272,6 +376,18 @@ def gpus_text(instance: Instance, *, names: bool = False) -> str:
     return ", ".join(str(gpu.index) for gpu in gpus)
 
 
+def hub_text(instance: Instance) -> str:
+    return f"{instance.hub_path} on ComfyHub's address (e.g. http://{settings.SERVE_BIND}{instance.hub_path})"
+
+
+def owner_text(instance: Instance) -> str:
+    return instance.owner.get_username() if instance.owner_id else "none (operators only)"
+
+
+def idle_text(instance: Instance) -> str:
+    return f"after {instance.idle_stop_after} min" if instance.idle_stop_after else "never"
+
+
 def instance_data(instance: Instance, pending_kinds: set[str] | None = None) -> dict:
     """The documented JSON of one instance (docs/cli.md); add keys, never rename or remove them. `pending_kinds`:
     services.instance_pending_change_kinds(instance) where the caller has it already (it costs two inspects)."""
@@ -285,6 +401,9 @@ def instance_data(instance: Instance, pending_kinds: set[str] | None = None) -> 
         "image": instance.image,
         "host_port": instance.host_port,
         "url": instance.url,
+        "hub_path": instance.hub_path,
+        "owner": instance.owner.get_username() if instance.owner_id else None,
+        "idle_stop_after": instance.idle_stop_after,
         "gpus": [{"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name} for gpu in instance.assigned_gpus()],
         "cpu_only": instance.cpu_only,
         "desired_state": instance.desired_state,
