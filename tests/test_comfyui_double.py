@@ -6,8 +6,10 @@ shared library at /shared, the instance's own directory at /instance, port 8188 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.support import ws
 from tests.support.docker_fixtures import TEST_LABEL, published_port, session_label, wait_for_http
 from tests.support.images import INPUTS_HASH_LABEL, double_inputs_hash, BASE_TAG
 
@@ -44,6 +47,12 @@ class RunningDouble:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def websocket(self, path: str = "/ws", **kwargs) -> ws.WebSocket:
+        return ws.connect(f"ws://127.0.0.1:{self.port}{path}", **kwargs)
+
+    def post_json(self, path: str, data) -> Response:
+        return self.request("POST", path, body=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Response:
         request = urllib.request.Request(self.url(path), data=body, method=method, headers=headers or {})
@@ -447,6 +456,268 @@ def test_it_sends_cors_headers_when_enabled(launcher):
     assert response.status == 200
     assert response.headers["Access-Control-Allow-Origin"] == "http://hub.example"
     assert response.json() == {"exec_info": {"queue_remaining": 0}}
+
+
+# --- WebSocket ------------------------------------------------------------------------------------------------------
+
+SAVE_PROMPT = {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI"}}}
+
+
+def test_its_websocket_greets_a_client_with_the_queue_status_and_its_client_id(launcher):
+    double = launcher.start()
+
+    with double.websocket("/ws?clientId=alice-tab-1") as socket:
+        greeting = socket.receive_json()
+    with double.websocket("/api/ws") as socket:
+        anonymous = socket.receive_json()
+
+    assert greeting == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                   "sid": "alice-tab-1"}}
+    assert re.fullmatch(r"[0-9a-f]{32}", anonymous["data"]["sid"])
+
+
+def test_its_websocket_echoes_the_double_only_echo_message_and_answers_pings(launcher):
+    double = launcher.start()
+
+    with double.websocket() as socket:
+        socket.receive_json()
+        socket.ping(b"are you there")
+        opcode, payload = socket.receive_message(time.monotonic() + 5, pongs=True)
+        echo = {"type": "comfyhub_double_echo", "sent": 12.5, "padding": "x" * 100_000}
+        socket.send_json(echo)
+        socket.send_json({"type": "something ComfyUI ignores"})
+        socket.send_json({"type": "comfyhub_double_echo", "n": 2})
+
+        assert (opcode, payload) == (ws.PONG, b"are you there")
+        assert socket.receive_json() == echo
+        assert socket.receive_json() == {"type": "comfyhub_double_echo", "n": 2}
+
+
+def test_its_websocket_answers_the_first_feature_flags_message(launcher):
+    double = launcher.start()
+
+    with double.websocket() as socket:
+        socket.receive_json()
+        socket.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+
+        flags = socket.receive_json()
+
+    assert flags["type"] == "feature_flags"
+    assert flags["data"]["max_upload_size"] == 100 * 1024 * 1024
+
+
+def test_its_websocket_refuses_a_foreign_origin_and_plain_requests(launcher):
+    double = launcher.start()
+
+    with pytest.raises(ws.HandshakeError) as refused:
+        double.websocket(headers={"Origin": "http://evil.example"})
+    plain = double.request("GET", "/ws")
+
+    assert refused.value.status == 403
+    assert plain.status == 400
+    assert b"No WebSocket UPGRADE hdr" in plain.body
+
+
+# --- prompts, queue and history -------------------------------------------------------------------------------------
+
+def test_a_queued_prompt_runs_reports_over_the_websocket_and_lands_in_the_history(launcher):
+    double = launcher.start(environment={"COMFY_DOUBLE_PROMPT_SECONDS": "1"})
+
+    with double.websocket("/ws?clientId=tab-1") as socket:
+        socket.receive_json()
+        first = double.post_json("/prompt", {"prompt": SAVE_PROMPT, "client_id": "tab-1"})
+        second = double.post_json("/api/prompt", {"prompt": SAVE_PROMPT, "client_id": "tab-1"})
+        first_id, second_id = first.json()["prompt_id"], second.json()["prompt_id"]
+        queue = double.get_json("/queue")
+        remaining = double.get_json("/prompt")["exec_info"]["queue_remaining"]
+        success = socket.receive_until(
+            lambda m: m["type"] == "execution_success" and m["data"]["prompt_id"] == second_id, timeout=10)
+        idle = socket.receive_until(lambda m: m["type"] == "status", timeout=5)
+
+    assert first.status == 200 and first.json()["number"] == 0 and first.json()["node_errors"] == {}
+    assert second.json()["number"] == 1
+    assert [item[1] for item in queue["queue_running"]] == [first_id]
+    assert [item[1] for item in queue["queue_pending"]] == [second_id]
+    assert queue["queue_pending"][0][2] == SAVE_PROMPT
+    assert remaining == 2
+    assert success["data"]["prompt_id"] == second_id
+    assert idle["data"] == {"status": {"exec_info": {"queue_remaining": 0}}}
+    history = double.get_json("/history")
+    assert list(history) == [first_id, second_id]
+    entry = double.get_json(f"/history/{second_id}")[second_id]
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+    assert [event for event, _ in entry["status"]["messages"]] == ["execution_start", "execution_cached",
+                                                                   "execution_success"]
+    assert entry["outputs"] == {"9": {"images": []}}
+    assert list(double.get_json("/history?max_items=1")) == [second_id]
+    assert double.get_json("/history/no-such-prompt") == {}
+
+
+def test_the_client_that_queued_a_prompt_hears_it_execute_node_by_node(launcher):
+    double = launcher.start(environment={"COMFY_DOUBLE_PROMPT_SECONDS": "0.2"})
+    prompt = {"3": {"class_type": "EmptyLatentImage", "inputs": {}}, **SAVE_PROMPT}
+
+    with double.websocket("/ws?clientId=tab-2") as socket:
+        socket.receive_json()
+        prompt_id = double.post_json("/prompt", {"prompt": prompt, "client_id": "tab-2"}).json()["prompt_id"]
+        heard = []
+        while not heard or heard[-1] != ("executing", None):
+            message = socket.receive_json(timeout=5)
+            if message["type"] != "status":
+                heard.append((message["type"], message["data"].get("node")))
+                assert message["data"]["prompt_id"] == prompt_id
+
+    assert heard == [("execution_start", None), ("execution_cached", None), ("executing", "3"), ("executing", "9"),
+                     ("executed", "9"), ("execution_success", None), ("executing", None)]
+
+
+@pytest.mark.parametrize("body, status, kind", [
+    (b"{not json", 400, "invalid_json"),
+    (b'{"client_id": "x"}', 400, "no_prompt"),
+    (b'{"prompt": [1, 2]}', 400, "invalid_prompt"),
+    (b'{"prompt": {"1": {"inputs": {}}}}', 400, "invalid_prompt"),
+    (b'{"prompt": {"1": {"class_type": "NoSuchNode"}}}', 400, "invalid_prompt"),
+    (b'{"prompt": {"1": {"class_type": "KSampler"}}}', 400, "prompt_no_outputs"),
+], ids=["not-json", "no-prompt", "prompt-not-an-object", "no-class-type", "unknown-node", "no-output-node"])
+def test_it_refuses_a_bad_prompt_with_comfyuis_error(launcher, body, status, kind):
+    double = launcher.start()
+
+    response = double.request("POST", "/prompt", body=body, headers={"Content-Type": "application/json"})
+
+    assert (response.status, response.json()["error"]["type"]) == (status, kind)
+    assert response.json()["node_errors"] == {}
+    assert double.get_json("/queue") == {"queue_running": [], "queue_pending": []}
+
+
+def test_clearing_the_queue_drops_pending_prompts_and_an_interrupt_stops_the_running_one(launcher):
+    double = launcher.start(environment={"COMFY_DOUBLE_PROMPT_SECONDS": "60"})
+    ids = [double.post_json("/prompt", {"prompt": SAVE_PROMPT}).json()["prompt_id"] for _ in range(3)]
+
+    cleared = double.post_json("/queue", {"clear": True})
+    after_clear = double.get_json("/queue")
+    interrupted = double.post_json("/interrupt", {})
+    wait_until = time.monotonic() + 10
+    while double.get_json("/prompt")["exec_info"]["queue_remaining"] and time.monotonic() < wait_until:
+        time.sleep(0.05)
+
+    assert cleared.status == 200 and interrupted.status == 200
+    assert [item[1] for item in after_clear["queue_running"]] == ids[:1]
+    assert after_clear["queue_pending"] == []
+    assert double.get_json("/queue") == {"queue_running": [], "queue_pending": []}
+    status = double.get_json(f"/history/{ids[0]}")[ids[0]]["status"]
+    assert (status["status_str"], status["completed"]) == ("error", False)
+    assert "execution_interrupted" in [event for event, _ in status["messages"]]
+    assert set(double.get_json("/history")) == {ids[0]}
+
+
+def test_it_refuses_bad_prompt_settings_in_its_environment(launcher):
+    double = launcher.start(environment={"COMFY_DOUBLE_ASSETS": "lots"}, wait=False)
+
+    assert double.wait_for_exit() == 2
+    assert "COMFY_DOUBLE_ASSETS a count from 0 to 9999" in double.logs(stdout=False)
+
+
+# --- /view ----------------------------------------------------------------------------------------------------------
+
+def test_view_streams_a_big_output_file_byte_for_byte(launcher):
+    data = os.urandom(1024 * 1024) * 48 + b"the end"
+    touch(launcher.instance / "output" / "renders" / "big.png", data)
+    double = launcher.start()
+
+    request = urllib.request.Request(double.url("/view?filename=big.png&subfolder=renders&type=output"))
+    digest, size = hashlib.sha256(), 0
+    with urllib.request.urlopen(request, timeout=30) as response:
+        headers = dict(response.headers)
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+
+    assert headers["Content-Length"] == str(len(data))
+    assert headers["Content-Type"] == "image/png"
+    assert headers["Content-Disposition"] == 'filename="big.png"'
+    assert (size, digest.hexdigest()) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_view_serves_input_and_temp_files_and_never_renders_html(launcher):
+    touch(launcher.instance / "input" / "photo.jpg", b"jpeg bytes")
+    touch(launcher.instance / "output" / "page.html", b"<script>alert(1)</script>")
+    double = launcher.start()
+    touch(launcher.instance / "temp" / "preview.webp", b"webp bytes")  # temp/ is emptied at start
+
+    photo = double.request("GET", "/api/view?filename=photo.jpg&type=input")
+    preview = double.request("GET", "/view?filename=preview.webp&type=temp")
+    page = double.request("GET", "/view?filename=page.html")
+    annotated = double.request("GET", "/view?filename=photo.jpg%20%5Binput%5D&type=output")
+
+    assert (photo.status, photo.body) == (200, b"jpeg bytes")
+    assert (preview.status, preview.body) == (200, b"webp bytes")
+    assert (page.status, page.headers["Content-Type"]) == (200, "application/octet-stream")
+    assert annotated.body == b"jpeg bytes"
+
+
+@pytest.mark.parametrize("query, status", [
+    ("filename=..%2Fuser%2Fdefault%2Fcomfy.settings.json", 400),
+    ("filename=%2Fetc%2Fpasswd", 400),
+    ("filename=", 400),
+    ("filename=secret.txt&type=models", 400),
+    ("filename=secret.txt&subfolder=..", 403),
+    ("filename=secret.txt&subfolder=%2Finstance", 403),
+    ("filename=secret.txt&type=input&subfolder=..%2Foutput%2F..", 403),
+    ("filename=no-such.png", 404),
+    ("", 404),
+], ids=["dot-dot-name", "absolute-name", "empty-name", "unknown-type", "dot-dot-subfolder", "absolute-subfolder",
+        "subfolder-escaping-input", "missing", "no-filename"])
+def test_view_keeps_paths_inside_its_folder(launcher, query, status):
+    touch(launcher.instance / "secret.txt", b"not for /view")
+    double = launcher.start()
+
+    response = double.request("GET", f"/view?{query}")
+
+    assert response.status == status
+    assert b"not for /view" not in response.body
+
+
+# --- the frontend ---------------------------------------------------------------------------------------------------
+
+def test_its_page_references_the_configured_assets_relatively_and_serves_them(launcher):
+    double = launcher.start(environment={"COMFY_DOUBLE_ASSETS": "3"})
+
+    page = double.request("GET", "/")
+    sources = re.findall(r'<script defer src="([^"]+)"', page.body.decode())
+
+    assert page.status == 200 and page.headers["Cache-Control"] == "no-cache"
+    assert sources == ["assets/a0001.js", "assets/a0002.js", "assets/a0003.js"]
+    for source in sources:
+        asset = double.request("GET", f"/{source}")
+        assert asset.status == 200 and b"window.comfyDoubleAssets" in asset.body
+    assert double.request("GET", "/assets/a0004.js").status == 404
+
+
+def test_its_page_has_no_assets_by_default(launcher):
+    double = launcher.start()
+
+    assert "assets/" not in double.request("GET", "/").body.decode()
+    assert double.request("GET", "/assets/a0001.js").status == 404
+
+
+@pytest.mark.browser
+def test_in_chromium_its_page_shows_the_websocket_status_and_queues_a_prompt(launcher, page):
+    from playwright.sync_api import expect
+
+    double = launcher.start(environment={"COMFY_DOUBLE_ASSETS": "20"})
+
+    page.goto(double.url("/"))
+
+    expect(page.get_by_test_id("ws-state")).to_have_text("open")
+    expect(page.get_by_test_id("queue-remaining")).to_have_text("0")
+    sid = page.get_by_test_id("sid").inner_text()
+    expect(page.get_by_test_id("status")).to_have_text(f"queue_remaining 0, sid {sid}")
+    expect(page.get_by_test_id("assets")).to_have_text("20")
+    page.get_by_test_id("queue-prompt").click()
+    expect(page.get_by_test_id("prompt-result")).to_contain_text("queued ")
+    prompt_id = page.get_by_test_id("prompt-result").get_attribute("data-prompt-id")
+    expect(page.get_by_test_id("messages")).to_contain_text(f"execution_success {prompt_id}")
+    assert double.get_json(f"/history/{prompt_id}")[prompt_id]["prompt"][3]["client_id"] == sid
 
 
 # --- the image ------------------------------------------------------------------------------------------------------

@@ -10,13 +10,17 @@ source (https://github.com/comfyanonymous/ComfyUI, the files named below):
   extra_model_paths.yaml loading (utils/extra_config.py), including that a missing YAML file stops the start;
 - the HTTP routes ComfyHub uses, also under the /api prefix: /system_stats, /prompt (GET), /queue (GET),
   /object_info, /models, /experiment/models, /embeddings, /userdata, /settings, /users, /upload/image and
-  /upload/mask, plus the origin check and CORS headers.
+  /upload/mask, plus the origin check and CORS headers;
+- prompts (POST /prompt, a queue running one prompt at a time, /queue, /history, /interrupt), /view streaming files,
+  the WebSocket /ws (RFC 6455 here in the standard library) with ComfyUI's status and execution messages, and a
+  stand-in for the frontend at / that builds its URLs from its own path as ComfyUI's does (README.md).
 
 GPUs: the devices reported come from NVIDIA_VISIBLE_DEVICES, which Docker sets from the container's GPU device
 requests, so a test can see which host GPUs reached the container.
 
 Switches for failure tests (environment): COMFY_DOUBLE_CRASH=1 exits 1 right after parsing the arguments;
-COMFY_DOUBLE_START_DELAY=<seconds> waits that long before listening.
+COMFY_DOUBLE_START_DELAY=<seconds> waits that long before listening. COMFY_DOUBLE_PROMPT_SECONDS (default 0.2) is
+how long a prompt runs; COMFY_DOUBLE_ASSETS (default 0) how many static assets the frontend page loads.
 
 Standard library only, plus PyYAML when --extra-model-paths-config is given (as ComfyUI).
 """
@@ -24,10 +28,12 @@ Standard library only, plus PyYAML when --extra-model-paths-config is given (as 
 from __future__ import annotations
 
 import argparse
+import base64
 import email.parser
 import email.policy
 import errno
 import glob
+import hashlib
 import http.server
 import ipaddress
 import itertools
@@ -43,6 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 
 COMFYUI_VERSION = "0.0.0-testdouble"
 FAKE_VRAM_BYTES = 24 * 1024**3
@@ -486,11 +493,16 @@ def origin_mismatch(host_header: str | None, origin_header: str | None) -> tuple
 
 
 class App:
-    def __init__(self, args: argparse.Namespace, paths: Paths, devices: list[dict]) -> None:
+    def __init__(self, args: argparse.Namespace, paths: Paths, devices: list[dict], prompt_seconds: float = 0.2,
+                 asset_count: int = 0) -> None:
         self.args = args
         self.paths = paths
         self.devices = devices
         self.settings_lock = threading.Lock()
+        self.sockets = Sockets()
+        self.prompts = PromptQueue(self.sockets, self.object_info, prompt_seconds)
+        self.asset_count = asset_count
+        self.index = index_html(asset_count)
 
     # user data (app/user_manager.py): without --multi-user the user is always "default"
     def user_root(self) -> str:
@@ -613,10 +625,439 @@ def annotated_filepath(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-INDEX_HTML = b"""<!doctype html>
-<html><head><title>ComfyUI</title></head>
-<body><p>ComfyUI test double: no frontend, API only.</p></body></html>
+# --- WebSocket (RFC 6455; ComfyUI's /ws is aiohttp's WebSocketResponse) ---------------------------------------------
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_MAX_MESSAGE = 4 * 1024 * 1024  # aiohttp's default max_msg_size
+ECHO_TYPE = "comfyhub_double_echo"  # double-only: echoed back at once, for latency measurements
+
+
+class WebSocketClosed(Exception):
+    pass
+
+
+def ws_accept_key(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+def ws_unmask(data: bytes, mask: bytes) -> bytes:
+    if not data:
+        return data
+    length = len(data)
+    key = (mask * (length // 4 + 1))[:length]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(length, "little")
+
+
+class WebSocketConnection:
+    """The server side of one WebSocket: frames read by the handler's thread, sent from any thread (the prompt
+    worker broadcasts status), one frame at a time."""
+
+    def __init__(self, sock: socket.socket, rfile) -> None:
+        self.sock = sock
+        self.rfile = rfile
+        self.send_lock = threading.Lock()
+        self.closed = False
+
+    def send_json(self, message: dict) -> bool:
+        return self.send_frame(WS_TEXT, json.dumps(message).encode())
+
+    def send_frame(self, opcode: int, payload: bytes) -> bool:
+        length = len(payload)
+        if length < 126:
+            header = bytes((0x80 | opcode, length))
+        elif length < 1 << 16:
+            header = bytes((0x80 | opcode, 126)) + length.to_bytes(2, "big")
+        else:
+            header = bytes((0x80 | opcode, 127)) + length.to_bytes(8, "big")
+        with self.send_lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(header + payload)
+            except OSError:
+                self.closed = True
+                return False
+            if opcode == WS_CLOSE:
+                self.closed = True
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.send_frame(WS_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+
+    def _read_exactly(self, count: int) -> bytes:
+        data = self.rfile.read(count) if count else b""
+        if len(data) != count:
+            raise WebSocketClosed("the client went away")
+        return data
+
+    def receive(self) -> tuple[int, bytes]:
+        """The next whole message (text or binary), answering pings on the way. Raises WebSocketClosed at a close
+        frame (answered), a protocol error (closed with 1002 or 1009) or the end of the stream."""
+        opcode, parts, size = None, [], 0
+        while True:
+            first, second = self._read_exactly(2)
+            fin, frame_opcode, masked, length = first & 0x80, first & 0x0F, second & 0x80, second & 0x7F
+            if first & 0x70:
+                self.close(1002, "reserved bits set")
+                raise WebSocketClosed("reserved bits set")
+            if length == 126:
+                length = int.from_bytes(self._read_exactly(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self._read_exactly(8), "big")
+            if not masked:  # RFC 6455 5.1: a server closes the connection on an unmasked client frame
+                self.close(1002, "client frames must be masked")
+                raise WebSocketClosed("unmasked client frame")
+            if size + length > WS_MAX_MESSAGE:
+                self.close(1009, "message too big")
+                raise WebSocketClosed("message too big")
+            mask = self._read_exactly(4)
+            payload = ws_unmask(self._read_exactly(length), mask)
+            if frame_opcode == WS_PING:
+                self.send_frame(WS_PONG, payload)
+                continue
+            if frame_opcode == WS_PONG:
+                continue
+            if frame_opcode == WS_CLOSE:
+                self.send_frame(WS_CLOSE, payload[:2])
+                raise WebSocketClosed("closed by the client")
+            if frame_opcode in (WS_TEXT, WS_BINARY):
+                if opcode is not None:
+                    self.close(1002, "a new message inside a fragmented one")
+                    raise WebSocketClosed("bad fragmentation")
+                opcode = frame_opcode
+            elif frame_opcode != WS_CONTINUATION or opcode is None:
+                self.close(1002, "unknown opcode")
+                raise WebSocketClosed(f"unknown opcode {frame_opcode}")
+            parts.append(payload)
+            size += length
+            if fin:
+                return opcode, b"".join(parts)
+
+
+class Sockets:
+    """ComfyUI's PromptServer.sockets: client id -> its WebSocket; a reconnect with the same id replaces the old."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_sid: dict[str, WebSocketConnection] = {}
+
+    def add(self, sid: str, connection: WebSocketConnection) -> None:
+        with self.lock:
+            self.by_sid[sid] = connection
+
+    def remove(self, sid: str, connection: WebSocketConnection) -> None:
+        with self.lock:
+            if self.by_sid.get(sid) is connection:
+                del self.by_sid[sid]
+
+    def send(self, event: str, data: dict, sid: str | None = None) -> None:
+        """To one client (sid) or, with sid None, to all: as ComfyUI's send_json."""
+        with self.lock:
+            targets = list(self.by_sid.values()) if sid is None else [self.by_sid[sid]] if sid in self.by_sid else []
+        for connection in targets:
+            connection.send_json({"type": event, "data": data})
+
+
+# --- the prompt queue (execution.PromptQueue, main.prompt_worker) ---------------------------------------------------
+
+class PromptError(Exception):
+    def __init__(self, error: dict) -> None:
+        super().__init__(error["message"])
+        self.error = error
+
+
+def prompt_error(kind: str, message: str, details: str = "") -> PromptError:
+    return PromptError({"type": kind, "message": message, "details": details, "extra_info": {}})
+
+
+class PromptQueue:
+    """One prompt runs at a time, for prompt_seconds, in a worker thread; nothing is computed. Items are ComfyUI's
+    [number, prompt_id, prompt, extra_data, outputs_to_execute]; history entries its {"prompt", "outputs",
+    "status", "meta"}."""
+
+    MAXIMUM_HISTORY_SIZE = 10000
+
+    def __init__(self, sockets: Sockets, node_classes, prompt_seconds: float) -> None:
+        self.sockets = sockets
+        self.node_classes = node_classes  # () -> {class name: object_info entry}
+        self.prompt_seconds = prompt_seconds
+        self.mutex = threading.RLock()
+        self.not_empty = threading.Condition(self.mutex)
+        self.pending: list[list] = []  # sorted by number
+        self.running: list | None = None
+        self.history: dict[str, dict] = {}
+        self.number = 0
+        self.interrupted = threading.Event()
+        self.client_id: str | None = None  # the client whose prompt runs now, as PromptServer.client_id
+
+    def start(self) -> None:
+        threading.Thread(target=self.work, name="prompt-worker", daemon=True).start()
+
+    def remaining(self) -> int:
+        with self.mutex:
+            return len(self.pending) + (1 if self.running is not None else 0)
+
+    def status(self) -> dict:
+        return {"exec_info": {"queue_remaining": self.remaining()}}
+
+    def updated(self) -> None:
+        self.sockets.send("status", {"status": self.status()})
+
+    def put(self, body) -> dict:
+        """POST /prompt: validated as execution.validate_prompt does before it looks at inputs."""
+        if not isinstance(body, dict):
+            raise prompt_error("invalid_prompt", "The request body must be a JSON object.")
+        with self.mutex:
+            if "number" in body:
+                try:
+                    number = float(body["number"])
+                except (TypeError, ValueError):
+                    raise prompt_error("invalid_prompt", "number must be a number.")
+            else:
+                number = self.number
+                if body.get("front"):
+                    number = -number
+                self.number += 1
+        if "prompt" not in body:
+            raise prompt_error("no_prompt", "No prompt provided", "No prompt provided")
+        prompt = body["prompt"]
+        if not isinstance(prompt, dict):
+            raise prompt_error("invalid_prompt", "The prompt must be a JSON object of nodes.")
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        classes = self.node_classes()
+        outputs = []
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or "class_type" not in node:
+                raise prompt_error("invalid_prompt", "Cannot execute because a node is missing the class_type "
+                                   "property.", f"Node ID '#{node_id}'")
+            info = classes.get(node["class_type"])
+            if info is None:
+                raise prompt_error("invalid_prompt", f"Cannot execute because node {node['class_type']} does not "
+                                   "exist.", f"Node ID '#{node_id}'")
+            if info.get("output_node"):
+                outputs.append(node_id)
+        if not outputs:
+            raise prompt_error("prompt_no_outputs", "Prompt has no outputs")
+        extra_data = dict(body["extra_data"]) if isinstance(body.get("extra_data"), dict) else {}
+        if "client_id" in body:
+            extra_data["client_id"] = body["client_id"]
+        extra_data["create_time"] = int(time.time() * 1000)
+        item = [number, prompt_id, prompt, extra_data, outputs]
+        with self.not_empty:
+            index = len([queued for queued in self.pending if queued[0] <= number])
+            self.pending.insert(index, item)
+            self.updated()
+            self.not_empty.notify()
+        return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+    def queue(self) -> dict:
+        with self.mutex:
+            return {"queue_running": [self.running] if self.running is not None else [],
+                    "queue_pending": list(self.pending)}
+
+    def clear(self) -> None:
+        with self.mutex:
+            self.pending = []
+            self.updated()
+
+    def delete(self, prompt_ids) -> None:
+        with self.mutex:
+            kept = [item for item in self.pending if item[1] not in prompt_ids]
+            if len(kept) != len(self.pending):
+                self.pending = kept
+                self.updated()
+
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        with self.mutex:
+            if self.running is not None and (prompt_id is None or self.running[1] == prompt_id):
+                self.interrupted.set()
+
+    def get_history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict:
+        with self.mutex:
+            if prompt_id is not None:
+                return {prompt_id: self.history[prompt_id]} if prompt_id in self.history else {}
+            entries = list(self.history.items())
+            if offset < 0 and max_items is not None:
+                offset = len(entries) - max_items
+            entries = entries[max(offset, 0):]
+            if max_items is not None:
+                entries = entries[:max_items]
+            return dict(entries)
+
+    def clear_history(self) -> None:
+        with self.mutex:
+            self.history = {}
+
+    def delete_history(self, prompt_ids) -> None:
+        with self.mutex:
+            for prompt_id in prompt_ids:
+                self.history.pop(prompt_id, None)
+
+    def work(self) -> None:
+        while True:
+            with self.not_empty:
+                while not self.pending:
+                    self.not_empty.wait()
+                item = self.pending.pop(0)
+                self.running = item
+                self.interrupted.clear()
+                self.updated()
+            self.execute(item)
+
+    def execute(self, item: list) -> None:
+        """execution.PromptExecutor.execute as far as the messages go: execution_start, executing and executed per
+        node (only output nodes are "executed"), execution_success or execution_interrupted, then executing null."""
+        _number, prompt_id, prompt, extra_data, outputs = item
+        client_id = extra_data.get("client_id")
+        self.client_id = client_id
+        messages = []
+
+        def message(event: str, data: dict, broadcast: bool = False) -> None:
+            data = {**data, "timestamp": int(time.time() * 1000)}
+            messages.append([event, data])
+            if broadcast or client_id is not None:
+                self.sockets.send(event, data, None if broadcast else client_id)
+
+        message("execution_start", {"prompt_id": prompt_id})
+        message("execution_cached", {"nodes": [], "prompt_id": prompt_id})
+        node_ids = list(prompt)
+        step = self.prompt_seconds / max(len(node_ids), 1)
+        success = True
+        results = {}
+        for node_id in node_ids:
+            if client_id is not None:
+                self.sockets.send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id},
+                                  client_id)
+            if self.interrupted.wait(step):
+                message("execution_interrupted", {"prompt_id": prompt_id, "node_id": node_id,
+                                                  "node_type": prompt[node_id]["class_type"], "executed": []},
+                        broadcast=True)
+                success = False
+                break
+            if node_id in outputs:
+                results[node_id] = {"images": []}
+                if client_id is not None:
+                    self.sockets.send("executed", {"node": node_id, "display_node": node_id,
+                                                   "output": results[node_id], "prompt_id": prompt_id}, client_id)
+        if success:
+            message("execution_success", {"prompt_id": prompt_id})
+        with self.mutex:
+            self.running = None
+            if len(self.history) > self.MAXIMUM_HISTORY_SIZE:
+                self.history.pop(next(iter(self.history)))
+            self.history[prompt_id] = {
+                "prompt": item,
+                "outputs": results,
+                "status": {"status_str": "success" if success else "error", "completed": success,
+                           "messages": messages},
+                "meta": {node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None,
+                                   "real_node_id": node_id} for node_id in results},
+            }
+            self.updated()
+        if client_id is not None:
+            self.sockets.send("executing", {"node": None, "prompt_id": prompt_id}, client_id)
+
+
+# --- the frontend (a stand-in for ComfyUI_frontend's index.html and its assets) -------------------------------------
+
+ASSET_BYTES = 1024
+
+
+def asset_name(number: int) -> str:
+    return f"a{number:04d}.js"
+
+
+def asset_body(number: int) -> bytes:
+    code = (f"// ComfyUI test double: static asset {number}\n"
+            "window.comfyDoubleAssets = (window.comfyDoubleAssets || 0) + 1;\n")
+    return (code + "//" + "." * max(ASSET_BYTES - len(code) - 3, 0) + "\n").encode()
+
+
+INDEX_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ComfyUI</title>
+<link rel="icon" href="data:,">
+{assets}</head>
+<body>
+<h1>ComfyUI test double</h1>
+<p>Not ComfyUI: a stand-in for its frontend that builds every URL the way ComfyUI's does.</p>
+<dl>
+  <dt>WebSocket</dt><dd id="ws-state" data-testid="ws-state">connecting</dd>
+  <dt>Status</dt><dd id="status" data-testid="status">waiting for the first status message</dd>
+  <dt>Queue remaining</dt><dd id="queue-remaining" data-testid="queue-remaining"></dd>
+  <dt>Session</dt><dd id="sid" data-testid="sid"></dd>
+  <dt>Assets</dt><dd id="assets" data-testid="assets" data-expected="{asset_count}">loading</dd>
+</dl>
+<button id="queue-prompt" data-testid="queue-prompt" type="button">Queue prompt</button>
+<p id="prompt-result" data-testid="prompt-result"></p>
+<ol id="messages" data-testid="messages"></ol>
+<script>
+// As ComfyUI_frontend's api.ts: api_base is the page's path without its last part, the WebSocket goes to
+// ws(s)://<host><api_base>/ws?clientId=..., and API calls to <api_base>/api/<route>.
+const api_base = location.pathname.split('/').slice(0, -1).join('/');
+let clientId = sessionStorage.getItem('clientId');
+const $ = (id) => document.getElementById(id);
+
+function connect() {{
+  const query = clientId ? `?clientId=${{clientId}}` : '';
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const socket = new WebSocket(`${{scheme}}://${{location.host}}${{api_base}}/ws${{query}}`);
+  socket.addEventListener('open', () => {{ $('ws-state').textContent = 'open'; }});
+  socket.addEventListener('close', () => {{ $('ws-state').textContent = 'closed'; }});
+  socket.addEventListener('error', () => {{ $('ws-state').textContent = 'error'; }});
+  socket.addEventListener('message', (event) => {{
+    const message = JSON.parse(event.data);
+    if (message.type === 'status') {{
+      if (message.data.sid) {{
+        clientId = message.data.sid;
+        sessionStorage.setItem('clientId', clientId);
+        $('sid').textContent = clientId;
+      }}
+      const remaining = message.data.status.exec_info.queue_remaining;
+      $('queue-remaining').textContent = String(remaining);
+      $('status').textContent = `queue_remaining ${{remaining}}, sid ${{clientId}}`;
+    }} else {{
+      const item = document.createElement('li');
+      item.textContent = `${{message.type}} ${{(message.data && message.data.prompt_id) || ''}}`.trim();
+      $('messages').appendChild(item);
+    }}
+  }});
+}}
+
+async function queuePrompt() {{
+  const prompt = {{'1': {{class_type: 'SaveImage', inputs: {{filename_prefix: 'ComfyUI'}}}}}};
+  const body = {{client_id: clientId, prompt}};
+  const result = $('prompt-result');
+  try {{
+    const response = await fetch(`${{api_base}}/api/prompt`, {{
+      method: 'POST', headers: {{'Content-Type': 'application/json'}}, body: JSON.stringify(body)}});
+    const data = await response.json().catch(() => ({{}}));
+    if (response.ok) {{
+      result.dataset.promptId = data.prompt_id;
+      result.textContent = `queued ${{data.prompt_id}}`;
+    }} else {{
+      result.textContent = `error ${{response.status}}: ${{JSON.stringify(data.error || data)}}`;
+    }}
+  }} catch (error) {{
+    result.textContent = `error: ${{error}}`;
+  }}
+}}
+
+$('queue-prompt').addEventListener('click', queuePrompt);
+window.addEventListener('load', () => {{
+  $('assets').textContent = String(window.comfyDoubleAssets || 0);
+}});
+connect();
+</script>
+</body></html>
 """
+
+
+def index_html(asset_count: int) -> bytes:
+    assets = "".join(f'<script defer src="assets/{asset_name(n)}"></script>\n' for n in range(1, asset_count + 1))
+    return INDEX_TEMPLATE.format(assets=assets, asset_count=asset_count).encode()
+
+
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -689,9 +1130,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def respond(self, status: int, body: bytes, content_type: str, extra_headers: dict | None = None) -> None:
         if self.command in ("POST", "PUT", "PATCH", "DELETE") and self._body is None:
             self.read_body()  # drain it, so that keep-alive connections stay in step
+        self.send_head(status, content_type, len(body), extra_headers)
+        if status != 204:
+            self.wfile.write(body)
+
+    def send_head(self, status: int, content_type: str, length: int, extra_headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         cors = self.app.args.enable_cors_header
         if cors is not None:
             self.send_header("Access-Control-Allow-Origin", cors)
@@ -701,14 +1147,127 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for key, value in (extra_headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        if status != 204:
-            self.wfile.write(body)
 
     def respond_json(self, data, status: int = 200) -> None:
         self.respond(status, json.dumps(data).encode(), "application/json; charset=utf-8")
 
     def respond_text(self, status: int, text: str) -> None:
         self.respond(status, text.encode(), "text/plain; charset=utf-8")
+
+    def read_json_object(self) -> dict:
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "The request body must be a JSON object")
+        return body
+
+    # -- prompts, files, frontend and WebSocket (server.py: post_prompt, view_image, websocket_handler, get_root)
+    def post_prompt(self) -> None:
+        # ComfyUI answers a body that is not JSON with aiohttp's 500; the double says what is wrong, with a 400.
+        try:
+            body = json.loads(self.read_body() or b"null")
+        except ValueError:
+            return self.respond_json({"error": {"type": "invalid_json", "message": "The request body is not JSON.",
+                                                "details": "", "extra_info": {}}, "node_errors": {}}, status=400)
+        try:
+            return self.respond_json(self.app.prompts.put(body))
+        except PromptError as error:
+            log(f"invalid prompt: {error.error}")
+            return self.respond_json({"error": error.error, "node_errors": {}}, status=400)
+
+    def view(self) -> None:
+        """GET /view?filename=&type=output|input|temp&subfolder=: the file streamed from disk (ComfyUI answers a
+        FileResponse), with ComfyUI's checks: 400 for a name starting with / or holding .., or an unknown type; 403
+        for a subfolder outside the folder; 404 for no such file."""
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query, keep_blank_values=True))
+        if "filename" not in query:
+            raise HttpError(404)
+        filename, annotation = annotated_filepath(query["filename"])
+        if not filename or filename[0] == "/" or ".." in filename:
+            raise HttpError(400)
+        output_dir = self.directory_by_type(annotation or query.get("type", "output"))
+        if output_dir is None:
+            raise HttpError(400)
+        if "subfolder" in query:
+            full_output_dir = os.path.join(output_dir, query["subfolder"])
+            if os.path.commonpath((os.path.abspath(full_output_dir), output_dir)) != output_dir:
+                raise HttpError(403)
+            output_dir = full_output_dir
+        filename = os.path.basename(filename)
+        path = os.path.join(output_dir, filename)
+        if not os.path.isfile(path):
+            raise HttpError(404)
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        if content_type in {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript",
+                            "text/css"}:
+            content_type = "application/octet-stream"  # as ComfyUI: downloaded, never rendered
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.send_head(200, content_type, size, {"Content-Disposition": f'filename="{filename}"'})
+            sent = self.connection.sendfile(f, 0, size) if size else 0  # the kernel streams it, chunk by chunk
+        if sent != size:  # the file shrank while it was sent: the length promised cannot be kept
+            self.close_connection = True
+
+    def asset(self, name: str) -> None:
+        numbers = {asset_name(n): n for n in range(1, self.app.asset_count + 1)}
+        if name not in numbers:
+            raise HttpError(404)
+        self.respond(200, asset_body(numbers[name]), "text/javascript; charset=utf-8")
+
+    def websocket(self) -> None:
+        """GET /ws?clientId=: aiohttp's handshake checks, then ComfyUI's handler: the status message with the sid
+        (the clientId given, or a new one), status broadcasts while the queue changes, prompt messages to the
+        client that queued it; text messages are read and ignored, except feature_flags (first message) and the
+        double-only echo."""
+        headers = self.headers
+        key = headers.get("Sec-WebSocket-Key", "")
+        if headers.get("Upgrade", "").lower() != "websocket":
+            raise HttpError(400, "No WebSocket UPGRADE hdr: {}\n Can \"Upgrade\" only to \"WebSocket\".".format(
+                headers.get("Upgrade")))
+        if "upgrade" not in headers.get("Connection", "").lower():
+            raise HttpError(400, "No CONNECTION upgrade hdr: {}".format(headers.get("Connection")))
+        if headers.get("Sec-WebSocket-Version", "") not in ("13", "8", "7"):
+            raise HttpError(400, "Unsupported version: {}".format(headers.get("Sec-WebSocket-Version")))
+        try:
+            valid_key = len(base64.b64decode(key, validate=True)) == 16
+        except ValueError:
+            valid_key = False
+        if not valid_key:
+            raise HttpError(400, f"Handshake error: {key!r}")
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "upgrade")
+        self.send_header("Sec-WebSocket-Accept", ws_accept_key(key))
+        self.end_headers()
+        self.close_connection = True  # after the WebSocket, the connection is done with HTTP
+
+        app = self.app
+        sid = self.q("clientId") or uuid.uuid4().hex
+        connection = WebSocketConnection(self.connection, self.rfile)
+        app.sockets.add(sid, connection)
+        try:
+            connection.send_json({"type": "status", "data": {"status": app.prompts.status(), "sid": sid}})
+            first_message = True
+            while True:
+                opcode, payload = connection.receive()
+                if opcode != WS_TEXT:
+                    continue
+                try:
+                    message = json.loads(payload)
+                except ValueError:
+                    log(f"Invalid JSON received from client {sid}: {payload[:200]!r}")
+                    continue
+                kind = message.get("type") if isinstance(message, dict) else None
+                if kind == ECHO_TYPE:
+                    connection.send_frame(WS_TEXT, payload)
+                elif kind == "feature_flags" and first_message:
+                    flags = {"supports_preview_metadata": False,
+                             "max_upload_size": int(app.args.max_upload_size * 1024 * 1024)}
+                    connection.send_json({"type": "feature_flags", "data": flags})
+                first_message = False
+        except (WebSocketClosed, OSError):  # closed, broken, or a reset connection: the handler's thread ends
+            pass
+        finally:
+            app.sockets.remove(sid, connection)
 
     # -- routes (server.py, app/user_manager.py, app/app_settings.py)
     def route(self, method: str, path: str) -> None:
@@ -717,13 +1276,52 @@ class Handler(http.server.BaseHTTPRequestHandler):
         key = (method, parts[0] if parts else "", len(parts))
 
         if key == ("GET", "", 1):
-            return self.respond(200, INDEX_HTML, "text/html; charset=utf-8")
+            return self.respond(200, app.index, "text/html; charset=utf-8",
+                                {"Cache-Control": "no-cache", "Pragma": "no-cache", "Expires": "0"})
+        if key == ("GET", "assets", 2):
+            return self.asset(parts[1])
+        if key == ("GET", "ws", 1):
+            return self.websocket()
         if key == ("GET", "system_stats", 1):
             return self.respond_json(app.system_stats())
         if key == ("GET", "prompt", 1):
-            return self.respond_json({"exec_info": {"queue_remaining": 0}})
+            return self.respond_json(app.prompts.status())
+        if key == ("POST", "prompt", 1):
+            return self.post_prompt()
         if key == ("GET", "queue", 1):
-            return self.respond_json({"queue_running": [], "queue_pending": []})
+            return self.respond_json(app.prompts.queue())
+        if key == ("POST", "queue", 1):
+            body = self.read_json_object()
+            if body.get("clear"):
+                app.prompts.clear()
+            if "delete" in body:
+                app.prompts.delete(set(body["delete"] or []))
+            return self.respond(200, b"", "text/plain")
+        if key == ("POST", "interrupt", 1):
+            try:
+                body = json.loads(self.read_body() or b"{}")
+            except ValueError:
+                body = {}
+            app.prompts.interrupt(body.get("prompt_id") if isinstance(body, dict) else None)
+            return self.respond(200, b"", "text/plain")
+        if key == ("GET", "history", 1):
+            max_items, offset = self.q("max_items"), self.q("offset")
+            try:
+                return self.respond_json(app.prompts.get_history(
+                    max_items=int(max_items) if max_items else None, offset=int(offset) if offset else -1))
+            except ValueError:  # int() of a bad value: a 500 in ComfyUI
+                raise HttpError(400, "max_items and offset must be integers")
+        if key == ("GET", "history", 2):
+            return self.respond_json(app.prompts.get_history(prompt_id=urllib.parse.unquote(parts[1])))
+        if key == ("POST", "history", 1):
+            body = self.read_json_object()
+            if body.get("clear"):
+                app.prompts.clear_history()
+            if "delete" in body:
+                app.prompts.delete_history(body["delete"] or [])
+            return self.respond(200, b"", "text/plain")
+        if key == ("GET", "view", 1):
+            return self.view()
         if key == ("GET", "object_info", 1):
             return self.respond_json(app.object_info())
         if key == ("GET", "object_info", 2):
@@ -975,11 +1573,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for device in devices:
         log(f"Device: {device['name']}")
+    try:
+        prompt_seconds = float(os.environ.get("COMFY_DOUBLE_PROMPT_SECONDS") or 0.2)
+        asset_count = int(os.environ.get("COMFY_DOUBLE_ASSETS") or 0)
+        if not (0 <= prompt_seconds <= 3600 and 0 <= asset_count <= 9999):
+            raise ValueError
+    except ValueError:
+        got = (os.environ.get("COMFY_DOUBLE_PROMPT_SECONDS"), os.environ.get("COMFY_DOUBLE_ASSETS"))
+        print("COMFY_DOUBLE_PROMPT_SECONDS must be seconds from 0 to 3600 and COMFY_DOUBLE_ASSETS a count from 0 to "
+              f"9999 (got {got[0]!r}, {got[1]!r})", file=sys.stderr, flush=True)
+        return 2
     delay = float(os.environ.get("COMFY_DOUBLE_START_DELAY") or 0)
     if delay > 0:
         log(f"COMFY_DOUBLE_START_DELAY: waiting {delay:g} s before listening")
         time.sleep(delay)
-    serve(App(args, paths, devices), args)
+    app = App(args, paths, devices, prompt_seconds=prompt_seconds, asset_count=asset_count)
+    app.prompts.start()
+    serve(app, args)
     return 0
 
 
