@@ -152,14 +152,18 @@ def site_from_settings(*, listen: str, django_upstream: str, cache_dir: Path | N
 
 
 def write_private_config(prefix: Path, *, listen: str, django_upstream: str, user: str | None = None,
-                         server_names: list[str] | None = None) -> Path:
+                         server_names: list[str] | None = None, cache: bool | None = None) -> Path:
     """Write a private nginx's configuration under `prefix` (logs, temp, cache and the two files) and return the
-    path of its nginx.conf. Start it with `nginx_command(prefix)`."""
+    path of its nginx.conf. Start it with `nginx_command(prefix)`. `cache` (default: ACCESS_CACHE_SECONDS > 0)
+    turns the access cache on; how long an answer is kept is Django's to say, on each answer."""
     for folder in ("logs", "temp", "cache"):
         (prefix / folder).mkdir(parents=True, exist_ok=True)
     site = prefix / "comfyhub.conf"
-    site.write_text(site_from_settings(listen=listen, django_upstream=django_upstream, cache_dir=prefix / "cache",
-                                       server_names=server_names))
+    site.write_text(render_site(
+        listen=listen, django_upstream=django_upstream, server_names=server_names or list(settings.ALLOWED_HOSTS),
+        cache_dir=prefix / "cache",
+        cache_seconds=int(settings.ACCESS_CACHE_SECONDS > 0 if cache is None else cache),
+        max_upload_mb=settings.PROXY_MAX_UPLOAD_MB, session_cookie_name=settings.SESSION_COOKIE_NAME))
     conf = prefix / "nginx.conf"
     conf.write_text(render_main(prefix=prefix, site=site, user=user))
     return conf

@@ -77,6 +77,9 @@ def _decision(status: int) -> HttpResponse:
     # nginx caches 200 and 403 this long (per session cookie, token and instance); a 401 never.
     response["X-Accel-Expires"] = "0" if status == 401 else str(settings.ACCESS_CACHE_SECONDS)
     response["Cache-Control"] = "private, no-store"
+    # Refusals are this endpoint's everyday answers (every asset of a page a logged-out browser loads), not
+    # problems: Django's request log would repeat each one as a warning.
+    response._has_been_logged = status != 200
     return response
 
 

@@ -1,0 +1,313 @@
+"""/i/<id>/ through a real nginx (tests/support/hubproxy.py) in front of the live server: who gets through, what an
+instance sees of the hub's secrets, what is refused before any instance is asked. Most tests put a small echo server
+where an instance would listen (it records every request it gets); the last ones run the ComfyUI test double."""
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.utils import timezone
+
+from comfyhub import tokens
+from comfyhub.models import AccessToken
+from instances import access, services
+from instances.models import Instance, InstanceOpen, InstanceShare
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    """An instance that answers every request with what it received, and tries to set a cookie on the hub."""
+
+    protocol_version = "HTTP/1.1"
+
+    def handle_one(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                 "body": body})
+        data = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Set-Cookie", "sessionid=planted-by-the-instance; Path=/")
+        self.send_header("Service-Worker-Allowed", "/")
+        self.send_header("Clear-Site-Data", '"*"')
+        self.send_header("X-Accel-Redirect", "/_hub/auth")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = handle_one
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def echo():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def fast_revocation(settings):
+    settings.ACCESS_CACHE_SECONDS = 1
+
+
+@pytest.fixture
+def owner(transactional_db):
+    user = User.objects.create_user("olga", password="olga-password-1")
+    user.user_permissions.add(Permission.objects.get(codename="create_own_instance"))
+    return user
+
+
+def an_instance(instance_id, owner, port):
+    instance = services.instance_create(instance_id=instance_id, owner=owner)
+    Instance.objects.filter(pk=instance.pk).update(host_port=port)  # where the echo (or nothing) listens
+    instance.refresh_from_db()
+    return instance
+
+
+@pytest.fixture
+def echo_instance(echo, owner):
+    return an_instance("echo", owner, echo.server_address[1])
+
+
+def session_cookie(user):
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+def request(hub_proxy, method, path, headers=None, body=None):
+    """One request as written (http.client does not normalise the path)."""
+    connection = http.client.HTTPConnection("127.0.0.1", hub_proxy.port, timeout=10)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response, data
+
+
+def raw(hub_proxy, text: str) -> str:
+    """The status line nginx answers to a request written byte for byte; "" when it closes without answering."""
+    with socket.create_connection(("127.0.0.1", hub_proxy.port), timeout=10) as s:
+        s.sendall(text.encode())
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    return received.decode(errors="replace").split("\r\n", 1)[0]
+
+
+def test_an_owner_reaches_the_instance_with_the_raw_path_and_none_of_the_hubs_secrets(
+        hub_proxy, echo, echo_instance, owner):
+    cookie = session_cookie(owner)
+    response, data = request(hub_proxy, "GET", "/i/echo/userdata/workflows%2Fmy%20flow.json?full_info=true&x=%2F",
+                             {"Cookie": f"{cookie}; csrftoken=abc", "Origin": f"{hub_proxy.url}"})
+    assert response.status == 200, data
+    seen = echo.seen[-1]
+    # The raw rest of the path, %2F inside one segment included, and the query, once.
+    assert seen["path"] == "/userdata/workflows%2Fmy%20flow.json?full_info=true&x=%2F"
+    # Host and Origin as sent; the hub's cookies never reach the instance.
+    assert seen["headers"]["Host"] == f"127.0.0.1:{hub_proxy.port}"
+    assert seen["headers"]["Origin"] == hub_proxy.url
+    assert "Cookie" not in seen["headers"] and "Authorization" not in seen["headers"]
+    # What the instance tried to set on the hub's origin is dropped; its X-Accel-Redirect steered nothing.
+    assert response.getheader("Set-Cookie") is None
+    assert response.getheader("Service-Worker-Allowed") is None
+    assert response.getheader("Clear-Site-Data") is None
+    assert json.loads(data) == {"path": "/userdata/workflows%2Fmy%20flow.json?full_info=true&x=%2F"}
+    # The open is recorded, and counts as activity.
+    assert InstanceOpen.objects.filter(instance=echo_instance, user=owner, via="browser").count() == 1
+    echo_instance.refresh_from_db()
+    assert echo_instance.last_activity_at is not None
+
+
+def test_without_the_trailing_slash_it_redirects_to_the_instance(hub_proxy, echo_instance):
+    response, _ = request(hub_proxy, "GET", "/i/echo")
+    assert (response.status, response.getheader("Location")) == (301, "/i/echo/")
+
+
+def test_anonymous_scripts_get_a_json_401_and_browsers_the_login_page_and_back(hub_proxy, echo, echo_instance):
+    response, data = request(hub_proxy, "POST", "/i/echo/prompt", {"Content-Type": "application/json"}, b"{}")
+    assert response.status == 401
+    assert response.getheader("WWW-Authenticate").startswith("Bearer")
+    assert "Log in" in json.loads(data)["error"]
+    response, _ = request(hub_proxy, "GET", "/i/echo/some%2Fpage?a=1", {"Accept": "text/html,*/*"})
+    assert response.status == 302
+    assert response.getheader("Location") == "/login/?next=%2Fi%2Fecho%2Fsome%252Fpage%3Fa%3D1"
+    assert echo.seen == []
+
+
+def test_a_stranger_gets_the_page_naming_who_may_give_access(hub_proxy, echo, echo_instance, stranger, operator):
+    response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": session_cookie(stranger),
+                                                            "Accept": "text/html"})
+    assert response.status == 403
+    page = data.decode()
+    assert "You may not use" in page and "olga" in page
+    response, data = request(hub_proxy, "GET", "/i/nothing-here/", {"Cookie": session_cookie(stranger),
+                                                                    "Accept": "text/html"})
+    assert response.status == 403 and "no instance &#x27;nothing-here&#x27;" in data.decode()
+    assert echo.seen == []
+
+
+def test_a_token_opens_it_and_a_revoked_or_expired_one_does_not_even_beside_a_session(
+        hub_proxy, echo, echo_instance, owner, fast_revocation):
+    token, raw_token = tokens.token_create(user=owner, name="script")
+    response, data = request(hub_proxy, "GET", "/i/echo/history", {"Authorization": f"Bearer {raw_token}"})
+    assert response.status == 200, data
+    assert "Authorization" not in echo.seen[-1]["headers"]
+    assert InstanceOpen.objects.filter(instance=echo_instance, via="token", token=token).exists()
+    token.refresh_from_db()
+    assert token.last_used_at is not None
+
+    expired, expired_raw = tokens.token_create(user=owner, name="old",
+                                               expires_at=timezone.now() + timedelta(minutes=1))
+    AccessToken.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    response, data = request(hub_proxy, "GET", "/i/echo/history", {"Authorization": f"Bearer {expired_raw}",
+                                                                   "Cookie": session_cookie(owner)})
+    assert response.status == 401 and "revoked or expired" in json.loads(data)["error"]
+
+    token.revoked_at = timezone.now()
+    token.save()
+    # Its 200 was cached for ACCESS_CACHE_SECONDS (1 s here); then it is refused.
+    revoked = time.monotonic()
+    wait_for(lambda: request(hub_proxy, "GET", "/i/echo/history", {"Authorization": f"Bearer {raw_token}"})[0]
+             .status == 401, timeout=5, interval=0.1, message="the revoked token to be refused")
+    assert time.monotonic() - revoked < 2.5
+
+
+def test_removing_a_share_takes_effect_within_the_cache_time(hub_proxy, echo, echo_instance, owner, stranger,
+                                                             fast_revocation):
+    share = InstanceShare.objects.create(instance=echo_instance, user=stranger, created_by=owner)
+    cookie = session_cookie(stranger)
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie})[0].status == 200
+    share.delete()
+    removed = time.monotonic()
+    wait_for(lambda: request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie})[0].status == 403,
+             timeout=5, interval=0.1, message="the removed share to take effect")
+    assert time.monotonic() - removed < 2.5
+
+
+def test_bad_paths_absolute_urls_and_host_games_never_reach_an_instance(hub_proxy, echo, echo_instance, owner):
+    cookie = session_cookie(owner)
+    for path in ("/i/echo/../echo/", "/i/a/../echo/", "/i/echo/%2e%2e/x", "/i/echo/.%2E/x", "/i/echo%2F..%2Fb/",
+                 "/i/Echo/", "/i/ech%6F/", "/i/echo%2f/", "/i/echo%5c/", "/i/echo\\..\\x/", "/i/echo/a/..%2F..%2F",
+                 "/i/-echo/", "//i/echo/", "/i/../admin/"):
+        response, _ = request(hub_proxy, "GET", path, {"Cookie": cookie})
+        assert response.status == 400, path
+    host = f"Host: 127.0.0.1:{hub_proxy.port}\r\nCookie: {cookie}\r\nConnection: close\r\n"
+    assert raw(hub_proxy, f"GET http://127.0.0.1:{hub_proxy.port}/i/echo/ HTTP/1.1\r\n{host}\r\n").startswith(
+        "HTTP/1.1 400")
+    assert raw(hub_proxy, f"GET http://other-host/i/echo/ HTTP/1.1\r\n{host}\r\n") == ""  # closed, no answer
+    assert raw(hub_proxy, f"GET /i/echo/ HTTP/1.1\r\nHost: evil.example\r\nCookie: {cookie}\r\n"
+                          "Connection: close\r\n\r\n") == ""
+    assert raw(hub_proxy, f"GET /i/echo/ HTTP/1.1\r\n{host}Host: evil.example\r\n\r\n").startswith("HTTP/1.1 400")
+    assert raw(hub_proxy, "GET /i/echo/ HTTP/1.0\r\n\r\n") == ""  # no Host at all
+    # The access check itself is nginx's alone.
+    assert request(hub_proxy, "GET", "/_hub/auth", {"Cookie": cookie, "X-Original-URI": "/i/echo/"})[0].status == 404
+    assert echo.seen == []
+    # ...while the same session does reach it the normal way.
+    assert request(hub_proxy, "GET", "/i/echo/", {"Cookie": cookie})[0].status == 200
+
+
+def test_an_instance_that_does_not_answer_shows_the_start_page_not_a_502(hub_proxy, owner, stranger):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    instance = an_instance("sleepy", owner, port)
+    Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STOPPED,
+                                                   stop_reason="Stopped after 60 min idle.")
+    response, data = request(hub_proxy, "GET", "/i/sleepy/", {"Cookie": session_cookie(owner),
+                                                              "Accept": "text/html"})
+    page = data.decode()
+    assert response.status == 503
+    assert "Stopped" in page and "Stopped after 60 min idle." in page
+    assert 'data-testid="unavailable-start"' in page and f'action="/instances/sleepy/start/"' in page
+    # Someone it is shared with may use it, not start it: the page says who can.
+    InstanceShare.objects.create(instance=instance, user=stranger, created_by=owner)
+    assert access.can_use(stranger, instance) and not access.can_operate(stranger, instance)
+    response, data = request(hub_proxy, "GET", "/i/sleepy/", {"Cookie": session_cookie(stranger),
+                                                              "Accept": "text/html"})
+    assert response.status == 503
+    assert "unavailable-start" not in data.decode() and "olga" in data.decode()
+    # A script gets JSON.
+    response, data = request(hub_proxy, "GET", "/i/sleepy/queue", {"Cookie": session_cookie(owner)})
+    assert response.status == 503 and json.loads(data)["status"] == "stopped"
+
+
+def test_an_upload_streams_through(hub_proxy, echo, echo_instance, owner):
+    body = b"x" * (3 * 1024 * 1024)
+    response, _ = request(hub_proxy, "POST", "/i/echo/upload/image",
+                          {"Cookie": session_cookie(owner), "Content-Type": "application/octet-stream"}, body)
+    assert response.status == 200
+    assert echo.seen[-1]["method"] == "POST" and echo.seen[-1]["body"] == body
+
+
+# --- The ComfyUI test double in a real container -----------------------------------------------------------------
+
+@pytest.mark.docker
+def test_the_double_is_used_through_the_hub_api_uploads_userdata_websocket_and_stop(
+        hub_proxy, comfyui_double_image, docker_cleanup, run_worker, owner):
+    from comfyhub.models import Operation
+
+    instance = services.instance_create(instance_id="real", image=comfyui_double_image, owner=owner)
+    operation = services.instance_start(instance=instance, user=owner)
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error + operation.log
+    cookie = session_cookie(owner)
+
+    response, data = request(hub_proxy, "GET", "/i/real/system_stats", {"Cookie": cookie})
+    assert response.status == 200 and "devices" in json.loads(data)
+
+    boundary = "hubboundary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"pixel.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + b"\x89PNG fake" + f"\r\n--{boundary}--\r\n".encode()
+    response, data = request(hub_proxy, "POST", "/i/real/upload/image",
+                             {"Cookie": cookie, "Content-Type": f"multipart/form-data; boundary={boundary}",
+                              "Origin": hub_proxy.url}, form)
+    assert response.status == 200, data
+    assert json.loads(data)["name"] == "pixel.png"
+
+    response, data = request(hub_proxy, "POST", "/i/real/userdata/workflows%2Fthrough-the-hub.json",
+                             {"Cookie": cookie, "Content-Type": "application/json"}, b'{"nodes": []}')
+    assert response.status == 200, data
+    response, data = request(hub_proxy, "GET", "/i/real/userdata/workflows%2Fthrough-the-hub.json",
+                             {"Cookie": cookie})
+    assert response.status == 200 and json.loads(data) == {"nodes": []}
+
+    handshake = _websocket_status(hub_proxy, cookie)
+    assert handshake.startswith("HTTP/1.1 101"), handshake
+
+    operation = services.instance_stop(instance=instance, user=owner)
+    run_worker()
+    response, data = request(hub_proxy, "GET", "/i/real/system_stats", {"Cookie": cookie})
+    assert response.status == 503 and json.loads(data)["status"] == "stopped"
+
+
+def _websocket_status(hub_proxy, cookie) -> str:
+    """The status line of a WebSocket handshake with /i/real/ws (read up to the end of the headers)."""
+    with socket.create_connection(("127.0.0.1", hub_proxy.port), timeout=10) as s:
+        s.sendall((
+            f"GET /i/real/ws?clientId=hub-test HTTP/1.1\r\nHost: 127.0.0.1:{hub_proxy.port}\r\nCookie: {cookie}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        received = b""
+        while b"\r\n\r\n" not in received and (chunk := s.recv(65536)):
+            received += chunk
+    return received.decode(errors="replace").split("\r\n", 1)[0]
