@@ -1,4 +1,4 @@
-"""The one client for ComfyUI's HTTP API: the routes ComfyHub reads from a running instance (/system_stats,
+"""The one client for ComfyUI's HTTP API: the routes ComfyHub reads from a running instance (/system_stats, /queue,
 /object_info, /models/<folder>), with their timeouts and size limits in one place. Failures are `ComfyUIError`."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import requests
 import urllib3
 from django.conf import settings
 
-# Seconds to wait for an answer; /system_stats uses INSTANCE_HEALTH_TIMEOUT (the health probe's setting).
+# Seconds to wait for an answer; /system_stats and /queue use INSTANCE_HEALTH_TIMEOUT (the health probe's setting).
 CONNECT_TIMEOUT = 3.0
 OBJECT_INFO_TIMEOUT = 10.0
 MODELS_TIMEOUT = 5.0
@@ -20,6 +20,8 @@ MODELS_TIMEOUT = 5.0
 SYSTEM_STATS_MAX_BYTES = 1 << 20
 OBJECT_INFO_MAX_BYTES = 64 << 20
 MODELS_MAX_BYTES = 16 << 20
+# Each queued item carries its whole prompt (and often the workflow it came from): a long queue is megabytes.
+QUEUE_MAX_BYTES = 16 << 20
 _CHUNK = 64 << 10
 
 
@@ -54,6 +56,18 @@ def base_url(host: str, port: int) -> str:
 
 
 @dataclass(frozen=True)
+class Queue:
+    """How many prompts ComfyUI is running and how many wait."""
+
+    running: int
+    pending: int
+
+    @property
+    def empty(self) -> bool:
+        return self.running == 0 and self.pending == 0
+
+
+@dataclass(frozen=True)
 class ComfyUI:
     """One ComfyUI server, at `host`:`port`."""
 
@@ -71,6 +85,16 @@ class ComfyUI:
     def system_stats(self, timeout: float | None = None) -> dict:
         return self._get_json("/system_stats", dict, timeout=timeout or settings.INSTANCE_HEALTH_TIMEOUT,
                               max_bytes=SYSTEM_STATS_MAX_BYTES)
+
+    def queue(self, timeout: float | None = None) -> Queue:
+        """What /queue lists: the prompts running now and those waiting."""
+        data = self._get_json("/queue", dict, timeout=timeout or settings.INSTANCE_HEALTH_TIMEOUT,
+                              max_bytes=QUEUE_MAX_BYTES)
+        running, pending = data.get("queue_running"), data.get("queue_pending")
+        if not isinstance(running, list) or not isinstance(pending, list):
+            raise ComfyUIError(f"ComfyUI at {self.url} answered GET /queue without the lists queue_running and "
+                               "queue_pending.")
+        return Queue(running=len(running), pending=len(pending))
 
     def object_info(self) -> dict:
         """Every node class the server offers, by class name."""

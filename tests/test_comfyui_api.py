@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from instances import health, services
-from instances.comfyui_api import ComfyUI, ComfyUIError, base_url
+from instances.comfyui_api import ComfyUI, ComfyUIError, Queue, base_url
 from instances.models import Instance
 from storage_app import services as storage_services
 
@@ -110,6 +110,7 @@ def test_it_reads_what_comfyui_says_on_ipv4_and_ipv6(double_on, host):
     assert comfyui.system_stats()["system"]["comfyui_version"] == "0.0.0-testdouble"
     assert {"KSampler", "CheckpointLoaderSimple"} <= set(comfyui.object_info())
     assert comfyui.models("checkpoints") == ["sd15.safetensors"]
+    assert comfyui.queue() == Queue(running=0, pending=0) and comfyui.queue().empty
 
 
 def test_an_ipv6_address_is_written_in_brackets():
@@ -190,6 +191,38 @@ def test_it_reads_at_most_64_mib_of_object_info(misbehaving_server):
                                  "64 MiB; ComfyHub reads at most that much.")
 
 
+def test_it_reads_at_most_16_mib_of_queue(misbehaving_server):
+    def endless(handler):
+        handler.send_response(200)
+        handler.end_headers()
+        try:
+            handler.wfile.write(b'{"queue_running": [], "queue_pending": [')
+            while True:
+                handler.wfile.write(b'[1, "id", {}, {}, []], ' * 4096)
+        except OSError:
+            pass
+
+    port = misbehaving_server(endless)
+    with pytest.raises(ComfyUIError) as raised:
+        ComfyUI("127.0.0.1", port).queue()
+    assert str(raised.value) == (f"ComfyUI at http://127.0.0.1:{port} answered GET /queue with more than "
+                                 "16 MiB; ComfyHub reads at most that much.")
+
+
+def test_the_queue_counts_what_runs_and_what_waits(misbehaving_server):
+    body = (b'{"queue_running": [[0, "a", {}, {}, ["9"]]], '
+            b'"queue_pending": [[1, "b", {}, {}, ["9"]], [2, "c", {}, {}, ["9"]]]}')
+
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    queue = ComfyUI("127.0.0.1", misbehaving_server(answer)).queue()
+    assert (queue.running, queue.pending, queue.empty) == (1, 2, False)
+
+
 def test_it_does_not_follow_a_redirect(misbehaving_server):
     target = misbehaving_server(lambda handler: pytest.fail("the redirect was followed"))
 
@@ -211,6 +244,9 @@ def test_it_does_not_follow_a_redirect(misbehaving_server):
     ("/models/loras", b'{"a": 1}', "answered GET /models/loras with a JSON dict, not a list"),
     ("/models/loras", b'["a.safetensors", 3]', "answered GET /models/loras with something other than a list of "
                                                 "file names"),
+    ("/queue", b'[]', "answered GET /queue with a JSON list, not a JSON object"),
+    ("/queue", b'{"queue_running": 2, "queue_pending": []}', "answered GET /queue without the lists queue_running "
+                                                             "and queue_pending"),
 ])
 def test_an_answer_of_the_wrong_shape_is_an_error_not_a_crash_later(misbehaving_server, path, body, message):
     def answer(handler):
@@ -221,7 +257,7 @@ def test_an_answer_of_the_wrong_shape_is_an_error_not_a_crash_later(misbehaving_
 
     comfyui = ComfyUI("127.0.0.1", misbehaving_server(answer))
     call = {"/system_stats": comfyui.system_stats, "/object_info": comfyui.object_info,
-            "/models/loras": lambda: comfyui.models("loras")}[path]
+            "/models/loras": lambda: comfyui.models("loras"), "/queue": comfyui.queue}[path]
     with pytest.raises(ComfyUIError, match=message):
         call()
 
@@ -243,8 +279,10 @@ def test_the_health_probe_reaches_an_instance_published_on_every_address(double_
     double = double_on(host)
     instance = instance_served_by(double.port, bind_address)
     assert health.system_stats(instance)["devices"][0]["type"] == "cpu"
+    assert health.queue_of(instance) == {"running": 0, "pending": 0}
     double.stop()
     assert health.system_stats(instance) is None
+    assert health.queue_of(instance) is None
 
 
 @pytest.mark.django_db
