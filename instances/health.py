@@ -1,7 +1,8 @@
 """Health and isolation: what the engine and ComfyUI itself say about each instance, compared with the registry.
 
 `reconcile_node` runs every INSTANCE_HEALTH_INTERVAL seconds (comfyhub.cron) and records each instance's observed
-status; it never starts or restarts anything (Docker's restart policy backs off and gives up on crash loops)."""
+status, ComfyUI's queue and its GPUs' memory; work in the queue is activity (instances/idle.py). It never starts or
+restarts anything (Docker's restart policy backs off and gives up on crash loops)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from storage_app import layout
@@ -23,6 +25,42 @@ def system_stats(instance: Instance, timeout: float | None = None) -> dict | Non
         return comfyui_api.ComfyUI.of(instance).system_stats(timeout)
     except comfyui_api.ComfyUIError:
         return None
+
+
+def queue_of(instance: Instance, timeout: float | None = None) -> dict | None:
+    """ComfyUI's queue as {"running": n, "pending": m}, or None when it does not answer /queue."""
+    try:
+        queue = comfyui_api.ComfyUI.of(instance).queue(timeout)
+    except comfyui_api.ComfyUIError:
+        return None
+    return {"running": queue.running, "pending": queue.pending}
+
+
+# An instance's answers are its own code's: at most this many devices are recorded, names cut to this length.
+MAX_DEVICES = 16
+MAX_DEVICE_NAME = 200
+
+
+def vram_of(instance: Instance, stats: dict | None) -> list[dict]:
+    """Memory of each GPU ComfyUI reports: {"name", "index" (ComfyUI's), "gpu" (the host GPU's index, when the
+    devices match the assignment one to one, in the order the container was given them), "used", "total"} (bytes;
+    used = vram_total - vram_free)."""
+    devices = [d for d in ((stats or {}).get("devices") or []) if isinstance(d, dict) and d.get("type") != "cpu"]
+    devices = devices[:MAX_DEVICES]
+    assigned = instance.assigned_gpus()
+    vram = []
+    for position, device in enumerate(devices):
+        total, free = device.get("vram_total"), device.get("vram_free")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in (total, free)):
+            continue
+        index = device.get("index")
+        vram.append({
+            "name": str(device.get("name") or "")[:MAX_DEVICE_NAME],
+            "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
+            "gpu": assigned[position].index if len(assigned) == len(devices) else None,
+            "used": int(max(total - free, 0)), "total": int(total),
+        })
+    return vram
 
 
 def isolation_checks(instance: Instance, state: docker_engine.ContainerState | None, stats: dict | None,
@@ -157,11 +195,15 @@ def reconcile_node(node: Node) -> Counter:
         engine.close()
     by_name = {state.name: state for state in states}
     running = [i for i in instances if (by_name.get(i.container_name) or _NONE).running]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = dict(zip([i.pk for i in running], pool.map(system_stats, running)))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        # Both questions are put to every instance at once (twice the threads the one question had), so a pass takes
+        # as long as before, even when instances hang until the timeout.
+        stats_answers, queue_answers = pool.map(system_stats, running), pool.map(queue_of, running)
+        answers = dict(zip([i.pk for i in running], stats_answers))
+        queues = dict(zip([i.pk for i in running], queue_answers))
 
     counts = Counter()
-    changed = []
+    changed, busy = [], []
     for instance in instances:
         state = by_name.get(instance.container_name)
         stats = answers.get(instance.pk)
@@ -169,8 +211,12 @@ def reconcile_node(node: Node) -> Counter:
         status, detail = observe(instance, state, stats, checks)
         if state is not None and state.running and state.labels.get(runtime.LABEL_CONFIG) != instance.config_hash:
             detail = (detail + "; " if detail else "") + "its container was changed outside ComfyHub"
+        queue = queues.get(instance.pk)
         health = {"checks": checks, "devices": [d.get("name") for d in (stats or {}).get("devices", [])],
-                  "comfyui_version": ((stats or {}).get("system") or {}).get("comfyui_version", "")}
+                  "comfyui_version": ((stats or {}).get("system") or {}).get("comfyui_version", ""),
+                  "queue": queue, "vram": vram_of(instance, stats)}
+        if queue and (queue["running"] or queue["pending"]):
+            busy.append(instance.pk)
         counts[status] += 1
         if (instance.status, instance.status_detail, instance.health) != (status, detail, health) or \
                 (state and instance.restart_count != state.restart_count):
@@ -182,6 +228,10 @@ def reconcile_node(node: Node) -> Counter:
         instance.checked_at = now
     Instance.objects.bulk_update(
         changed, ["status", "status_detail", "health", "restart_count", "container_id"], batch_size=200)
+    if busy:
+        # Work in the queue is activity; a later request through the hub (access.note_activity) is not undone.
+        Instance.objects.filter(pk__in=busy).filter(Q(last_activity_at__isnull=True) | Q(last_activity_at__lt=now)) \
+            .update(last_activity_at=now)
     # Node types are remembered when an instance stops; one that answers and has none remembered yet (never stopped
     # through ComfyHub: started, then crashed or still running) gets them now, once.
     unknown = [i for i in instances if i.status == Instance.Status.HEALTHY and not i.node_types]

@@ -1,7 +1,11 @@
 """The periodic reconcile: observed status, health and isolation checks, from the real engine and ComfyUI."""
 import dataclasses
+import json
+import urllib.request
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from comfyhub.models import Operation
 from instances import docker_engine, health, runtime, services
@@ -141,3 +145,68 @@ def test_a_silent_comfyui_is_starting_during_the_grace_period_then_unhealthy(ima
     # Made here by hand, not by a start: the reconcile also notices that.
     assert instance.status_detail == ("ComfyUI does not answer /system_stats; "
                                       "its container was changed outside ComfyHub")
+
+
+GIB = 1024 ** 3
+
+
+def test_the_pass_records_the_queue_and_the_memory_of_each_gpu(image, run_worker):
+    instance = reconciled(started(services.instance_create(instance_id="metered", image=image, gpu_indexes=[1, 3]),
+                                  run_worker))
+    assert instance.health["queue"] == {"running": 0, "pending": 0}
+    assert instance.health["vram"] == [
+        {"name": "cuda:0 host GPU 1 : test double", "index": 0, "gpu": 1, "used": 0, "total": 24 * GIB},
+        {"name": "cuda:1 host GPU 3 : test double", "index": 1, "gpu": 3, "used": 0, "total": 24 * GIB},
+    ]
+    assert instance.last_activity_at is None  # an empty queue is no activity
+
+
+def test_work_in_the_queue_is_recorded_as_activity(image, engine):
+    instance = services.instance_create(instance_id="busy", image=image, gpu_indexes=[1])
+    layout.build_shared_tree()
+    layout.build_instance_tree("busy")
+    spec = runtime.container_spec(instance)
+    # COMFY_* variables cannot come from an instance's extra_env: the container is made here by hand.
+    slow = dataclasses.replace(spec, environment={**spec.environment, "COMFY_DOUBLE_PROMPT_SECONDS": "300"})
+    docker_engine.create_container(engine, slow)
+    docker_engine.start_container(engine, instance.container_name)
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    wait_for(lambda: health.system_stats(instance) is not None, timeout=30, message="ComfyUI to answer")
+    body = json.dumps({"prompt": {"9": {"class_type": "SaveImage", "inputs": {}}}}).encode()
+    for _ in range(3):
+        request = urllib.request.Request(f"http://127.0.0.1:{instance.host_port}/prompt", data=body,
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=5).close()
+    wait_for(lambda: (health.queue_of(instance) or {}).get("running") == 1, timeout=10,
+             message="the first prompt to run")
+
+    before = timezone.now()
+    instance = reconciled(instance)
+    assert instance.health["queue"] == {"running": 1, "pending": 2}
+    assert before - timedelta(seconds=5) <= instance.last_activity_at <= timezone.now()
+
+    # A request through the hub after the pass began is not undone by it.
+    later = timezone.now() + timedelta(minutes=1)
+    Instance.objects.filter(pk=instance.pk).update(last_activity_at=later)
+    assert reconciled(instance).last_activity_at == later
+
+
+def test_gpu_memory_is_read_defensively_from_what_comfyui_says(image):
+    instance = services.instance_create(instance_id="reader", image=image, gpu_indexes=[1, 2])
+    instance = services.instances_with_relations().get(pk=instance.pk)
+    cuda = {"type": "cuda", "vram_total": 24 * GIB, "vram_free": 20 * GIB}
+    stats = {"devices": [{**cuda, "name": "cuda:0 A", "index": 0}, {**cuda, "name": "cuda:1 B", "index": 1}]}
+    assert health.vram_of(instance, stats) == [
+        {"name": "cuda:0 A", "index": 0, "gpu": 1, "used": 4 * GIB, "total": 24 * GIB},
+        {"name": "cuda:1 B", "index": 1, "gpu": 2, "used": 4 * GIB, "total": 24 * GIB},
+    ]
+    # More or fewer devices than assigned: which host GPU each is cannot be told.
+    [only] = health.vram_of(instance, {"devices": stats["devices"][:1]})
+    assert only["gpu"] is None and only["used"] == 4 * GIB
+    # The CPU is no GPU; nonsense is left out, not a crash.
+    assert health.vram_of(instance, {"devices": [
+        {"type": "cpu", "name": "cpu", "vram_total": 8, "vram_free": 4}, "not a device",
+        {**cuda, "vram_free": "lots"}, {**cuda, "vram_total": True}, {**cuda, "vram_total": -1}]}) == []
+    assert health.vram_of(instance, {"devices": [{**cuda, "name": "x" * 1000, "index": "0"}] * 40}) == [
+        {"name": "x" * 200, "index": None, "gpu": None, "used": 4 * GIB, "total": 24 * GIB}] * 16
+    assert health.vram_of(instance, None) == []
