@@ -15,13 +15,15 @@ class InstancesConfig(AppConfig):
         from . import jobs, signals  # noqa: F401  (jobs declare the operation kinds the pages filter by)
 
     def periodic_jobs(self):
-        """Run by comfyhub.cron: every instance's observed status and health, recorded."""
+        """Run by comfyhub.cron: every instance's observed status and health, recorded; idle instances stopped."""
         from django.conf import settings
 
-        from .jobs import reconcile_instances
+        from .jobs import check_idle_instances, reconcile_instances
 
         return [{"func": reconcile_instances, "queue_name": "default", "interval": settings.INSTANCE_HEALTH_INTERVAL,
-                 "job_timeout": 300}]
+                 "job_timeout": 300},
+                {"func": check_idle_instances, "queue_name": "default", "interval": settings.IDLE_CHECK_INTERVAL,
+                 "job_timeout": 60}]
 
     def diagnostics(self):
         """The parts of the diagnostics operation (comfyhub.jobs) this app knows: (name, check() -> (ok, detail))."""

@@ -1,7 +1,7 @@
 """Instance jobs: thin wrappers that load the row and call the service that does the work."""
 from comfyhub.operations import OperationError, operation_job
 
-from . import containers, health
+from . import containers, health, idle
 from .models import Instance
 
 
@@ -40,6 +40,17 @@ def delete_instance(report, *, instance_pk, purge_data=False):
 def reconcile_instances():
     """Periodic (rq cron): record every instance's observed status and health."""
     return health.reconcile_all()
+
+
+def check_idle_instances():
+    """Periodic (rq cron, every IDLE_CHECK_INTERVAL): queue the idle-stop operation when an instance's idle time is
+    over; its Operation id, or None."""
+    return idle.idle_check()
+
+
+@operation_job(idle.KIND, label="Stop idle instances")
+def stop_idle_instances(report):
+    return idle.stop_idle(report)
 
 
 @operation_job("workflows_copy", label="Copy workflows")

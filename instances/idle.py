@@ -1,0 +1,123 @@
+"""Idle stop: a running instance with no traffic through the hub and an empty ComfyUI queue for its `idle_stop_after`
+minutes is stopped, so its GPUs go back to the others. Activity is `last_activity_at` (the proxy's
+access.note_activity, and work the health pass saw in its queue) or, when later, its start."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from comfyhub import operations, queues
+from comfyhub.models import Operation
+
+from . import comfyui_api, services
+from .models import Instance
+
+KIND = "idle_stop"
+# Only an instance ComfyHub sees running and answering may be stopped for idleness: one starting, crash-looping or in
+# error is someone's problem to look at, not idle.
+RUNNING_STATUSES = (Instance.Status.HEALTHY, Instance.Status.UNHEALTHY)
+
+
+def idle_reason(minutes: int) -> str:
+    return f"Stopped after {minutes} min idle: no traffic through the hub and an empty queue."
+
+
+def last_activity(instance: Instance) -> datetime | None:
+    """When it was last used: traffic through the hub, work in its queue, or its start, whichever is latest."""
+    moments = [moment for moment in (instance.last_activity_at, instance.started_at) if moment is not None]
+    return max(moments) if moments else None
+
+
+def idle_stop_at(instance: Instance) -> datetime | None:
+    """When idle stop will stop it if nothing happens until then; None when idle stop is off or it never ran."""
+    since = last_activity(instance)
+    if not instance.idle_stop_after or since is None:
+        return None
+    return since + timedelta(minutes=instance.idle_stop_after)
+
+
+def idle_stop_expected(instance: Instance) -> datetime | None:
+    """idle_stop_at for an instance idle stop may stop now (wanted running, seen running); None otherwise."""
+    if instance.desired_state != Instance.DesiredState.RUNNING or instance.status not in RUNNING_STATUSES:
+        return None
+    return idle_stop_at(instance)
+
+
+def idle_due(now: datetime | None = None) -> list[Instance]:
+    """Running instances with idle stop on whose idle time is over (their queue not asked yet)."""
+    now = now or timezone.now()
+    candidates = Instance.objects.select_related("node").filter(
+        desired_state=Instance.DesiredState.RUNNING, status__in=RUNNING_STATUSES, idle_stop_after__gt=0)
+    return [instance for instance in candidates if (at := idle_stop_expected(instance)) is not None and at <= now]
+
+
+def idle_check() -> str | None:
+    """The periodic check: queue the idle-stop operation when some instance's idle time is over. Nothing is recorded
+    otherwise (one operation a minute would bury the real ones), nor while one is still queued or running."""
+    if not idle_due():
+        return None
+    if Operation.objects.filter(kind=KIND, status__in=Operation.ACTIVE_STATUSES).exists():
+        return None
+    return str(operations.enqueue("instances.jobs.stop_idle_instances").pk)
+
+
+def stop_idle(report) -> dict:
+    """Stop every instance whose idle time is over and whose queue, asked now, is empty. An instance whose ComfyUI
+    does not answer /queue is left running (its queue may hold work); one with work in its queue is active."""
+    now = timezone.now()
+    due = idle_due(now)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(_ask_queue, due))
+    stopped, skipped = [], []
+
+    def skip(instance, why):
+        report.log(f"{instance}: not stopped: {why}")
+        skipped.append({"instance": instance.instance_id, "why": why})
+
+    for instance, answer in zip(due, answers):
+        if isinstance(answer, comfyui_api.ComfyUIError):
+            skip(instance, f"ComfyUI does not answer /queue, so its queue may hold work ({answer})")
+            continue
+        if not answer.empty:
+            _note_queue_activity(instance)
+            skip(instance, f"its queue has work ({answer.running} running, {answer.pending} pending), which counts "
+                           "as activity")
+            continue
+        # Someone may have used it through the hub, or stopped it, while its queue was asked.
+        fresh = Instance.objects.filter(pk=instance.pk).values("desired_state", "last_activity_at").first()
+        if fresh is None or fresh["desired_state"] != Instance.DesiredState.RUNNING:
+            skip(instance, "it was stopped or deleted meanwhile")
+            continue
+        instance.last_activity_at = fresh["last_activity_at"]
+        if idle_stop_at(instance) > timezone.now():
+            skip(instance, "it was used through the hub meanwhile")
+            continue
+        since = last_activity(instance)
+        try:
+            operation = services.instance_stop(instance=instance, reason=idle_reason(instance.idle_stop_after))
+        except queues.QueueUnavailable as exc:
+            skip(instance, f"its stop could not be queued ({exc})")
+            continue
+        report.log(f"{instance}: stopped, idle since {timezone.localtime(since):%Y-%m-%d %H:%M:%S} (idle stop after "
+                   f"{instance.idle_stop_after} min); stop operation {operation.pk}")
+        stopped.append({"instance": instance.instance_id, "idle_since": since.isoformat(),
+                        "operation": str(operation.pk)})
+    if not due:
+        report.log("No instance is idle past its idle-stop time.")
+    return {"stopped": stopped, "skipped": skipped}
+
+
+def _ask_queue(instance: Instance):
+    try:
+        return comfyui_api.ComfyUI.of(instance).queue()
+    except comfyui_api.ComfyUIError as exc:
+        return exc
+
+
+def _note_queue_activity(instance: Instance) -> None:
+    now = timezone.now()
+    Instance.objects.filter(pk=instance.pk).filter(Q(last_activity_at__isnull=True) | Q(last_activity_at__lt=now)) \
+        .update(last_activity_at=now)

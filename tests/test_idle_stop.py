@@ -1,0 +1,252 @@
+"""Idle stop (instances/idle.py): the periodic job, enqueued as comfyhub.cron registers it and run by a real worker,
+stops a running instance that had no traffic through the hub for its idle_stop_after minutes and whose ComfyUI queue
+is empty, so its GPU is free again; it leaves alone one used recently, one with work in its queue, one whose ComfyUI
+does not answer, and one with idle stop off. Real containers of the ComfyUI test double on the test engine."""
+import dataclasses
+import json
+import urllib.request
+from datetime import timedelta
+
+import pytest
+from django.apps import apps
+from django.conf import settings
+from django.urls import reverse
+from django.utils import timezone
+
+from comfyhub import queues
+from comfyhub.models import Operation
+from instances import access, docker_engine, health, idle, jobs, runtime, services
+from instances.comfyui_api import ComfyUI
+from instances.models import GPU, Instance
+from storage_app import layout
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+
+IDLE_REASON = "Stopped after 1 min idle: no traffic through the hub and an empty queue."
+
+
+@pytest.fixture
+def image(comfyui_double_image, docker_cleanup):
+    return comfyui_double_image
+
+
+@pytest.fixture
+def engine(docker_engine):
+    client = docker_engine_client()
+    yield client
+    client.close()
+
+
+def docker_engine_client():
+    return docker_engine.require_engine()
+
+
+def started(instance, drain):
+    """Started through its operation, then seen healthy by a health pass (what idle stop looks for)."""
+    operation = services.instance_start(instance=instance)
+    drain()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    health.reconcile_all()
+    instance.refresh_from_db()
+    assert instance.status == Instance.Status.HEALTHY, instance.status_detail
+    return instance
+
+
+def idle_for(instance, minutes):
+    """As if it was started, and last used through the hub, `minutes` ago."""
+    moment = timezone.now() - timedelta(minutes=minutes)
+    Instance.objects.filter(pk=instance.pk).update(started_at=moment, last_activity_at=moment)
+    instance.refresh_from_db()
+    return moment
+
+
+def run_idle_check(drain):
+    """The periodic job as comfyhub.cron registers it (the instances app's periodic_jobs, every IDLE_CHECK_INTERVAL),
+    enqueued on its queue and run by a worker with everything it queues; the idle-stop Operation, or None."""
+    periodic = [entry for entry in apps.get_app_config("instances").periodic_jobs()
+                if entry["func"] is jobs.check_idle_instances]
+    assert len(periodic) == 1 and periodic[0]["interval"] == settings.IDLE_CHECK_INTERVAL
+    job = queues.get_queue(periodic[0]["queue_name"]).enqueue(periodic[0]["func"],
+                                                              job_timeout=periodic[0]["job_timeout"])
+    # A forking worker takes the job off the queue a moment before it calls it started: wait for its end too.
+    drain()
+    wait_for(lambda: job.get_status(refresh=True) in ("finished", "failed", "stopped", "canceled"), timeout=60,
+             message="the periodic job to end")
+    drain()
+    assert job.is_finished, job.latest_result().exc_string
+    operation_id = job.return_value()
+    if operation_id is None:
+        return None
+    operation = Operation.objects.get(pk=operation_id)
+    assert operation.kind == "idle_stop"
+    assert operation.status == Operation.Status.SUCCEEDED, operation.error
+    return operation
+
+
+def running_holders_of(engine, gpu):
+    return [state.name for state in docker_engine.list_containers(engine)
+            if state.running and gpu.device_id in state.device_ids]
+
+
+def queue_prompts(instance, count):
+    body = json.dumps({"prompt": {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "idle"}}}}).encode()
+    for _ in range(count):
+        request = urllib.request.Request(f"http://127.0.0.1:{instance.host_port}/prompt", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+
+
+def still_running(instance, engine):
+    instance.refresh_from_db()
+    assert instance.desired_state == Instance.DesiredState.RUNNING
+    assert (instance.stopped_at, instance.stop_reason) == (None, "")
+    assert docker_engine.container_state(engine, instance.container_name).running
+    assert not Operation.objects.filter(kind="instance_stop", target_id=str(instance.pk)).exists()
+    return instance
+
+
+def test_an_idle_instance_is_stopped_its_gpu_freed_and_its_page_says_when_and_why(image, production_worker, engine,
+                                                                                  client, stranger):
+    instance = services.instance_create(instance_id="sleepy", image=image, gpu_indexes=[1], idle_stop_after=1)
+    gpu = GPU.objects.get(index=1)
+    instance = started(instance, production_worker)
+    assert running_holders_of(engine, gpu) == [instance.container_name]
+    idle_since = idle_for(instance, minutes=2)
+
+    before = timezone.now()
+    operation = run_idle_check(production_worker)
+    assert operation.result == {"stopped": [{"instance": "sleepy", "idle_since": idle_since.isoformat(),
+                                             "operation": operation.result["stopped"][0]["operation"]}],
+                                "skipped": []}
+    assert "sleepy: stopped, idle since" in operation.log and "(idle stop after 1 min)" in operation.log
+    stop = Operation.objects.get(pk=operation.result["stopped"][0]["operation"])
+    assert (stop.kind, stop.target_id, stop.status) == ("instance_stop", str(instance.pk), Operation.Status.SUCCEEDED)
+
+    instance.refresh_from_db()
+    assert instance.desired_state == Instance.DesiredState.STOPPED
+    assert instance.stop_reason == IDLE_REASON
+    assert before <= instance.stopped_at <= timezone.now()
+    assert not docker_engine.container_state(engine, instance.container_name).running
+    assert running_holders_of(engine, gpu) == []  # the GPU is free: no running container holds it
+    health.reconcile_all()
+    instance.refresh_from_db()
+    assert instance.status == Instance.Status.STOPPED
+    assert (instance.health["queue"], instance.health["vram"]) == (None, [])
+
+    client.force_login(stranger)
+    page = client.get(reverse("instance-detail", args=["sleepy"])).content.decode()
+    panel = page.split('id="instance-activity"')[1].split("</section>")[0]
+    assert timezone.localtime(instance.stopped_at).strftime("%Y-%m-%d %H:%M:%S") in panel
+    assert IDLE_REASON in panel.split('data-testid="stop-reason">')[1].split("</dd>")[0]
+
+    # Nothing more to do: the next check records no operation.
+    assert run_idle_check(production_worker) is None
+
+
+def test_an_instance_used_through_the_hub_a_moment_ago_keeps_running(image, run_worker, engine):
+    instance = started(services.instance_create(instance_id="used", image=image, gpu_indexes=[1], idle_stop_after=1),
+                       run_worker)
+    idle_for(instance, minutes=2)
+    access.note_activity(instance)  # what the proxy's endpoint calls on a request through the hub
+    assert run_idle_check(run_worker) is None
+    assert not Operation.objects.filter(kind="idle_stop").exists()
+    still_running(instance, engine)
+
+
+def started_with_slow_prompts(instance, engine):
+    """Its container made and started as a start makes it, plus COMFY_DOUBLE_PROMPT_SECONDS (an instance's own
+    COMFY_* variables are refused, so it cannot come from extra_env), then seen healthy by a health pass."""
+    layout.build_shared_tree()
+    layout.build_instance_tree(instance.instance_id)
+    spec = runtime.container_spec(instance)
+    spec = dataclasses.replace(spec, environment={**spec.environment, "COMFY_DOUBLE_PROMPT_SECONDS": "300"})
+    docker_engine.create_container(engine, spec)
+    docker_engine.start_container(engine, instance.container_name)
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING,
+                                                   started_at=timezone.now())
+    wait_for(lambda: health.system_stats(instance) is not None, timeout=30, message="ComfyUI to answer")
+    health.reconcile_all()
+    instance.refresh_from_db()
+    assert instance.status == Instance.Status.HEALTHY, instance.status_detail
+    return instance
+
+
+def test_work_in_its_queue_is_activity_and_keeps_it_running(image, run_worker, engine):
+    instance = started_with_slow_prompts(
+        services.instance_create(instance_id="working", image=image, gpu_indexes=[1], idle_stop_after=1), engine)
+    queue_prompts(instance, 2)
+    wait_for(lambda: ComfyUI.of(instance).queue().running == 1, timeout=10, message="the first prompt to run")
+    idle_for(instance, minutes=2)
+
+    operation = run_idle_check(run_worker)
+    assert operation.result == {"stopped": [], "skipped": [{
+        "instance": "working", "why": "its queue has work (1 running, 1 pending), which counts as activity"}]}
+    assert "working: not stopped: its queue has work" in operation.log
+    instance = still_running(instance, engine)
+    assert timezone.now() - instance.last_activity_at < timedelta(seconds=30)
+    assert idle.idle_due() == []
+
+
+def test_a_comfyui_that_does_not_answer_is_not_stopped(image, run_worker, engine, settings):
+    settings.INSTANCE_HEALTH_TIMEOUT = 1
+    instance = started(services.instance_create(instance_id="hung", image=image, gpu_indexes=[1], idle_stop_after=1),
+                       run_worker)
+    idle_for(instance, minutes=2)
+    container = engine.containers.get(instance.container_name)
+    container.pause()  # the port still accepts; ComfyUI never answers
+    try:
+        operation = run_idle_check(run_worker)
+    finally:
+        container.unpause()
+    assert operation.result["stopped"] == []
+    [skipped] = operation.result["skipped"]
+    assert skipped["instance"] == "hung"
+    assert skipped["why"].startswith("ComfyUI does not answer /queue, so its queue may hold work (ComfyUI at "
+                                     f"http://127.0.0.1:{instance.host_port} did not answer GET /queue within 1 s")
+    assert "hung: not stopped: ComfyUI does not answer /queue" in operation.log
+    still_running(instance, engine)
+
+
+def test_idle_stop_off_never_stops_an_instance(image, run_worker, engine):
+    instance = started(services.instance_create(instance_id="forever", image=image, gpu_indexes=[1]), run_worker)
+    assert instance.idle_stop_after == 0
+    idle_for(instance, minutes=60 * 24 * 30)
+    assert run_idle_check(run_worker) is None
+    assert not Operation.objects.filter(kind="idle_stop").exists()
+    still_running(instance, engine)
+
+
+# --- Which instances the check looks at (the registry only) ------------------------------------------------------
+
+def registered(instance_id, *, status=Instance.Status.HEALTHY, desired=Instance.DesiredState.RUNNING, idle_minutes=2,
+               idle_stop_after=1):
+    instance = services.instance_create(instance_id=instance_id, image="example/comfyui:1",
+                                        idle_stop_after=idle_stop_after)
+    moment = timezone.now() - timedelta(minutes=idle_minutes)
+    Instance.objects.filter(pk=instance.pk).update(status=status, desired_state=desired, started_at=moment,
+                                                   last_activity_at=None)
+    return instance
+
+
+def test_only_running_instances_past_their_idle_time_are_due():
+    registered("due")
+    registered("unhealthy-due", status=Instance.Status.UNHEALTHY)
+    registered("recent", idle_minutes=0)
+    registered("off", idle_stop_after=0)
+    registered("starting", status=Instance.Status.STARTING)
+    registered("crashing", status=Instance.Status.CRASH_LOOPING)
+    registered("erring", status=Instance.Status.ERROR)
+    registered("stopping", desired=Instance.DesiredState.STOPPED)
+    registered("longer", idle_stop_after=5)
+    assert sorted(i.instance_id for i in idle.idle_due()) == ["due", "unhealthy-due"]
+
+
+def test_a_check_while_the_last_one_still_waits_queues_no_second_operation():
+    registered("due")
+    first = idle.idle_check()
+    assert first is not None
+    assert idle.idle_check() is None
+    assert Operation.objects.filter(kind="idle_stop").count() == 1
