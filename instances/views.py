@@ -186,7 +186,8 @@ def instance_create_own(request):
     """Self-service: an instance of one's own from a self-service template, within the quotas."""
     if not selfservice.may_self_serve(request.user) and not selfservice.is_operator(request.user):
         raise PermissionDenied
-    form = SelfServiceForm(request.POST if request.method == "POST" else None)
+    form = SelfServiceForm(request.POST if request.method == "POST" else None,
+                           initial={"template": request.GET.get("template", "")})
     if form.is_bound and form.is_valid():
         data = form.cleaned_data
         with service_errors(request, form):

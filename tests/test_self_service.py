@@ -219,3 +219,14 @@ def test_the_admin_marks_a_template_self_service(client, admin_user):
     assert InstanceTemplate.objects.get(name="admin-made").self_service
     listing = client.get(reverse("admin:instances_instancetemplate_changelist")).content.decode()
     assert "Self service" in listing or "self service" in listing.lower()
+
+
+def test_a_self_service_templates_page_leads_to_the_form_with_it_chosen(client, olive, cpu_template,
+                                                                        operators_template):
+    client.force_login(olive)
+    detail = client.get(reverse("template-detail", args=["cpu-sketch"])).content.decode()
+    assert f'href="{NEW}?template=cpu-sketch"' in detail and "New instance from this template" not in detail
+    assert NEW not in client.get(reverse("template-detail", args=["big-iron"])).content.decode().split(
+        "</nav>")[1]
+    form = client.get(f"{NEW}?template=cpu-sketch").content.decode()
+    assert '<option value="cpu-sketch" selected>' in form
