@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= var
 
 # Debian packages each command needs. As root they are installed with apt; otherwise we say which are missing.
-RUN_PACKAGES := redis-server
-TEST_PACKAGES := redis-server docker.io chromium debootstrap b3sum openssl postgresql
+RUN_PACKAGES := redis-server nginx
+TEST_PACKAGES := redis-server nginx docker.io chromium debootstrap b3sum openssl postgresql
 
 .PHONY: help run test bench check-python venv venv-dev run-packages test-packages clean
 
@@ -34,8 +34,16 @@ ensure_packages = missing=""; \
 	  fi; \
 	fi
 
+# redis-server unless REDIS_URL names another Redis; nginx unless COMFYHUB_NGINX=false.
 run-packages:
-	@if [ -z "$$REDIS_URL" ]; then $(call ensure_packages,$(RUN_PACKAGES)); fi
+	@packages=""; nginx_off=""; \
+	  case "$$(echo "$${COMFYHUB_NGINX:-true}" | tr A-Z a-z)" in false|0|no|off) nginx_off=1;; esac; \
+	  for pkg in $(RUN_PACKAGES); do \
+	    if [ "$$pkg" = redis-server ] && [ -n "$$REDIS_URL" ]; then continue; fi; \
+	    if [ "$$pkg" = nginx ] && [ -n "$$nginx_off" ]; then continue; fi; \
+	    packages="$$packages $$pkg"; \
+	  done; \
+	  $(call ensure_packages,$$packages)
 
 test-packages:
 	@$(call ensure_packages,$(TEST_PACKAGES))

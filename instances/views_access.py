@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.http import HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render, resolve_url
+from django.shortcuts import redirect, render, resolve_url
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
@@ -197,5 +197,6 @@ def _unavailable_context(request, instance, user):
 
 def instance_open(request, instance_id, rest=""):
     """/i/<id>/ reached Django: nginx is not in front (COMFYHUB_NGINX=false, runserver), so nothing proxies it."""
-    instance = get_object_or_404(Instance, instance_id=instance_id)
-    return render(request, "instances/instance_open.html", {"instance": instance}, status=503)
+    instance = Instance.objects.filter(instance_id=instance_id).first()
+    return render(request, "instances/instance_open.html", {"instance": instance, "instance_id": instance_id,
+                                                            "path": request.path}, status=503)

@@ -1,4 +1,5 @@
 """`manage.py serve` (what `make run` runs): everything starts, a first login is printed once, Ctrl-C stops it all."""
+import http.client
 import os
 import re
 import signal
@@ -91,12 +92,24 @@ def test_it_runs_everything_prints_a_first_login_once_and_stops_it_all_on_ctrl_c
         wait_for(lambda: "none</span>" not in session.get(f"http://127.0.0.1:{port}/", timeout=20).text.split(
             "Latest operations")[0], timeout=30, message="a worker on every queue")
         assert (data_dir / "redis.sock").exists()
+        # nginx is in front (gunicorn on a socket of its own): it keeps the access check to itself and asks it
+        # before any instance.
+        assert (data_dir / "nginx" / "gunicorn.sock").exists()
+        assert "Instances open at /i/<instance-id>/ through nginx" in serve.text()
+        assert requests.get(f"http://127.0.0.1:{port}/_hub/auth", timeout=20).status_code == 404
+        anonymous = requests.get(f"http://127.0.0.1:{port}/i/comfy/system_stats", timeout=20)
+        assert anonymous.status_code == 401 and "Log in" in anonymous.json()["error"]
+        raw = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        raw.request("GET", "/i/../login/")  # as written: requests would resolve the dot segment itself
+        assert raw.getresponse().status == 400
+        raw.close()
     finally:
         children = serve.interrupt()
     assert serve.process.returncode == 0, serve.text()
     assert "ComfyHub stopped." in serve.text()
     assert children and not [pid for pid in children if alive(pid)]
     assert not (data_dir / "redis.sock").exists()
+    assert not (data_dir / "nginx" / "gunicorn.sock").exists()
 
     second = Serve(data_dir, free_port()).wait_until_running()
     try:
@@ -126,5 +139,21 @@ def test_it_says_when_the_given_redis_does_not_answer_but_still_serves_pages(tmp
         assert "does not answer" in serve.text()
         session, response = log_in(port, "admin", "a-long-password-42")
         assert "The job queue is unavailable" in response.text
+    finally:
+        serve.interrupt()
+
+
+def test_without_nginx_gunicorn_alone_serves_the_bind_address_and_i_says_why_instances_do_not_open(tmp_path):
+    port = free_port()
+    serve = Serve(tmp_path / "var", port, {"COMFYHUB_NGINX": "false",
+                                           "DJANGO_SUPERUSER_PASSWORD": "a-long-password-42"}).wait_until_running()
+    try:
+        assert "COMFYHUB_NGINX=false" in serve.text()
+        assert not (tmp_path / "var" / "nginx").exists()
+        # Django answers what nginx would have kept: its own access check, and /i/<id>/ as a page saying why.
+        assert requests.get(f"http://127.0.0.1:{port}/_hub/auth", timeout=20).status_code == 401
+        session, _ = log_in(port, "admin", "a-long-password-42")
+        page = session.get(f"http://127.0.0.1:{port}/i/comfy/", timeout=20)
+        assert page.status_code == 503 and "make run" in page.text and "not in front" in page.text
     finally:
         serve.interrupt()

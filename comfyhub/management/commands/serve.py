@@ -1,9 +1,13 @@
 """`manage.py serve`: run all of ComfyHub in the foreground (what `make run` calls).
 
 Migrates, makes sure a superuser exists, starts a local Redis unless REDIS_URL was given, RQ workers with the
-scheduler, the cron process for periodic jobs, and gunicorn; restarts a crashed worker; Ctrl-C stops all of it.
+scheduler, the cron process for periodic jobs, gunicorn, and nginx in front of it (docker/nginx, the /i/<id>/ proxy;
+COMFYHUB_NGINX=false: gunicorn alone on the bind address); restarts a crashed worker; Ctrl-C stops all of it.
 """
 import os
+import pwd
+import socket
+import stat
 import secrets
 import shutil
 import signal
@@ -19,6 +23,7 @@ from django.core.management.base import BaseCommand, CommandError
 from redis import Redis
 from redis.exceptions import RedisError
 
+from comfyhub import proxy
 from comfyhub.queues import redis_address
 from comfyhub.signals import serve_starting
 
@@ -61,10 +66,16 @@ class Command(BaseCommand):
                 queues = ["default"] if number == 0 and options["workers"] > 1 else ["default", "long"]
                 self._spawn(f"worker-{number + 1}", [*manage, "rqworker", *queues, "--with-scheduler"])
             self._spawn("cron", [*manage, "rqcron", "comfyhub.cron"])
-            self._spawn("web", [sys.executable, "-m", "gunicorn", "comfyhub.wsgi", "--bind", options["bind"],
+            nginx = self._nginx_binary() if settings.SERVE_NGINX else None
+            if nginx:
+                self.nginx_prefix.mkdir(exist_ok=True)
+            web_bind = f"unix:{self.nginx_prefix / 'gunicorn.sock'}" if nginx else options["bind"]
+            self._spawn("web", [sys.executable, "-m", "gunicorn", "comfyhub.wsgi", "--bind", web_bind,
                                 "--workers", str(options["web_workers"]), "--threads", "4",
                                 "--access-logfile", "-", "--timeout", "60", "--no-control-socket"])
-            self._announce(options["bind"], login)
+            if nginx:
+                self._start_nginx(nginx, options["bind"], web_bind)
+            self._announce(options["bind"], login, nginx=bool(nginx))
             self._supervise()
         finally:
             self._stop_all()
@@ -113,6 +124,83 @@ class Command(BaseCommand):
                     raise CommandError(f"The local Redis did not start; see {self.log_dir / 'redis.log'}.")
                 time.sleep(0.2)
 
+    @property
+    def nginx_prefix(self) -> Path:
+        return settings.DATA_DIR / "nginx"
+
+    def _nginx_binary(self) -> str:
+        # Debian puts nginx in /usr/sbin, which is not on a normal user's PATH.
+        search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+        nginx = shutil.which("nginx", path=search)
+        if not nginx:
+            raise CommandError("nginx is not installed: install the Debian package 'nginx' (sudo apt-get install "
+                               "nginx; `make run` does it when run as root), or set COMFYHUB_NGINX=false to run "
+                               "the web server alone on COMFYHUB_BIND (instances then cannot be opened through "
+                               "the hub).")
+        return nginx
+
+    def _nginx_worker_user(self, socket_path: Path) -> str | None:
+        """As root, nginx's workers run as 'nobody' when that user can reach gunicorn's socket; else as root."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            return "root"
+        for folder in socket_path.parents:
+            if not folder.stat().st_mode & stat.S_IXOTH:
+                self.stderr.write(self.style.WARNING(
+                    f"nginx's workers run as root: the user 'nobody' cannot enter {folder} to reach {socket_path}. "
+                    f"`chmod o+x {folder}` (or keep COMFYHUB_DATA_DIR elsewhere) lets them run as 'nobody'."))
+                return "root"
+        return f"nobody {self._group_name(nobody.pw_gid)}"
+
+    @staticmethod
+    def _group_name(gid):
+        import grp
+
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+
+    def _start_nginx(self, nginx, bind, web_bind):
+        prefix = self.nginx_prefix
+        prefix.mkdir(exist_ok=True)
+        try:
+            proxy.write_private_config(prefix, listen=bind, django_upstream=web_bind,
+                                       user=self._nginx_worker_user(prefix / "gunicorn.sock"))
+        except proxy.ProxyConfigError as exc:
+            raise CommandError(f"Cannot configure nginx: {exc}")
+        checked = subprocess.run(proxy.nginx_command(nginx, prefix, test=True), capture_output=True, text=True)
+        if checked.returncode != 0:
+            raise CommandError(f"nginx refuses its configuration ({prefix / 'nginx.conf'}): {checked.stderr.strip()}")
+        process = self._spawn("nginx", proxy.nginx_command(nginx, prefix))
+        deadline = time.monotonic() + 20
+        while not self._listening(bind):
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = prefix / "logs" / "error.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                raise CommandError(f"nginx did not start on {bind}: {' '.join(tail) or 'see its output above'}")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _listening(bind) -> bool:
+        if bind.startswith("unix:"):
+            family, address = socket.AF_UNIX, bind[5:]
+        else:
+            host, _, port = bind.rpartition(":")
+            host = host.strip("[]") or "127.0.0.1"
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+            family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(address)
+                return True
+            except OSError:
+                return False
+
     def _spawn(self, name, command):
         log = open(self.log_dir / f"{name}.log", "ab") if name == "redis" else None
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None,
@@ -120,7 +208,7 @@ class Command(BaseCommand):
         self.children.append((name, command, process))
         return process
 
-    def _announce(self, bind, login):
+    def _announce(self, bind, login, nginx=False):
         host, _, port = bind.rpartition(":")
         host = "localhost" if host in ("127.0.0.1", "0.0.0.0", "") else host
         lines = ["", f"ComfyHub is running at http://{host}:{port}/"]
@@ -131,6 +219,10 @@ class Command(BaseCommand):
             lines.append(f"Log in as '{login['username']}' (password from DJANGO_SUPERUSER_PASSWORD).")
         else:
             lines.append("Log in with your existing superuser account.")
+        if nginx:
+            lines.append(f"Instances open at /i/<instance-id>/ through nginx (its logs: {self.nginx_prefix / 'logs'}).")
+        else:
+            lines.append("COMFYHUB_NGINX=false: no proxy in front, so instances cannot be opened through the hub.")
         lines.append(f"Redis: {redis_address()} · logs: {self.log_dir} · press Ctrl-C to stop everything.")
         self.stdout.write(self.style.SUCCESS("\n".join(lines) + "\n"))
 
@@ -147,7 +239,7 @@ class Command(BaseCommand):
                 if self.stopping or process.poll() is None:
                     continue
                 recent = [t for t in restarts.get(name, []) if time.monotonic() - t < 60]
-                if name in ("redis", "web") or len(recent) >= 5:
+                if name in ("redis", "web", "nginx") or len(recent) >= 5:
                     raise CommandError(f"{name} exited with status {process.returncode}; stopping ComfyHub.")
                 self.stderr.write(self.style.WARNING(f"{name} exited with status {process.returncode}; restarting it."))
                 recent.append(time.monotonic())
