@@ -65,9 +65,12 @@ def server_names_of(hosts: list[str]) -> list[str]:
 
 def render_site(*, listen: str, django_upstream: str, server_names: list[str], cache_dir: Path | None,
                 cache_seconds: int, max_upload_mb: int, session_cookie_name: str,
-                tls_certificate: Path | None = None, tls_certificate_key: Path | None = None) -> str:
+                tls_certificate: Path | None = None, tls_certificate_key: Path | None = None,
+                default_server: bool = True) -> str:
     """The http{}-level configuration: the hub on `listen`, Django at `django_upstream` (HOST:PORT or unix:/path),
-    /i/<id>/ proxied after Django's access check, cached `cache_seconds` in `cache_dir` (0: asked every time)."""
+    /i/<id>/ proxied after Django's access check, whose answers nginx keeps in `cache_dir` as long as Django says
+    (cache_seconds 0: no cache, asked every time). `default_server`: a catch-all closing requests for other hosts
+    (off where the server's nginx already has a default server)."""
     listen = listen_address(listen)
     if not _UPSTREAM.fullmatch(django_upstream):
         raise ProxyConfigError(f"Django upstream {django_upstream!r}: use HOST:PORT or unix:/path/to/gunicorn.sock.")
@@ -85,12 +88,14 @@ def render_site(*, listen: str, django_upstream: str, server_names: list[str], c
         tls_lines = (f"    ssl_certificate {quoted(tls_certificate, 'the TLS certificate')};\n"
                      f"    ssl_certificate_key {quoted(tls_certificate_key, 'the TLS key')};\n")
     if names == ["*"]:
-        server_name, default_server = "_", ""
-        main_listen = f"{listen}{suffix} default_server"
+        server_name, catch_all = "_", ""
+        main_listen = f"{listen}{suffix}" + (" default_server" if default_server else "")
+    elif not default_server:
+        server_name, main_listen, catch_all = " ".join(names), f"{listen}{suffix}", ""
     else:
         server_name, main_listen = " ".join(names), f"{listen}{suffix}"
         # A Host header naming no server of ours (or none at all): the connection is closed, unanswered.
-        default_server = "\n".join([
+        catch_all = "\n".join([
             "# Requests for any other Host: closed without an answer.",
             "server {",
             f"    listen {listen}{suffix} default_server;",
@@ -120,7 +125,7 @@ def render_site(*, listen: str, django_upstream: str, server_names: list[str], c
         "auth_cache": auth_cache,
         "django_upstream": django_upstream,
         "session_cookie_re": re.escape(session_cookie_name),
-        "default_server": default_server,
+        "default_server": catch_all,
         "listen": main_listen,
         "server_names": server_name,
         "tls": tls_lines,
