@@ -50,7 +50,9 @@ def caller_of(request) -> Caller:
 
 
 def original_uri(request) -> str:
-    return request.headers.get("X-Original-URI", "")
+    """The request the check is about: nginx sends X-Original-URI, Caddy's forward_auth and Traefik's ForwardAuth
+    X-Forwarded-Uri."""
+    return request.headers.get("X-Original-URI") or request.headers.get("X-Forwarded-Uri", "")
 
 
 def instance_id_in(uri: str) -> str | None:
@@ -89,13 +91,16 @@ def hub_auth(request):
     """nginx's auth_request: 200 with X-ComfyHub-Upstream, 401 (nobody, or a bad token) or 403 (no access, or no
     such instance)."""
     caller = caller_of(request)
+    # Caddy and Traefik send a refusal back to the client as it is: give them the whole answer (login redirect,
+    # JSON, the page) that nginx gets from hub_denied.
+    forward_auth = "X-Original-URI" not in request.headers
     if caller.user is None:
-        return _decision(401)
+        return _unauthorized(request, caller) if forward_auth else _decision(401)
     instance_id = instance_id_in(original_uri(request))
     instance = (Instance.objects.select_related("node").filter(instance_id=instance_id).first()
                 if instance_id else None)
     if instance is None or not access.can_use(caller.user, instance):
-        return _decision(403)
+        return _forbidden(request, instance_id, instance, caller.user) if forward_auth else _decision(403)
     access.note_activity(instance)
     if caller.token is not None:
         tokens.token_touch(caller.token)

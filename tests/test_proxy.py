@@ -311,3 +311,17 @@ def _websocket_status(hub_proxy, cookie) -> str:
         while b"\r\n\r\n" not in received and (chunk := s.recv(65536)):
             received += chunk
     return received.decode(errors="replace").split("\r\n", 1)[0]
+
+
+def test_caddy_and_traefik_forward_auth_get_the_whole_answer_from_the_access_check(live_server, echo_instance,
+                                                                                   stranger, owner):
+    """They send X-Forwarded-Uri and pass a refusal to the client as it is: a login redirect, JSON or the page."""
+    client = Client()
+    response = client.get("/_hub/auth", headers={"X-Forwarded-Uri": "/i/echo/", "Accept": "text/html"})
+    assert response.status_code == 302 and response["Location"] == "/login/?next=%2Fi%2Fecho%2F"
+    client.force_login(stranger)
+    response = client.get("/_hub/auth", headers={"X-Forwarded-Uri": "/i/echo/x", "Accept": "text/html"})
+    assert response.status_code == 403 and b"olga" in response.content
+    client.force_login(owner)
+    response = client.get("/_hub/auth", headers={"X-Forwarded-Uri": "/i/echo/x"})
+    assert response.status_code == 200 and response["X-ComfyHub-Upstream"] == f"127.0.0.1:{echo_instance.host_port}"
