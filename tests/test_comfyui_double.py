@@ -680,7 +680,7 @@ def test_view_keeps_paths_inside_its_folder(launcher, query, status):
 # --- the frontend ---------------------------------------------------------------------------------------------------
 
 def test_its_page_references_the_configured_assets_relatively_and_serves_them(launcher):
-    double = launcher.start(environment={"COMFY_DOUBLE_ASSETS": "3"})
+    double = launcher.start(environment={"COMFYUI_DOUBLE_ASSETS": "3"})  # the spelling extra_env accepts
 
     page = double.request("GET", "/")
     sources = re.findall(r'<script defer src="([^"]+)"', page.body.decode())

@@ -1065,6 +1065,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     app: App  # set on the subclass made in serve()
 
+    def setup(self) -> None:
+        super().setup()
+        # As aiohttp: no Nagle. Headers and body go out in two writes; with Nagle, the body of a keep-alive answer
+        # waits for the client's delayed ACK (40 ms).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         sys.stdout.write("%s - %s\n" % (self.address_string(), format % args))
         sys.stdout.flush()
@@ -1547,6 +1553,13 @@ def serve(app: App, args: argparse.Namespace) -> None:
         server.server_close()
 
 
+def double_setting(name: str) -> str | None:
+    """COMFY_DOUBLE_<name>, or COMFYUI_DOUBLE_<name>: ComfyHub refuses COMFY_* in an instance's own environment, so
+    tests and benchmarks that start the double as an instance (extra_env) use the second spelling."""
+    value = os.environ.get(f"COMFY_DOUBLE_{name}")
+    return value if value is not None else os.environ.get(f"COMFYUI_DOUBLE_{name}")
+
+
 def on_signal(signum, _frame) -> None:
     log(f"Stopped server (signal {signum})")
     raise SystemExit(0)
@@ -1573,13 +1586,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for device in devices:
         log(f"Device: {device['name']}")
+    got = (double_setting("PROMPT_SECONDS"), double_setting("ASSETS"))
     try:
-        prompt_seconds = float(os.environ.get("COMFY_DOUBLE_PROMPT_SECONDS") or 0.2)
-        asset_count = int(os.environ.get("COMFY_DOUBLE_ASSETS") or 0)
+        prompt_seconds = float(got[0] or 0.2)
+        asset_count = int(got[1] or 0)
         if not (0 <= prompt_seconds <= 3600 and 0 <= asset_count <= 9999):
             raise ValueError
     except ValueError:
-        got = (os.environ.get("COMFY_DOUBLE_PROMPT_SECONDS"), os.environ.get("COMFY_DOUBLE_ASSETS"))
         print("COMFY_DOUBLE_PROMPT_SECONDS must be seconds from 0 to 3600 and COMFY_DOUBLE_ASSETS a count from 0 to "
               f"9999 (got {got[0]!r}, {got[1]!r})", file=sys.stderr, flush=True)
         return 2
