@@ -12,7 +12,7 @@ from . import BENCHMARKS
 
 REPO = Path(__file__).resolve().parent.parent
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-DOCKER_BENCHMARKS = {"start_latency", "reconcile"}
+DOCKER_BENCHMARKS = {"start_latency", "reconcile", "proxy"}
 
 
 def main(argv):
