@@ -294,6 +294,9 @@ def share_add(request, instance_id):
             share = access.share_add(instance=instance, username=form.cleaned_data["username"],
                                      group=form.cleaned_data["group"], user=request.user)
             messages.success(request, f"'{instance}' is now shared with {access.share_label(share)}.")
+    else:
+        messages.error(request, "Not shared: " + " ".join(f"{form.fields[field].label}: {' '.join(errors)}"
+                                                          for field, errors in form.errors.items()))
     return redirect(instance.get_absolute_url() + "#access")
 
 
@@ -305,6 +308,8 @@ def share_remove(request, instance_id, pk):
     if not access.can_share(request.user, instance):
         raise PermissionDenied
     if request.POST.get("confirm") != "yes":
+        if "confirm" in request.POST:
+            messages.warning(request, "Nothing removed yet: press “Stop sharing” to confirm, or go back.")
         return render(request, "instances/share_remove.html", {"instance": instance, "share": share,
                                                                 "label": access.share_label(share)})
     access.share_remove(share=share, user=request.user)

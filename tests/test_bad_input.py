@@ -25,7 +25,7 @@ import comfyhub.forms
 import instances.forms
 import storage_app.forms
 from comfyhub import jsonlimits
-from instances import services, workflows
+from instances import access, services, workflows
 from instances.models import Instance, WorkflowEntry, WorkflowVersion
 from storage_app import layout
 from storage_app.models import Snapshot
@@ -89,9 +89,10 @@ def world(storage, admin_user):
     snapshot = Snapshot.objects.create(instance=instance, instance_label="bad", kind="config", archive="none.tar.gz",
                                        sha256="0" * 64)
     services.template_create(name="tpl")
+    share = access.share_add(instance=instance, username=admin_user.username)
     entry = WorkflowEntry.objects.create(name="lib")
     WorkflowVersion.objects.create(entry=entry, number=1, sha256="1" * 64, content='{"nodes": []}')
-    return {"instance": instance, "snapshot": snapshot}
+    return {"instance": instance, "snapshot": snapshot, "share": share}
 
 
 def shows_a_message(response) -> bool:
@@ -104,10 +105,14 @@ def shows_a_message(response) -> bool:
 PAGE_FIELDS = [
     ("instance-create", [], "post", {"instance_id": "new-one"},
      ["instance_id", "display_name", "description", "image", "extra_args", "extra_env", "host_port", "gpus",
-      "adopt", "image_arguments", "arguments_variable"]),
+      "adopt", "image_arguments", "arguments_variable", "owner", "idle_stop_after"]),
     ("instance-edit", ["bad"], "post", {},
      ["display_name", "description", "image", "extra_args", "extra_env", "host_port", "gpus", "image_arguments",
-      "arguments_variable"]),
+      "arguments_variable", "owner", "idle_stop_after"]),
+    ("instance-create-own", [], "post", {"template": "tpl", "instance_id": "own-one"},
+     ["template", "instance_id", "display_name"]),
+    ("instance-share-add", ["bad"], "post", {"username": "sam"}, ["username", "group"]),
+    ("instance-share-remove", ["bad", "{share}"], "post", {}, ["confirm"]),
     ("instance-delete", ["bad"], "post", {}, ["confirm", "purge_data"]),
     ("instance-workflows-check", ["bad"], "post", {"paths": "w.json"}, ["paths", "targets", "on_conflict"]),
     ("instance-workflows-copy", ["bad"], "post", {"paths": "w.json"}, ["paths", "targets", "on_conflict",
@@ -118,7 +123,7 @@ PAGE_FIELDS = [
     ("library-install", [], "post", {"name": "lib", "instances": "bad"}, ["name", "version", "instances"]),
     ("template-create", [], "post", {"name": "t2", "gpu_count": "0"},
      ["name", "description", "image", "extra_args", "extra_env", "gpu_count", "custom_nodes", "settings",
-      "starter_workflows"]),
+      "starter_workflows", "self_service"]),
     ("template-new-instance", ["tpl"], "post", {"instance_id": "from-tpl"},
      ["instance_id", "display_name", "host_port"]),
     ("template-apply", ["tpl"], "post", {}, ["instance"]),
@@ -177,8 +182,8 @@ def resolved(args, world):
     from instances.models import GPU
 
     gpu = GPU.objects.first()
-    return [str(world["snapshot"].pk) if a == "{snapshot}" else str(gpu.pk if gpu else 1) if a == "{gpu}" else a
-            for a in args]
+    return [str(world["snapshot"].pk) if a == "{snapshot}" else str(gpu.pk if gpu else 1) if a == "{gpu}" else
+            str(world["share"].pk) if a == "{share}" else a for a in args]
 
 
 @pytest.mark.parametrize("name, args, method, base, field, label", page_cases())
@@ -275,6 +280,14 @@ COMMAND_ARGS = [
     ("instances", ["create", "okay", "--arg={bad}"], ["--listen", "--port=1", "--output-directory=/x"]),
     ("instances", ["create", "okay", "--image", "{bad}"], ["has space", "x" * 100_000, "bad\n"]),
     ("instances", ["create", "okay", "--arguments-env", "{bad}"], ["", "1X", "A B", "HOME", "LD_PRELOAD", "x" * 100]),
+    ("instances", ["create", "okay", "--owner", "{bad}"], ["nobody", "bad\x00", "x" * 100_000]),
+    ("instances", ["create", "okay", "--idle-stop", "{bad}"], ["abc", "-1", "1.5", "²", "9" * 20]),
+    ("instances", ["edit", "{bad}", "--name", "x"], ID_VALUES),
+    ("instances", ["edit", "bad", "--owner", "{bad}"], ["", "nobody", "bad\x00", "x" * 100_000]),
+    ("instances", ["edit", "bad", "--idle-stop", "{bad}"], ["", "abc", "-1", "1.5", "²", "9" * 20]),
+    *[("instances", [action, "{bad}", "--user", "alice"], ID_VALUES) for action in ("share", "unshare")],
+    *[("instances", [action, "bad", option, "{bad}"], ["", "nobody", "bad\x00", "x" * 100_000])
+      for action in ("share", "unshare") for option in ("--user", "--group")],
     ("instances", ["logs", "bad", "--tail", "{bad}"], ["abc", "1.5", "²"]),
     ("instances", ["start", "bad", "--timeout", "{bad}"], ["abc", "²"]),
     *[("nodes", [action, "{bad}", "name"], ID_VALUES) for action in ("update", "disable", "enable", "remove")],
@@ -357,6 +370,7 @@ COMMAND_ARGS = [
 # through call_command its refusal is exit code 1; on the command line argparse exits 2).
 FREE_TEXT_ARGS = {("models", "list", "folder"), ("legacy", "plan", "mode"), ("legacy", "migrate", "mode"),
                   ("instances", "create", "name"), ("instances", "create", "description"),
+                  ("instances", "edit", "name"), ("instances", "edit", "description"),
                   ("templates", "create", "description"), ("templates", "new", "name"), ("serve", "", "bind")}
 
 
