@@ -163,7 +163,10 @@ def test_the_admin_refuses_a_reserved_variable_and_saves_a_good_one(client, admi
     client.force_login(admin_user)
     url = reverse("admin:instances_instance_change", args=[instance.pk])
     form = {"display_name": "", "description": "", "image": instance.image, "extra_args": "[]", "extra_env": "{}",
-            "assignments-TOTAL_FORMS": "0", "assignments-INITIAL_FORMS": "0"}
+            "assignments-TOTAL_FORMS": "0", "assignments-INITIAL_FORMS": "0",
+            # The access fields and inlines since issue #13: no owner, no idle stop, no share added.
+            "idle_stop_after": "0", "shares-TOTAL_FORMS": "0", "shares-INITIAL_FORMS": "0",
+            "opens-TOTAL_FORMS": "0", "opens-INITIAL_FORMS": "0"}
     response = client.post(url, {**form, "image_arguments": "env:HOME"}, follow=True)
     assert "ComfyHub sets or refuses that variable itself" in response.content.decode()
     instance.refresh_from_db()
