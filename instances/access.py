@@ -94,7 +94,7 @@ def share_add(*, instance: Instance, username: str = "", group: str = "", user=N
                                             if not username else "Give a user name or a group name, not both."]})
     by = user if _active(user) else None
     if username:
-        person = _user_named(username)
+        person = user_named(username)
         if person.pk == instance.owner_id:
             raise ValidationError({"username": [f"'{person.get_username()}' owns '{instance}' already; owners need "
                                                 "no share."]})
@@ -140,7 +140,8 @@ def share_label(share: InstanceShare) -> str:
     return share.user.get_username() if share.user_id else f"group {share.group.name}"
 
 
-def _user_named(name: str):
+def user_named(name: str):
+    """The active user with this user name, or ValidationError({'username': ...}) saying what is wrong."""
     User = get_user_model()
     person = User.objects.filter(**{User.USERNAME_FIELD: name}).first() if "\x00" not in name else None
     if person is None:
