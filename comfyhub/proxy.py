@@ -163,6 +163,8 @@ def write_private_config(prefix: Path, *, listen: str, django_upstream: str, use
     turns the access cache on; how long an answer is kept is Django's to say, on each answer."""
     for folder in ("logs", "temp", "cache"):
         (prefix / folder).mkdir(parents=True, exist_ok=True)
+    # Cache files hold their keys: session ids and tokens.
+    (prefix / "cache").chmod(0o700)
     site = prefix / "comfyhub.conf"
     site.write_text(render_site(
         listen=listen, django_upstream=django_upstream, server_names=server_names or list(settings.ALLOWED_HOSTS),

@@ -153,6 +153,7 @@ class Command(BaseCommand):
                     f"nginx's workers run as root: the user 'nobody' cannot enter {folder} to reach {socket_path}. "
                     f"`chmod o+x {folder}` (or keep COMFYHUB_DATA_DIR elsewhere) lets them run as 'nobody'."))
                 return "root"
+        self.nginx_worker_ids = (nobody.pw_uid, nobody.pw_gid)
         return f"nobody {self._group_name(nobody.pw_gid)}"
 
     @staticmethod
@@ -172,6 +173,8 @@ class Command(BaseCommand):
                                        user=self._nginx_worker_user(prefix / "gunicorn.sock"))
         except proxy.ProxyConfigError as exc:
             raise CommandError(f"Cannot configure nginx: {exc}")
+        if getattr(self, "nginx_worker_ids", None):
+            os.chown(prefix / "cache", *self.nginx_worker_ids)  # private to the workers (0700), who write it
         checked = subprocess.run(proxy.nginx_command(nginx, prefix, test=True), capture_output=True, text=True)
         if checked.returncode != 0:
             raise CommandError(f"nginx refuses its configuration ({prefix / 'nginx.conf'}): {checked.stderr.strip()}")
