@@ -52,7 +52,7 @@ def _create_instances(first, count, rng):
             gpus = []
         made.append(services.instance_create(
             instance_id=f"inst-{number:04d}", display_name=f"Team {number % 17} ComfyUI" if number % 3 else "",
-            image="ghcr.io/comfyhub/comfyui:latest", gpu_indexes=gpus,
+            image="", gpu_indexes=gpus,  # COMFY_IMAGE, which INSTANCE_IMAGES_ALLOWED allows by default
             extra_args=["--preview-method", "auto"] if number % 4 == 0 else [],
         ))
     statuses = [status for status, _ in STATUS_WEIGHTS]
