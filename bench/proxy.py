@@ -159,7 +159,8 @@ def _measure(env, nginx, image) -> int:
 
     print(f"{NAME}: instance '{INSTANCE_ID}' on {image}; hub = nginx 127.0.0.1:{port} /i/{INSTANCE_ID}/ -> "
           f"/_hub/auth (gunicorn, 2 workers; answers cached {settings.ACCESS_CACHE_SECONDS} s), logged-in session; "
-          f"direct = 127.0.0.1:{instance.host_port}", flush=True)
+          f"direct = 127.0.0.1:{instance.host_port}; {os.cpu_count()} CPUs (the download is CPU-bound: the hub adds a "
+          "process that copies every byte)", flush=True)
     print(f"  GET /system_stats, {REQUESTS} each on one keep-alive connection: hub median "
           f"{ms(median(stats['hub']))} (p90 {ms(percentile(stats['hub'], 0.9))}) | baseline direct median "
           f"{ms(median(stats['direct']))} (p90 {ms(percentile(stats['direct'], 0.9))}) | ratio "
