@@ -38,6 +38,7 @@ def token_create(request):
             token, raw = tokens.token_create(user=request.user, name=form.cleaned_data["name"],
                                              expires_at=form.cleaned_data["expires"])
             request.session[NEW_TOKEN_SESSION_KEY] = {"id": token.pk, "name": token.name, "raw": raw}
+            messages.success(request, f"Made the token '{token.name}'.")
             return redirect("account")
     return account_page(request, form)
 

@@ -161,7 +161,7 @@ def test_a_share_records_who_made_it(owner, stranger, instance):
     ("Sam", "", "username", "There is no user 'Sam'"),
     ("sam\x00", "", "username", "There is no user"),
     ("olive", "", "username", "'olive' owns 'shared-one' already; owners need no share."),
-    ("", "no-such-team", "group", "There is no group 'no-such-team' (groups: operators, render-team)."),
+    ("", "no-such-team", "group", "There is no group 'no-such-team' (groups: operators, render-team, self-service)."),
 ])
 def test_sharing_says_what_is_wrong(owner, stranger, instance, username, group, field, message):
     Group.objects.create(name="render-team")

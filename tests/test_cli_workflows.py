@@ -35,8 +35,8 @@ CHECK_KEYS = {"instance", "file", "ready", "format", "node_types", "missing_node
               "missing_models", "models_source"}
 ENTRY_KEYS = {"name", "created_at", "latest", "versions", "holders"}
 VERSION_KEYS = {"number", "sha256", "published_from", "author", "created_at"}
-TEMPLATE_KEYS = {"name", "description", "image", "extra_args", "extra_env", "gpu_count", "custom_nodes", "settings",
-                 "starter_workflows", "instances", "created_at"}
+TEMPLATE_KEYS = {"name", "description", "image", "extra_args", "extra_env", "gpu_count", "self_service",
+                 "custom_nodes", "settings", "starter_workflows", "instances", "created_at"}
 NODE_KEYS = {"name", "url", "ref", "commit", "recorded_commit", "dirty", "enabled", "managed", "present"}
 
 
@@ -397,6 +397,15 @@ def starter(storage):
     return version
 
 
+def test_templates_create_self_service_marks_it_for_self_service_users(starter):
+    result = run("templates", "create", "sketchpad", "--self-service")
+
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[0].startswith("Created self-service template 'sketchpad': 0 GPU(s)")
+    [data] = json.loads(run("templates", "list", "--json").out)
+    assert data["self_service"] is True
+
+
 def test_templates_create_saves_every_option_and_list_json_shows_them(starter, repo):
     url, _ = repo
 
@@ -410,8 +419,8 @@ def test_templates_create_saves_every_option_and_list_json_shows_them(starter, r
                                           "1 starter workflow(s).")
     [data] = json.loads(run("templates", "list", "--json").out)
     assert set(data) == TEMPLATE_KEYS
-    assert (data["name"], data["description"], data["image"], data["gpu_count"]) == (
-        "studio-sdxl", "For the art team", "comfy:sdxl", 2)
+    assert (data["name"], data["description"], data["image"], data["gpu_count"], data["self_service"]) == (
+        "studio-sdxl", "For the art team", "comfy:sdxl", 2, False)
     assert data["extra_args"] == ["--preview-method", "auto"] and data["extra_env"] == {"TEAM": "art"}
     assert data["custom_nodes"] == [{"url": url, "ref": "v1"},
                                     {"url": "git@github.com:example/Other-Nodes.git", "ref": ""}]

@@ -133,7 +133,7 @@ def test_the_dashboard_lists_instances_with_status_gpus_port_and_a_link_to_comfy
     assert "1 of 2 checks fail" in alpha_row
     assert "<td>1, 2</td>" in alpha_row
     assert f"<td>{alpha.host_port}</td>" in alpha_row
-    assert f'href="http://127.0.0.1:{alpha.host_port}/" target="_blank" rel="noopener"' in alpha_row
+    assert 'href="/i/view-alpha/" target="_blank" rel="noopener"' in alpha_row
     assert ">Start<" in alpha_row and ">Stop<" not in alpha_row
     cpu_row = content.split('data-instance="view-cpu"')[1].split("</tr>")[0]
     assert "<td>CPU</td>" in cpu_row and "not checked yet" in cpu_row

@@ -230,3 +230,22 @@ def test_a_self_service_templates_page_leads_to_the_form_with_it_chosen(client, 
         "</nav>")[1]
     form = client.get(f"{NEW}?template=cpu-sketch").content.decode()
     assert '<option value="cpu-sketch" selected>' in form
+
+
+def test_the_dashboard_offers_start_only_on_the_rows_of_instances_a_self_service_user_owns(client, olive, stranger):
+    own = services.instance_create(instance_id="olives", image="example/comfyui:1", owner=olive)
+    services.instance_create(instance_id="someone-elses", image="example/comfyui:1", owner=stranger)
+    client.force_login(olive)
+    content = client.get(reverse("dashboard")).content.decode()
+    own_row = content.split('data-instance="olives"')[1].split("</tr>")[0]
+    other_row = content.split('data-instance="someone-elses"')[1].split("</tr>")[0]
+    assert reverse("instance-start", args=[own.instance_id]) in own_row
+    assert ">Start<" in own_row and ">Start<" not in other_row
+
+
+def test_the_built_in_self_service_group_carries_the_permission(client):
+    from django.contrib.auth.models import Group
+
+    sam = User.objects.create_user("sam-self", password="sam-password-1")
+    sam.groups.add(Group.objects.get(name="self-service"))
+    assert User.objects.get(pk=sam.pk).has_perm("instances.create_own_instance")

@@ -42,6 +42,8 @@ class Command(cli.Command):
         create.add_argument("--setting", action="append", default=[], dest="settings_values", metavar="KEY=JSON",
                             help="A comfy.settings.json value, the value in JSON (Comfy.LinkRenderMode=2, "
                                  "'Comfy.Locale=\"en\"'); repeat for each.")
+        create.add_argument("--self-service", action="store_true",
+                            help="Users with 'create own instances' may make instances from it for themselves.")
         create.add_argument("--workflow", action="append", default=[], dest="workflows", metavar="NAME[@VERSION]",
                             help="A starter workflow from the library (default: its latest version); repeat for each.")
 
@@ -149,8 +151,10 @@ class Command(cli.Command):
         template = cli.call_service(
             services.template_create, name=options["name"], description=options["description"],
             image=options["image"], extra_args=options["extra_args"], extra_env=env, gpu_count=gpu_count,
-            custom_nodes=custom_nodes, settings_values=settings_values, starter_workflows=starters)
-        self.stdout.write(f"Created template '{template}': {template.gpu_count} GPU(s), "
+            custom_nodes=custom_nodes, settings_values=settings_values, starter_workflows=starters,
+            self_service=options["self_service"])
+        self.stdout.write(f"Created {'self-service ' if template.self_service else ''}template '{template}': "
+                          f"{template.gpu_count} GPU(s), "
                           f"{len(template.custom_nodes)} custom node(s), {len(template.settings)} setting(s), "
                           f"{len(starters)} starter workflow(s).")
         self.stdout.write(f"Make an instance from it with: python manage.py templates new {template} ID")
@@ -210,6 +214,7 @@ def template_data(template: InstanceTemplate) -> dict:
         "extra_args": list(template.extra_args),
         "extra_env": dict(template.extra_env),
         "gpu_count": template.gpu_count,
+        "self_service": template.self_service,
         "custom_nodes": [{"url": n.get("url", ""), "ref": n.get("ref", "")} for n in template.custom_nodes],
         "settings": dict(template.settings),
         "starter_workflows": sorted(str(v) for v in template.starter_workflows.all()),
