@@ -7,6 +7,7 @@ import http.client
 import http.server
 import json
 import socket
+import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -21,6 +22,7 @@ from comfyhub.models import AccessToken
 from instances import access, services
 from instances.models import Instance, InstanceOpen, InstanceShare
 from tests.conftest import wait_for
+from tests.support import ws
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -294,10 +296,37 @@ def test_the_double_is_used_through_the_hub_api_uploads_userdata_websocket_and_s
     handshake = _websocket_status(hub_proxy, cookie)
     assert handshake.startswith("HTTP/1.1 101"), handshake
 
+    # A script with a token, as a user would run it: curl for the API, a WebSocket for the progress messages.
+    token, raw_token = tokens.token_create(user=owner, name="render script")
+    bearer = f"Authorization: Bearer {raw_token}"
+    with ws.connect(f"ws://127.0.0.1:{hub_proxy.port}/i/real/ws?clientId=script-1",
+                    headers={"Authorization": f"Bearer {raw_token}"}) as socket_:
+        status = socket_.receive_until(lambda message: message.get("type") == "status")
+        assert status["data"]["sid"] == "script-1"
+        queued = _curl("-X", "POST", "-H", bearer, "-H", "Content-Type: application/json", "--data",
+                       json.dumps({"prompt": {"1": {"class_type": "SaveImage", "inputs": {}}},
+                                   "client_id": "script-1"}), f"{hub_proxy.url}/i/real/prompt")
+        assert queued.returncode == 0, queued.stderr
+        prompt_id = json.loads(queued.stdout)["prompt_id"]
+        # The prompt's messages reach the script's WebSocket through the hub.
+        socket_.receive_until(lambda message: (message.get("data") or {}).get("prompt_id") == prompt_id)
+    wait_for(lambda: prompt_id in json.loads(_curl("-H", bearer, f"{hub_proxy.url}/i/real/history/{prompt_id}").stdout),
+             timeout=10, interval=0.2, message="the prompt in the history, read with curl")
+    tokens.token_revoke(token=token, user=owner)
+    wait_for(lambda: _curl("-o", "/dev/null", "-w", "%{http_code}", "-H", bearer,
+                           f"{hub_proxy.url}/i/real/system_stats").stdout == "401",
+             timeout=10, interval=0.2, message="curl with the revoked token to get 401")
+
     operation = services.instance_stop(instance=instance, user=owner)
     run_worker()
     response, data = request(hub_proxy, "GET", "/i/real/system_stats", {"Cookie": cookie})
     assert response.status == 503 and json.loads(data)["status"] == "stopped"
+
+
+def _curl(*arguments):
+    """The curl command line a user would type, with its output."""
+    return subprocess.run(["curl", "--silent", "--show-error", "--max-time", "20", *arguments], capture_output=True,
+                          text=True, timeout=30)
 
 
 def _websocket_status(hub_proxy, cookie) -> str:
