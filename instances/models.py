@@ -10,7 +10,8 @@ LOCAL_NODE = "local"
 
 
 class Node(models.Model):
-    """A Docker host. One, `local`, exists from the start; the fields let more come later."""
+    """A GPU host with its own Docker engine. `local`, served by the hub's own workers, exists from the start; others
+    register themselves when their agent starts."""
 
     name = models.SlugField(max_length=63, unique=True)
     docker_host = models.CharField(
@@ -28,6 +29,19 @@ class Node(models.Model):
     gpus_discovered_at = models.DateTimeField(null=True, blank=True)
     gpu_source = models.CharField(max_length=20, blank=True, default="", help_text="nvml, settings or none")
     created_at = models.DateTimeField(default=timezone.now)
+    # A node agent (instances/agent.py, `manage.py agent`) registers its node and reports a heartbeat; the hub's own
+    # workers serve `local`. Nothing may be placed on a node until an operator approves it (instances/nodes.py).
+    approved = models.BooleanField(
+        default=True, help_text="An operator approved it: its agent takes jobs. Nodes their agent registered start "
+                                "unapproved.")
+    registered_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its agent registered it; empty for nodes an operator made.")
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Its agent's last heartbeat.")
+    online_since = models.DateTimeField(
+        null=True, blank=True, help_text="The first heartbeat after it was offline (or had never reported).")
+    heartbeat = models.JSONField(
+        default=dict, blank=True, help_text="What its agent reported last: GPUs, Docker and ComfyHub versions, free "
+                                            "space on its storage roots, load.")
 
     class Meta:
         ordering = ["name"]
