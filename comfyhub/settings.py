@@ -3,6 +3,7 @@
 Defaults let a fresh checkout run (SQLite and a local Redis under `var/`); `.env.example` documents each variable.
 """
 import fnmatch
+import ipaddress
 import math
 import os
 import re
@@ -174,6 +175,14 @@ def _port_range(text: str) -> tuple[int, int] | None:
         return None
     first, last = int(match[1]), int(match[2] or match[1])
     return (first, last) if 1024 <= first <= last <= 65535 else None
+
+
+def _ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _without_password(url: str) -> str:
@@ -383,6 +392,20 @@ SELF_SERVICE_MAX_GPUS = env_int("SELF_SERVICE_MAX_GPUS", 1, "GPUs a self-service
 IDLE_STOP_AFTER_DEFAULT = env_int("IDLE_STOP_AFTER_DEFAULT", 60, "minutes of idleness offered for idle stop",
                                   minimum=1)
 IDLE_CHECK_INTERVAL = env_int("IDLE_CHECK_INTERVAL", 60, "seconds between idle-stop checks", minimum=5)
+
+# --- Nodes: GPU hosts, each with a node agent (`manage.py agent`, instances/agent.py) -----------------------------
+# The node this host's agent serves when `agent` is given no --node ("local" is served by the hub's own workers).
+NODE_NAME = env_text(
+    "NODE_NAME", "local", valid=lambda text: re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", text),
+    expected="use lowercase letters a-z, digits and '-', starting and ending with a letter or digit, at most 63 "
+             "characters (the name of this host's node), e.g. gpu-2.")
+# The address instance ports on this node bind on, and where the hub and other nodes reach them.
+NODE_ADDRESS = env_text("NODE_ADDRESS", "127.0.0.1", valid=lambda text: _ip_address(text),
+                        expected="use an IPv4 or IPv6 address, no host name or port (where this node's instances "
+                                 "are reached), e.g. 10.0.0.12.")
+# A node agent reports this often; a node silent for three of these is shown offline.
+NODE_HEARTBEAT_SECONDS = env_int("NODE_HEARTBEAT_SECONDS", 15, "seconds between a node agent's heartbeats",
+                                 minimum=1)
 
 # --- Operations ----------------------------------------------------------------------------------------------
 # A running operation's runner writes a heartbeat this often; one silent for longer than the timeout is failed

@@ -189,6 +189,9 @@ BAD_VALUES = {
     "SELF_SERVICE_MAX_GPUS": ["-1"],
     "IDLE_STOP_AFTER_DEFAULT": ["0", "1h"],
     "IDLE_CHECK_INTERVAL": ["1"],
+    "NODE_NAME": ["Gpu 2", "-gpu", "gpu_2"],
+    "NODE_ADDRESS": ["gpu-2.example.org", "300.1.1.1", "10.0.0.12:8188"],
+    "NODE_HEARTBEAT_SECONDS": ["0", "15s"],
 }
 # Read by the settings but set only by the test session, never by a deployment.
 TEST_ONLY_VARIABLES = {"TEST_DATABASE_NAME"}
