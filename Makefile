@@ -9,7 +9,7 @@ DATA_DIR ?= var
 
 # Debian packages each command needs. As root they are installed with apt; otherwise we say which are missing.
 RUN_PACKAGES := redis-server nginx
-TEST_PACKAGES := redis-server nginx docker.io chromium debootstrap b3sum openssl postgresql
+TEST_PACKAGES := redis-server nginx caddy docker.io chromium debootstrap b3sum openssl postgresql
 
 .PHONY: help run test bench check-python venv venv-dev run-packages test-packages clean
 
