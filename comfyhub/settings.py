@@ -422,6 +422,13 @@ OPERATION_LOG_MAX_LINES = env_int("OPERATION_LOG_MAX_LINES", 5000, "log lines ke
 COMFY_SHARED_PATH = env_folder("COMFY_SHARED_PATH", "./storage/shared", "models and inputs every instance reads")
 COMFY_INSTANCES_PATH = env_folder("COMFY_INSTANCES_PATH", "./storage/instances", "one folder per instance")
 COMFY_BACKUPS_PATH = env_folder("COMFY_BACKUPS_PATH", "./storage/backups", "snapshots and archives")
+# A node's model cache on fast local disk (issue #14): instances read cached model files from here before the shared
+# library. Empty: no cache. MODEL_CACHE_MAX_GB bounds it; the least recently used files go first.
+_model_cache = env_text("MODEL_CACHE_PATH", "", valid=lambda text: _may_be_folder(text),
+                        expected="use the path of a folder on this node's fast disk (or leave it empty for no cache), "
+                                 "e.g. /mnt/nvme/comfyhub-cache.")
+MODEL_CACHE_PATH = project_path(_model_cache) if _model_cache else None
+MODEL_CACHE_MAX_GB = env_int("MODEL_CACHE_MAX_GB", 200, "gigabytes the model cache may hold", minimum=1)
 COMFY_INSTANCE_ID = env_text(
     "COMFY_INSTANCE_ID", "comfy", valid=lambda text: _instance_id_problem(text) is None,
     expected="use lowercase letters a-z, digits and '-', starting and ending with a letter or digit, at most 63 "

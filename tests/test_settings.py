@@ -192,6 +192,8 @@ BAD_VALUES = {
     "NODE_NAME": ["Gpu 2", "-gpu", "gpu_2"],
     "NODE_ADDRESS": ["gpu-2.example.org", "300.1.1.1", "10.0.0.12:8188"],
     "NODE_HEARTBEAT_SECONDS": ["0", "15s"],
+    "MODEL_CACHE_PATH": ["manage.py"],
+    "MODEL_CACHE_MAX_GB": ["0", "1TB"],
 }
 # Read by the settings but set only by the test session, never by a deployment.
 TEST_ONLY_VARIABLES = {"TEST_DATABASE_NAME"}
