@@ -10,7 +10,7 @@ from comfyhub.forms import add_service_error
 from comfyhub.queues import QueueUnavailable
 
 from . import services
-from . import access
+from . import access, nodes
 from .models import (GPU, CustomNode, GPUAssignment, Instance, InstanceOpen, InstanceShare, InstanceTemplate, Node,
                      WorkflowEntry, WorkflowVersion)
 
@@ -36,9 +36,32 @@ class SavedByServices(admin.ModelAdmin):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ("name", "docker_host", "bind_address", "port_range_start", "port_range_end", "gpu_source",
-                    "gpus_discovered_at")
-    actions = ["rediscover_gpus"]
+    list_display = ("name", "state", "approved", "docker_host", "bind_address", "port_range_start", "port_range_end",
+                    "gpu_source", "gpus_discovered_at")
+    list_filter = ("approved",)
+    # What the agent reports; approval goes through the actions (the same services as the Nodes page).
+    readonly_fields = ("approved", "registered_at", "last_heartbeat_at", "online_since", "heartbeat")
+    actions = ["rediscover_gpus", "approve", "revoke_approval"]
+
+    @admin.display(description="State")
+    def state(self, node):
+        return nodes.node_state(node).label
+
+    @admin.action(description="Approve: their agents take jobs", permissions=["change"])
+    def approve(self, request, queryset):
+        for node in queryset:
+            done = nodes.node_approve(node=node, user=request.user)
+            self.message_user(request, f"{node}: {'approved' if done else 'was already approved'}.")
+
+    @admin.action(description="Revoke approval: their agents take no more jobs", permissions=["change"])
+    def revoke_approval(self, request, queryset):
+        for node in queryset:
+            try:
+                done = nodes.node_revoke_approval(node=node, user=request.user)
+            except ValidationError as exc:
+                self.message_user(request, f"{node}: {' '.join(exc.messages)}", messages.ERROR)
+                continue
+            self.message_user(request, f"{node}: {'approval revoked' if done else 'was not approved'}.")
 
     @admin.action(description="Rediscover GPUs", permissions=["change"])
     def rediscover_gpus(self, request, queryset):

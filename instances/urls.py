@@ -53,3 +53,13 @@ urlpatterns += [
     path("templates/<slug:name>/new-instance/", views_workflows.template_new_instance, name="template-new-instance"),
     path("templates/<slug:name>/apply/", views_workflows.template_apply, name="template-apply"),
 ]
+
+# Nodes: the GPU hosts instances run on (views_nodes.py); custom nodes are under instances/<id>/nodes/.
+from . import views_nodes  # noqa: E402
+
+urlpatterns += [
+    path("nodes/", views_nodes.node_list, name="node-list"),
+    path("nodes/<slug:name>/", views_nodes.node_detail, name="node-detail"),
+    path("nodes/<slug:name>/approve/", views_nodes.node_approve, name="node-approve"),
+    path("nodes/<slug:name>/revoke-approval/", views_nodes.node_revoke_approval, name="node-revoke-approval"),
+]
