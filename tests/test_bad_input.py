@@ -149,6 +149,7 @@ PAGE_FIELDS = [
     ("image-build", [], "post", {"node": "local"}, ["node", "image"]),
     ("image-pull", [], "post", {"node": "local"}, ["node", "image"]),
     ("account-token-create", [], "post", {"name": "render script"}, ["name", "expires"]),
+    ("node-revoke-approval", ["local"], "post", {}, ["confirm"]),
 ]
 # Upload fields: (url name, url args, field, the bad contents to send).
 UPLOAD_FIELDS = [
@@ -165,7 +166,7 @@ NO_FORM_INPUT = {
     "template-detail", "models-scan", "models-export", "snapshot-download", "snapshot-export", "snapshot-restore",
     "storage-check", "storage-fix", "operation-detail", "operation-live", "operation-cancel", "diagnostics-run",
     "login", "logout", "legacy-plan-live", "legacy-plan-result", "account", "account-token-revoke",
-    "instance-open", "instance-open-path",
+    "instance-open", "instance-open-path", "node-list", "node-detail", "node-approve",
 }
 # The proxy's endpoints: their input is the headers nginx passes (the original URI, a Bearer token), spoiled below and
 # through a real nginx in tests/test_proxy.py.
@@ -384,6 +385,9 @@ COMMAND_ARGS = [
     ("images", ["build", "--torch-index-url", "{bad}"], ["", "pypi.org/simple", "ftp://x", "a b"]),
     ("images", ["build", "--base-image", "{bad}"], ["", "has space", "x" * 100_000]),
     ("images", ["build", "--build-arg", "{bad}"], ["novalue", "=1", "OTHER=1", "PIP_INDEX_URL=a\nb"]),
+    *[("hosts", [action, "{bad}"], ID_VALUES) for action in ("show", "approve")],
+    ("hosts", ["revoke-approval", "{bad}", "--yes"], ID_VALUES),
+    ("agent", ["--node", "{bad}"], ["", "local", "Bad", "bad\n", "bad\x00", "x" * 100_000, "../x", "-x"]),
     ("serve", ["--workers", "{bad}"], ["abc", "²"]),
     ("serve", ["--web-workers", "{bad}"], ["abc"]),
 ]
@@ -458,13 +462,14 @@ def test_every_form_page_and_argument_is_in_a_table():
     untested = names - tried - NO_FORM_INPUT - HEADER_INPUT
     assert not untested, f"pages with input in no table: {untested}"
     # Commands: every argument that takes a value.
-    covered = {(command, argv[0] if command != "serve" else "", _dest(command, argv)) for command, argv, _ in
-               COMMAND_ARGS}
+    covered = {(command, argv[0] if command not in ("serve", "agent") else "", _dest(command, argv))
+               for command, argv, _ in COMMAND_ARGS}
     uncovered = []
     for app, command in (("instances", "instances"), ("instances", "nodes"), ("instances", "templates"),
                          ("instances", "workflows"), ("instances", "images"), ("storage_app", "models"),
                          ("storage_app", "snapshots"),
-                         ("storage_app", "storage"), ("storage_app", "legacy"), ("comfyhub", "serve")):
+                         ("storage_app", "storage"), ("storage_app", "legacy"), ("comfyhub", "serve"),
+                         ("instances", "hosts"), ("instances", "agent")):
         for action, dest in _arguments(load_command_class(app, command).create_parser("manage.py", command)):
             if dest in ("timeout",):
                 continue  # one float parsed by argparse for all; tried above on a few
@@ -491,7 +496,7 @@ def _dest(command, argv) -> str:
     positional argument that takes a value put in its place."""
     app = {"instances": "instances", "nodes": "instances", "templates": "instances", "workflows": "instances",
            "images": "instances", "models": "storage_app", "snapshots": "storage_app", "storage": "storage_app", "legacy": "storage_app",
-           "serve": "comfyhub"}[command]
+           "serve": "comfyhub", "hosts": "instances", "agent": "instances"}[command]
     parser = load_command_class(app, command).create_parser("manage.py", command)
     at = next(i for i, a in enumerate(argv) if "{bad}" in a)
     option = argv[at].split("=", 1)[0] if argv[at].startswith("--") else argv[at - 1] if at else ""
