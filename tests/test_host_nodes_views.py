@@ -209,3 +209,17 @@ def test_the_page_costs_the_same_queries_for_ten_nodes_with_fifty_instances_as_f
         response = client.get(reverse("node-list"))
     assert 'data-node="n9"' in response.content.decode()
     assert len(many) == len(one)
+
+
+def test_the_admin_approves_with_an_action_and_shows_the_heartbeat_read_only(client, admin_user, waiting, gpu_2):
+    client.force_login(admin_user)
+    changelist = reverse("admin:instances_node_changelist")
+    assert "waiting for approval" in client.get(changelist).content.decode()
+
+    response = client.post(changelist, {"action": "approve", "_selected_action": [waiting.pk]}, follow=True)
+
+    assert "gpu-new: approved." in [str(m) for m in response.context["messages"]]
+    assert Node.objects.get(name="gpu-new").approved is True
+    change = client.get(reverse("admin:instances_node_change", args=[gpu_2.pk])).content.decode()
+    assert 'name="heartbeat"' not in change and 'name="approved"' not in change
+    assert "gpu-2.lab" in change  # shown, not editable
