@@ -3,6 +3,7 @@
 Load it with `pytest_plugins = ["tests.support.docker_fixtures"]` in tests/conftest.py.
 Every container, network and image a test creates must carry the label TEST_LABEL ("comfyhub.test"); docker_cleanup
 removes them after the test. Set COMFYHUB_TEST_KEEP_DOCKERD=1 to leave a dockerd started by the tests running.
+Tests of several GPU hosts ask for second_docker_engine: another engine on this machine, started when first asked for.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import docker
 import docker.errors
 import pytest
 
-from tests.support.engine import EngineHandle, ensure_engine
-from tests.support.images import BASE_TAG, CACHED_TAGS, CLIARGS_TAG, DOUBLE_TAG, TEST_LABEL, ensure_test_images
+from tests.support.engine import EngineHandle, SecondEngine, ensure_engine, ensure_second_engine
+from tests.support.images import (BASE_TAG, CACHED_TAGS, CLIARGS_TAG, DOUBLE_TAG, TEST_LABEL, copy_test_images,
+                                   ensure_test_images)
 
 __all__ = ["TEST_LABEL", "DOUBLE_TAG", "CLIARGS_TAG", "wait_for_http", "published_port", "remove_test_objects", "session_label"]
 
@@ -39,8 +41,9 @@ def docker_engine_handle() -> EngineHandle:
         handle.release()
 
 
-# The session's engine client once some test asked for it: every test after that gets its containers removed.
+# The session's engine clients once some test asked for them: every test after that gets its containers removed.
 _session_client: docker.DockerClient | None = None
+_second_session_client: docker.DockerClient | None = None
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +59,48 @@ def _no_container_outlives_its_test():
     """Containers a test made (ComfyHub's own included: they carry this session's label) are removed after it,
     whether or not the test asked for docker_cleanup, so no port or GPU stays taken for the next test."""
     yield
-    if _session_client is not None:
-        remove_test_objects(_session_client)
+    for client in (_session_client, _second_session_client):
+        if client is not None:
+            remove_test_objects(client)
+
+
+@pytest.fixture(scope="session")
+def second_docker_engine(docker_engine: docker.DockerClient, comfyui_double_image: str) -> SecondEngine:
+    """A second Docker engine on this machine, as another GPU host would have: its own socket (.docker_host,
+    "unix://…"), data root, bridge and subnet, its ports published on .publish_address (127.0.0.2), GPU device
+    requests accepted, the test images loaded from the first engine. Started for the session when first asked for
+    (or reused); stopped at the end, bridge and data root with it, unless another session still uses it or
+    COMFYHUB_TEST_KEEP_DOCKERD=1."""
+    global _second_session_client
+    started = time.monotonic()
+    engine = ensure_second_engine(docker_engine)
+    ready = time.monotonic()
+    try:
+        copied = copy_test_images(docker_engine, engine.client)
+    except BaseException:
+        _put_away(engine)
+        raise
+    print(f"\n[comfyhub tests] second Docker engine {'started' if engine.started_here else 'reused'} in "
+          f"{ready - started:.1f} s; {len(copied)} test images loaded into it in {time.monotonic() - ready:.1f} s",
+          flush=True)
+    _second_session_client = engine.client
+    yield engine
+    _second_session_client = None
+    try:
+        remove_test_objects(engine.client)
+        engine.client.images.prune(filters={"dangling": True, "label": TEST_LABEL})
+    except docker.errors.APIError:
+        pass  # a prune already running (409) does it; stopping the engine removes the rest
+    finally:
+        _put_away(engine)
+
+
+def _put_away(engine: SecondEngine) -> None:
+    if os.environ.get("COMFYHUB_TEST_KEEP_DOCKERD"):
+        engine.client.close()
+        engine.release()
+    else:
+        engine.stop()
 
 
 @pytest.fixture(scope="session")

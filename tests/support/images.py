@@ -9,6 +9,7 @@
   file of the build context, the build arguments and the base image's id).
 - comfyhub-comfyui-cliargs:test: a stand-in for images that read ComfyUI's arguments from $CLI_ARGS: the double image
   with another entrypoint and without the label comfyhub.image.arguments.
+copy_test_images() loads them into another engine (the second engine of tests/support/engine.py) from the first.
 """
 
 from __future__ import annotations
@@ -82,6 +83,50 @@ def ensure_test_images(client: docker.DockerClient) -> dict[str, str]:
     finally:
         os.close(lock)
     return {"base": BASE_TAG, "comfyui_double": DOUBLE_TAG, "comfyui_cliargs": CLIARGS_TAG}
+
+
+def copy_test_images(source: docker.DockerClient, target: docker.DockerClient) -> list[str]:
+    """Load the test images (built on source) into another engine, as `docker save | docker load` does, streamed in
+    one archive so shared layers travel once. Only tags target lacks or holds in another build are copied; the
+    build they replace is dropped. Returns the tags copied."""
+    lock = os.open(LOCKFILE, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        # Not while another session rebuilds them on source, nor copies them to the same target.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stale = {}
+        for tag in CACHED_TAGS:
+            wanted = source.images.get(tag)
+            current = _tagged(target, tag)
+            if current is None or current.id != wanted.id:
+                stale[tag] = current
+        if not stale:
+            return []
+        _save_and_load(source, target, list(stale))
+        for previous in stale.values():
+            _drop_replaced(target, previous)
+    finally:
+        os.close(lock)
+    return list(stale)
+
+
+def _save_and_load(source: docker.DockerClient, target: docker.DockerClient, tags: list[str]) -> None:
+    saving, loading = source.api, target.api
+    usual_timeouts = saving.timeout, loading.timeout
+    saving.timeout = loading.timeout = IMPORT_TIMEOUT_S
+    try:
+        # The SDK's get_image saves one image; the engine's /images/get takes several names.
+        archive = saving._get(saving._url("/images/get"), params={"names": tags}, stream=True)
+        saving._raise_for_status(archive)
+        with archive:
+            for message in loading.load_image(archive.iter_content(1 << 20)):
+                if "error" in message:
+                    raise ImageBuildError(f"Loading {', '.join(tags)} into {loading.base_url} failed: "
+                                          f"{message['error']}")
+    except docker.errors.APIError as error:
+        raise ImageBuildError(f"Copying {', '.join(tags)} from {saving.base_url} to {loading.base_url} failed: "
+                              f"{error}") from error
+    finally:
+        saving.timeout, loading.timeout = usual_timeouts
 
 
 def assemble_image_context(target: Path, *, comfyui_checkout: bool = True) -> Path:
