@@ -4,10 +4,10 @@ are `manage.py nodes`. The `--json` output and the exit codes are a contract, do
 """
 from __future__ import annotations
 
-from comfyhub import cli
-from comfyhub.cli import EXIT_INPUT, human_size, local_time
 from django.core.management.base import CommandError
 
+from comfyhub import cli
+from comfyhub.cli import EXIT_INPUT, human_size, local_time
 from instances import nodes
 from instances.models import Node
 
