@@ -9,7 +9,7 @@ class InstancesConfig(AppConfig):
         "instances.add_instance", "instances.change_instance", "instances.delete_instance",
         "instances.start_instance", "instances.build_instance", "instances.manage_workflows",
         "instances.manage_custom_nodes", "instances.add_instancetemplate", "instances.change_instancetemplate",
-        "instances.use_any_instance",
+        "instances.use_any_instance", "instances.change_node",
     )
     # The "self-service" group: make instances from self-service templates within the quotas, run their own.
     self_service_permissions = ("instances.create_own_instance",)

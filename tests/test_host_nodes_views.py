@@ -130,6 +130,12 @@ def test_approving_a_waiting_node_takes_one_press(client, approver, waiting):
     assert Node.objects.get(name="gpu-new").approved is True
 
 
+def test_an_operator_may_approve_a_node(client, operator, waiting):
+    client.force_login(operator)
+    client.post(reverse("node-approve", args=["gpu-new"]))
+    assert Node.objects.get(name="gpu-new").approved is True
+
+
 def test_revoking_approval_asks_first_then_revokes(client, approver, gpu_2):
     client.force_login(approver)
     asked = client.post(reverse("node-revoke-approval", args=["gpu-2"]))
