@@ -69,6 +69,27 @@ def upstream_of(instance: Instance) -> str:
     return f"[{address}]:{instance.host_port}" if address.version == 6 else f"{address}:{instance.host_port}"
 
 
+def session_cookie_count(request) -> int:
+    """How many times the Cookie header names the session cookie, as Django's cookie parser reads names (stripped:
+    `sessionid =x` counts). A page on the hub's origin can plant a second one for part of the site (path=/i/<id>/),
+    and nginx reads the first where Django reads the last."""
+    name = settings.SESSION_COOKIE_NAME
+    return sum(1 for chunk in request.META.get("HTTP_COOKIE", "").split(";")
+               if "=" in chunk and chunk.split("=", 1)[0].strip() == name)
+
+
+def cache_key_of(request) -> str | None:
+    """The key nginx files this answer under ($comfyhub_session|$http_authorization|$comfyhub_instance), rebuilt
+    from what Django judges: the session cookie Django reads, the Authorization header, the instance. None when the
+    session cookie is sent more than once, so that no two readings of the header can exist."""
+    count = session_cookie_count(request)
+    if count > 1:
+        return None
+    session = request.COOKIES.get(settings.SESSION_COOKIE_NAME, "") if count else ""
+    return (f"{session}|{request.headers.get('Authorization', '')}|"
+            f"{instance_id_in(original_uri(request)) or ''}")
+
+
 def wants_page(request) -> bool:
     """A browser navigating (a page for people), not a script (JSON)."""
     return "Authorization" not in request.headers and "text/html" in request.headers.get("Accept", "")
@@ -90,10 +111,14 @@ def _decision(status: int) -> HttpResponse:
 def hub_auth(request):
     """nginx's auth_request: 200 with X-ComfyHub-Upstream, 401 (nobody, or a bad token) or 403 (no access, or no
     such instance)."""
-    caller = caller_of(request)
     # Caddy and Traefik send a refusal back to the client as it is: give them the whole answer (login redirect,
     # JSON, the page) that nginx gets from hub_denied.
     forward_auth = "X-Original-URI" not in request.headers
+    # nginx keeps the answer under the cookie and header it read (X-ComfyHub-Cache-Key); an answer about other
+    # credentials than those would be handed to whoever sends that key next. Such a request gets an uncached 401.
+    if not forward_auth and request.headers.get("X-ComfyHub-Cache-Key") != cache_key_of(request):
+        return _decision(401)
+    caller = caller_of(request)
     if caller.user is None:
         return _unauthorized(request, caller) if forward_auth else _decision(401)
     instance_id = instance_id_in(original_uri(request))
@@ -119,6 +144,19 @@ def _unauthorized(request, caller: Caller):
     response = JsonResponse({"error": caller.problem}, status=401)
     response["WWW-Authenticate"] = 'Bearer realm="ComfyHub"'
     return response
+
+
+def _unreadable_session_cookie(request):
+    # Logging in again would not help: a planted cookie stays and is still sent first.
+    if session_cookie_count(request) > 1:
+        message = ("Your browser sent two ComfyHub session cookies (a page on this site set one of its own), so "
+                   "ComfyHub cannot tell who you are.")
+    else:
+        message = "Your browser sent a ComfyHub session cookie in a form ComfyHub does not read."
+    message += " Clear this site's cookies in your browser, then log in again."
+    if not wants_page(request):
+        return JsonResponse({"error": message}, status=400)
+    return render(request, "instances/access_denied.html", {"message": message}, status=400)
 
 
 def _forbidden(request, instance_id: str | None, instance: Instance | None, user):
@@ -149,6 +187,8 @@ def _forbidden(request, instance_id: str | None, instance: Instance | None, user
 @require_GET
 def hub_denied(request):
     """What nginx shows for a 401 or 403 from hub_auth (it passes the original request's headers)."""
+    if "X-ComfyHub-Cache-Key" in request.headers and request.headers["X-ComfyHub-Cache-Key"] != cache_key_of(request):
+        return _unreadable_session_cookie(request)
     caller = caller_of(request)
     if caller.user is None:
         return _unauthorized(request, caller)

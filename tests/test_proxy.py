@@ -354,3 +354,42 @@ def test_caddy_and_traefik_forward_auth_get_the_whole_answer_from_the_access_che
     client.force_login(owner)
     response = client.get("/_hub/auth", headers={"X-Forwarded-Uri": "/i/echo/x"})
     assert response.status_code == 200 and response["X-ComfyHub-Upstream"] == f"127.0.0.1:{echo_instance.host_port}"
+
+
+# --- The access cache is keyed on exactly the credentials Django judged --------------------------------------------
+
+@pytest.mark.parametrize("shape", ["sessionid=; {own}", "sessionid=junk; {own}", "sessionid =junk; {own}",
+                                   "{own_spaced}", "{own}; sessionid={own_value}"])
+def test_a_session_cookie_nginx_could_read_otherwise_than_django_is_refused_and_opens_nothing_to_others(
+        hub_proxy, echo, echo_instance, owner, shape):
+    """nginx keys its cache on the first `sessionid=`; Django reads the last one and accepts `sessionid =x`. An
+    answer about one cookie must never be kept under another's key (anonymous's above all)."""
+    own = session_cookie(owner)
+    cookie = shape.format(own=own, own_value=own.split("=", 1)[1], own_spaced=own.replace("=", " =", 1))
+    response, data = request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie})
+    assert response.status == 400 and "Clear this site's cookies" in json.loads(data)["error"]
+    assert request(hub_proxy, "GET", "/i/echo/queue")[0].status == 401
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": "sessionid=junk"})[0].status == 401
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": "sessionid="})[0].status == 401
+    assert echo.seen == []
+    # The same session, sent plainly, is what gets in.
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": own})[0].status == 200
+
+
+def test_a_browser_sending_two_session_cookies_is_told_to_clear_them_not_sent_round_the_login_page(
+        hub_proxy, echo, echo_instance, owner):
+    response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": f"sessionid=planted; {session_cookie(owner)}",
+                                                            "Accept": "text/html"})
+    assert response.status == 400
+    page = data.decode()
+    assert "two ComfyHub session cookies" in page and "Clear this site&#x27;s cookies" in page
+    assert echo.seen == []
+
+
+def test_an_authorization_header_sent_twice_is_refused(hub_proxy, echo, echo_instance, owner):
+    _, raw_token = tokens.token_create(user=owner, name="script")
+    answer = raw(hub_proxy, f"GET /i/echo/queue HTTP/1.1\r\nHost: 127.0.0.1:{hub_proxy.port}\r\n"
+                            f"Authorization: Bearer junk\r\nAuthorization: Bearer {raw_token}\r\nConnection: close\r\n\r\n")
+    assert answer.startswith("HTTP/1.1 400") or answer.startswith("HTTP/1.1 401"), answer
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Authorization": "Bearer junk"})[0].status == 401
+    assert echo.seen == []
