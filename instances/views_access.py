@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET
 from comfyhub import tokens
 
 from . import access
-from .models import Instance, InstanceOpen
+from .models import LOCAL_NODE, Instance, InstanceOpen
 
 # /i/<id>/... as nginx saw it (X-Original-URI: the raw request URI); nginx refuses every other shape before asking.
 _HUB_PATH = re.compile(r"/i/(?P<id>[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:[/?]|\Z)")
@@ -60,13 +60,36 @@ def instance_id_in(uri: str) -> str | None:
     return match["id"] if match else None
 
 
-def upstream_of(instance: Instance) -> str:
-    """HOST:PORT nginx proxies to: the node's bind address ([IPv6] bracketed; a wildcard bind means loopback)."""
+# The wildcard binds, and the loopback address the hub reaches its own node's instances on for each (as
+# comfyui_api.probe_host does).
+_WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+# An instance is proxied to only while ComfyHub wants it running and its container is up (a start sets STARTING once
+# the container runs). Otherwise its port is free, and whatever listens there (any local user's program) must not get
+# the hub's origin: the user gets the unavailable page instead.
+PROXIED_STATUSES = (Instance.Status.STARTING, Instance.Status.HEALTHY, Instance.Status.UNHEALTHY)
+
+
+def upstream_of(instance: Instance) -> str | None:
+    """HOST:PORT nginx proxies to: the node's bind address ([IPv6] bracketed). A wildcard bind means loopback on the
+    hub's own node only; on another node it names no address the hub could use, so None."""
     host = instance.node.bind_address
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
+    if host in _WILDCARD_LOOPBACK:
+        if instance.node.name != LOCAL_NODE:
+            return None
+        host = _WILDCARD_LOOPBACK[host]
     address = ipaddress.ip_address(host)
     return f"[{address}]:{instance.host_port}" if address.version == 6 else f"{address}:{instance.host_port}"
+
+
+def proxy_refusal(instance: Instance) -> str | None:
+    """Why requests to `instance` are not passed on now, for the unavailable page; None when they are."""
+    if instance.desired_state != Instance.DesiredState.RUNNING or instance.status not in PROXIED_STATUSES:
+        return "not running"
+    if upstream_of(instance) is None:
+        return (f"Its node '{instance.node.name}' publishes ports on the wildcard address "
+                f"{instance.node.bind_address}, which does not say where the hub reaches it: an administrator sets "
+                "the node's bind address to the one the hub reaches it on.")
+    return None
 
 
 def session_cookie_count(request) -> int:
@@ -95,10 +118,11 @@ def wants_page(request) -> bool:
     return "Authorization" not in request.headers and "text/html" in request.headers.get("Accept", "")
 
 
-def _decision(status: int) -> HttpResponse:
+def _decision(status: int, *, cache: bool = True) -> HttpResponse:
     response = HttpResponse(status=status)
-    # nginx caches 200 and 403 this long (per session cookie, token and instance); a 401 never.
-    response["X-Accel-Expires"] = "0" if status == 401 else str(settings.ACCESS_CACHE_SECONDS)
+    # nginx caches 200 and 403 this long (per session cookie, token and instance); a 401 never, nor a 403 for an
+    # instance that is not running (it should open as soon as it runs).
+    response["X-Accel-Expires"] = str(settings.ACCESS_CACHE_SECONDS) if status != 401 and cache else "0"
     response["Cache-Control"] = "private, no-store"
     # Refusals are this endpoint's everyday answers (every asset of a page a logged-out browser loads), not
     # problems: Django's request log would repeat each one as a warning.
@@ -126,6 +150,9 @@ def hub_auth(request):
                 if instance_id else None)
     if instance is None or not access.can_use(caller.user, instance):
         return _forbidden(request, instance_id, instance, caller.user) if forward_auth else _decision(403)
+    if proxy_refusal(instance) is not None:
+        # Nothing is proxied; nginx asks /_hub/denied/, which shows the unavailable page.
+        return _unavailable(request, instance, caller.user) if forward_auth else _decision(403, cache=False)
     access.note_activity(instance)
     if caller.token is not None:
         tokens.token_touch(caller.token)
@@ -186,14 +213,18 @@ def _forbidden(request, instance_id: str | None, instance: Instance | None, user
 @never_cache
 @require_GET
 def hub_denied(request):
-    """What nginx shows for a 401 or 403 from hub_auth (it passes the original request's headers)."""
+    """What nginx shows for a 401 or 403 from hub_auth (it passes the original request's headers): the login, the
+    page naming who may give access, or the unavailable page for an instance that is not proxied now."""
     if "X-ComfyHub-Cache-Key" in request.headers and request.headers["X-ComfyHub-Cache-Key"] != cache_key_of(request):
         return _unreadable_session_cookie(request)
     caller = caller_of(request)
     if caller.user is None:
         return _unauthorized(request, caller)
     instance_id = instance_id_in(original_uri(request))
-    instance = Instance.objects.filter(instance_id=instance_id).first() if instance_id else None
+    instance = (Instance.objects.select_related("node", "owner").filter(instance_id=instance_id).first()
+                if instance_id else None)
+    if instance is not None and access.can_use(caller.user, instance) and proxy_refusal(instance) is not None:
+        return _unavailable(request, instance, caller.user)
     return _forbidden(request, instance_id, instance, caller.user)
 
 
@@ -211,32 +242,44 @@ def hub_unavailable(request):
                 if instance_id else None)
     if instance is None or not access.can_use(caller.user, instance):
         return _forbidden(request, instance_id, None if instance is None else instance, caller.user)
-    healthy = instance.status == Instance.Status.HEALTHY
     if request.htmx:
-        if healthy and request.GET.get("was") != Instance.Status.HEALTHY:
+        if (proxy_refusal(instance) is None and instance.status == Instance.Status.HEALTHY
+                and request.GET.get("was") != Instance.Status.HEALTHY):
             response = HttpResponse(status=200)
             response["HX-Refresh"] = "true"
             return response
         # The whole page, 200 for htmx to swap; it selects the state card (hx-select).
         return render(request, "instances/instance_unavailable.html",
                       _unavailable_context(request, instance, caller.user))
+    return _unavailable(request, instance, caller.user)
+
+
+def _unavailable(request, instance: Instance, user):
+    """The instance is not proxied (not running, or no address to reach it on) or did not answer: 503, its state
+    and who can start it; JSON for scripts."""
+    context = _unavailable_context(request, instance, user)
     if not wants_page(request):
-        return JsonResponse({"error": f"Instance '{instance.instance_id}' does not answer: it is "
-                                      f"{instance.get_status_display().lower()}.", "status": instance.status},
-                            status=503)
-    return render(request, "instances/instance_unavailable.html",
-                  _unavailable_context(request, instance, caller.user), status=503)
+        detail = context["refusal"] or f"it is {instance.get_status_display().lower()}."
+        return JsonResponse({"error": f"Instance '{instance.instance_id}' does not answer: {detail}",
+                             "status": instance.status}, status=503)
+    return render(request, "instances/instance_unavailable.html", context, status=503)
 
 
 def _unavailable_context(request, instance, user):
     uri = original_uri(request)
+    refusal = proxy_refusal(instance)
+    running = instance.desired_state == Instance.DesiredState.RUNNING
     return {
         "instance": instance,
         "can_operate": access.can_operate(user, instance),
         "grantors": access.grantors(instance),
         "back": uri if instance_id_in(uri) == instance.instance_id else instance.hub_path,
         "healthy": instance.status == Instance.Status.HEALTHY,
-        "starting": instance.status == Instance.Status.STARTING,
+        # Wanted running, its container not up yet (a start queued or under way).
+        "starting": running and instance.status in (Instance.Status.NEW, Instance.Status.STOPPED,
+                                                    Instance.Status.STARTING),
+        # Why it is not proxied when it is not a matter of starting it.
+        "refusal": refusal if refusal and refusal != "not running" else "",
     }
 
 

@@ -274,10 +274,11 @@ def test_paths_and_headers_a_client_forges_reach_only_an_instance_django_let_the
 
 
 def test_an_instance_that_does_not_answer_shows_the_start_page(caddy, owner, stranger):
-    """Caddy's own answer would be an empty 502; the documented handle_errors shows ComfyHub's page instead."""
-    instance = an_instance("sleepy", owner, _free_port())  # nothing listens there
-    Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STOPPED,
-                                                   stop_reason="Stopped after 60 min idle.")
+    """A stopped instance is never proxied to: forward_auth's answer is ComfyHub's page itself. A running one that
+    does not answer would get Caddy's empty 502; the documented handle_errors shows ComfyHub's page instead."""
+    instance = an_instance("sleepy", owner, _free_port(), status=Instance.Status.STOPPED,
+                           desired=Instance.DesiredState.STOPPED)  # nothing listens there
+    Instance.objects.filter(pk=instance.pk).update(stop_reason="Stopped after 60 min idle.")
     # The page is about the instance in the path, whatever the instance's own query says.
     response, data = request(caddy, "GET", "/i/sleepy/view?instance=echo", {"Cookie": session_cookie(owner),
                                                                             "Accept": "text/html"})
@@ -292,3 +293,7 @@ def test_an_instance_that_does_not_answer_shows_the_start_page(caddy, owner, str
     assert "unavailable-start" not in data.decode() and "olga" in data.decode()
     response, data = request(caddy, "GET", "/i/sleepy/queue", {"Cookie": session_cookie(owner)})
     assert response.status == 503 and json.loads(data)["status"] == "stopped"
+    Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.HEALTHY,
+                                                   desired_state=Instance.DesiredState.RUNNING)
+    response, data = request(caddy, "GET", "/i/sleepy/", {"Cookie": session_cookie(owner), "Accept": "text/html"})
+    assert response.status == 503 and "ComfyHub last saw it running, but it does not answer now" in data.decode()

@@ -77,9 +77,10 @@ def owner(transactional_db):
     return user
 
 
-def an_instance(instance_id, owner, port):
+def an_instance(instance_id, owner, port, *, status=Instance.Status.HEALTHY, desired=Instance.DesiredState.RUNNING):
+    """An instance whose port is where the echo (or nothing) listens; running and healthy unless told otherwise."""
     instance = services.instance_create(instance_id=instance_id, owner=owner)
-    Instance.objects.filter(pk=instance.pk).update(host_port=port)  # where the echo (or nothing) listens
+    Instance.objects.filter(pk=instance.pk).update(host_port=port, status=status, desired_state=desired)
     instance.refresh_from_db()
     return instance
 
@@ -231,9 +232,9 @@ def test_an_instance_that_does_not_answer_shows_the_start_page_not_a_502(hub_pro
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    instance = an_instance("sleepy", owner, port)
-    Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STOPPED,
-                                                   stop_reason="Stopped after 60 min idle.")
+    instance = an_instance("sleepy", owner, port, status=Instance.Status.STOPPED,
+                           desired=Instance.DesiredState.STOPPED)
+    Instance.objects.filter(pk=instance.pk).update(stop_reason="Stopped after 60 min idle.")
     response, data = request(hub_proxy, "GET", "/i/sleepy/", {"Cookie": session_cookie(owner),
                                                               "Accept": "text/html"})
     page = data.decode()
@@ -393,3 +394,84 @@ def test_an_authorization_header_sent_twice_is_refused(hub_proxy, echo, echo_ins
     assert answer.startswith("HTTP/1.1 400") or answer.startswith("HTTP/1.1 401"), answer
     assert request(hub_proxy, "GET", "/i/echo/queue", {"Authorization": "Bearer junk"})[0].status == 401
     assert echo.seen == []
+
+
+# --- Only a running instance is proxied to, and only at an address the hub can name ------------------------------
+
+@pytest.mark.parametrize("status, desired, says", [
+    (Instance.Status.STOPPED, Instance.DesiredState.STOPPED, "Stopped"),
+    (Instance.Status.NEW, Instance.DesiredState.STOPPED, "Not started yet"),
+    (Instance.Status.HEALTHY, Instance.DesiredState.STOPPED, "Healthy"),  # its stop is under way
+    (Instance.Status.STOPPED, Instance.DesiredState.RUNNING, "Starting: this page opens ComfyUI"),  # start queued
+    (Instance.Status.CRASH_LOOPING, Instance.DesiredState.RUNNING, "crash-looping"),
+    (Instance.Status.ERROR, Instance.DesiredState.RUNNING, "error"),
+])
+def test_a_program_squatting_on_the_port_of_an_instance_that_is_not_running_is_never_reached(
+        hub_proxy, echo, owner, status, desired, says):
+    """Any local user may listen on a stopped instance's port: what answers there must not get the hub's origin."""
+    an_instance("squatted", owner, echo.server_address[1], status=status, desired=desired)
+    cookie = session_cookie(owner)
+    response, data = request(hub_proxy, "GET", "/i/squatted/", {"Cookie": cookie, "Accept": "text/html"})
+    assert response.status == 503
+    page = data.decode()
+    assert 'data-testid="instance-unavailable"' in page and says in page
+    starting = "Starting" in says  # nothing to press while a start is under way
+    assert ('data-testid="unavailable-start"' in page) == (not starting)
+    _, raw_token = tokens.token_create(user=owner, name="script")
+    response, data = request(hub_proxy, "GET", "/i/squatted/prompt", {"Authorization": f"Bearer {raw_token}"})
+    assert response.status == 503 and json.loads(data)["status"] == status
+    # Asked again and again (not from a cached answer), the port is never reached.
+    for _ in range(3):
+        assert request(hub_proxy, "GET", "/i/squatted/x.js", {"Cookie": cookie})[0].status == 503
+    assert echo.seen == []
+
+
+def test_an_instance_opens_as_soon_as_its_container_runs_not_a_cache_time_later(hub_proxy, echo, owner):
+    instance = an_instance("waking", owner, echo.server_address[1], status=Instance.Status.STOPPED)
+    cookie = session_cookie(owner)
+    assert request(hub_proxy, "GET", "/i/waking/", {"Cookie": cookie})[0].status == 503
+    Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STARTING)
+    assert request(hub_proxy, "GET", "/i/waking/", {"Cookie": cookie})[0].status == 200
+    assert [seen["path"] for seen in echo.seen] == ["/"]
+
+
+def test_a_running_instance_that_does_not_answer_shows_the_unavailable_page(hub_proxy, owner):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    an_instance("silent", owner, port)
+    response, data = request(hub_proxy, "GET", "/i/silent/", {"Cookie": session_cookie(owner), "Accept": "text/html"})
+    assert response.status == 503 and "ComfyHub last saw it running, but it does not answer now" in data.decode()
+
+
+def test_a_wildcard_bind_means_loopback_on_the_hubs_own_node_only(hub_proxy, echo, echo_instance, owner):
+    from instances.models import Node
+    from instances.views_access import upstream_of
+
+    port = echo.server_address[1]
+    local = echo_instance.node
+    assert local.name == "local"
+    for wildcard, upstream in (("0.0.0.0", f"127.0.0.1:{port}"), ("::", f"[::1]:{port}")):
+        Node.objects.filter(pk=local.pk).update(bind_address=wildcard)
+        echo_instance.refresh_from_db()
+        assert upstream_of(echo_instance) == upstream
+    Node.objects.filter(pk=local.pk).update(bind_address="0.0.0.0")
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": session_cookie(owner)})[0].status == 200
+    assert len(echo.seen) == 1
+
+    # Another node's wildcard names none of its addresses: the hub's own loopback would be the wrong machine.
+    remote = Node.objects.create(name="gpu-b", bind_address="0.0.0.0")
+    Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
+    echo_instance.refresh_from_db()
+    assert upstream_of(echo_instance) is None
+    response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": session_cookie(owner), "Accept": "text/html"})
+    assert response.status == 503
+    page = data.decode()
+    assert "publishes ports on the wildcard address 0.0.0.0" in page and "gpu-b" in page
+    assert "unavailable-start" not in page
+    response, data = request(hub_proxy, "GET", "/i/echo/queue", {"Authorization": "Bearer x", "Cookie": ""})
+    assert response.status == 401
+    assert len(echo.seen) == 1
+    Node.objects.filter(pk=remote.pk).update(bind_address="127.0.0.1")
+    echo_instance.refresh_from_db()
+    assert upstream_of(echo_instance) == f"127.0.0.1:{port}"
