@@ -173,6 +173,18 @@ def _unauthorized(request, caller: Caller):
     return response
 
 
+def _cross_site(request):
+    """nginx refused a request from another site that carried the hub's cookie (docs/access.md)."""
+    instance_id = instance_id_in(original_uri(request))
+    where = f"/i/{instance_id}/" if instance_id else "the instance"
+    message = (f"ComfyHub does not let pages of other sites use an instance with your login. Open {where} from "
+               "ComfyHub itself (its dashboard, a bookmark or the address bar), or use a personal access token in a "
+               "script.")
+    if not wants_page(request):
+        return JsonResponse({"error": message}, status=403)
+    return render(request, "instances/access_denied.html", {"message": message}, status=403)
+
+
 def _unreadable_session_cookie(request):
     # Logging in again would not help: a planted cookie stays and is still sent first.
     if session_cookie_count(request) > 1:
@@ -215,6 +227,8 @@ def _forbidden(request, instance_id: str | None, instance: Instance | None, user
 def hub_denied(request):
     """What nginx shows for a 401 or 403 from hub_auth (it passes the original request's headers): the login, the
     page naming who may give access, or the unavailable page for an instance that is not proxied now."""
+    if request.headers.get("X-ComfyHub-Refusal") == "cross-site":
+        return _cross_site(request)
     if "X-ComfyHub-Cache-Key" in request.headers and request.headers["X-ComfyHub-Cache-Key"] != cache_key_of(request):
         return _unreadable_session_cookie(request)
     caller = caller_of(request)

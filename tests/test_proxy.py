@@ -475,3 +475,56 @@ def test_a_wildcard_bind_means_loopback_on_the_hubs_own_node_only(hub_proxy, ech
     Node.objects.filter(pk=remote.pk).update(bind_address="127.0.0.1")
     echo_instance.refresh_from_db()
     assert upstream_of(echo_instance) == f"127.0.0.1:{port}"
+
+
+# --- Requests from other sites with the hub's cookie ---------------------------------------------------------------
+
+@pytest.mark.parametrize("method, headers", [
+    ("GET", {"Sec-Fetch-Site": "cross-site"}),
+    ("GET", {"Sec-Fetch-Site": "same-site"}),
+    ("POST", {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}),
+    ("POST", {"Origin": "http://evil.example"}),  # a browser that sends no fetch metadata
+    ("POST", {"Origin": "null"}),
+    ("DELETE", {"Origin": "http://127.0.0.1:1"}),
+    ("OPTIONS", {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}),
+    ("GET", {"Origin": "http://evil.example", "Upgrade": "websocket", "Connection": "Upgrade"}),
+])
+def test_a_request_from_another_site_with_the_hubs_cookie_is_refused_before_anyone_is_asked(
+        hub_proxy, echo, echo_instance, owner, method, headers):
+    response, data = request(hub_proxy, method, "/i/echo/prompt",
+                             {"Cookie": session_cookie(owner), "Accept": "text/html", **headers}, b"{}")
+    assert response.status == 403
+    assert "does not let pages of other sites use an instance with your login" in data.decode()
+    assert "/i/echo/" in data.decode()
+    assert echo.seen == []
+
+
+@pytest.mark.parametrize("method, headers", [
+    ("GET", {"Sec-Fetch-Site": "same-origin"}),
+    ("GET", {"Sec-Fetch-Site": "none"}),  # typed or bookmarked
+    ("GET", {}),  # a script with the cookie: no fetch metadata, no Origin
+    ("GET", {"Origin": "http://evil.example"}),  # reading is the same-origin policy's business
+    ("POST", {"Sec-Fetch-Site": "same-origin", "Origin": "{hub}"}),
+    ("POST", {"Origin": "{hub_upper}"}),
+    ("POST", {"Origin": "https://127.0.0.1:{port}"}),  # behind a TLS front the browser's scheme is https
+    ("POST", {}),
+])
+def test_the_hubs_own_pages_and_scripts_with_the_cookie_still_get_through(hub_proxy, echo, echo_instance, owner,
+                                                                          method, headers):
+    headers = {name: value.format(hub=hub_proxy.url, hub_upper=hub_proxy.url.upper(), port=hub_proxy.port)
+               for name, value in headers.items()}
+    response, data = request(hub_proxy, method, "/i/echo/prompt", {"Cookie": session_cookie(owner), **headers},
+                             b"{}")
+    assert response.status == 200, data
+    assert len(echo.seen) == 1
+
+
+def test_a_token_is_exempt_and_a_forged_refusal_header_changes_nothing(hub_proxy, echo, echo_instance, owner,
+                                                                       stranger):
+    _, raw_token = tokens.token_create(user=owner, name="script")
+    response, _ = request(hub_proxy, "POST", "/i/echo/prompt", {
+        "Authorization": f"Bearer {raw_token}", "Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}, b"{}")
+    assert response.status == 200 and len(echo.seen) == 1
+    response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": session_cookie(stranger), "Accept": "text/html",
+                                                            "X-ComfyHub-Refusal": "cross-site"})
+    assert response.status == 403 and "You may not use" in data.decode()
