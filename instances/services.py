@@ -19,7 +19,7 @@ from django.utils import timezone
 from comfyhub import operations
 from storage_app import layout
 
-from . import runtime
+from . import placement, runtime
 from .gpus import gpus_discover
 from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
 
@@ -230,11 +230,23 @@ def _free_ports(node: Node):
 
 def instance_create(*, instance_id: str, display_name: str = "", description: str = "", image: str = "",
                     extra_args=None, extra_env=None, host_port: int | None = None, gpu_indexes=None,
-                    node: Node | None = None, adopt: bool = False, image_arguments: str = runtime.ARGUMENTS_COMMAND,
-                    idle_stop_after: int = 0, owner=None, user=None) -> Instance:
-    """Register an instance. `adopt`: take the folder kept from a deleted instance with this id as it is (the
-    directory build only adds what is missing); without it, that folder existing is refused. The owner is `owner`,
-    else the user who creates it."""
+                    node: Node | None = None, gpu_count: int | None = None, adopt: bool = False,
+                    image_arguments: str = runtime.ARGUMENTS_COMMAND, idle_stop_after: int = 0, owner=None,
+                    user=None, template=None) -> Instance:
+    """Register an instance. Its GPUs are `gpu_indexes` on `node` (default `local`), or, with `gpu_count` instead,
+    placement (instances/placement.py) picks `gpu_count` free GPUs on `node`, or a node too when none is given.
+    `adopt`: take the folder kept from a deleted instance with this id as it is (the directory build only adds what
+    is missing); without it, that folder existing is refused. The owner is `owner`, else the user who creates it.
+    `template`, when it is made from one, only words a placement refusal."""
+    if gpu_count is not None and gpu_indexes:
+        raise ValidationError({"gpus": ["Give GPU indexes or a number of GPUs, not both."]})
+    if node is not None:
+        placement.check_node_takes_instances(node)
+    if gpu_count is not None:
+        if node is None:
+            local_node()  # made when missing: placement counts it
+        placed = placement.place(gpu_count=gpu_count, node=node, template=template)
+        node, gpu_indexes = placed.node, placed.gpu_indexes
     node = node or local_node()
     if problem := idle_stop_problem(idle_stop_after):
         raise ValidationError({"idle_stop_after": [problem]})
@@ -626,15 +638,13 @@ def template_update(*, template, description: str = "", image: str = "", extra_a
 
 def instance_create_from_template(*, template, instance_id: str, host_port: int | None = None, node=None,
                                   user=None, owner=None, display_name: str = ""):
-    """Create an instance with the template's configuration, then apply the rest of it as an operation."""
-    from .templating import free_gpus
-
-    node = node or local_node()
+    """Create an instance with the template's configuration, then apply the rest of it as an operation. It goes on
+    `node` when one is given, else where placement finds the template's GPU count free."""
     with transaction.atomic():  # no queue to apply it: no half-made instance either
         instance = instance_create(instance_id=instance_id, display_name=display_name, image=template.image,
                                    extra_args=template.extra_args, extra_env=template.extra_env, host_port=host_port,
-                                   gpu_indexes=free_gpus(node, template.gpu_count), node=node, user=user,
-                                   owner=owner)
+                                   gpu_count=template.gpu_count, node=node, user=user, owner=owner,
+                                   template=template)
         Instance.objects.filter(pk=instance.pk).update(template=template)
         instance.refresh_from_db()
         return instance, template_apply(template=template, instance=instance, user=user)

@@ -9,7 +9,7 @@ from comfyhub.operations import NullReport
 from storage_app import layout, safefs
 
 from . import customnodes, workflows
-from .models import GPU, Instance, InstanceTemplate
+from .models import Instance, InstanceTemplate
 
 SETTINGS_FILE = ("user", "default", "comfy.settings.json")
 SETTINGS_MAX_BYTES = 16 << 20
@@ -34,16 +34,6 @@ def read_settings(instance: Instance) -> dict:
     except (ValueError, RecursionError):  # the container writes this file: it may be anything
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def free_gpus(node, count: int) -> list[int]:
-    """The first `count` present GPUs no instance holds exclusively."""
-    free = [gpu.index for gpu in GPU.objects.filter(node=node, present=True).prefetch_related("assignments")
-            if gpu.shareable or not gpu.assignments.exists()]
-    if len(free) < count:
-        raise ValidationError({"gpus": [f"The template asks for {count} GPU(s) but only {len(free)} are free on "
-                                        f"node {node}; free some or create without the template."]})
-    return free[:count]
 
 
 def validate_template(*, image: str, extra_args, extra_env, custom_nodes, settings) -> None:
