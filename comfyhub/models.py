@@ -25,7 +25,8 @@ class Operation(models.Model):
     # The primary key is also the RQ job id.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     kind = models.CharField(max_length=64, db_index=True)
-    queue_name = models.CharField(max_length=32, default="default")
+    # default/long on the hub's workers, node.<name>/node.<name>.long on a node's agent (node names: 63 characters)
+    queue_name = models.CharField(max_length=100, default="default")
 
     target_type = models.ForeignKey(ContentType, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     target_id = models.CharField(max_length=64, blank=True, default="")

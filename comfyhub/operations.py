@@ -41,6 +41,11 @@ class OperationError(Exception):
     """An expected failure: its message is shown to the user as the operation's error, without a traceback."""
 
 
+class NodeUnavailable(queues.QueueUnavailable):
+    """The node an operation would run on takes no jobs now (offline, or not approved): refused before anything is
+    recorded or queued. A kind of QueueUnavailable, so pages and commands show it as they show Redis being down."""
+
+
 class OperationCancelled(Exception):
     """Raised inside a job when its operation was cancelled; the runner records the cancellation."""
 
@@ -76,35 +81,64 @@ def operation_job(kind: str, *, label: str, queue: str = "default", timeout: int
 
 # --- Enqueueing ----------------------------------------------------------------------------------------------
 
-def enqueue(job, *, target=None, user=None, **kwargs) -> Operation:
+def enqueue(job, *, target=None, node=None, user=None, **kwargs) -> Operation:
     """Create the Operation row for `job` and enqueue it when the current transaction commits.
 
     `job` is an `@operation_job` function or its dotted path ("instances.jobs.start_instance"): a service names the
     job by its path, so the jobs module, which calls the services, is the only one of the two that imports the other.
 
-    Raises `queues.QueueUnavailable` (and records nothing) when Redis does not answer, so no operation is ever left
-    queued that no worker will see.
+    The job runs on a node's queue: `node`'s, else the target's own node (`target.node`, or the target when it is a
+    node itself); without one on the hub's queue. A node is any object with `job_queue(base)` and `refusal()`
+    (instances.models.Node; the core imports no app). The hub's `local` node keeps the queues default and long.
+
+    Raises NodeUnavailable when that node takes no jobs now, and `queues.QueueUnavailable` when Redis does not
+    answer; either way nothing is recorded, so no operation is ever left queued that no worker will see.
     """
     if isinstance(job, str):
         job = import_string(job)
     if not hasattr(job, "kind"):
         raise TypeError(f"{job!r} is not declared with @operation_job.")
-    queues.ensure_available(job.queue_name)
+    if node is not None and not _is_node(node):
+        raise TypeError(f"enqueue(node=...) chooses the node a job runs on and takes a node (with job_queue() and "
+                        f"refusal()), not {node!r}; pass a node's name to the job under another keyword.")
+    node = node if node is not None else node_of(target)
+    queue_name = job.queue_name
+    if node is not None:
+        refusal = node.refusal()
+        if refusal:
+            raise NodeUnavailable(refusal)
+        queue_name = node.job_queue(job.queue_name)
+    queues.ensure_available(queue_name)
     operation = Operation.objects.create(
         kind=job.kind,
-        queue_name=job.queue_name,
+        queue_name=queue_name,
         target_type=ContentType.objects.get_for_model(target) if target is not None else None,
         target_id=str(target.pk) if target is not None else "",
         target_label=str(target)[:200] if target is not None else "",
         requested_by=user if user is not None and user.is_authenticated else None,
     )
-    transaction.on_commit(functools.partial(_push, operation.pk, job, kwargs), robust=False)
+    transaction.on_commit(functools.partial(_push, operation.pk, job, kwargs, queue_name), robust=False)
     return operation
 
 
-def _push(operation_id, job, kwargs):
+def _is_node(candidate) -> bool:
+    return callable(getattr(candidate, "job_queue", None)) and callable(getattr(candidate, "refusal", None))
+
+
+def node_of(target):
+    """The node whose queue a job about `target` goes to: the target itself when it is a node, else its `node`
+    attribute when that is one; None for targets that belong to no node."""
+    if target is None:
+        return None
+    if _is_node(target):
+        return target
+    node = getattr(target, "node", None)
+    return node if _is_node(node) else None
+
+
+def _push(operation_id, job, kwargs, queue_name=None):
     try:
-        queues.get_queue(job.queue_name).enqueue(
+        queues.get_queue(queue_name or job.queue_name).enqueue(
             job,
             kwargs=kwargs,
             job_id=str(operation_id),

@@ -1,4 +1,7 @@
-"""The job queue as the rest of ComfyHub sees it: RQ queues on Redis, whether they answer, and who works them."""
+"""The job queue as the rest of ComfyHub sees it: RQ queues on Redis, whether they answer, and who works them.
+
+The hub's own workers take `default` (quick jobs) and `long`; a node's agent takes `node.<name>` and
+`node.<name>.long`, configured as `default` and `long` and on the same Redis."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,9 +11,10 @@ import threading
 
 import django_rq
 from django.conf import settings
+from django_rq.jobs import get_job_class
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Worker
+from rq import Queue, Worker
 
 
 class QueueUnavailable(Exception):
@@ -38,10 +42,33 @@ _clients: dict[tuple, Redis] = {}
 _clients_lock = threading.Lock()
 
 
+NODE_QUEUE_PREFIX = "node."
+LONG_SUFFIX = ".long"
+
+
+def base_queue(name: str) -> str:
+    """The configured queue (RQ_QUEUES) whose settings `name` uses: itself, or for a node's queue `default`
+    (node.<name>) or `long` (node.<name>.long). Node names have no dots, so node.long is a quick queue."""
+    if name in settings.RQ_QUEUES:
+        return name
+    if isinstance(name, str) and name.startswith(NODE_QUEUE_PREFIX) and len(name) > len(NODE_QUEUE_PREFIX):
+        rest = name[len(NODE_QUEUE_PREFIX):]
+        if rest.endswith(LONG_SUFFIX) and "." not in rest[:-len(LONG_SUFFIX)]:
+            return "long"
+        if "." not in rest:
+            return "default"
+    raise KeyError(f"No queue {name!r}: the queues are {', '.join(settings.RQ_QUEUES)} and node.<name>[.long].")
+
+
+def node_queue(node_name: str, base: str = "default") -> str:
+    """The queue of node `node_name` for jobs of the configured queue `base` ("default" or "long")."""
+    return f"{NODE_QUEUE_PREFIX}{node_name}" + (LONG_SUFFIX if base == "long" else "")
+
+
 def get_connection(name: str = "default") -> Redis:
     """One client per URL and process (redis-py pools are thread-safe and start afresh after fork()). Unlike
     django_rq's own, it applies CONNECTION_KWARGS (the connect timeout) to URL configurations."""
-    config = settings.RQ_QUEUES[name]
+    config = settings.RQ_QUEUES[base_queue(name)]
     options = config.get("CONNECTION_KWARGS", {})
     key = (config["URL"], tuple(sorted(options.items())))
     client = _clients.get(key)
@@ -54,7 +81,14 @@ def get_connection(name: str = "default") -> Redis:
 
 
 def get_queue(name: str = "default"):
-    return django_rq.get_queue(name, connection=get_connection(name))
+    base = base_queue(name)
+    if base == name:
+        return django_rq.get_queue(name, connection=get_connection(name))
+    # django_rq's queue class looks its own name up in RQ_QUEUES; a node's queue is a plain RQ queue with its base
+    # queue's settings (jobs are enqueued at once either way: COMMIT_MODE is "auto").
+    config = settings.RQ_QUEUES[base]
+    return Queue(name, connection=get_connection(name), default_timeout=config.get("DEFAULT_TIMEOUT"),
+                 job_class=get_job_class(), serializer=config.get("SERIALIZER"))
 
 
 def ensure_available(name: str = "default"):

@@ -6,6 +6,8 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from comfyhub import queues
+
 LOCAL_NODE = "local"
 
 
@@ -48,6 +50,50 @@ class Node(models.Model):
 
     def __str__(self):
         return self.name
+
+    # --- Where its jobs run: comfyhub.operations.enqueue asks these of the node an operation is for ----------------
+
+    def job_queue(self, base: str = "default") -> str:
+        """The queue for its jobs of kind `base` ("default" or "long"): the hub's own for `local`, node.<name>[.long]
+        (its agent's) for any other."""
+        if self.name == LOCAL_NODE:
+            return base
+        return queues.node_queue(self.name, base)
+
+    def state(self):
+        """Online, offline since when, or never reported (instances.nodes.NodeState), from this row alone."""
+        from .nodes import node_state
+
+        return node_state(self)
+
+    def refusal(self) -> str:
+        """Why no job may be sent to it now, or "" when one may: `local` always takes jobs (the hub's workers),
+        another node once it is approved and its agent's heartbeats come."""
+        if self.name == LOCAL_NODE:
+            return ""
+        start = f"start its agent on that host (`manage.py agent --node {self.name}`), then try again"
+        if not self.approved:
+            return (f"Node {self.name} is waiting for approval, so its agent takes no jobs and nothing was queued: "
+                    f"approve it (`manage.py hosts approve {self.name}` or on the Nodes page), then try again.")
+        state = self.state()
+        if state.kind == "never":
+            return f"Node {self.name} has no agent yet (it never sent a heartbeat); nothing was queued: {start}."
+        if state.kind == "offline":
+            return (f"Node {self.name} is offline since {timezone.localtime(state.since):%Y-%m-%d %H:%M:%S} (no "
+                    f"heartbeat from its agent); nothing was queued: {start}.")
+        return ""
+
+    def offline_note(self) -> str:
+        """What its instances' status is while its agent is away ("node offline since …"): their recorded status
+        is from before, so they are shown unknown. "" while it is online, and for `local`."""
+        if self.name == LOCAL_NODE:
+            return ""
+        state = self.state()
+        if state.kind == "offline":
+            return f"node offline since {timezone.localtime(state.since):%Y-%m-%d %H:%M:%S}"
+        if state.kind == "never":
+            return "node has no agent yet"
+        return ""
 
 
 class GPU(models.Model):

@@ -12,6 +12,8 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count, Prefetch, Q
 from django.utils import timezone
 
+from comfyhub import queues
+
 from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
 
 # Missed heartbeats after which a node is shown offline (the interval is NODE_HEARTBEAT_SECONDS).
@@ -22,7 +24,7 @@ STORAGE_ROOTS = ("shared", "instances", "backups")
 
 def node_queue_names(name: str) -> list[str]:
     """The RQ queues a node's agent takes jobs from: quick ones, then long ones."""
-    return [f"node.{name}", f"node.{name}.long"]
+    return [queues.node_queue(name, "default"), queues.node_queue(name, "long")]
 
 
 def offline_after() -> timedelta:
