@@ -27,6 +27,23 @@ from tests.support import ws
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+# What an instance might send that a browser keeps for the hub's whole origin (or opens it to other sites).
+ORIGIN_WIDE_HEADERS = {
+    "Strict-Transport-Security": "max-age=63072000; includeSubDomains; preload",
+    "NEL": '{"report_to": "evil", "max_age": 31536000}',
+    "Report-To": '{"group": "evil", "max_age": 31536000, "endpoints": [{"url": "https://evil.example/r"}]}',
+    "Reporting-Endpoints": 'evil="https://evil.example/r"',
+    "Alt-Svc": 'h3=":443"; ma=86400',
+    "Accept-CH": "Sec-CH-UA-Full-Version-List",
+    "Critical-CH": "Sec-CH-UA-Full-Version-List",
+    "Origin-Agent-Cluster": "?1",
+    "Access-Control-Allow-Origin": "http://evil.example",
+    "Access-Control-Allow-Credentials": "true",
+    "Access-Control-Allow-Headers": "Authorization",
+    "Timing-Allow-Origin": "*",
+}
+
+
 class Echo(http.server.BaseHTTPRequestHandler):
     """An instance that answers every request with what it received, and tries to set a cookie on the hub."""
 
@@ -44,6 +61,8 @@ class Echo(http.server.BaseHTTPRequestHandler):
         self.send_header("Service-Worker-Allowed", "/")
         self.send_header("Clear-Site-Data", '"*"')
         self.send_header("X-Accel-Redirect", "/_hub/auth")
+        for name, value in ORIGIN_WIDE_HEADERS.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -133,6 +152,7 @@ def test_an_owner_reaches_the_instance_with_the_raw_path_and_none_of_the_hubs_se
     assert response.getheader("Set-Cookie") is None
     assert response.getheader("Service-Worker-Allowed") is None
     assert response.getheader("Clear-Site-Data") is None
+    assert [name for name in ORIGIN_WIDE_HEADERS if response.getheader(name) is not None] == []
     assert json.loads(data) == {"path": "/userdata/workflows%2Fmy%20flow.json?full_info=true&x=%2F"}
     # The open is recorded, and counts as activity.
     assert InstanceOpen.objects.filter(instance=echo_instance, user=owner, via="browser").count() == 1
