@@ -62,14 +62,29 @@ class OperationFilterForm(forms.Form):
 
 
 class AccessTokenForm(ServiceForm):
-    """A new personal access token: what it is for and when it runs out (comfyhub/tokens.py has the rules)."""
+    """A new personal access token: what it is for, when it runs out (comfyhub/tokens.py has the rules), and the
+    user's password again. A page of an instance runs on the hub's origin and can post this form with the user's
+    session and CSRF token; it does not know the password, so it cannot make itself a token that outlives the tab."""
 
     name = forms.CharField(max_length=100, help_text="What it is for, e.g. 'render farm script'.")
     expires = forms.CharField(label="Expires after", required=False, initial="90",
                               help_text=tokens.EXPIRY_HELP)
+    password = forms.CharField(label="Your password", strip=False,
+                               widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+                               help_text="Making a token asks for your ComfyHub password again.")
+
+    def __init__(self, *args, user, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.user = user
 
     def clean_expires(self):
         try:
             return tokens.parse_expiry(self.cleaned_data["expires"])
         except ValidationError as exc:
             raise ValidationError(exc.message_dict["expires"]) from exc
+
+    def clean_password(self):
+        password = self.cleaned_data["password"]
+        if not self.user.check_password(password):
+            raise ValidationError("That is not your password. Type the password you log in to ComfyHub with.")
+        return password

@@ -10,36 +10,33 @@ from django.views.decorators.http import require_http_methods, require_POST, req
 from . import tokens
 from .forms import AccessTokenForm, service_errors
 
-# The new token waits here between the POST that made it and the page that shows it; that page takes it out.
-NEW_TOKEN_SESSION_KEY = "comfyhub_new_access_token"
-
-
 @require_safe
 def account(request):
-    return account_page(request, AccessTokenForm())
+    return account_page(request, AccessTokenForm(user=request.user))
 
 
 @never_cache
-def account_page(request, form):
-    """The page, with the token made just before shown (once: it leaves the session here)."""
+def account_page(request, form, new_token=None):
+    """The page; with `new_token` ({"name", "raw"}) right after it was made, the one time it is shown."""
     return render(request, "comfyhub/account.html", {
         "form": form,
         "tokens": with_states(tokens.tokens_of(request.user)),
-        "new_token": request.session.pop(NEW_TOKEN_SESSION_KEY, None),
+        "new_token": new_token,
         "instances": usable_instances(request.user),
     }, status=400 if form.errors else 200)
 
 
 @require_POST
 def token_create(request):
-    form = AccessTokenForm(request.POST)
+    """The new token is shown in this POST's own answer (never cached, never kept in the session): nothing stores
+    it but the person who copies it."""
+    form = AccessTokenForm(request.POST, user=request.user)
     if form.is_valid():
         with service_errors(request, form):
             token, raw = tokens.token_create(user=request.user, name=form.cleaned_data["name"],
                                              expires_at=form.cleaned_data["expires"])
-            request.session[NEW_TOKEN_SESSION_KEY] = {"id": token.pk, "name": token.name, "raw": raw}
             messages.success(request, f"Made the token '{token.name}'.")
-            return redirect("account")
+            return account_page(request, AccessTokenForm(user=request.user), {"name": token.name, "raw": raw})
     return account_page(request, form)
 
 

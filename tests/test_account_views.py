@@ -4,12 +4,12 @@ action: staff see their own tokens, superusers everyone's."""
 import re
 
 import pytest
+from django.contrib.sessions.models import Session
 from django.contrib.auth.models import Group, Permission, User
 from django.urls import reverse
 
 from comfyhub import tokens
 from comfyhub.models import AccessToken
-from comfyhub.views_account import NEW_TOKEN_SESSION_KEY
 from instances import services
 from instances.models import InstanceShare
 
@@ -41,32 +41,50 @@ def test_the_header_links_the_user_name_to_the_account_page(bob_client):
     assert f'href="{reverse("account")}"' in page
 
 
-def test_a_new_token_is_shown_once_with_an_example_and_then_never_again(bob_client, bob):
-    response = bob_client.post(reverse("account-token-create"), {"name": "render farm", "expires": "30"})
-    assert response.status_code == 302 and response["Location"] == reverse("account")
+def test_a_new_token_is_shown_once_in_the_answer_to_its_post_and_kept_nowhere(bob_client, bob):
+    response = bob_client.post(reverse("account-token-create"),
+                               {"name": "render farm", "expires": "30", "password": "bob-password-1"})
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
     token = AccessToken.objects.get(user=bob)
     assert token.name == "render farm" and token.expires_at is not None
-
-    shown = bob_client.get(reverse("account"))
-    page = shown.content.decode()
+    page = response.content.decode()
     raws = set(TOKEN.findall(page))
     assert len(raws) == 1
     raw = raws.pop()
     assert tokens.token_authenticate(raw) == token
-    assert "Copy it now: it is not shown again." in page
+    assert "Copy it now: it is not shown again" in page
     assert f'curl -H "Authorization: Bearer {raw}" http://testserver/i/&lt;instance-id&gt;/system_stats' in page
-    assert "no-store" in shown["Cache-Control"]
-    assert NEW_TOKEN_SESSION_KEY not in bob_client.session
+    # The form below is empty again: no password left in the page.
+    assert 'value="bob-password-1"' not in page
+    # Not in any session (a page of an instance could read it back from the next GET).
+    assert all(raw not in str(session.get_decoded()) for session in Session.objects.all())
 
     again = bob_client.get(reverse("account")).content.decode()
     assert raw not in again and not TOKEN.search(again)
     assert token.prefix + "…" in again and "render farm" in again
 
 
+def test_making_a_token_asks_for_the_password_again(bob_client, bob):
+    """A page of an instance on the hub's origin can post the form with the session and CSRF token; not the password."""
+    for password in ("", "wrong-password", " bob-password-1"):
+        response = bob_client.post(reverse("account-token-create"),
+                                   {"name": "stolen", "expires": "never", "password": password})
+        assert response.status_code == 400
+        page = response.content.decode()
+        errors = re.search(r'data-testid="error-password">(.*?)</ul>', page, re.S)
+        assert errors, password
+        assert ("This field is required." if not password else "That is not your password.") in errors[1]
+        assert not TOKEN.search(page)
+    assert not AccessToken.objects.exists()
+    form = bob_client.get(reverse("account")).content.decode()
+    assert 'type="password" name="password"' in form and 'autocomplete="current-password"' in form
+
+
 def test_the_example_names_an_instance_the_user_may_use(bob_client, bob):
     services.instance_create(instance_id="bobs", owner=bob)
-    bob_client.post(reverse("account-token-create"), {"name": "script", "expires": "never"})
-    page = bob_client.get(reverse("account")).content.decode()
+    page = bob_client.post(reverse("account-token-create"),
+                           {"name": "script", "expires": "never", "password": "bob-password-1"}).content.decode()
     assert re.search(r'curl -H "Authorization: Bearer chub_[^"]+" http://testserver/i/bobs/system_stats', page)
     assert AccessToken.objects.get(user=bob).expires_at is None
 
@@ -79,7 +97,7 @@ def test_the_example_names_an_instance_the_user_may_use(bob_client, bob):
     ({"name": "ok", "expires": "forever"}, "expires", "give one from 1 to 3650"),
 ])
 def test_a_bad_token_form_says_what_is_wrong_and_makes_nothing(bob_client, data, field, message):
-    response = bob_client.post(reverse("account-token-create"), data)
+    response = bob_client.post(reverse("account-token-create"), {**data, "password": "bob-password-1"})
     assert response.status_code == 400
     page = response.content.decode()
     errors = re.search(rf'data-testid="error-{field}">(.*?)</ul>', page, re.S)

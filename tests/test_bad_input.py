@@ -131,6 +131,8 @@ PAGE_FIELDS = [
     ("instance-start", ["bad"], "post", {}, ["next"]),
     ("models-verify", [], "post", {}, ["full"]),
     ("models-promote", ["bad"], "post", {}, ["path"]),
+    ("models-cache-warm", [], "post", {}, ["instance", "node"]),
+    ("models-cache-check", [], "post", {}, ["node"]),
     ("snapshot-create", ["bad"], "post", {"kind": "config"}, ["kind", "include_output", "note"]),
     ("snapshot-schedule", ["bad"], "post", {"snapshot_every_hours": "1", "snapshot_keep": "2"},
      ["snapshot_every_hours", "snapshot_keep"]),
@@ -148,7 +150,7 @@ PAGE_FIELDS = [
     ("instance-logs", ["bad"], "get", {}, ["tail"]),
     ("image-build", [], "post", {"node": "local"}, ["node", "image"]),
     ("image-pull", [], "post", {"node": "local"}, ["node", "image"]),
-    ("account-token-create", [], "post", {"name": "render script"}, ["name", "expires"]),
+    ("account-token-create", [], "post", {"name": "render script"}, ["name", "expires", "password"]),
     ("node-revoke-approval", ["local"], "post", {}, ["confirm"]),
 ]
 # Upload fields: (url name, url args, field, the bad contents to send).
@@ -158,6 +160,8 @@ UPLOAD_FIELDS = [
     ("snapshot-import", ["bad"], "file",
      {**BAD_FILES, **{k: json.dumps(v).encode() for k, v in BAD_MANAGER_SNAPSHOTS.items()}}),
     ("models-import", [], "file", BAD_FILES),
+    ("models-cache-warm", [], "workflow",
+     {**BAD_FILES, **{k: json.dumps(v).encode() for k, v in BAD_WORKFLOWS.items()}}),
 ]
 # Pages whose only input is in the URL (a slug or a number Django's URL patterns check) or none at all.
 NO_FORM_INPUT = {
@@ -356,6 +360,11 @@ COMMAND_ARGS = [
     ("models", ["promote", "bad", "{bad}"], ["", "../x", "/etc/passwd"]),
     ("models", ["scan", "--timeout", "{bad}"], ["abc"]),
     ("models", ["verify", "--timeout", "{bad}"], ["abc"]),
+    ("models", ["cache", "{bad}"], ["", "nope", "bad\x00", "x" * 100_000]),
+    ("models", ["cache", "warm", "{bad}"], ["", "../x.ckpt", "/etc/passwd", "checkpoints/nope.ckpt", "bad\x00"]),
+    ("models", ["cache", "warm", "--node", "{bad}", "checkpoints/a.ckpt"], ["nope", "Bad", "bad\x00", "x" * 100_000]),
+    ("models", ["cache", "warm", "--for-instance", "{bad}"], ID_VALUES),
+    ("models", ["cache", "warm", "--workflow", "{bad}"], ["{file}", "/nonexistent", "/"]),
     ("snapshots", ["create", "{bad}"], ID_VALUES),
     ("snapshots", ["create", "bad", "--kind", "{bad}"], ["", "everything", *TEXT_VALUES]),
     ("snapshots", ["create", "bad", "--note", "{bad}"], ["x" * 100_000]),
