@@ -197,6 +197,20 @@ def comfyui_arguments(instance, gpus) -> list[str]:
     return args + [str(arg) for arg in instance.extra_args]
 
 
+def mounts(instance) -> list[Mount]:
+    """The shared tree read-only, the instance's own folder read-write, and the node's model cache read-only when it
+    has one (only then: an instance on a node without a cache keeps the mounts, and so the configuration hash, it
+    had before caches existed)."""
+    found = [
+        Mount(str(layout.shared_root(instance.node)), layout.CONTAINER_SHARED, read_only=True),
+        Mount(str(layout.instance_dir(instance.instance_id, instance.node)), layout.CONTAINER_INSTANCE,
+              read_only=False),
+    ]
+    if (cache := layout.model_cache_root(instance.node)) is not None:
+        found.append(Mount(str(cache), layout.CONTAINER_MODEL_CACHE, read_only=True))
+    return found
+
+
 def container_spec(instance, image_id: str = "") -> ContainerSpec:
     """Everything Docker needs to run `instance`; its hash decides whether a container must be recreated.
 
@@ -241,11 +255,7 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
         command=command,
         environment=environment,
         labels=labels,
-        mounts=[
-            Mount(str(layout.shared_root(instance.node)), layout.CONTAINER_SHARED, read_only=True),
-            Mount(str(layout.instance_dir(instance.instance_id, instance.node)), layout.CONTAINER_INSTANCE,
-                  read_only=False),
-        ],
+        mounts=mounts(instance),
         host_ip=instance.node.bind_address,
         host_port=instance.host_port,
         container_port=CONTAINER_PORT,

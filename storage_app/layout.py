@@ -4,7 +4,10 @@
     <shared>/input/                            shared input images, read-only at /shared/input
     <instances>/<id>/{custom_nodes,user,temp,output,input,models,python-packages,home}   read-write at /instance
     (home/: HOME and caches of the container's user, PUID:PGID, which owns every folder here)
-    <instances>/<id>/extra_model_paths.yaml    every model folder: /instance/models/... first, then /shared/models/...
+    <instances>/<id>/extra_model_paths.yaml    every model folder: /instance/models/... first, then the node's model
+                                               cache /model-cache/models/... (when it has one), then /shared/models/...
+    <MODEL_CACHE_PATH>/models/<folder>/        the node's model cache (storage_app/modelcache.py): copies of library
+                                               files on fast disk, read-only at /model-cache/models
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ EXTRA_MODEL_PATHS_FILE = "extra_model_paths.yaml"
 # Container side of the contract.
 CONTAINER_SHARED = "/shared"
 CONTAINER_INSTANCE = "/instance"
+CONTAINER_MODEL_CACHE = "/model-cache"
 
 # Instance ids: DNS labels (they name a directory, a container and a host name). `\Z`, not `$`: `$` also accepts a
 # trailing newline.
@@ -100,6 +104,18 @@ def shared_input_dir(node=None) -> Path:
     return shared_root(node) / "input"
 
 
+def model_cache_root(node=None) -> Path | None:
+    """The node's model cache folder (MODEL_CACHE_PATH), or None when it has none. The setting is this process's:
+    it describes the node ComfyHub runs as here (NODE_NAME), so for another node's instances it says nothing (that
+    node's own ComfyHub has its own setting)."""
+    path = getattr(settings, "MODEL_CACHE_PATH", None)
+    if not path:
+        return None
+    if node is not None and node.name != getattr(settings, "NODE_NAME", "local"):
+        return None
+    return Path(path)
+
+
 def instance_dir(instance_id: str, node=None) -> Path:
     """The instance's own tree; refuses any id that is not a plain, valid instance id."""
     problem = instance_id_problem(instance_id)
@@ -112,35 +128,45 @@ def instance_dir(instance_id: str, node=None) -> Path:
     return path
 
 
-def extra_model_paths_yaml() -> str:
-    """The YAML that adds the read-only shared library to every model folder, after the instance's own folder.
+def extra_model_paths_yaml(cache: bool = False) -> str:
+    """The YAML that adds the read-only shared library to every model folder, after the instance's own folder, and
+    with `cache` the node's model cache between the two (ComfyUI loads a name from the first folder that has it, so
+    a cached copy on fast disk wins over the shared one, and the instance's own file over both).
 
     Nodes save downloads to folder_paths.get_folder_paths(kind)[0], so that first path must be the instance's
     writable /instance/models/<folder>. ComfyUI (utils/extra_config.py, folder_paths.add_model_folder_path) appends a
     section's paths, or puts them first when the section says `is_default: true` (each line in turn, so the last line
-    of a multi-line value ends up first). The shared section is therefore not default, and the instance section names
-    each key's default folder alone, marked `is_default: true`, so the instance's folder is first whatever
-    --base-directory gives."""
+    of a multi-line value ends up first). The cache and shared sections are therefore not default (appended in the
+    order they are written), and the instance section names each key's default folder alone, marked
+    `is_default: true`, so the instance's folder is first whatever --base-directory gives. Without `cache` the text
+    is exactly what it was before the cache existed."""
     lines = [
         "# Written by ComfyHub: for every model folder the instance's own /instance/models/<folder> comes first (nodes",
-        "# save downloads to the first path), the shared, read-only model library after it.",
+        "# save downloads to the first path), the shared, read-only model library after it."
+        if not cache else
+        "# save downloads to the first path), then this node's read-only model cache, the shared library last.",
         "comfyhub_instance:",
         f"    base_path: {CONTAINER_INSTANCE}/models",
         "    is_default: true",
     ]
     # No trailing slash: ComfyUI does not normalise, and the path must equal its own default to move, not repeat.
     lines.extend(f"    {key}: {folders[0]}" for key, folders in MODEL_FOLDERS.items())
-    lines += [
-        "comfyhub_shared:",
-        f"    base_path: {CONTAINER_SHARED}/models",
-    ]
+    if cache:
+        lines += _appended_section("comfyhub_cache", f"{CONTAINER_MODEL_CACHE}/models")
+    lines += _appended_section("comfyhub_shared", f"{CONTAINER_SHARED}/models")
+    return "\n".join(lines) + "\n"
+
+
+def _appended_section(name: str, base_path: str) -> list[str]:
+    """A section that is not default: every sub-folder of every model folder, appended after those before it."""
+    lines = [f"{name}:", f"    base_path: {base_path}"]
     for key, folders in MODEL_FOLDERS.items():
         if len(folders) == 1:
             lines.append(f"    {key}: {folders[0]}/")
         else:
             lines.append(f"    {key}: |")
             lines.extend(f"        {folder}/" for folder in folders)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 @dataclass
@@ -161,6 +187,18 @@ def build_shared_tree(node=None, report: BuildReport | None = None) -> BuildRepo
         for folder in folders:
             _make_dir(shared_models_dir(node) / folder, report)
     _make_dir(shared_input_dir(node), report)
+    if (cache := model_cache_root(node)) is not None:
+        # Made before a container mounts it (a bind mount of a missing folder fails); ComfyHub's, not PUID's: the
+        # containers only read it.
+        for path in (cache, cache / "models"):
+            if not path.is_dir():
+                if path.exists() or path.is_symlink():
+                    raise LayoutError(f"{path} exists but is not a directory; move it away or change "
+                                      "MODEL_CACHE_PATH, and build again.")
+                path.mkdir(parents=True)
+                report.created.append(str(path))
+            else:
+                report.existing += 1
     return report
 
 
@@ -179,7 +217,8 @@ def build_instance_tree(instance_id: str, node=None, report: BuildReport | None 
         _make_inside(root, sub, report)
     _make_inside(root, "user/default/workflows", report)
     _give_root_owned_folders_to_puid(root, report)
-    write_generated_file(root / EXTRA_MODEL_PATHS_FILE, extra_model_paths_yaml(), root=root)
+    write_generated_file(root / EXTRA_MODEL_PATHS_FILE,
+                         extra_model_paths_yaml(cache=model_cache_root(node) is not None), root=root)
     link_shared_input(instance_id, node, report)
     return report
 
