@@ -77,6 +77,53 @@ def check_sharing(report):
     return summary
 
 
+@operation_job("model_cache_warm", label="Warm model cache", queue="long", timeout=48 * 3600)
+def warm_model_cache(report, *, node_name, paths=(), references=(), instance_pk=None):
+    """Copy library files into this node's model cache, verified (services.model_cache_warm_now)."""
+    from django.conf import settings
+
+    from instances.models import Instance
+
+    from . import modelcache
+    from .services import model_cache_warm_now
+
+    if node_name != settings.NODE_NAME:
+        raise OperationError(f"This worker serves node '{settings.NODE_NAME}', not '{node_name}': nothing was copied.")
+    instance = None
+    if instance_pk is not None:
+        instance = Instance.objects.select_related("node").filter(pk=instance_pk).first()
+        if instance is None:
+            raise OperationError("The instance no longer exists.")
+    try:
+        result = model_cache_warm_now(paths=paths, references=references, instance=instance, report=report)
+    except modelcache.CacheError as exc:
+        raise OperationError(str(exc)) from exc
+    report.progress(100, f"{len(result['copied'])} copied, {len(result['hits'])} already cached, "
+                         f"{len(result['evicted'])} evicted, {len(result['refused'])} refused")
+    if result["refused"]:
+        raise OperationError(f"{len(result['refused'])} file(s) were not cached (the others were): "
+                             + "; ".join(f"{path}: {reason}" for path, reason in result["refused"][:5]))
+    return result
+
+
+@operation_job("model_cache_check", label="Check model cache", queue="long", timeout=48 * 3600)
+def check_model_cache(report, *, node_name):
+    """Hash this node's cached model files again; drop those that no longer match the library."""
+    from django.conf import settings
+
+    from . import modelcache
+
+    if node_name != settings.NODE_NAME:
+        raise OperationError(f"This worker serves node '{settings.NODE_NAME}', not '{node_name}': nothing was "
+                             "checked.")
+    try:
+        result = modelcache.check(report=report)
+    except modelcache.CacheError as exc:
+        raise OperationError(str(exc)) from exc
+    report.progress(100, f"{result.checked} checked, {len(result.dropped)} dropped")
+    return result.as_dict()
+
+
 def scheduled_full_verify():
     """Periodic (rq cron): a full re-verification, recorded as an operation like any other."""
     from comfyhub import operations

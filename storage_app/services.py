@@ -1,6 +1,7 @@
 """Model library services, shared by the models page, the admin, the `models` command and the jobs."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from django.core.exceptions import ValidationError
@@ -94,6 +95,151 @@ def library_visibility(instance) -> dict:
             report["folders"][folder] = {"missing": missing, "extra": extra}
         report["unseen_verified"] += [f"{folder}/{n}" for n in sorted(verified.get(folder, set()) - seen)]
     return report
+
+
+# --- The node's model cache ----------------------------------------------------------------------------------
+
+NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _cache_node(node_name: str) -> str:
+    """The node whose cache is meant: this node (NODE_NAME) when none is named. Another node's cache is refused for
+    now: it is warmed by that node's own ComfyHub, and operations reach node agents once jobs are routed to nodes."""
+    from django.conf import settings
+
+    this = settings.NODE_NAME
+    name = node_name or this
+    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
+        shown = str(name)[:63].encode("unicode_escape").decode()
+        raise ValidationError({"node": [f"'{shown}' is not a node name (lowercase letters, digits and '-', at most "
+                                        f"63 characters); leave it out for this node ('{this}')."]})
+    if name != this:
+        from instances.models import Node
+
+        if not Node.objects.filter(name=name).exists():
+            known = ", ".join(Node.objects.order_by("name").values_list("name", flat=True)) or "none"
+            raise ValidationError({"node": [f"No node '{name}'. Known: {known}."]})
+        raise ValidationError({"node": [
+            f"Node '{name}' is not this one ('{this}'): its cache can only be warmed or checked on that node for now "
+            f"(operations are not routed to node agents yet). Run the command there: manage.py models cache ... "
+            f"--node {name}, or without --node."]})
+    if layout.model_cache_root() is None:
+        raise ValidationError({"node": [
+            f"Node '{name}' has no model cache: set MODEL_CACHE_PATH (a folder on its fast disk) and "
+            "MODEL_CACHE_MAX_GB in its environment, then restart ComfyHub there."]})
+    return name
+
+
+def model_cache_warm(*, node_name: str = "", paths=(), instance=None, workflow: bytes | None = None, user=None):
+    """Queue copying into this node's cache: library files (models/<folder>/<file>), the model files an instance's
+    workflows name, or those a workflow file names. Exactly one of the three."""
+    from django.conf import settings
+
+    from . import modelcache
+
+    node = _cache_node(node_name)
+    given = [bool(paths), instance is not None, workflow is not None]
+    if sum(given) != 1:
+        raise ValidationError({"files": ["Say what to warm, one of: library files (models/<folder>/<file>), an "
+                                         "instance (its workflows' model files), or a workflow file."]})
+    cleaned, references = [], []
+    if paths:
+        errors = []
+        for path in paths:
+            try:
+                cleaned.append(modelcache.library_path(path))
+            except modelcache.CacheError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ValidationError({"files": errors[:10]})
+        cleaned = list(dict.fromkeys(cleaned))
+        known = set(ModelAsset.objects.filter(path__in=cleaned).values_list("path", flat=True))
+        if unknown := [path for path in cleaned if path not in known]:
+            raise ValidationError({"files": [f"Not in the shared library: {', '.join(unknown[:10])}. Put the files in "
+                                             "shared/models/<folder>/ and scan, or check the names (models list)."]})
+    if workflow is not None:
+        from instances.workflows import WorkflowError, parse_workflow, workflow_needs
+
+        try:
+            needs = workflow_needs(parse_workflow(workflow))
+        except WorkflowError as exc:
+            raise ValidationError({"workflow": [str(exc)]}) from exc
+        references = sorted([folder, name] for folder, name in needs.models)
+        if not references:
+            raise ValidationError({"workflow": ["This workflow names no model file; nothing to warm."]})
+    if instance is not None and instance.node.name != settings.NODE_NAME:
+        raise ValidationError({"instance": [f"{instance} runs on node '{instance.node.name}', not on this one "
+                                            f"('{settings.NODE_NAME}'); warm that node's cache there."]})
+    return operations.enqueue("storage_app.jobs.warm_model_cache", target=instance, user=user, node_name=node,
+                              paths=cleaned, references=references,
+                              instance_pk=instance.pk if instance is not None else None)
+
+
+def model_cache_warm_now(*, paths=(), references=(), instance=None, report=None) -> dict:
+    """Resolve what to warm and warm it, in this process (the job, on the node): an instance's workflows are read
+    here, from its folder on the node."""
+    from comfyhub.operations import NullReport
+
+    from . import modelcache
+
+    report = report or NullReport()
+    references = [tuple(reference) for reference in references]
+    if instance is not None:
+        references += instance_model_references(instance, report)
+    found, unknown = modelcache.resolve(references)
+    if unknown:
+        report.log(f"{len(unknown)} model file(s) named are not in the shared library (the instance's own, or "
+                   f"missing), not cached: {', '.join(unknown[:20])}", "WARNING")
+    wanted = list(dict.fromkeys([*paths, *found]))
+    if not wanted:
+        report.log("Nothing of the shared library to warm.")
+    result = modelcache.warm(wanted, report=report)
+    return {**result.as_dict(), "not_in_library": unknown}
+
+
+def instance_model_references(instance, report=None) -> list[tuple[str, str]]:
+    """(folder, name) of every model file the instance's workflows (user/default/workflows) name; a workflow that
+    cannot be read is named in the log and skipped."""
+    from comfyhub.operations import NullReport
+    from instances.workflows import WorkflowError, list_workflows, parse_workflow, read_workflow, workflow_needs
+
+    report = report or NullReport()
+    references = set()
+    try:
+        listed = list_workflows(instance)
+    except WorkflowError as exc:
+        report.log(f"{instance}'s workflows cannot be read: {exc}", "WARNING")
+        return []
+    for item in listed:
+        if item["symlink"]:
+            continue
+        try:
+            references |= workflow_needs(parse_workflow(read_workflow(instance, item["path"]))).models
+        except WorkflowError as exc:
+            report.log(f"{instance}: skipped workflow {item['path']}: {exc}", "WARNING")
+    report.log(f"{instance}: {len(listed)} workflow(s) name {len(references)} model file(s)")
+    return sorted(references)
+
+
+def model_cache_check(*, node_name: str = "", user=None):
+    """Queue a check of this node's cache: every cached file hashed again, those that no longer match dropped."""
+    node = _cache_node(node_name)
+    return operations.enqueue("storage_app.jobs.check_model_cache", user=user, node_name=node)
+
+
+def model_cache_status(*, node_name: str = "") -> dict:
+    """This node's cache as its index records it; {"configured": False, ...} when the node has none."""
+    from django.conf import settings
+
+    from . import modelcache
+
+    try:
+        node = _cache_node(node_name)
+    except ValidationError as exc:
+        if layout.model_cache_root() is None and (node_name or settings.NODE_NAME) == settings.NODE_NAME:
+            return {"configured": False, "node": settings.NODE_NAME, "limit_bytes": modelcache.limit_bytes()}
+        raise exc
+    return {"node": node, **modelcache.status()}
 
 
 # --- Snapshots -------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ urlpatterns = [
     path("models/import/", views.models_import, name="models-import"),
     path("models/export/", views.models_export, name="models-export"),
     path("models/promote/<slug:instance_id>/", views.models_promote, name="models-promote"),
+    path("models/cache/warm/", views.models_cache_warm, name="models-cache-warm"),
+    path("models/cache/check/", views.models_cache_check, name="models-cache-check"),
 ]
 
 # Snapshots, the legacy migration and the storage check (views_snapshots.py).

@@ -1,4 +1,5 @@
 """The models page: the shared library with its checksums, totals, duplicates and the instances' inboxes."""
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
@@ -15,7 +16,8 @@ from .forms import ImportHashesForm, ModelFilterForm
 from .models import ModelAsset
 
 PAGE_SIZE = 100
-MODEL_KINDS = ("models_scan", "models_verify", "models_promote", "models_sharing")
+MODEL_KINDS = ("models_scan", "models_verify", "models_promote", "models_sharing", "model_cache_warm",
+               "model_cache_check")
 
 
 def model_list(request):
@@ -33,6 +35,8 @@ def model_list(request):
         "problems": ModelAsset.objects.filter(status__in=ModelAsset.PROBLEM_STATUSES).count(),
         "latest": latest, "inboxes": [(i, files) for i, files in inboxes if files],
         "import_form": ImportHashesForm(),
+        "cache": services.model_cache_status(),
+        "cache_instances": [i for i in instances if i.node.name == settings.NODE_NAME],
     })
 
 
@@ -93,3 +97,37 @@ def models_export(request):
     response = HttpResponse(services.models_export_hashes(), content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="models.sha256"'
     return response
+
+
+@require_POST
+@permission_required("storage_app.verify_modelasset", raise_exception=True)
+def models_cache_warm(request):
+    """Warm this node's cache for one instance's workflows, or for an uploaded workflow file."""
+    from comfyhub import jsonlimits
+
+    instance_id = request.POST.get("instance", "")
+    upload = request.FILES.get("workflow")
+    instance, workflow = None, None
+    if instance_id:
+        instance = Instance.objects.select_related("node").filter(instance_id=instance_id[:63]).first()
+        if instance is None:
+            messages.error(request, "Choose one of the instances listed to warm the cache for.")
+            return redirect("model-list")
+    if upload is not None:
+        try:
+            workflow = jsonlimits.read_upload(upload, what=upload.name)
+        except jsonlimits.JSONInputError as exc:
+            messages.error(request, str(exc))
+            return redirect("model-list")
+    node = request.POST.get("node", "")
+    return _enqueue(request, lambda: services.model_cache_warm(node_name=node, instance=instance, workflow=workflow,
+                                                               user=request.user),
+                    "Warming the model cache queued.")
+
+
+@require_POST
+@permission_required("storage_app.verify_modelasset", raise_exception=True)
+def models_cache_check(request):
+    node = request.POST.get("node", "")
+    return _enqueue(request, lambda: services.model_cache_check(node_name=node, user=request.user),
+                    "Model cache check queued.")

@@ -5,6 +5,8 @@ scan, verify and promote run as operations and are followed until they end; the 
 """
 from __future__ import annotations
 
+import argparse
+
 from comfyhub import cli
 from comfyhub.cli import find_instance, human_size, input_error, iso, local_time
 from instances.models import Instance
@@ -16,7 +18,14 @@ class Command(cli.Command):
     help = "Scan, verify and list the shared model library; expected hashes, inboxes, duplicates (see docs/cli.md)."
     handlers = {"scan": "scan", "verify": "verify", "list": "list_models", "import-hashes": "import_hashes",
                 "export-hashes": "export_hashes", "inbox": "show_inbox", "promote": "promote",
-                "duplicates": "show_duplicates"}
+                "duplicates": "show_duplicates", "cache": "model_cache"}
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                action.choices["cache"].__class__ = _IntermixedParser
+        return parser
 
     def add_arguments(self, parser):
         actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -54,6 +63,22 @@ class Command(cli.Command):
 
         duplicates = actions.add_parser("duplicates", help="Files with the same content, and the space they waste.")
         duplicates.add_argument("--json", action="store_true", help="A JSON list of objects (see docs/cli.md).")
+
+        # One parser with ACTION as a word (not nested sub-commands): `models cache warm ...`.
+        cache = actions.add_parser("cache", parents=[waiting],
+                                   help="This node's model cache: warm FILE... | --for-instance ID | --workflow FILE; "
+                                        "status; check.")
+        cache.add_argument("cache_action", metavar="ACTION", help="warm, status or check.")
+        cache.add_argument("files", nargs="*", metavar="FILE",
+                           help="warm: library files to copy, e.g. models/checkpoints/sdxl.safetensors.")
+        cache.add_argument("--node", default="", metavar="NODE",
+                           help="The node whose cache (default: this node, NODE_NAME; another node is refused for "
+                                "now).")
+        cache.add_argument("--for-instance", default=None, metavar="ID",
+                           help="warm: the model files the instance's workflows name.")
+        cache.add_argument("--workflow", default=None, metavar="FILE",
+                           help="warm: the model files this workflow JSON names ('-' for stdin).")
+        cache.add_argument("--json", action="store_true", help="status: one JSON object (see docs/cli.md).")
 
     # --- Operations ---------------------------------------------------------------------------------------
 
@@ -93,6 +118,63 @@ class Command(cli.Command):
             else:
                 self.stdout.write(f"The library already had this content as {result.get('path')}; the inbox copy "
                                   "was dropped.")
+
+    def model_cache(self, options):
+        action = options["cache_action"]
+        if action not in CACHE_ACTIONS:
+            shown = action if len(action) <= 40 and action.isprintable() else f"{action[:40]!r}"
+            raise input_error({"action": [f"'{shown}' is not a cache action; use warm, status or check."]})
+        if action != "warm":
+            given = [name for name, value in (("FILE", options["files"]), ("--for-instance", options["for_instance"]),
+                                              ("--workflow", options["workflow"])) if value not in (None, [])]
+            if given:
+                raise input_error({"action": [f"cache {action} takes no {', '.join(given)}; those are for warm."]})
+        getattr(self, CACHE_ACTIONS[action])(options)
+
+    def cache_warm(self, options):
+        instance = find_instance(options["for_instance"]) if options["for_instance"] is not None else None
+        workflow = cli.read_input(options["workflow"], field="workflow", binary=True) \
+            if options["workflow"] is not None else None
+        operation = cli.call_service(services.model_cache_warm, node_name=options["node"], paths=options["files"],
+                                     instance=instance, workflow=workflow)
+        done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+        if done is not None:
+            result = done.result or {}
+            self.stdout.write(f"{len(result.get('copied', []))} file(s) copied "
+                              f"({human_size(result.get('bytes_copied', 0))}), {len(result.get('hits', []))} already "
+                              f"cached, {len(result.get('evicted', []))} evicted.")
+            for path in result.get("not_in_library", []):
+                self.stdout.write(f"  not in the shared library: {path}")
+
+    def cache_check(self, options):
+        operation = cli.call_service(services.model_cache_check, node_name=options["node"])
+        done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+        if done is not None:
+            result = done.result or {}
+            self.stdout.write(f"{result.get('checked', 0)} cached file(s) hashed, {len(result.get('dropped', []))} "
+                              "dropped.")
+            for path, reason in result.get("dropped", []):
+                self.stdout.write(f"  dropped: {path}: {reason}")
+
+    def cache_status(self, options):
+        status = cli.call_service(services.model_cache_status, node_name=options["node"])
+        if options["json"]:
+            self.write_json(cache_status_data(status))
+            return
+        if not status["configured"]:
+            self.stdout.write(f"Node '{status['node']}' has no model cache (MODEL_CACHE_PATH is empty).")
+            return
+        last_warm, last_check = status["last_warm"] or {}, status["last_check"] or {}
+        self.stdout.write(f"Model cache of node '{status['node']}' at {status['path']}: {status['files']} file(s), "
+                          f"{human_size(status['bytes'])} of {human_size(status['limit_bytes'])} "
+                          f"({status['percent']}%).")
+        self.stdout.write(f"Last warm: {last_warm.get('at', 'never')}; last check: {last_check.get('at', 'never')}.")
+        if status["entries"]:
+            rows = [("PATH", "SIZE", "LAST USED")]
+            rows += [(entry["path"], human_size(entry["size"]), entry["last_used_at"]) for entry in status["entries"]]
+            self.write_table(rows)
+        for dropped in status["dropped"]:
+            self.stdout.write(f"  dropped {dropped['at']}: {dropped['path']}: {dropped['reason']}")
 
     # --- Reading and writing at once ----------------------------------------------------------------------
 
@@ -170,6 +252,31 @@ class Command(cli.Command):
             for path in group["paths"]:
                 self.stdout.write(f"  {path}")
         self.stdout.write(f"In all {human_size(sum(g['wasted'] for g in groups))} wasted in {len(groups)} group(s).")
+
+
+class _IntermixedParser(cli.InputParser):
+    """`cache warm --node N FILE...`: argparse ends the positional arguments at the first option; files may follow
+    options here."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+CACHE_ACTIONS = {"warm": "cache_warm", "status": "cache_status", "check": "cache_check"}
+
+
+def cache_status_data(status: dict) -> dict:
+    """The documented JSON of `models cache status` (docs/cli.md); add keys, never rename or remove them."""
+    if not status["configured"]:
+        return {"node": status["node"], "configured": False}
+    return {key: status[key] for key in ("node", "configured", "path", "files", "bytes", "limit_bytes", "last_warm",
+                                         "last_check", "dropped", "entries")}
 
 
 def asset_data(asset: ModelAsset) -> dict:
