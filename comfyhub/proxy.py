@@ -66,11 +66,14 @@ def server_names_of(hosts: list[str]) -> list[str]:
 def render_site(*, listen: str, django_upstream: str, server_names: list[str], cache_dir: Path | None,
                 cache_seconds: int, max_upload_mb: int, session_cookie_name: str,
                 tls_certificate: Path | None = None, tls_certificate_key: Path | None = None,
-                default_server: bool = True) -> str:
+                default_server: bool = True, trust_forwarded_proto: bool | None = None) -> str:
     """The http{}-level configuration: the hub on `listen`, Django at `django_upstream` (HOST:PORT or unix:/path),
     /i/<id>/ proxied after Django's access check, whose answers nginx keeps in `cache_dir` as long as Django says
     (cache_seconds 0: no cache, asked every time). `default_server`: a catch-all closing requests for other hosts
-    (off where the server's nginx already has a default server)."""
+    (off where the server's nginx already has a default server). `trust_forwarded_proto` (default: the
+    SECURE_PROXY_SSL_HEADER setting): pass a TLS front's X-Forwarded-Proto on; otherwise nginx tells Django its own
+    scheme. gunicorn, behind a unix socket, turns X-Forwarded-Proto into the request's scheme whatever its
+    --forwarded-allow-ips says, so a client's claim must not reach it unless Django is told to trust one."""
     listen = listen_address(listen)
     if not _UPSTREAM.fullmatch(django_upstream):
         raise ProxyConfigError(f"Django upstream {django_upstream!r}: use HOST:PORT or unix:/path/to/gunicorn.sock.")
@@ -120,7 +123,17 @@ def render_site(*, listen: str, django_upstream: str, server_names: list[str], c
     else:
         cache = "# ACCESS_CACHE_SECONDS=0: Django is asked on every request."
         auth_cache = "        # ACCESS_CACHE_SECONDS=0: not cached."
+    if trust_forwarded_proto is None:
+        trust_forwarded_proto = bool(getattr(settings, "SECURE_PROXY_SSL_HEADER", None))
+    if trust_forwarded_proto:
+        forwarded_note = "a TLS front's (SECURE_PROXY_SSL_HEADER=true: the front sets it), else nginx's own scheme."
+        forwarded_map = "    https https;\n    http http;\n"
+    else:
+        forwarded_note = "nginx's own scheme, whatever the client sent (SECURE_PROXY_SSL_HEADER=false)."
+        forwarded_map = ""
     return render(SITE_TEMPLATE, {
+        "forwarded_proto_note": forwarded_note,
+        "forwarded_proto_map": forwarded_map,
         "cache": cache,
         "auth_cache": auth_cache,
         "django_upstream": django_upstream,

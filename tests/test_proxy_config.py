@@ -109,3 +109,19 @@ def test_proxy_config_refuses_a_bad_listen_address_with_exit_code_2(tmp_path):
     result = subprocess.run([sys.executable, "manage.py", "proxy_config", "--listen", "80;"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "SECRET_KEY": "x"})
     assert result.returncode == 2 and "listen address '80;'" in result.stderr
+
+
+def test_a_clients_scheme_headers_reach_django_only_when_it_is_told_to_trust_a_front(tmp_path, settings):
+    """gunicorn behind the socket takes X-Forwarded-Proto for the scheme from anyone, so nginx passes a front's only
+    with SECURE_PROXY_SSL_HEADER, and never X-Forwarded-Ssl or -Protocol."""
+    for trust in (False, True):
+        text = site(tmp_path, trust_forwarded_proto=trust)
+        forwarded_map = text[text.index("map $http_x_forwarded_proto"):].split("}", 1)[0]
+        assert ("https https;" in forwarded_map) == trust and "default $scheme;" in forwarded_map
+        assert text.count('proxy_set_header X-Forwarded-Ssl "";') == text.count("proxy_set_header X-Forwarded-Proto $")
+        assert text.count('proxy_set_header X-Forwarded-Protocol "";') == text.count("proxy_set_header X-Forwarded-Proto $")
+        assert loads(text, tmp_path).returncode == 0
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    assert "https https;" in site(tmp_path)
+    del settings.SECURE_PROXY_SSL_HEADER
+    assert "https https;" not in site(tmp_path)

@@ -78,6 +78,21 @@ def log_in(port, username, password):
     return session, response
 
 
+def login_status_with_scheme_headers(port, username, password, headers) -> int:
+    """A login POST without Referer, with a client's own scheme headers: Django's CSRF check wants a Referer only for
+    what it takes for https, so a 403 means a client's claim of https was believed."""
+    session = requests.Session()
+    base = f"http://127.0.0.1:{port}"
+    session.get(f"{base}/login/", timeout=20)
+    return session.post(f"{base}/login/", data={"username": username, "password": password,
+                                                "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+                        headers=headers, allow_redirects=False, timeout=20).status_code
+
+
+SCHEME_CLAIMS = [{"X-Forwarded-Proto": "https"}, {"X-Forwarded-Ssl": "on"}, {"X-Forwarded-Protocol": "ssl"},
+                 {"X-Forwarded-Proto": "https", "X-Forwarded-Ssl": "on"}]
+
+
 def test_it_runs_everything_prints_a_first_login_once_and_stops_it_all_on_ctrl_c(tmp_path):
     data_dir = tmp_path / "var"
     port = free_port()
@@ -103,6 +118,9 @@ def test_it_runs_everything_prints_a_first_login_once_and_stops_it_all_on_ctrl_c
         raw.request("GET", "/i/../login/")  # as written: requests would resolve the dot segment itself
         assert raw.getresponse().status == 400
         raw.close()
+        # SECURE_PROXY_SSL_HEADER is off: a client saying https (to nginx, and through it to gunicorn) is not believed.
+        for claim in SCHEME_CLAIMS:
+            assert login_status_with_scheme_headers(port, "admin", match.group(1), claim) == 302, claim
     finally:
         children = serve.interrupt()
     assert serve.process.returncode == 0, serve.text()
@@ -155,5 +173,8 @@ def test_without_nginx_gunicorn_alone_serves_the_bind_address_and_i_says_why_ins
         session, _ = log_in(port, "admin", "a-long-password-42")
         page = session.get(f"http://127.0.0.1:{port}/i/comfy/", timeout=20)
         assert page.status_code == 503 and "make run" in page.text and "not in front" in page.text
+        # gunicorn alone, asked from 127.0.0.1: it does not take a client's scheme headers either.
+        for claim in SCHEME_CLAIMS:
+            assert login_status_with_scheme_headers(port, "admin", "a-long-password-42", claim) == 302, claim
     finally:
         serve.interrupt()

@@ -72,7 +72,12 @@ class Command(BaseCommand):
             web_bind = f"unix:{self.nginx_prefix / 'gunicorn.sock'}" if nginx else options["bind"]
             self._spawn("web", [sys.executable, "-m", "gunicorn", "comfyhub.wsgi", "--bind", web_bind,
                                 "--workers", str(options["web_workers"]), "--threads", "4",
-                                "--access-logfile", "-", "--timeout", "60", "--no-control-socket"])
+                                "--access-logfile", "-", "--timeout", "60", "--no-control-socket",
+                                # Scheme headers count only where Django's SECURE_PROXY_SSL_HEADER says; gunicorn
+                                # would otherwise take X-Forwarded-Proto/-Ssl from 127.0.0.1 for the scheme. (On a
+                                # unix socket gunicorn trusts every peer whatever this says: nginx overwrites those
+                                # headers there, docker/nginx.)
+                                "--forwarded-allow-ips", ""])
             if nginx:
                 self._start_nginx(nginx, options["bind"], web_bind)
             self._announce(options["bind"], login, nginx=bool(nginx))
