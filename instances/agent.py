@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from django.conf import settings
@@ -99,6 +100,7 @@ class Agent:
         self.approved = threading.Event()
         self.revoked = False
         self.worker = None
+        self._last_beat: float | None = None
         # The heartbeat thread's database connection must not be open when the worker forks a work horse: a copy in
         # the child, dropped there, could end the parent's session (PostgreSQL) under it. The thread writes and
         # closes its connection holding this lock; a fork waits for it.
@@ -145,6 +147,8 @@ class Agent:
         ]
         worker_class = import_string(settings.RQ["WORKER_CLASS"])
         self.worker = worker_class(node_queues, connection=connection)
+        # Coming online (started, or approved again): what its instances did meanwhile is recorded first.
+        self.queue_reconcile()
         connections.close_all()  # none of this thread's connections crosses a fork (rqworker does the same)
         if self.stopping.is_set():
             return
@@ -163,6 +167,16 @@ class Agent:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+    def queue_reconcile(self):
+        """Queue a reconcile pass of this node's instances on its own queue (instances.jobs.reconcile_instances)."""
+        from .jobs import queue_node_reconcile
+
+        with self._database_lock:
+            try:
+                queue_node_reconcile(self.node)
+            finally:
+                connections.close_all()
 
     # --- The heartbeat thread ----------------------------------------------------------------------------------
 
@@ -184,6 +198,13 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
             logger.warning("Node %s: heartbeat failed: %s", self.name, str(exc).strip() or type(exc).__name__)
             return
+        now = time.monotonic()
+        away = self._last_beat is not None and now - self._last_beat > nodes.offline_after().total_seconds()
+        self._last_beat = now
+        if approved and away and self.worker is not None:
+            # The hub showed it offline meanwhile: its instances' recorded state is old.
+            logger.info("Node %s is back online after missed heartbeats: reconciling its instances.", self.name)
+            self.queue_reconcile()
         if approved:
             self.approved.set()
         elif self.approved.is_set():

@@ -18,7 +18,8 @@ class InstancesConfig(AppConfig):
         from . import jobs, signals  # noqa: F401  (jobs declare the operation kinds the pages filter by)
 
     def periodic_jobs(self):
-        """Run by comfyhub.cron: every instance's observed status and health, recorded; idle instances stopped."""
+        """Run by comfyhub.cron on the hub: local's instances' observed status and health recorded, and each other
+        online node's by its agent, asked on its queue (jobs.reconcile_instances); idle instances stopped."""
         from django.conf import settings
 
         from .jobs import check_idle_instances, reconcile_instances

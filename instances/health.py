@@ -1,8 +1,9 @@
 """Health and isolation: what the engine and ComfyUI itself say about each instance, compared with the registry.
 
-`reconcile_node` runs every INSTANCE_HEALTH_INTERVAL seconds (comfyhub.cron) and records each instance's observed
-status, ComfyUI's queue and its GPUs' memory; work in the queue is activity (instances/idle.py). It never starts or
-restarts anything (Docker's restart policy backs off and gives up on crash loops)."""
+`reconcile_node` runs every INSTANCE_HEALTH_INTERVAL seconds (comfyhub.cron: local's on the hub, every other online
+node's on its agent, where its engine and ports are) and records each instance's observed status, ComfyUI's queue and
+its GPUs' memory; work in the queue is activity (instances/idle.py). It never starts or restarts anything (Docker's
+restart policy backs off and gives up on crash loops)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -259,7 +260,16 @@ class _Missing:
 _NONE = _Missing()
 
 
+def reconcile_node_named(name: str) -> dict:
+    """The pass for one node, by name (a node agent's periodic job, queued by the hub; a node deleted meanwhile
+    has nothing to reconcile)."""
+    node = Node.objects.filter(name=name).first()
+    return dict(reconcile_node(node)) if node is not None else {}
+
+
 def reconcile_all() -> dict:
+    """Every node's pass in this process (tests, benchmarks). The periodic job runs local's on the hub and each
+    other node's on its agent (instances.jobs.reconcile_instances), where its engine and ports are."""
     totals = Counter()
     for node in Node.objects.all():
         totals.update(reconcile_node(node))

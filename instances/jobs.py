@@ -2,7 +2,7 @@
 from comfyhub.operations import OperationError, operation_job
 
 from . import containers, health, idle
-from .models import Instance
+from .models import LOCAL_NODE, Instance
 
 
 def _load(instance_pk) -> Instance:
@@ -37,9 +37,24 @@ def delete_instance(report, *, instance_pk, purge_data=False):
     return containers.delete(_load(instance_pk), report, purge_data=purge_data)
 
 
-def reconcile_instances():
-    """Periodic (rq cron): record every instance's observed status and health."""
-    return health.reconcile_all()
+def reconcile_instances(node=None):
+    """Periodic (rq cron, on the hub): record the observed status and health of local's instances, and ask each
+    other node whose agent takes jobs to do the same for its own, on its queue. With `node` (a node's name, on that
+    node's agent, where its engine and ports are): that node's instances only."""
+    if node is not None:
+        return health.reconcile_node_named(node)
+    from . import nodes
+
+    counts = health.reconcile_node_named(LOCAL_NODE)
+    asked = [n.name for n in nodes.nodes_taking_jobs() if queue_node_reconcile(n)]
+    return {**counts, "nodes_asked": asked} if asked else counts
+
+
+def queue_node_reconcile(node) -> bool:
+    """Ask `node`'s agent for a reconcile pass of its instances (one at a time); whether it was queued."""
+    from . import nodes
+
+    return nodes.node_queue_housekeeping(node, reconcile_instances, "reconcile", {"node": node.name})
 
 
 def check_idle_instances():

@@ -3,6 +3,7 @@ operator approves a node before its agent takes jobs; whether a node is online f
 The Nodes page, the `hosts` command, the admin and the agent all go through these services."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -15,6 +16,8 @@ from django.utils import timezone
 from comfyhub import queues
 
 from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
+
+logger = logging.getLogger(__name__)
 
 # Missed heartbeats after which a node is shown offline (the interval is NODE_HEARTBEAT_SECONDS).
 NODE_OFFLINE_AFTER_MISSED = 3
@@ -77,6 +80,44 @@ def node_heartbeat(*, node: Node, heartbeat: dict, address: str) -> bool:
         raise NodeGone(f"Node {node.name} is not in the registry any more (an operator deleted it?); restart its "
                        "agent to register it again.")
     return Node.objects.filter(pk=node.pk, approved=True).exists()
+
+
+# --- Periodic jobs on nodes ------------------------------------------------------------------------------------------
+
+# Housekeeping job statuses during which another of the same job is not queued for the node.
+_PENDING = ("queued", "started", "deferred", "scheduled")
+
+
+def nodes_taking_jobs(now: datetime | None = None) -> list[Node]:
+    """The nodes other than `local` whose agent takes jobs now: approved, and its heartbeats coming."""
+    now = now or timezone.now()
+    return list(Node.objects.exclude(name=LOCAL_NODE).filter(approved=True,
+                                                             last_heartbeat_at__gte=now - offline_after()))
+
+
+def node_queue_housekeeping(node: Node, func, key: str, kwargs: dict) -> bool:
+    """Put a housekeeping job (no Operation row, like the hub's own periodic jobs) on the node's quick queue, for its
+    agent, unless the last one (`key`) is still waiting or running there: an agent that is away or busy gets one,
+    not a pile. Returns whether it was queued; Redis not answering is a warning's worth (the next pass tries again)."""
+    from redis.exceptions import RedisError
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    job_id = f"{key}-{node.name}"
+    try:
+        connection = queues.get_connection(node.job_queue("default"))
+        try:
+            if Job.fetch(job_id, connection=connection).get_status(refresh=False) in _PENDING:
+                return False
+        except NoSuchJobError:
+            pass
+        queues.get_queue(node.job_queue("default")).enqueue(
+            func, kwargs=kwargs, job_id=job_id, description=f"{key} on {node.name}", result_ttl=0,
+            failure_ttl=24 * 3600, job_timeout=300)
+    except RedisError as exc:
+        logger.warning("Could not queue %s for node %s: %s", key, node.name, exc)
+        return False
+    return True
 
 
 # --- The operator's side -------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from django.core.management.base import CommandError
 from comfyhub import cli
 from comfyhub.cli import ARG_HELP, EXIT_FAILED, EXIT_INPUT, find_instance, input_error, iso, local_time
 from comfyhub.models import Operation
-from instances import docker_engine, services
+from instances import docker_engine, placement, services
 from instances.models import Instance
 from storage_app import layout
 
@@ -48,6 +48,8 @@ class Command(cli.Command):
         create.add_argument("--gpus", default="none",
                             help="GPU indexes, e.g. '0,1', or 'none' for CPU mode (default none).")
         create.add_argument("--port", default="", help="Host port (default: the first free one in the range).")
+        create.add_argument("--node", default="", metavar="NAME",
+                            help="The approved node (GPU host) it runs on; --gpus are that node's (default: local).")
         create.add_argument("--image", default="", help="Container image (default: COMFY_IMAGE).")
         create.add_argument("--arg", action="append", default=[], dest="extra_args", metavar="ARG", help=ARG_HELP)
         create.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -143,13 +145,18 @@ class Command(cli.Command):
                                    "leave --port out to choose one automatically."]
         owner = self.owner_option(options["owner"], errors) if options["owner"] else None
         idle_stop = self.idle_stop_option(options["idle_stop"], errors) if options["idle_stop"] else 0
+        node = None
+        try:
+            node = placement.node_for_new_instance(options["node"])
+        except ValidationError as exc:
+            errors.update(exc.message_dict)
         if errors:
             raise input_error(errors)
         try:
             instance = services.instance_create(
                 instance_id=options["instance_id"], display_name=options["name"], description=options["description"],
                 image=options["image"], extra_args=options["extra_args"], extra_env=env, host_port=host_port,
-                gpu_indexes=gpu_indexes, adopt=options["adopt"],
+                gpu_indexes=gpu_indexes, node=node, adopt=options["adopt"],
                 image_arguments=options["image_arguments"] or "command", owner=owner, idle_stop_after=idle_stop,
             )
         except ValidationError as exc:
@@ -239,7 +246,7 @@ class Command(cli.Command):
         rows = [("ID", "STATUS", "DESIRED", "GPUS", "PORT", "IMAGE")]
         for instance in instances:
             gpus = ",".join(str(gpu.index) for gpu in instance.assigned_gpus()) or "cpu"
-            rows.append((instance.instance_id, instance.status, instance.desired_state, gpus,
+            rows.append((instance.instance_id, status_text(instance), instance.desired_state, gpus,
                          str(instance.host_port), instance.image))
         self.write_table(rows)
 
@@ -274,7 +281,9 @@ class Command(cli.Command):
         if instance.description:
             write(f"  {instance.description}")
         detail = f" - {instance.status_detail}" if instance.status_detail else ""
-        write(f"  status     {instance.status} (desired: {instance.desired_state}){detail}")
+        if instance.node.offline_note():
+            detail = f"; last recorded: {instance.status}"
+        write(f"  status     {status_text(instance)} (desired: {instance.desired_state}){detail}")
         write(f"  hub        {hub_text(instance)}")
         write(f"  url        {instance.url} (on the node, for ComfyHub itself)")
         write(f"  owner      {owner_text(instance)}")
@@ -374,6 +383,13 @@ def gpus_text(instance: Instance, *, names: bool = False) -> str:
     if names:
         return "; ".join(f"{gpu.index}: {gpu.name}" if gpu.name else str(gpu.index) for gpu in gpus)
     return ", ".join(str(gpu.index) for gpu in gpus)
+
+
+def status_text(instance: Instance) -> str:
+    """Its recorded status, or "unknown (node offline since …)" while its node's agent is away: what was recorded is
+    from before."""
+    offline = instance.node.offline_note()
+    return f"unknown ({offline})" if offline else instance.status
 
 
 def hub_text(instance: Instance) -> str:
