@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET
 
 from comfyhub import tokens
 
-from . import access
+from . import access, health
 from .models import LOCAL_NODE, Instance, InstanceOpen
 
 # /i/<id>/... as nginx saw it (X-Original-URI: the raw request URI); nginx refuses every other shape before asking.
@@ -247,18 +247,20 @@ def hub_denied(request):
 @require_GET
 def hub_unavailable(request):
     """What nginx shows when the instance does not answer (502/504): its state, a Start button for those who may
-    start it; htmx polls this with ?instance=<id>&was=<status> and reloads the page once it is healthy."""
+    start it. The page polls this with htmx (?instance=<id>&was=<status it was drawn with>) and reloads the
+    instance once it answers. A token gets only the JSON answer about the instance it asked for through /i/: the
+    page and its poll are the browser's (docs/access.md)."""
     caller = caller_of(request)
     if caller.user is None:
         return _unauthorized(request, caller)
-    instance_id = request.GET.get("instance") or instance_id_in(original_uri(request))
+    by_browser = caller.token is None
+    instance_id = (request.GET.get("instance") if by_browser else None) or instance_id_in(original_uri(request))
     instance = (Instance.objects.select_related("node", "owner").filter(instance_id=instance_id).first()
                 if instance_id else None)
     if instance is None or not access.can_use(caller.user, instance):
         return _forbidden(request, instance_id, None if instance is None else instance, caller.user)
-    if request.htmx:
-        if (proxy_refusal(instance) is None and instance.status == Instance.Status.HEALTHY
-                and request.GET.get("was") != Instance.Status.HEALTHY):
+    if request.htmx and by_browser:
+        if _opens_now(instance, was=request.GET.get("was", "")):
             response = HttpResponse(status=200)
             response["HX-Refresh"] = "true"
             return response
@@ -266,6 +268,16 @@ def hub_unavailable(request):
         return render(request, "instances/instance_unavailable.html",
                       _unavailable_context(request, instance, caller.user))
     return _unavailable(request, instance, caller.user)
+
+
+def _opens_now(instance: Instance, *, was: str) -> bool:
+    """Whether reloading /i/<id>/ would open ComfyUI now: it is proxied to, and it became healthy since the page was
+    drawn, or it answers (a page drawn while it was healthy, because nginx got no answer, waits for one)."""
+    if proxy_refusal(instance) is not None:
+        return False
+    if instance.status == Instance.Status.HEALTHY and was != Instance.Status.HEALTHY:
+        return True
+    return health.system_stats(instance, timeout=1) is not None
 
 
 def _unavailable(request, instance: Instance, user):

@@ -548,3 +548,57 @@ def test_a_token_is_exempt_and_a_forged_refusal_header_changes_nothing(hub_proxy
     response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": session_cookie(stranger), "Accept": "text/html",
                                                             "X-ComfyHub-Refusal": "cross-site"})
     assert response.status == 403 and "You may not use" in data.decode()
+
+
+# --- The unavailable page's poll, and what a token gets there -----------------------------------------------------
+
+def poll(client, instance_id, was, **headers):
+    return client.get("/_hub/unavailable/", {"instance": instance_id, "was": was},
+                      headers={"HX-Request": "true", **headers})
+
+
+def test_the_unavailable_page_reloads_the_instance_once_it_answers_even_when_drawn_while_healthy(
+        echo, owner, stranger):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        silent_port = s.getsockname()[1]
+    instance = an_instance("flaky", owner, silent_port)  # healthy in the registry, nothing answering
+    client = Client()
+    client.force_login(stranger)
+    assert poll(client, "flaky", "healthy").status_code == 403
+    client.force_login(owner)
+    # Drawn while the registry said healthy (nginx got no answer): no reload while nothing answers...
+    response = poll(client, "flaky", "healthy")
+    assert response.status_code == 200 and "HX-Refresh" not in response
+    assert 'data-testid="instance-unavailable"' in response.content.decode()
+    # ...and one as soon as it answers again.
+    Instance.objects.filter(pk=instance.pk).update(host_port=echo.server_address[1])
+    assert poll(client, "flaky", "healthy")["HX-Refresh"] == "true"
+    # A start: drawn stopped, it reloads once the container runs and answers, or once seen healthy.
+    Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STARTING)
+    assert poll(client, "flaky", "stopped")["HX-Refresh"] == "true"
+    Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.HEALTHY, host_port=silent_port)
+    assert poll(client, "flaky", "stopped")["HX-Refresh"] == "true"
+    # Never for an instance that is not proxied, whatever answers on its port.
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED,
+                                                   host_port=echo.server_address[1])
+    assert "HX-Refresh" not in poll(client, "flaky", "stopped")
+
+
+def test_a_token_gets_only_json_about_the_instance_it_asked_for_on_the_hubs_refusal_pages(
+        hub_proxy, echo, owner):
+    an_instance("parked", owner, echo.server_address[1], status=Instance.Status.STOPPED,
+                desired=Instance.DesiredState.STOPPED)
+    _, raw_token = tokens.token_create(user=owner, name="script")
+    bearer = {"Authorization": f"Bearer {raw_token}"}
+    client = Client()
+    # The browser's poll is not a token's: no ?instance=, no page, no reload.
+    response = poll(client, "parked", "stopped", **bearer)
+    assert response.status_code == 403 and response["Content-Type"] == "application/json"
+    response = client.get("/_hub/unavailable/", {"instance": "parked"},
+                          headers={"X-Original-URI": "/i/parked/queue", "Accept": "text/html", **bearer})
+    assert response.status_code == 503 and json.loads(response.content)["status"] == "stopped"
+    # /_hub/denied/ is nginx's to show: from outside, 404 like /_hub/auth.
+    assert request(hub_proxy, "GET", "/_hub/denied/", {**bearer, "X-Original-URI": "/i/parked/"})[0].status == 404
+    assert request(hub_proxy, "GET", "/_hub/denied/", {"Cookie": session_cookie(owner)})[0].status == 404
+    assert echo.seen == []
