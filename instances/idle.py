@@ -86,14 +86,25 @@ def stop_idle(report) -> dict:
             skip(instance, f"its queue has work ({answer.running} running, {answer.pending} pending), which counts "
                            "as activity")
             continue
-        # Someone may have used it through the hub, or stopped it, while its queue was asked.
-        fresh = Instance.objects.filter(pk=instance.pk).values("desired_state", "last_activity_at").first()
+        # While its queue was asked someone may have used it through the hub, stopped it, or changed its idle stop:
+        # decide on the row as it is now.
+        fresh = Instance.objects.filter(pk=instance.pk).values(
+            "desired_state", "status", "idle_stop_after", "last_activity_at", "started_at").first()
         if fresh is None or fresh["desired_state"] != Instance.DesiredState.RUNNING:
             skip(instance, "it was stopped or deleted meanwhile")
             continue
-        instance.last_activity_at = fresh["last_activity_at"]
+        if fresh["status"] not in RUNNING_STATUSES:
+            skip(instance, f"it is {fresh['status']} now, not running")
+            continue
+        if not fresh["idle_stop_after"]:
+            skip(instance, "idle stop was turned off meanwhile")
+            continue
+        used = fresh["last_activity_at"] != instance.last_activity_at or fresh["started_at"] != instance.started_at
+        for field in ("idle_stop_after", "last_activity_at", "started_at", "status"):
+            setattr(instance, field, fresh[field])
         if idle_stop_at(instance) > timezone.now():
-            skip(instance, "it was used through the hub meanwhile")
+            skip(instance, "it was used through the hub meanwhile" if used
+                 else f"its idle stop time was raised to {instance.idle_stop_after} min meanwhile")
             continue
         since = last_activity(instance)
         try:

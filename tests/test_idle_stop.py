@@ -3,7 +3,9 @@ stops a running instance that had no traffic through the hub for its idle_stop_a
 is empty, so its GPU is free again; it leaves alone one used recently, one with work in its queue, one whose ComfyUI
 does not answer, and one with idle stop off. Real containers of the ComfyUI test double on the test engine."""
 import dataclasses
+import http.server
 import json
+import threading
 import urllib.request
 from datetime import timedelta
 
@@ -250,3 +252,71 @@ def test_a_check_while_the_last_one_still_waits_queues_no_second_operation():
     assert first is not None
     assert idle.idle_check() is None
     assert Operation.objects.filter(kind="idle_stop").count() == 1
+
+
+# --- What happens while its queue is asked ---------------------------------------------------------------------------
+
+class QueueAnswering(http.server.BaseHTTPRequestHandler):
+    """A ComfyUI whose queue is empty; while /queue is asked, `server.meanwhile` runs (what someone does then)."""
+
+    def do_GET(self):
+        if self.path == "/queue":
+            self.server.meanwhile()
+        data = json.dumps({"queue_running": [], "queue_pending": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class Report:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, line):
+        self.lines.append(line)
+
+
+@pytest.fixture
+def comfyui_asked():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), QueueAnswering)
+    server.meanwhile = lambda: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("meanwhile, why", [
+    (lambda pk: access.note_activity(Instance.objects.get(pk=pk)), "it was used through the hub meanwhile"),
+    (lambda pk: Instance.objects.filter(pk=pk).update(idle_stop_after=0), "idle stop was turned off meanwhile"),
+    (lambda pk: Instance.objects.filter(pk=pk).update(idle_stop_after=600),
+     "its idle stop time was raised to 600 min meanwhile"),
+    (lambda pk: Instance.objects.filter(pk=pk).update(status=Instance.Status.CRASH_LOOPING),
+     "it is crash-looping now, not running"),
+    (lambda pk: Instance.objects.filter(pk=pk).update(desired_state=Instance.DesiredState.STOPPED),
+     "it was stopped or deleted meanwhile"),
+])
+def test_what_happens_while_its_queue_is_asked_decides(comfyui_asked, meanwhile, why):
+    instance = registered("asked")
+    Instance.objects.filter(pk=instance.pk).update(host_port=comfyui_asked.server_address[1])
+    comfyui_asked.meanwhile = lambda: meanwhile(instance.pk)
+    report = Report()
+    result = idle.stop_idle(report)
+    assert result == {"stopped": [], "skipped": [{"instance": "asked", "why": why}]}
+    assert not Operation.objects.filter(kind="instance_stop").exists()
+    instance.refresh_from_db()
+    assert instance.stop_reason == "" and instance.stopped_at is None
+
+
+def test_with_nothing_happening_meanwhile_it_is_stopped(comfyui_asked):
+    instance = registered("asked")
+    Instance.objects.filter(pk=instance.pk).update(host_port=comfyui_asked.server_address[1])
+    result = idle.stop_idle(Report())
+    assert [stopped["instance"] for stopped in result["stopped"]] == ["asked"]
+    instance.refresh_from_db()
+    assert instance.desired_state == Instance.DesiredState.STOPPED and instance.stop_reason == IDLE_REASON
