@@ -68,6 +68,5 @@ def with_states(queryset) -> list:
 def usable_instances(user) -> list:
     # The core imports no app at import time (STYLE.md); the page only lists what instances.access allows.
     from instances import access
-    from instances.models import Instance
 
-    return [instance for instance in Instance.objects.order_by("instance_id") if access.can_use(user, instance)]
+    return list(access.usable_by(user).order_by("instance_id"))

@@ -166,6 +166,30 @@ def test_the_page_lists_the_instances_the_user_may_use_and_no_others(bob_client,
     assert re.findall(r'<a href="(/i/[^"]+)"', section) == ["/i/owned/", "/i/shared-to-bob/", "/i/shared-to-team/"]
 
 
+def test_listing_the_instances_takes_one_query_however_many_there_are(bob, admin_user, django_assert_num_queries):
+    from comfyhub.views_account import usable_instances
+    from instances import access
+    from instances.models import Instance
+
+    team = Group.objects.create(name="team")
+    bob.groups.add(team)
+    for number in range(6):
+        instance = services.instance_create(instance_id=f"i{number}", owner=bob if number == 0 else admin_user)
+        if number in (1, 2):
+            InstanceShare.objects.create(instance=instance, user=bob, created_by=admin_user)
+        if number in (2, 3):
+            InstanceShare.objects.create(instance=instance, group=team, created_by=admin_user)
+    bob.get_all_permissions()  # loaded once per request anyway (the menu asks them)
+    with django_assert_num_queries(1):
+        listed = usable_instances(bob)
+    assert [i.instance_id for i in listed] == ["i0", "i1", "i2", "i3"]
+    assert listed == [i for i in Instance.objects.order_by("instance_id") if access.can_use(bob, i)]
+    with django_assert_num_queries(1):
+        assert len(usable_instances(admin_user)) == 6
+    bob.is_active = False
+    assert usable_instances(bob) == []
+
+
 def test_with_nothing_to_use_the_page_says_whom_to_ask(bob_client):
     page = bob_client.get(reverse("account")).content.decode()
     assert "ask an instance's owner or an operator to share one with you" in page
