@@ -8,11 +8,12 @@ from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Prefetch
+from django.urls import reverse
 
 from comfyhub.forms import ServiceForm
 
-from . import runtime, services
-from .models import GPU, GPUAssignment, Instance
+from . import placement, runtime, services
+from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
 
 EXTRA_ARGS_HELP = ("One argument per line, with its value if it takes one (e.g. <code>--preview-method auto</code>). "
                    "Directories, address, port and GPUs come from ComfyHub.")
@@ -52,6 +53,13 @@ class GPUCheckboxField(forms.MultipleChoiceField):
         return True
 
 
+class AnyChoiceField(forms.ChoiceField):
+    """A choice the service checks, so its message (naming what was wrong) is the one shown."""
+
+    def valid_value(self, value):
+        return True
+
+
 class InstanceForm(ServiceForm):
     """Create (with `instance=None`) or edit an instance; `arguments()` gives the service's keyword arguments."""
 
@@ -64,6 +72,10 @@ class InstanceForm(ServiceForm):
         required=False, max_length=Instance._meta.get_field("display_name").max_length,
     )
     description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    node = AnyChoiceField(
+        label="Node", required=False,
+        help_text="The GPU host it runs on (approved nodes); the GPUs below are this node's. It cannot be changed "
+                  "later.")
     image = forms.CharField(required=False, help_text="Docker image; empty means the default image.")
     image_arguments = forms.ChoiceField(label="How the image takes ComfyUI's arguments", choices=ARGUMENTS_CHOICES,
                                         initial="command", required=False)
@@ -99,9 +111,12 @@ class InstanceForm(ServiceForm):
                   "missing). Custom nodes in it show up as installed by hand.",
     )
 
-    def __init__(self, *args, node=None, instance: Instance | None = None, **kwargs):
+    def __init__(self, *args, node: str = "", instance: Instance | None = None, **kwargs):
+        """`node`: the name of the node whose GPUs an empty create form shows (a bound one shows the node it was
+        sent with)."""
         self.instance = instance
-        self.node = instance.node if instance is not None else (node or services.local_node())
+        if instance is None:
+            kwargs.setdefault("initial", {})
         if instance is not None:
             kwargs.setdefault("initial", {
                 "display_name": instance.display_name,
@@ -116,18 +131,58 @@ class InstanceForm(ServiceForm):
                 **arguments_initial(instance.image_arguments),
             })
         else:
-            kwargs.setdefault("initial", {"image": settings.COMFY_IMAGE, "idle_stop_after": 0})
+            kwargs["initial"] = {"image": settings.COMFY_IMAGE, "idle_stop_after": 0, **kwargs["initial"]}
         super().__init__(*args, **kwargs)
         if instance is not None:
             del self.fields["instance_id"]  # the id names its folder and container: it never changes
             del self.fields["adopt"]
+            del self.fields["node"]  # moving an instance to another host is not a form field's job
             self.fields["owner"].help_text += " Empty: no owner (operators only)."
+            self.node = instance.node
         else:
             self.fields["owner"].help_text += " Empty: you."
+            self.node = self._node_shown(self.data.get("node") if self.is_bound else node)
+            self.fields["node"].choices = self._node_choices()
+            self.fields["node"].initial = self.node.name
+            # Choosing another node shows its GPUs: the GPU fieldset is fetched again for it.
+            self.fields["node"].widget.attrs.update({
+                "hx-get": reverse("instance-create"), "hx-trigger": "change", "hx-select": "#field-gpus",
+                "hx-target": "#field-gpus", "hx-swap": "outerHTML"})
         self.fields["idle_stop_after"].help_text += (f" {settings.IDLE_STOP_AFTER_DEFAULT} is a good start "
                                                      "(IDLE_STOP_AFTER_DEFAULT).")
         self.gpu_list = self._gpus_to_show()
         self.fields["gpus"].choices = [(str(gpu.index), str(gpu)) for gpu in self.gpu_list]
+
+    @staticmethod
+    def _node_shown(name) -> Node:
+        """The approved node named, whose GPUs the form lists; `local` for none or one that cannot be had (the
+        service says why when the form is sent)."""
+        if isinstance(name, str) and name and "\x00" not in name:
+            node = Node.objects.filter(name=name, approved=True).first()
+            if node is not None:
+                return node
+        return services.local_node()
+
+    def _node_choices(self) -> list[tuple[str, str]]:
+        """Approved nodes, each with whether it is online and its free GPUs."""
+        choices = []
+        for candidate in placement.candidates(approved=True):
+            state = "served by the hub" if candidate.is_local else (candidate.why_not or "online")
+            choices.append((candidate.node.name, f"{candidate.node} ({state}; {len(candidate.free)} of "
+                                                 f"{candidate.total} GPUs free)"))
+        return choices
+
+    @property
+    def gpus_node(self) -> Node:
+        """The node whose GPUs the form lists (in a template `form.node` is the field)."""
+        return self.node
+
+    def shows_nodes(self) -> bool:
+        """The node field shows once there is more than one node to choose from (one host: as before nodes), and
+        with its error."""
+        if "node" not in self.fields:
+            return False
+        return len(self.fields["node"].choices) > 1 or self.node.name != LOCAL_NODE or bool(self["node"].errors)
 
     def _gpus_to_show(self) -> list[GPU]:
         """The node's present GPUs, plus any absent one this instance still holds (so it can be unchecked)."""
@@ -188,6 +243,12 @@ class InstanceForm(ServiceForm):
         except ValidationError as exc:
             raise ValidationError(exc.messages) from exc
 
+    def clean_node(self):
+        try:
+            return placement.node_for_new_instance(self.cleaned_data["node"])
+        except ValidationError as exc:
+            raise ValidationError(exc.messages) from exc
+
     def clean_idle_stop_after(self):
         return self.cleaned_data["idle_stop_after"] or 0
 
@@ -203,7 +264,8 @@ class InstanceForm(ServiceForm):
             "idle_stop_after": data["idle_stop_after"], "owner": data["owner"],
         }
         if self.instance is None:
-            arguments.update(instance_id=data["instance_id"], node=self.node, adopt=data["adopt"])
+            arguments.update(instance_id=data["instance_id"], node=data["node"] or services.local_node(),
+                             adopt=data["adopt"])
         else:
             arguments.update(instance=self.instance)
         return arguments
@@ -243,13 +305,6 @@ class InstanceDeleteForm(ServiceForm):
 
 
 # --- Workflows, the library, templates and custom nodes (views_workflows.py) ------------------------------------
-
-class AnyChoiceField(forms.ChoiceField):
-    """A choice the service checks, so its message (naming what was wrong) is the one shown."""
-
-    def valid_value(self, value):
-        return True
-
 
 class AnyMultipleChoiceField(forms.MultipleChoiceField):
     def valid_value(self, value):

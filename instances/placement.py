@@ -43,8 +43,8 @@ def gpu_is_free(gpu: GPU) -> bool:
 
 
 def candidates(**node_filter) -> list[Candidate]:
-    """Every node (or those `node_filter` picks) with what placement needs, in a fixed number of queries whatever the
-    number of nodes."""
+    """Every node (or those `node_filter` picks), `local` first, with what placement needs, in a fixed number of
+    queries whatever the number of nodes."""
     gpus = GPU.objects.filter(present=True).order_by("index").prefetch_related(
         Prefetch("assignments", queryset=GPUAssignment.objects.only("id", "gpu_id", "exclusive")))
     nodes = Node.objects.annotate(instance_count=Count("instances", distinct=True)).prefetch_related(
@@ -55,7 +55,7 @@ def candidates(**node_filter) -> list[Candidate]:
         found.append(Candidate(node=node, usable=not (why := _why_not(node, now)), why_not=why,
                                free=[gpu.index for gpu in node.present_gpus if gpu_is_free(gpu)],
                                total=len(node.present_gpus), instances=node.instance_count))
-    return found
+    return sorted(found, key=lambda c: (not c.is_local, c.node.name))  # local first, as people read them
 
 
 def _why_not(node: Node, now) -> str:

@@ -23,7 +23,7 @@ from storage_app.library import library_summary
 from . import access, images, selfservice, services
 from .docker_engine import EngineError, cached_engine_status
 from .forms import InstanceDeleteForm, InstanceForm, SelfServiceForm, ShareForm
-from .models import GPU, GPUAssignment, Instance, InstanceShare, Node
+from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, InstanceShare, Node
 
 LATEST_OPERATIONS = 10
 INSTANCE_OPERATIONS = 10
@@ -167,12 +167,14 @@ def instance_create(request):
         if selfservice.may_self_serve(request.user):
             return redirect("instance-create-own")  # "New instance" for those who make their own
         raise PermissionDenied
-    form = InstanceForm(request.POST if request.method == "POST" else None)
+    # ?node=NAME: the node whose GPUs the form lists (the node field asks for them when it changes).
+    form = InstanceForm(request.POST if request.method == "POST" else None, node=request.GET.get("node", ""))
     if form.is_bound and form.is_valid():
         with service_errors(request, form):
             instance = services.instance_create(**form.arguments(), user=request.user)
             adopted = " It took its kept folder as it is." if form.cleaned_data["adopt"] else ""
-            messages.success(request, f"Instance '{instance}' created on port {instance.host_port}.{adopted}")
+            where = f" on node {instance.node}" if instance.node.name != LOCAL_NODE else ""
+            messages.success(request, f"Instance '{instance}' created{where} on port {instance.host_port}.{adopted}")
             try:
                 services.instance_build(instance=instance, user=request.user)
             except QueueUnavailable as exc:

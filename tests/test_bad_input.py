@@ -105,7 +105,7 @@ def shows_a_message(response) -> bool:
 PAGE_FIELDS = [
     ("instance-create", [], "post", {"instance_id": "new-one"},
      ["instance_id", "display_name", "description", "image", "extra_args", "extra_env", "host_port", "gpus",
-      "adopt", "image_arguments", "arguments_variable", "owner", "idle_stop_after"]),
+      "adopt", "image_arguments", "arguments_variable", "owner", "idle_stop_after", "node"]),
     ("instance-edit", ["bad"], "post", {},
      ["display_name", "description", "image", "extra_args", "extra_env", "host_port", "gpus", "image_arguments",
       "arguments_variable", "owner", "idle_stop_after"]),
@@ -303,6 +303,7 @@ COMMAND_ARGS = [
     ("instances", ["create", "{bad}"], ["", "bad\n", "bad\x00", "x" * 100_000, "Bad", "../x"]),
     ("instances", ["create", "okay", "--port", "{bad}"], NUMBER_VALUES[:-1]),
     ("instances", ["create", "okay", "--gpus", "{bad}"], NUMBER_VALUES[:-1]),
+    ("instances", ["create", "okay", "--node", "{bad}"], ["nope", "Bad", "bad\n", "bad\x00", "x" * 100_000]),
     ("instances", ["create", "okay", "--env", "{bad}"], ["novalue", "1X=y", "A\x00=b", "LD_PRELOAD=/x"]),
     ("instances", ["create", "okay", "--arg={bad}"], ["--listen", "--port=1", "--output-directory=/x"]),
     ("instances", ["create", "okay", "--image", "{bad}"], ["has space", "x" * 100_000, "bad\n"]),
