@@ -237,6 +237,7 @@ def test_the_form_offers_approved_nodes_and_lists_the_chosen_nodes_gpus(client, 
     assert '<option value="gpu-2">gpu-2 (online; 2 of 2 GPUs free)</option>' in page
     assert "gpu-3" not in page
     assert "GPUs on node local" in page
+    assert 'hx-get="/instances/new/" hx-trigger="change" hx-select="#field-gpus"' in page  # choosing one refetches
     other = client.get(reverse("instance-create"), {"node": "gpu-2"}).content.decode()
     assert "GPUs on node gpu-2" in other and 'value="3"' not in other  # gpu-2 has GPUs 0 and 1 only
 
