@@ -1,7 +1,11 @@
 """Model library jobs: thin wrappers around storage_app.library."""
+import logging
+
 from comfyhub.operations import OperationError, operation_job
 
 from . import library
+
+logger = logging.getLogger(__name__)
 
 
 @operation_job("models_scan", label="Scan model library", queue="long")
@@ -269,8 +273,13 @@ def scheduled_snapshots():
         due = last is None or timezone.now() - last.created_at >= timezone.timedelta(
             hours=instance.snapshot_every_hours) - timezone.timedelta(minutes=5)
         if due:
-            operations.enqueue(create_snapshot, target=instance, instance_pk=instance.pk, kind="config",
-                               automatic="schedule")
+            try:
+                operations.enqueue(create_snapshot, target=instance, instance_pk=instance.pk, kind="config",
+                                   automatic="schedule")
+            except operations.NodeUnavailable as exc:
+                # One instance's node being offline must not cost the others their snapshots; the next pass retries.
+                logger.warning("No scheduled snapshot of %s: %s", instance.instance_id, exc)
+                continue
             queued.append(instance.instance_id)
     return queued
 

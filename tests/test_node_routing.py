@@ -132,6 +132,19 @@ def test_an_offline_nodes_instance_refuses_operations_at_once_and_records_nothin
     assert queues.get_queue("node.gpu-2").count == 0
 
 
+def test_an_offline_node_costs_the_other_instances_nothing_in_the_scheduled_snapshot_pass():
+    from storage_app import jobs as storage_jobs
+
+    node = beating("gpu-2", port_range_start=9000, port_range_end=9100)
+    remote = services.instance_create(instance_id="remote", image="img:1", node=node, gpu_indexes=[])
+    here = services.instance_create(instance_id="here", image="img:1", gpu_indexes=[])
+    Instance.objects.filter(pk__in=[remote.pk, here.pk]).update(snapshot_every_hours=1)
+    silent_since(node, 10)
+
+    assert storage_jobs.scheduled_snapshots() == ["here"]
+    assert list(Operation.objects.values_list("target_label", flat=True)) == ["here"]
+
+
 def test_an_unapproved_node_and_one_that_never_reported_refuse_with_what_to_do():
     waiting = beating("gpu-3", approved=False)
     with pytest.raises(operations.NodeUnavailable, match="Node gpu-3 is waiting for approval.*manage.py hosts "

@@ -519,6 +519,21 @@ def test_a_request_from_another_site_with_the_hubs_cookie_is_refused_before_anyo
     assert echo.seen == []
 
 
+def test_a_link_from_another_site_opens_the_instances_page_but_nothing_below_it(hub_proxy, echo, echo_instance, owner):
+    navigation = {"Cookie": session_cookie(owner), "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+                  "Sec-Fetch-Dest": "document"}
+    response, _ = request(hub_proxy, "GET", "/i/echo/", navigation)
+    assert response.status == 200 and len(echo.seen) == 1
+    for path, headers in [("/i/echo/api/manager/reboot", navigation),
+                          ("/i/echo/", {**navigation, "Sec-Fetch-Dest": "iframe"}),
+                          ("/i/echo/", {**navigation, "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"})]:
+        response, _ = request(hub_proxy, "GET", path, headers)
+        assert response.status == 403, (path, headers)
+    response, _ = request(hub_proxy, "POST", "/i/echo/", {**navigation, "Origin": "http://evil.example"}, b"{}")
+    assert response.status == 403
+    assert len(echo.seen) == 1
+
+
 @pytest.mark.parametrize("method, headers", [
     ("GET", {"Sec-Fetch-Site": "same-origin"}),
     ("GET", {"Sec-Fetch-Site": "none"}),  # typed or bookmarked
