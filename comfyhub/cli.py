@@ -202,6 +202,10 @@ def follow_hint(operation: Operation) -> str:
 
 def no_worker_message(operation: Operation) -> str:
     queue = operation.queue_name
+    if queue.startswith(queues.NODE_QUEUE_PREFIX):
+        node = queue[len(queues.NODE_QUEUE_PREFIX):].removesuffix(queues.LONG_SUFFIX)
+        return (f"No agent of node '{node}' is listening on queue '{queue}'; start it on that host with "
+                f"`python manage.py agent --node {node}`. The operation {operation.pk} stays queued.")
     return (f"No RQ worker is listening on queue '{queue}'; start one with `python manage.py rqworker {queue} "
             f"--with-scheduler` or use `make run`. The operation {operation.pk} stays queued.")
 

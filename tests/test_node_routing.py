@@ -318,3 +318,12 @@ def test_an_instance_on_node_b_runs_on_bs_engine_is_checked_by_bs_agent_and_wait
         assert "(node offline since " not in client.get(reverse("dashboard")).content.decode()
     finally:
         agent.stop()
+
+
+def test_a_command_waiting_for_a_nodes_agent_says_to_start_that_agent():
+    from comfyhub.cli import no_worker_message
+
+    message = no_worker_message(Operation(queue_name="node.gpu-2.long"))
+    assert message.startswith("No agent of node 'gpu-2' is listening on queue 'node.gpu-2.long'")
+    assert "`python manage.py agent --node gpu-2`" in message
+    assert "rqworker default" in no_worker_message(Operation(queue_name="default"))
