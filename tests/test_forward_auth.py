@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 from comfyhub import tokens
 from instances.models import Instance, InstanceOpen, InstanceShare
 from tests.conftest import REPO
-from tests.support import ws
+from tests.support import processes, ws
 from tests.test_proxy import Echo, an_instance, owner, raw, request, session_cookie  # noqa: F401 (owner: a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -78,25 +77,11 @@ def caddy(live_server, tmp_path_factory):
     with open(log, "wb") as output:
         process = subprocess.Popen([binary, "run", "--config", str(home / "Caddyfile"), "--adapter", "caddyfile"],
                                    env=environment, stdout=output, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"caddy did not start:\n{log.read_text(errors='replace')}")
-            time.sleep(0.05)
+    processes.wait_until_listening(process, port, "caddy", lambda: log.read_text(errors="replace"))
     try:
         yield Caddy(url=f"http://127.0.0.1:{port}", port=port, log=log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        processes.stop(process)
 
 
 class EchoWithWebSocket(Echo):

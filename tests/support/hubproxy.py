@@ -7,11 +7,12 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support import processes
 
 NGINX_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 
@@ -56,22 +57,8 @@ def hub_proxy(live_server, tmp_path_factory):
     if checked.returncode != 0:
         raise RuntimeError(f"the rendered nginx configuration does not load:\n{checked.stderr}")
     process = subprocess.Popen(nginx_command(nginx, prefix), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"nginx did not start: {process.stderr.read().decode(errors='replace')}")
-            time.sleep(0.05)
+    processes.wait_until_listening(process, port, "nginx", lambda: process.stderr.read().decode(errors="replace"))
     try:
         yield HubProxy(url=f"http://127.0.0.1:{port}", port=port, prefix=prefix)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        processes.stop(process)
