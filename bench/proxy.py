@@ -126,6 +126,8 @@ def _measure(env, nginx, image) -> int:
     instance = services.instance_create(instance_id=INSTANCE_ID, image=image, owner=owner,
                                         extra_env={"COMFYUI_DOUBLE_ASSETS": str(ASSETS)})
     containers.start(instance, _Quiet())
+    # What instance_start records before its job runs: the hub proxies only to an instance meant to be running.
+    type(instance).objects.filter(pk=instance.pk).update(desired_state=type(instance).DesiredState.RUNNING)
     instance.refresh_from_db()
     output = layout.instance_dir(instance.instance_id) / "output"
     output.mkdir(parents=True, exist_ok=True)
