@@ -81,27 +81,80 @@ def check_sharing(report):
     return summary
 
 
+def serving_node_name() -> str:
+    """The node this worker serves: the one whose queue the current job came from (node.<name>[.long]; the hub's
+    default and long are `local`), else this process's NODE_NAME."""
+    from django.conf import settings
+    from rq import get_current_job
+
+    from comfyhub import queues
+    from instances.models import LOCAL_NODE
+
+    job = get_current_job()
+    origin = getattr(job, "origin", "") or ""
+    if origin.startswith(queues.NODE_QUEUE_PREFIX):
+        rest = origin[len(queues.NODE_QUEUE_PREFIX):]
+        return rest[:-len(".long")] if rest.endswith(".long") else rest
+    if origin:
+        return LOCAL_NODE
+    return settings.NODE_NAME
+
+
+def _serving(node_name, doing):
+    """The Node row of `node_name`, when this worker serves it; an OperationError otherwise (a job sent to the wrong
+    node touches nothing)."""
+    from instances.models import Node
+
+    here = serving_node_name()
+    if node_name != here:
+        raise OperationError(f"This worker serves node '{here}', not '{node_name}': nothing was {doing}.")
+    return Node.objects.filter(name=node_name).first()
+
+
+@operation_job("models_verify_node", label="Verify a node's model library", queue="long", timeout=48 * 3600)
+def verify_models_on_node(report, *, node_name, full=False):
+    """On the node: compare its shared/models with the library's SHA-256s (library.verify_node)."""
+    node = _serving(node_name, "checked")
+    if node is None:
+        raise OperationError(f"Node {node_name} is not in the registry any more.")
+    try:
+        result = library.verify_node(node, report, full=full)
+    except library.NodeVerifyError as exc:
+        raise OperationError(str(exc)) from exc
+    counts = result.counts
+    summary = ", ".join(f"{counts[status]} {status}" for status in ("ok", "differs", "missing", "unreadable")
+                        if counts.get(status))
+    report.progress(100, f"{result.checked} checked: {summary or 'nothing to check'}")
+    if result.problems:
+        raise OperationError(
+            f"Node {node_name}: {len(result.problems)} of {result.checked} library file(s) are not the library's "
+            "there: " + "; ".join(f"{path} {status}" for path, status, _ in result.problems[:10])
+            + ". See the models page (filter by node) for each one.")
+    return {"node": node_name, **result.as_dict()}
+
+
 @operation_job("model_cache_warm", label="Warm model cache", queue="long", timeout=48 * 3600)
 def warm_model_cache(report, *, node_name, paths=(), references=(), instance_pk=None):
-    """Copy library files into this node's model cache, verified (services.model_cache_warm_now)."""
-    from django.conf import settings
-
+    """Copy library files into this node's model cache, verified (services.model_cache_warm_now), from the node's own
+    shared library; what the cache holds is recorded for the hub's pages."""
     from instances.models import Instance
 
-    from . import modelcache
+    from . import layout, modelcache
     from .services import model_cache_warm_now
 
-    if node_name != settings.NODE_NAME:
-        raise OperationError(f"This worker serves node '{settings.NODE_NAME}', not '{node_name}': nothing was copied.")
+    node = _serving(node_name, "copied")
     instance = None
     if instance_pk is not None:
         instance = Instance.objects.select_related("node").filter(pk=instance_pk).first()
         if instance is None:
             raise OperationError("The instance no longer exists.")
     try:
-        result = model_cache_warm_now(paths=paths, references=references, instance=instance, report=report)
+        result = model_cache_warm_now(paths=paths, references=references, instance=instance, report=report,
+                                      library_root=layout.shared_models_dir(node))
     except modelcache.CacheError as exc:
+        _record_cache(node)
         raise OperationError(str(exc)) from exc
+    _record_cache(node)
     report.progress(100, f"{len(result['copied'])} copied, {len(result['hits'])} already cached, "
                          f"{len(result['evicted'])} evicted, {len(result['refused'])} refused")
     if result["refused"]:
@@ -113,19 +166,31 @@ def warm_model_cache(report, *, node_name, paths=(), references=(), instance_pk=
 @operation_job("model_cache_check", label="Check model cache", queue="long", timeout=48 * 3600)
 def check_model_cache(report, *, node_name):
     """Hash this node's cached model files again; drop those that no longer match the library."""
-    from django.conf import settings
-
     from . import modelcache
 
-    if node_name != settings.NODE_NAME:
-        raise OperationError(f"This worker serves node '{settings.NODE_NAME}', not '{node_name}': nothing was "
-                             "checked.")
+    node = _serving(node_name, "checked")
     try:
         result = modelcache.check(report=report)
     except modelcache.CacheError as exc:
+        _record_cache(node)
         raise OperationError(str(exc)) from exc
+    _record_cache(node)
     report.progress(100, f"{result.checked} checked, {len(result.dropped)} dropped")
     return result.as_dict()
+
+
+def _record_cache(node):
+    """What this node's cache holds, recorded for the hub (another node's cache is shown from this)."""
+    from . import layout, modelcache
+    from .services import model_cache_record
+
+    if node is None:
+        return
+    if layout.model_cache_root() is None:
+        status = {"configured": False}
+    else:
+        status = modelcache.status()
+    model_cache_record(node=node, status=status)
 
 
 def scheduled_full_verify():

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from comfyhub.cli import human_size
@@ -315,6 +315,164 @@ class _Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate else 0
         return f"{human_size(self.done)} of {human_size(self.total)}, {human_size(rate)}/s, ETA {int(eta)} s"
+
+
+# --- One node's copy of the library ----------------------------------------------------------------------------
+
+class NodeVerifyError(Exception):
+    """The node's library cannot be checked at all; the message says why and what to do."""
+
+
+@dataclass
+class NodeVerifyResult:
+    checked: int = 0
+    hashed: int = 0
+    skipped: int = 0  # unchanged since its last check, against the same library hash
+    bytes: int = 0
+    unhashed: int = 0  # library files with no SHA-256 yet: nothing to compare a node's copy with
+    counts: dict = field(default_factory=dict)  # status -> files
+    problems: list = field(default_factory=list)  # [path, status, detail], problems only
+
+    def as_dict(self, limit: int = 500) -> dict:
+        return {"checked": self.checked, "hashed": self.hashed, "skipped": self.skipped, "bytes": self.bytes,
+                "unhashed": self.unhashed, "counts": self.counts,
+                "problems": [{"path": p, "status": s, "detail": d} for p, s, d in self.problems[:limit]]}
+
+
+def verify_node(node, report=None, *, full: bool = False, root: Path | None = None,
+                workers: int | None = None) -> NodeVerifyResult:
+    """Compare the node's copy of the shared library (its shared/models, read here: run on the node's agent) with
+    the library's SHA-256s, and record per file whether the node has it (ok), has other bytes (differs) or has none
+    (missing). A file unchanged since its last check against the same library hash is not read again unless `full`.
+    Links are read only when they stay inside the node's library."""
+    from .models import ModelNodeCheck
+
+    report = report or NullReport()
+    root = Path(root or layout.shared_models_dir(node))
+    if not root.is_dir():
+        raise NodeVerifyError(
+            f"Node {node.name} has no shared model library at {root}: mount the shared storage there (or set the "
+            f"node's shared path to where it is mounted), then verify again. Nothing was recorded.")
+    real_root = os.path.realpath(root)
+    previous = {check.asset_id: check for check in ModelNodeCheck.objects.filter(node=node)}
+    result = NodeVerifyResult()
+    now = timezone.now()
+    outcomes: list[tuple[ModelAsset, dict]] = []
+    skipped_ids: list[int] = []
+    todo = []
+    assets = list(ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).only(
+        "id", "path", "sha256", "hashed_size", "size"))
+    for asset in assets:
+        if not SHA256_RE.match(asset.sha256 or ""):
+            result.unhashed += 1
+            continue
+        path = os.path.join(root, asset.path)
+        try:
+            info = os.lstat(path)
+            if S_ISLNK(info.st_mode):
+                target = os.path.realpath(path)
+                if os.path.commonpath([target, real_root]) != real_root:
+                    outcomes.append((asset, {"status": ModelNodeCheck.Status.UNREADABLE,
+                                             "detail": f"a link pointing outside the node's library ({target}); "
+                                                       "not followed"}))
+                    continue
+                info = os.stat(path)
+        except FileNotFoundError:
+            outcomes.append((asset, {"status": ModelNodeCheck.Status.MISSING,
+                                     "detail": f"not in {root} on node {node.name}"}))
+            continue
+        except OSError as exc:
+            outcomes.append((asset, {"status": ModelNodeCheck.Status.UNREADABLE,
+                                     "detail": f"cannot be read ({exc.strerror or exc})"}))
+            continue
+        if not S_ISREG(info.st_mode):
+            outcomes.append((asset, {"status": ModelNodeCheck.Status.UNREADABLE, "detail": "not a regular file"}))
+            continue
+        if os.path.commonpath([os.path.realpath(os.path.dirname(path)), real_root]) != real_root:
+            outcomes.append((asset, {"status": ModelNodeCheck.Status.UNREADABLE,
+                                     "detail": "a folder on its way is a link out of the node's library; not read"}))
+            continue
+        stamp = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
+        expected_size = asset.hashed_size if asset.hashed_size is not None else asset.size
+        if info.st_size != expected_size:
+            outcomes.append((asset, {"status": ModelNodeCheck.Status.DIFFERS, "sha256": "", **stamp,
+                                     "detail": f"{info.st_size} bytes on the node, {expected_size} in the library"}))
+            continue
+        last = previous.get(asset.pk)
+        if (not full and last is not None and last.library_sha256 == asset.sha256 and last.sha256
+                and (last.size, last.mtime_ns, last.inode) == (info.st_size, info.st_mtime_ns, info.st_ino)):
+            result.skipped += 1
+            skipped_ids.append(asset.pk)
+            result.checked += 1
+            result.counts[last.status] = result.counts.get(last.status, 0) + 1
+            if last.is_problem:
+                result.problems.append([asset.path, last.status, last.detail])
+            continue
+        todo.append((asset, path, info))
+    todo.sort(key=lambda item: -item[2].st_size)
+    total = sum(info.st_size for _, _, info in todo)
+    report.log(f"Node {node.name}: {len(todo)} file(s) to hash ({human_size(total)}) in {root}, {result.skipped} "
+               f"unchanged since last checked, {len(outcomes)} settled without reading"
+               + (f"; {result.unhashed} library file(s) not hashed yet (run models verify)" if result.unhashed else ""))
+    progress = _Progress(total)
+    cancelled = threading.Event()
+    workers = workers or settings.MODEL_HASH_WORKERS or os.cpu_count() or 1
+
+    def digest(item):
+        asset, path, _info = item
+        try:
+            found = hashing.hash_file(path, on_bytes=progress.add, cancelled=cancelled)
+        except FileNotFoundError:
+            return asset, {"status": ModelNodeCheck.Status.MISSING, "detail": "vanished while it was being read"}
+        except hashing.FileChangedWhileReading as exc:
+            return asset, {"status": ModelNodeCheck.Status.UNREADABLE, "detail": str(exc)}
+        except OSError as exc:
+            return asset, {"status": ModelNodeCheck.Status.UNREADABLE,
+                           "detail": f"cannot be read ({exc.strerror or exc})"}
+        stamp = {"sha256": found.sha256, "size": found.size, "mtime_ns": found.mtime_ns, "inode": found.inode}
+        if found.sha256 != asset.sha256:
+            return asset, {"status": ModelNodeCheck.Status.DIFFERS, **stamp,
+                           "detail": f"SHA-256 {found.sha256[:12]}… on the node, {asset.sha256[:12]}… in the library"}
+        return asset, {"status": ModelNodeCheck.Status.OK, "detail": "", **stamp}
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="node-hash") as pool:
+        futures = [pool.submit(digest, item) for item in todo]
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=ALL_COMPLETED)
+                report.progress(progress.percent, progress.describe())
+        except BaseException:
+            cancelled.set()
+            raise
+        outcomes += [future.result() for future in futures]
+    result.hashed, result.bytes = len(todo), progress.done
+    rows = []
+    for asset, outcome in outcomes:
+        status = outcome["status"]
+        result.checked += 1
+        result.counts[status] = result.counts.get(status, 0) + 1
+        if status != ModelNodeCheck.Status.OK:
+            result.problems.append([asset.path, status, outcome["detail"]])
+            report.log(f"{node.name}: {status}: {asset.path}: {outcome['detail']}", "WARNING")
+        rows.append(ModelNodeCheck(
+            asset_id=asset.pk, node=node, status=status, detail=outcome["detail"][:500],
+            sha256=outcome.get("sha256", ""), library_sha256=asset.sha256, size=outcome.get("size"),
+            mtime_ns=outcome.get("mtime_ns"), inode=outcome.get("inode"), checked_at=now))
+    fields = ["status", "detail", "sha256", "library_sha256", "size", "mtime_ns", "inode", "checked_at"]
+    with transaction.atomic():
+        for start in range(0, len(rows), 500):
+            ModelNodeCheck.objects.bulk_create(rows[start:start + 500], update_conflicts=True,
+                                               unique_fields=["asset", "node"], update_fields=fields)
+        # Files skipped as unchanged were checked now all the same; files the library lost or never hashed have
+        # nothing to be compared with any more.
+        for start in range(0, len(skipped_ids), 500):
+            ModelNodeCheck.objects.filter(node=node, asset_id__in=skipped_ids[start:start + 500]).update(
+                checked_at=now)
+        ModelNodeCheck.objects.filter(node=node).filter(
+            Q(asset__status=ModelAsset.Status.MISSING) | Q(asset__sha256="")).delete()
+    result.problems.sort()
+    return result
 
 
 # --- Expected hashes (sha256sum format) ----------------------------------------------------------------------

@@ -68,6 +68,56 @@ class ModelAsset(models.Model):
         return self.status in self.PROBLEM_STATUSES
 
 
+class ModelNodeCheck(models.Model):
+    """What one node's copy of the shared library holds of one library file, as that node's agent last found it
+    (`models verify --node NAME`): the same bytes as the library's SHA-256, different bytes, or none."""
+
+    class Status(models.TextChoices):
+        OK = "ok", "OK"  # the node's file has the library's SHA-256
+        MISSING = "missing", "Missing"  # no such file in the node's shared library
+        DIFFERS = "differs", "Differs"  # another size or another SHA-256 than the library's
+        UNREADABLE = "unreadable", "Unreadable"  # there, but not a file that could be read (a link out, permissions)
+
+    PROBLEM_STATUSES = (Status.MISSING, Status.DIFFERS, Status.UNREADABLE)
+
+    asset = models.ForeignKey(ModelAsset, on_delete=models.CASCADE, related_name="node_checks")
+    node = models.ForeignKey("instances.Node", on_delete=models.CASCADE, related_name="model_checks")
+    status = models.CharField(max_length=16, choices=Status.choices, db_index=True)
+    detail = models.CharField(max_length=500, blank=True, default="")
+    sha256 = models.CharField(max_length=64, blank=True, default="", help_text="The node's file, when it was hashed.")
+    library_sha256 = models.CharField(max_length=64, blank=True, default="",
+                                      help_text="The library's SHA-256 it was compared with.")
+    # What the node's file looked like when it was checked: the next check skips it while these and the library's
+    # SHA-256 stay the same (unless --full).
+    size = models.BigIntegerField(null=True, blank=True)
+    mtime_ns = models.BigIntegerField(null=True, blank=True)
+    inode = models.BigIntegerField(null=True, blank=True)
+    checked_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["node", "asset"]
+        constraints = [models.UniqueConstraint(fields=["asset", "node"], name="one_check_per_file_and_node")]
+
+    def __str__(self):
+        return f"{self.asset_id} on {self.node_id}: {self.status}"
+
+    @property
+    def is_problem(self):
+        return self.status in self.PROBLEM_STATUSES
+
+
+class ModelCacheReport(models.Model):
+    """A node's model cache as its agent last recorded it (after a warm or a check there): the hub shows another
+    node's cache from this, never reading that node's disk."""
+
+    node = models.OneToOneField("instances.Node", on_delete=models.CASCADE, related_name="model_cache_report")
+    status = models.JSONField(default=dict, blank=True, help_text="storage_app.modelcache.status(), trimmed.")
+    reported_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"model cache of {self.node_id}"
+
+
 class Snapshot(models.Model):
     class Kind(models.TextChoices):
         CONFIG = "config", "Config (user data and registry settings)"

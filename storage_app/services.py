@@ -97,51 +97,106 @@ def library_visibility(instance) -> dict:
     return report
 
 
-# --- The node's model cache ----------------------------------------------------------------------------------
+# --- Nodes: their copy of the library, their model cache ------------------------------------------------------
 
 NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
-def _cache_node(node_name: str) -> str:
-    """The node whose cache is meant: this node (NODE_NAME) when none is named. Another node's cache is refused for
-    now: it is warmed by that node's own ComfyHub, and operations reach node agents once jobs are routed to nodes."""
+def _named_node(node_name: str, *, default: str = ""):
+    """The Node row named (a node name is checked before it is looked up); `default` when none is given. None only
+    for this process's own node when the registry has no row for it (a fresh single host)."""
     from django.conf import settings
 
+    from instances.models import Node
+
     this = settings.NODE_NAME
-    name = node_name or this
+    name = node_name or default or this
     if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
         shown = str(name)[:63].encode("unicode_escape").decode()
         raise ValidationError({"node": [f"'{shown}' is not a node name (lowercase letters, digits and '-', at most "
                                         f"63 characters); leave it out for this node ('{this}')."]})
-    if name != this:
-        from instances.models import Node
+    node = Node.objects.filter(name=name).first()
+    if node is None and name != this:
+        known = ", ".join(Node.objects.order_by("name").values_list("name", flat=True)) or "none"
+        raise ValidationError({"node": [f"No node '{name}'. Known: {known}."]})
+    return name, node
 
-        if not Node.objects.filter(name=name).exists():
-            known = ", ".join(Node.objects.order_by("name").values_list("name", flat=True)) or "none"
-            raise ValidationError({"node": [f"No node '{name}'. Known: {known}."]})
-        raise ValidationError({"node": [
-            f"Node '{name}' is not this one ('{this}'): its cache can only be warmed or checked on that node for now "
-            f"(operations are not routed to node agents yet). Run the command there: manage.py models cache ... "
-            f"--node {name}, or without --node."]})
-    if layout.model_cache_root() is None:
-        raise ValidationError({"node": [
-            f"Node '{name}' has no model cache: set MODEL_CACHE_PATH (a folder on its fast disk) and "
-            "MODEL_CACHE_MAX_GB in its environment, then restart ComfyHub there."]})
-    return name
+
+def models_verify_node(*, node_name: str, full: bool = False, user=None):
+    """Queue the check of one node's copy of the shared library on that node's agent (`local`: the hub's workers):
+    per library file ok, differs or missing, against the library's SHA-256s."""
+    name, node = _named_node(node_name)
+    if node is None:
+        from instances.services import local_node
+
+        node = local_node()
+    if not ModelAsset.objects.exclude(status=ModelAsset.Status.MISSING).exclude(sha256="").exists():
+        raise ValidationError({"node": ["The library has no hashed file yet, so there is nothing to compare node "
+                                        f"{name}'s copy with: run models verify first."]})
+    return operations.enqueue("storage_app.jobs.verify_models_on_node", target=node, user=user, node_name=name,
+                              full=full)
+
+
+def model_node_summary() -> list[dict]:
+    """Per node that was checked: its files per status and when it was checked last, in one query."""
+    from django.db.models import Count, Max, Min
+
+    from .models import ModelNodeCheck
+
+    rows = (ModelNodeCheck.objects.exclude(asset__status=ModelAsset.Status.MISSING)
+            .values("node__name", "status").annotate(files=Count("id"), last=Max("checked_at"), first=Min("checked_at"))
+            .order_by("node__name", "status"))
+    summary: dict[str, dict] = {}
+    for row in rows:
+        entry = summary.setdefault(row["node__name"], {"node": row["node__name"], "counts": {}, "problems": 0,
+                                                       "checked_at": None})
+        entry["counts"][row["status"]] = row["files"]
+        if row["status"] in ModelNodeCheck.PROBLEM_STATUSES:
+            entry["problems"] += row["files"]
+        if entry["checked_at"] is None or row["last"] > entry["checked_at"]:
+            entry["checked_at"] = row["last"]
+    return list(summary.values())
+
+
+def _cache_node(node_name: str, *, instance=None):
+    """The node whose cache is meant: the instance's when warming for one, else the one named, else this node
+    (NODE_NAME). Returns (name, Node row or None). Another node's cache is reached through its agent; one whose agent
+    reported no cache is refused here."""
+    from django.conf import settings
+
+    from .models import ModelCacheReport
+
+    if instance is not None:
+        if node_name and node_name != instance.node.name:
+            raise ValidationError({"instance": [f"{instance} runs on node '{instance.node.name}', not on "
+                                                f"'{str(node_name)[:63]}': warm that node's cache for it (leave "
+                                                "--node out)."]})
+        node_name = instance.node.name
+    name, node = _named_node(node_name)
+    missing = (f"Node '{name}' has no model cache: set MODEL_CACHE_PATH (a folder on its fast disk) and "
+               "MODEL_CACHE_MAX_GB in its environment, then restart ComfyHub there")
+    if name == settings.NODE_NAME:
+        if layout.model_cache_root() is None:
+            raise ValidationError({"node": [missing + "."]})
+    elif node is not None:
+        report = ModelCacheReport.objects.filter(node=node).first()
+        if report is not None and report.status.get("configured") is False:
+            raise ValidationError({"node": [f"{missing} (its agent reported so at "
+                                            f"{report.reported_at:%Y-%m-%d %H:%M:%S} UTC)."]})
+    return name, node
 
 
 def model_cache_warm(*, node_name: str = "", paths=(), instance=None, workflow: bytes | None = None, user=None):
-    """Queue copying into this node's cache: library files (models/<folder>/<file>), the model files an instance's
-    workflows name, or those a workflow file names. Exactly one of the three."""
-    from django.conf import settings
-
+    """Queue copying into a node's cache (this one unless named; the instance's for an instance), run by that node's
+    agent: library files (models/<folder>/<file>), the model files an instance's workflows name, or those a workflow
+    file names. Exactly one of the three."""
     from . import modelcache
 
-    node = _cache_node(node_name)
     given = [bool(paths), instance is not None, workflow is not None]
     if sum(given) != 1:
         raise ValidationError({"files": ["Say what to warm, one of: library files (models/<folder>/<file>), an "
                                          "instance (its workflows' model files), or a workflow file."]})
+    name, node = _cache_node(node_name, instance=instance)
     cleaned, references = [], []
     if paths:
         errors = []
@@ -164,20 +219,17 @@ def model_cache_warm(*, node_name: str = "", paths=(), instance=None, workflow: 
             needs = workflow_needs(parse_workflow(workflow))
         except WorkflowError as exc:
             raise ValidationError({"workflow": [str(exc)]}) from exc
-        references = sorted([folder, name] for folder, name in needs.models)
+        references = sorted([folder, ref] for folder, ref in needs.models)
         if not references:
             raise ValidationError({"workflow": ["This workflow names no model file; nothing to warm."]})
-    if instance is not None and instance.node.name != settings.NODE_NAME:
-        raise ValidationError({"instance": [f"{instance} runs on node '{instance.node.name}', not on this one "
-                                            f"('{settings.NODE_NAME}'); warm that node's cache there."]})
-    return operations.enqueue("storage_app.jobs.warm_model_cache", target=instance, user=user, node_name=node,
-                              paths=cleaned, references=references,
+    return operations.enqueue("storage_app.jobs.warm_model_cache", target=instance, node=node, user=user,
+                              node_name=name, paths=cleaned, references=references,
                               instance_pk=instance.pk if instance is not None else None)
 
 
-def model_cache_warm_now(*, paths=(), references=(), instance=None, report=None) -> dict:
+def model_cache_warm_now(*, paths=(), references=(), instance=None, report=None, library_root=None) -> dict:
     """Resolve what to warm and warm it, in this process (the job, on the node): an instance's workflows are read
-    here, from its folder on the node."""
+    here, from its folder on the node, and the copies come from `library_root`, the node's own shared/models."""
     from comfyhub.operations import NullReport
 
     from . import modelcache
@@ -193,7 +245,7 @@ def model_cache_warm_now(*, paths=(), references=(), instance=None, report=None)
     wanted = list(dict.fromkeys([*paths, *found]))
     if not wanted:
         report.log("Nothing of the shared library to warm.")
-    result = modelcache.warm(wanted, report=report)
+    result = modelcache.warm(wanted, report=report, library_root=library_root)
     return {**result.as_dict(), "not_in_library": unknown}
 
 
@@ -222,24 +274,49 @@ def instance_model_references(instance, report=None) -> list[tuple[str, str]]:
 
 
 def model_cache_check(*, node_name: str = "", user=None):
-    """Queue a check of this node's cache: every cached file hashed again, those that no longer match dropped."""
-    node = _cache_node(node_name)
-    return operations.enqueue("storage_app.jobs.check_model_cache", user=user, node_name=node)
+    """Queue a check of a node's cache on that node (this one unless named): every cached file hashed again, those
+    that no longer match dropped."""
+    name, node = _cache_node(node_name)
+    return operations.enqueue("storage_app.jobs.check_model_cache", node=node, user=user, node_name=name)
 
 
 def model_cache_status(*, node_name: str = "") -> dict:
-    """This node's cache as its index records it; {"configured": False, ...} when the node has none."""
+    """A node's cache as its index records it: this node's read here; another node's as its agent last recorded it
+    (after a warm or a check there), with `reported_at`; {"configured": None, ...} when it never reported."""
     from django.conf import settings
 
     from . import modelcache
+    from .models import ModelCacheReport
 
-    try:
-        node = _cache_node(node_name)
-    except ValidationError as exc:
-        if layout.model_cache_root() is None and (node_name or settings.NODE_NAME) == settings.NODE_NAME:
-            return {"configured": False, "node": settings.NODE_NAME, "limit_bytes": modelcache.limit_bytes()}
-        raise exc
-    return {"node": node, **modelcache.status()}
+    name, node = _named_node(node_name)
+    if name == settings.NODE_NAME:
+        if layout.model_cache_root() is None:
+            return {"configured": False, "node": name, "limit_bytes": modelcache.limit_bytes(), "reported_at": None}
+        return {"node": name, "reported_at": None, **modelcache.status()}
+    report = ModelCacheReport.objects.filter(node=node).first()
+    if report is None:
+        return {"node": name, "configured": None, "reported_at": None}
+    return {**report.status, "node": name, "reported_at": report.reported_at}
+
+
+def model_cache_reports() -> list:
+    """The caches other nodes' agents recorded, for the models page."""
+    from django.conf import settings
+
+    from .models import ModelCacheReport
+
+    return list(ModelCacheReport.objects.select_related("node").exclude(node__name=settings.NODE_NAME)
+                .order_by("node__name"))
+
+
+def model_cache_record(*, node, status: dict) -> None:
+    """Record what a node's cache holds (its agent, after a warm or a check), trimmed to what the page shows."""
+    from django.utils import timezone
+
+    from .models import ModelCacheReport
+
+    kept = {**status, "entries": status.get("entries", [])[:50], "dropped": status.get("dropped", [])[:20]}
+    ModelCacheReport.objects.update_or_create(node=node, defaults={"status": kept, "reported_at": timezone.now()})
 
 
 # --- Snapshots -------------------------------------------------------------------------------------------------

@@ -1,29 +1,39 @@
 """The models page: the shared library with its checksums, totals, duplicates and the instances' inboxes."""
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
+from django.db.models import Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from comfyhub.forms import service_errors
 from comfyhub.models import Operation
-from instances.models import Instance
+from instances.models import Instance, Node
 
 from . import library, services
 from .forms import ImportHashesForm, ModelFilterForm
-from .models import ModelAsset
+from .models import ModelAsset, ModelNodeCheck
 
 PAGE_SIZE = 100
 MODEL_KINDS = ("models_scan", "models_verify", "models_promote", "models_sharing", "model_cache_warm",
-               "model_cache_check")
+               "model_cache_check", "models_verify_node")
 
 
 def model_list(request):
     folders = list(ModelAsset.objects.order_by("folder").values_list("folder", flat=True).distinct())
     form = ModelFilterForm(request.GET or None, folders=folders)
-    page = Paginator(form.filter(ModelAsset.objects.all()), PAGE_SIZE).get_page(request.GET.get("page"))
+    assets = form.filter(ModelAsset.objects.all())
+    node_summary = services.model_node_summary()
+    node_filter = request.GET.get("node", "")
+    if node_filter:
+        # Only the files that node lacks or has other bytes of; an unknown name lists nothing, as any filter would.
+        assets = assets.filter(node_checks__node__name=node_filter[:63],
+                               node_checks__status__in=ModelNodeCheck.PROBLEM_STATUSES)
+    assets = assets.prefetch_related(Prefetch(
+        "node_checks", to_attr="node_problems", queryset=ModelNodeCheck.objects.filter(
+            status__in=ModelNodeCheck.PROBLEM_STATUSES).select_related("node").order_by("node__name")))
+    page = Paginator(assets, PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
     latest = Operation.objects.filter(kind__in=MODEL_KINDS).select_related("requested_by").first()
@@ -36,7 +46,10 @@ def model_list(request):
         "latest": latest, "inboxes": [(i, files) for i, files in inboxes if files],
         "import_form": ImportHashesForm(),
         "cache": services.model_cache_status(),
-        "cache_instances": [i for i in instances if i.node.name == settings.NODE_NAME],
+        "cache_reports": services.model_cache_reports(),
+        "cache_instances": list(instances),
+        "nodes": list(Node.objects.filter(approved=True).order_by("name").values_list("name", flat=True)),
+        "node_summary": node_summary, "node_filter": node_filter[:63],
     })
 
 
@@ -60,6 +73,15 @@ def models_verify(request):
     full = request.POST.get("full") == "1"
     return _enqueue(request, lambda: services.models_verify(full=full, user=request.user),
                     "Full verification queued." if full else "Verification queued (changed files only).")
+
+
+@require_POST
+@permission_required("storage_app.verify_modelasset", raise_exception=True)
+def models_verify_node(request):
+    node = request.POST.get("node", "")
+    full = request.POST.get("full") == "1"
+    return _enqueue(request, lambda: services.models_verify_node(node_name=node, full=full, user=request.user),
+                    f"Checking node {node[:63]}'s copy of the library queued.")
 
 
 @require_POST
@@ -102,7 +124,8 @@ def models_export(request):
 @require_POST
 @permission_required("storage_app.verify_modelasset", raise_exception=True)
 def models_cache_warm(request):
-    """Warm this node's cache for one instance's workflows, or for an uploaded workflow file."""
+    """Warm a node's cache (the instance's node, else the one chosen) for one instance's workflows, or for an
+    uploaded workflow file."""
     from comfyhub import jsonlimits
 
     instance_id = request.POST.get("instance", "")

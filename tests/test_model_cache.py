@@ -292,9 +292,14 @@ def test_the_services_refuse_another_node_no_cache_and_unknown_files(cache, libr
 
     from instances.models import Node
 
+    from comfyhub.operations import NodeUnavailable
+
+    hashed(library_dir, {"checkpoints/a.ckpt": b"a"})
     Node.objects.create(name="gpu-2", port_range_start=9000, port_range_end=9100)
-    with pytest.raises(ValidationError, match="is not this one .'local'.: its cache can only be warmed"):
+    # Another node's cache is warmed by its agent: one that never reported takes nothing, and nothing is recorded.
+    with pytest.raises(NodeUnavailable, match="Node gpu-2 has no agent yet"):
         services.model_cache_warm(node_name="gpu-2", paths=["checkpoints/a.ckpt"])
+    assert not Operation.objects.exists()
     with pytest.raises(ValidationError, match="No node 'gpu-9'"):
         services.model_cache_check(node_name="gpu-9")
     with pytest.raises(ValidationError, match="Not in the shared library: checkpoints/nope.ckpt"):

@@ -34,8 +34,12 @@ class Command(cli.Command):
         actions.add_parser("scan", parents=[waiting],
                            help="Record new, changed and missing files under shared/models (no hashing).")
         verify = actions.add_parser("verify", parents=[waiting],
-                                    help="Scan, then hash the files that changed since they were last hashed.")
+                                    help="Scan, then hash the files that changed since they were last hashed; with "
+                                         "--node, check that node's copy of the library against these hashes.")
         verify.add_argument("--full", action="store_true", help="Hash every file again, changed or not.")
+        verify.add_argument("--node", default=None, metavar="NODE",
+                            help="Run on NODE's agent: each library file ok, differs or missing in its shared "
+                                 "library.")
 
         listing = actions.add_parser("list", help="The library's files, one line each.")
         listing.add_argument("--json", action="store_true", help="A JSON list of objects (see docs/cli.md).")
@@ -72,8 +76,9 @@ class Command(cli.Command):
         cache.add_argument("files", nargs="*", metavar="FILE",
                            help="warm: library files to copy, e.g. models/checkpoints/sdxl.safetensors.")
         cache.add_argument("--node", default="", metavar="NODE",
-                           help="The node whose cache (default: this node, NODE_NAME; another node is refused for "
-                                "now).")
+                           help="The node whose cache (default: this node, NODE_NAME; with --for-instance, the "
+                                "instance's). Another node's warm and check run on its agent; its status is what "
+                                "its agent last recorded.")
         cache.add_argument("--for-instance", default=None, metavar="ID",
                            help="warm: the model files the instance's workflows name.")
         cache.add_argument("--workflow", default=None, metavar="FILE",
@@ -92,6 +97,8 @@ class Command(cli.Command):
             self.write_problems(result.get("problems", []))
 
     def verify(self, options):
+        if options["node"] is not None:
+            return self.verify_node(options)
         operation = cli.call_service(services.models_verify, full=options["full"])
         done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
         if done is not None:
@@ -99,6 +106,19 @@ class Command(cli.Command):
             self.stdout.write(f"{result.get('hashed', 0)} file(s) hashed ({human_size(result.get('bytes', 0))}), "
                               f"{result.get('skipped', 0)} unchanged since last verified.")
             self.write_problems(result.get("problems", []))
+
+    def verify_node(self, options):
+        operation = cli.call_service(services.models_verify_node, node_name=options["node"], full=options["full"])
+        done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+        if done is not None:
+            self.write_node_check(done.result or {})
+
+    def write_node_check(self, result):
+        counts = result.get("counts", {})
+        self.stdout.write(f"Node {result.get('node')}: {result.get('checked', 0)} file(s) checked, "
+                          f"{result.get('hashed', 0)} hashed ({human_size(result.get('bytes', 0))}), "
+                          f"{result.get('skipped', 0)} unchanged since last checked: "
+                          + ", ".join(f"{counts.get(status, 0)} {status}" for status in NODE_STATUSES) + ".")
 
     def write_problems(self, problems):
         for problem in problems:
@@ -161,6 +181,10 @@ class Command(cli.Command):
         if options["json"]:
             self.write_json(cache_status_data(status))
             return
+        if status["configured"] is None:
+            self.stdout.write(f"Node '{status['node']}' has not reported its model cache yet: its agent records it "
+                              f"after a warm or a check there (models cache check --node {status['node']}).")
+            return
         if not status["configured"]:
             self.stdout.write(f"Node '{status['node']}' has no model cache (MODEL_CACHE_PATH is empty).")
             return
@@ -168,7 +192,9 @@ class Command(cli.Command):
         self.stdout.write(f"Model cache of node '{status['node']}' at {status['path']}: {status['files']} file(s), "
                           f"{human_size(status['bytes'])} of {human_size(status['limit_bytes'])} "
                           f"({status['percent']}%).")
-        self.stdout.write(f"Last warm: {last_warm.get('at', 'never')}; last check: {last_check.get('at', 'never')}.")
+        self.stdout.write(f"Last warm: {last_warm.get('at', 'never')}; last check: {last_check.get('at', 'never')}."
+                          + (f" As its agent recorded it at {iso(status['reported_at'])}." if status.get("reported_at")
+                             else ""))
         if status["entries"]:
             rows = [("PATH", "SIZE", "LAST USED")]
             rows += [(entry["path"], human_size(entry["size"]), entry["last_used_at"]) for entry in status["entries"]]
@@ -269,14 +295,17 @@ class _IntermixedParser(cli.InputParser):
 
 
 CACHE_ACTIONS = {"warm": "cache_warm", "status": "cache_status", "check": "cache_check"}
+NODE_STATUSES = ("ok", "differs", "missing", "unreadable")
 
 
 def cache_status_data(status: dict) -> dict:
     """The documented JSON of `models cache status` (docs/cli.md); add keys, never rename or remove them."""
+    reported_at = iso(status["reported_at"]) if status.get("reported_at") else None
     if not status["configured"]:
-        return {"node": status["node"], "configured": False}
-    return {key: status[key] for key in ("node", "configured", "path", "files", "bytes", "limit_bytes", "last_warm",
-                                         "last_check", "dropped", "entries")}
+        return {"node": status["node"], "configured": status["configured"], "reported_at": reported_at}
+    return {**{key: status[key] for key in ("node", "configured", "path", "files", "bytes", "limit_bytes",
+                                            "last_warm", "last_check", "dropped", "entries")},
+            "reported_at": reported_at}
 
 
 def asset_data(asset: ModelAsset) -> dict:
