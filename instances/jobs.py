@@ -197,3 +197,60 @@ def pull_image(report, *, node_pk, image):
     except (images.ImageError, docker_engine.EngineError) as exc:
         raise OperationError(str(exc)) from exc
     return {"image": image, "node": node.name, "id": image_id, **images.info_data(info)}
+
+
+# --- Moving an instance to another node (instances/moves.py): the move on the hub, each step on its node ----------
+
+@operation_job("instance_move", label="Move instance", queue="long", timeout=48 * 3600)
+def move_instance(report, *, instance_pk, target_pk, host_port, gpu_indexes, user_pk=None):
+    from . import moves
+
+    return moves.move_instance(instance_pk=instance_pk, target_pk=target_pk, host_port=host_port,
+                               gpu_indexes=gpu_indexes, user_pk=user_pk, report=report)
+
+
+@operation_job("instance_move_marker_write", label="Move: mark the backups folder")
+def move_marker_write(report):
+    from . import moves
+
+    return moves.marker_write(report)
+
+
+@operation_job("instance_move_marker_read", label="Move: find the mark in the backups folder")
+def move_marker_read(report, *, name, token, path, source_name):
+    from . import moves
+
+    return moves.marker_read(name=name, token=token, path=path, source_name=source_name, report=report)
+
+
+@operation_job("instance_move_freeze", label="Move: stop and snapshot", queue="long", timeout=48 * 3600)
+def move_freeze(report, *, instance_pk, target_name, user_pk=None):
+    from django.contrib.auth import get_user_model
+
+    from . import moves
+
+    user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    return moves.freeze(instance=_load(instance_pk), target_name=target_name, user=user, report=report)
+
+
+@operation_job("instance_move_restore", label="Move: restore on the target", queue="long", timeout=48 * 3600)
+def move_restore(report, *, instance_pk, target_pk, snapshot_pk):
+    from . import moves
+
+    return moves.restore(instance=_load(instance_pk), target=_load_node(target_pk), snapshot_pk=snapshot_pk,
+                         report=report)
+
+
+@operation_job("instance_move_start", label="Move: start on the target", queue="long")
+def move_start(report, *, instance_pk, target_pk, host_port, gpu_indexes):
+    from . import moves
+
+    return moves.start_copy(instance=_load(instance_pk), target=_load_node(target_pk), host_port=host_port,
+                            gpu_indexes=gpu_indexes, report=report)
+
+
+@operation_job("instance_move_remove", label="Move: remove a copy", queue="long")
+def move_remove(report, *, instance_id, node_pk):
+    from . import moves
+
+    return moves.remove_from(instance_id=instance_id, node=_load_node(node_pk), report=report)

@@ -679,3 +679,15 @@ def node_action(*, instance: Instance, name: str, action: str, ref: str | None =
         raise ValidationError({"name": [f"{instance} has no custom node '{name}' installed by ComfyHub."]})
     return operations.enqueue("instances.jobs.custom_node_action", target=instance, user=user, instance_pk=instance.pk,
                               name=name, action=action, ref=ref)
+
+
+# --- Moves (instances/moves.py) ------------------------------------------------------------------------------
+
+def instance_free_port(node: Node, preferred: int | None = None) -> int | None:
+    """A port no instance on `node` uses: `preferred` when it is in the node's range and free, else the first free
+    one of the range; None when none is left."""
+    if preferred is not None and node.port_range_start <= preferred <= node.port_range_end and \
+            not Instance.objects.filter(node=node, host_port=preferred).exists() and \
+            not port_bound_on_host(node.bind_address, preferred):
+        return preferred
+    return next(_free_ports(node), None)

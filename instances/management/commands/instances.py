@@ -32,7 +32,7 @@ class Command(cli.Command):
     help = "Create, list, inspect, start, stop, build and delete ComfyUI instances (see docs/cli.md)."
     handlers = {"create": "create_instance", "edit": "edit_instance", "list": "list_instances",
                 "status": "show_status", "share": "share_instance", "unshare": "unshare_instance",
-                "logs": "show_logs", "update-image": "update_image", **{action: "run_operation"
+                "logs": "show_logs", "update-image": "update_image", "move": "move_instance", **{action: "run_operation"
                                         for action in ("start", "stop", "restart", "build", "delete")}}
 
     def add_arguments(self, parser):
@@ -109,6 +109,14 @@ class Command(cli.Command):
                             help="Also delete the instance's own folder (never shared data). Needs --yes.")
         delete.add_argument("--yes", action="store_true",
                             help="Confirm --purge-data (stands for typing the instance id in the browser).")
+
+        move = actions.add_parser(
+            "move", parents=[waiting],
+            help="Move it to another node: stopped and snapshotted there, restored and started on the target, then "
+                 "removed from the source (the snapshot stays); any failure before the switch leaves it on the "
+                 "source as it was. Needs COMFY_BACKUPS_PATH shared by both nodes (docs/nodes.md).")
+        move.add_argument("instance_id", metavar="ID")
+        move.add_argument("--to", required=True, metavar="NODE", dest="to", help="The approved, online node.")
 
         logs = actions.add_parser("logs", help="The container's log output.")
         logs.add_argument("instance_id", metavar="ID")
@@ -333,6 +341,19 @@ class Command(cli.Command):
         done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
         if done is not None and isinstance(done.result, dict) and done.result.get("url"):
             self.stdout.write(f"ComfyUI answers at {done.result['url']}")
+
+    def move_instance(self, options):
+        from instances import moves
+
+        instance = find_instance(options["instance_id"])
+        try:
+            target = moves.move_target(options["to"])
+        except ValidationError as exc:
+            raise input_error(exc) from exc
+        operation = cli.call_service(moves.instance_move, instance=instance, target=target)
+        done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
+        if done is not None and isinstance(done.result, dict):
+            self.stdout.write(f"{instance} is on node {done.result['to']}, port {done.result['port']}.")
 
     def show_logs(self, options):
         instance = find_instance(options["instance_id"])
