@@ -15,11 +15,12 @@ class InstancesConfig(AppConfig):
     self_service_permissions = ("instances.create_own_instance",)
 
     def ready(self):
-        from . import jobs, signals  # noqa: F401  (jobs declare the operation kinds the pages filter by)
+        from . import jobs, jobs_nodes, signals  # noqa: F401  (jobs declare the operation kinds the pages filter by)
 
     def periodic_jobs(self):
         """Run by comfyhub.cron on the hub: local's instances' observed status and health recorded, and each other
-        online node's by its agent, asked on its queue (jobs.reconcile_instances); idle instances stopped."""
+        online node's by its agent, asked on its queue (jobs.reconcile_instances); idle instances stopped, each node's
+        by an operation on its own queue (idle.idle_check)."""
         from django.conf import settings
 
         from .jobs import check_idle_instances, reconcile_instances

@@ -1,8 +1,12 @@
 """Idle stop: a running instance with no traffic through the hub and an empty ComfyUI queue for its `idle_stop_after`
 minutes is stopped, so its GPUs go back to the others. Activity is `last_activity_at` (the proxy's
-access.note_activity, and work the health pass saw in its queue) or, when later, its start."""
+access.note_activity, and work the health pass saw in its queue) or, when later, its start.
+
+Each node's instances are stopped by an operation on that node's queue: the hub's workers for `local`, a node's agent
+for its own, where their ports are (their /queue is asked from there)."""
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
@@ -13,7 +17,9 @@ from comfyhub import operations, queues
 from comfyhub.models import Operation
 
 from . import comfyui_api, services
-from .models import Instance
+from .models import LOCAL_NODE, Instance, Node
+
+logger = logging.getLogger(__name__)
 
 KIND = "idle_stop"
 # Only an instance ComfyHub sees running and answering may be stopped for idleness: one starting, crash-looping or in
@@ -46,29 +52,53 @@ def idle_stop_expected(instance: Instance) -> datetime | None:
     return idle_stop_at(instance)
 
 
-def idle_due(now: datetime | None = None) -> list[Instance]:
-    """Running instances with idle stop on whose idle time is over (their queue not asked yet)."""
+def idle_due(now: datetime | None = None, *, node: str = LOCAL_NODE) -> list[Instance]:
+    """Running instances of `node` (a node's name) with idle stop on whose idle time is over (their queue not asked
+    yet)."""
     now = now or timezone.now()
     candidates = Instance.objects.select_related("node").filter(
-        desired_state=Instance.DesiredState.RUNNING, status__in=RUNNING_STATUSES, idle_stop_after__gt=0)
+        node__name=node, desired_state=Instance.DesiredState.RUNNING, status__in=RUNNING_STATUSES,
+        idle_stop_after__gt=0)
     return [instance for instance in candidates if (at := idle_stop_expected(instance)) is not None and at <= now]
 
 
 def idle_check() -> str | None:
-    """The periodic check: queue the idle-stop operation when some instance's idle time is over. Nothing is recorded
-    otherwise (one operation a minute would bury the real ones), nor while one is still queued or running."""
-    if not idle_due():
-        return None
-    if Operation.objects.filter(kind=KIND, status__in=Operation.ACTIVE_STATUSES).exists():
-        return None
-    return str(operations.enqueue("instances.jobs.stop_idle_instances").pk)
+    """The periodic check, on the hub: for `local` and each node whose agent takes jobs, queue that node's idle-stop
+    operation on its queue when one of its instances' idle time is over. Nothing is recorded otherwise (one operation
+    a minute would bury the real ones), nor while the node's last one is still queued or running. Returns local's
+    operation id, or None; the other nodes' are logged."""
+    from .nodes import nodes_taking_jobs
+
+    local = _check_node(Node.objects.filter(name=LOCAL_NODE).first())
+    for node in nodes_taking_jobs():
+        try:
+            queued = _check_node(node)
+        except queues.QueueUnavailable as exc:  # went offline since it was listed, or Redis is down
+            logger.warning("Idle check of node %s not queued: %s", node.name, exc)
+            continue
+        if queued:
+            logger.info("Idle stop of node %s queued on %s: operation %s", node.name, node.job_queue(), queued)
+    return local
 
 
-def stop_idle(report) -> dict:
-    """Stop every instance whose idle time is over and whose queue, asked now, is empty. An instance whose ComfyUI
-    does not answer /queue is left running (its queue may hold work); one with work in its queue is active."""
+def _check_node(node: Node | None) -> str | None:
+    if node is None or not idle_due(node=node.name):
+        return None
+    queue_name = node.job_queue("default")
+    if Operation.objects.filter(kind=KIND, queue_name=queue_name, status__in=Operation.ACTIVE_STATUSES).exists():
+        return None
+    if node.name == LOCAL_NODE:  # the single-host path, as it always was
+        return str(operations.enqueue("instances.jobs.stop_idle_instances").pk)
+    return str(operations.enqueue("instances.jobs_nodes.stop_idle_instances_on_node", node=node,
+                                  node_name=node.name).pk)
+
+
+def stop_idle(report, *, node: str = LOCAL_NODE) -> dict:
+    """Stop every instance of `node` (where this runs) whose idle time is over and whose queue, asked now, is empty.
+    An instance whose ComfyUI does not answer /queue is left running (its queue may hold work); one with work in its
+    queue is active."""
     now = timezone.now()
-    due = idle_due(now)
+    due = idle_due(now, node=node)
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(_ask_queue, due))
     stopped, skipped = [], []
@@ -117,7 +147,8 @@ def stop_idle(report) -> dict:
         stopped.append({"instance": instance.instance_id, "idle_since": since.isoformat(),
                         "operation": str(operation.pk)})
     if not due:
-        report.log("No instance is idle past its idle-stop time.")
+        report.log("No instance is idle past its idle-stop time." if node == LOCAL_NODE
+                   else f"No instance of node {node} is idle past its idle-stop time.")
     return {"stopped": stopped, "skipped": skipped}
 
 

@@ -518,7 +518,14 @@ def workflows_copy(*, source: Instance, targets: list[Instance], paths: list[str
         errors["targets"] = ["Choose at least one other instance to copy to."]
     if errors:
         raise ValidationError(errors)
-    return operations.enqueue("instances.jobs.copy_workflows", target=source, user=user, source_pk=source.pk,
+    from . import fanout
+
+    target_nodes = [node for node, _ in fanout.by_node(targets).values()]
+    fanout.refuse_unavailable(target_nodes)
+    # Targets on other nodes: the source's node reads the files and each target node's agent writes its own.
+    job = "instances.jobs.copy_workflows" if [n.pk for n in target_nodes] == [source.node_id] \
+        else "instances.jobs_nodes.copy_workflows_across_nodes"
+    return operations.enqueue(job, target=source, user=user, source_pk=source.pk,
                               target_pks=[t.pk for t in targets], paths=list(paths), on_conflict=on_conflict)
 
 
@@ -581,7 +588,15 @@ def workflow_install(*, spec: str, instances: list[Instance], user=None):
     version = workflow_version_resolve(spec=spec)
     if not instances:
         raise ValidationError({"instances": ["Choose at least one instance."]})
-    return operations.enqueue("instances.jobs.install_workflow", target=version.entry, user=user, version_pk=version.pk,
+    from . import fanout
+
+    nodes = [node for node, _ in fanout.by_node(instances).values()]
+    fanout.refuse_unavailable(nodes)
+    # On one node: its queue (local's is the hub's). On several: the hub installs into local's and asks the others'
+    # agents for theirs.
+    job, node = ("instances.jobs.install_workflow", nodes[0]) if len(nodes) == 1 \
+        else ("instances.jobs_nodes.install_workflow_on_nodes", None)
+    return operations.enqueue(job, target=version.entry, node=node, user=user, version_pk=version.pk,
                               instance_pks=[i.pk for i in instances])
 
 

@@ -23,9 +23,16 @@ def image_update(*, instances: list[Instance], refresh: bool = True, user=None):
                 if (problem := runtime.image_problem(instance.image))]
     if problems:
         raise ValidationError({"image": problems})
-    # One instance: its operation, listed on its page. Several: the rollout's own, its log names each one.
+    from . import fanout
+
+    nodes = [node for node, _ in fanout.by_node(instances).values()]
+    fanout.refuse_unavailable(nodes)
+    # One instance: its operation, listed on its page. Several: the rollout's own, its log names each one. On one
+    # node it runs on that node's queue; on several, the hub rolls out local's and each other node's agent its own.
     target = instances[0] if len(instances) == 1 else None
-    return operations.enqueue("instances.jobs.update_image", target=target, user=user,
+    job, node = ("instances.jobs.update_image", nodes[0]) if len(nodes) == 1 \
+        else ("instances.jobs_nodes.update_image_on_nodes", None)
+    return operations.enqueue(job, target=target, node=node, user=user,
                               instance_pks=[instance.pk for instance in instances], refresh=refresh)
 
 

@@ -12,6 +12,7 @@ urlpatterns = [
     path("instances/<slug:instance_id>/live/", views.instance_live, name="instance-live"),
     path("instances/<slug:instance_id>/edit/", views.instance_edit, name="instance-edit"),
     path("instances/<slug:instance_id>/delete/", views.instance_delete, name="instance-delete"),
+    path("instances/<slug:instance_id>/move/", views.instance_move, name="instance-move"),
     path("instances/<slug:instance_id>/build/", views.instance_build, name="instance-build"),
     path("instances/<slug:instance_id>/start/", views.instance_start, name="instance-start"),
     path("instances/<slug:instance_id>/stop/", views.instance_stop, name="instance-stop"),

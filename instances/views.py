@@ -238,6 +238,25 @@ def instance_delete(request, instance_id):
                   status=400 if form.errors else 200)
 
 
+@require_http_methods(["GET", "POST"])
+@permission_required("instances.change_instance", raise_exception=True)
+def instance_move(request, instance_id):
+    """Move to another node: the page says what happens, the POST names the node and queues the move."""
+    from . import moves, nodes
+
+    instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
+    chosen = request.POST.get("node", "") if request.method == "POST" else ""
+    if request.method == "POST":
+        with service_errors(request, prefix="Not moved: "):
+            operation = moves.instance_move(instance=instance, target=moves.move_target(chosen), user=request.user)
+            messages.success(request, f"Moving '{instance}' to node {chosen}.")
+            return redirect(operation)
+    targets = [row for row in nodes.node_rows() if row.node.pk != instance.node_id and row.node.approved]
+    return render(request, "instances/instance_move.html",
+                  {"instance": instance, "targets": targets, "chosen": chosen},
+                  status=400 if request.method == "POST" else 200)
+
+
 # --- Actions: each one queues an operation -------------------------------------------------------------------
 
 @require_POST

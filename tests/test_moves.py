@@ -193,3 +193,34 @@ def test_a_move_is_refused_at_once_to_the_same_node_an_offline_or_unapproved_one
     with pytest.raises(CommandError, match="node: There is no node 'nowhere'") as refused:
         call_command("instances", "move", "alpha", "--to", "nowhere")
     assert refused.value.returncode == 2
+
+
+def test_the_move_page_names_what_happens_and_queues_the_move_for_those_who_may_change_instances(client, admin_user,
+                                                                                                 django_user_model):
+    from django.urls import reverse
+
+    alpha = services.instance_create(instance_id="alpha", image="img:1", gpu_indexes=[])
+    beating("gpu-2", port_range_start=9000, port_range_end=9100)
+    url = reverse("instance-move", args=["alpha"])
+    stranger = django_user_model.objects.create_user("stranger", password="x")
+    client.force_login(stranger)
+    assert client.get(url).status_code == 403
+    assert client.post(url, {"node": "gpu-2"}).status_code == 403
+
+    client.force_login(admin_user)
+    assert "Move to node…" in client.get(reverse("instance-detail", args=["alpha"])).content.decode()
+    page = client.get(url).content.decode()
+    assert "takes a full snapshot" in page and "COMFY_BACKUPS_PATH" in page
+    assert '<option value="gpu-2">' in page and '<option value="local"' not in page
+
+    refused = client.post(url, {"node": "local"}, follow=True)
+    assert "Not moved: alpha is already on node local" in refused.content.decode()
+    assert not Operation.objects.exists()
+
+    response = client.post(url, {"node": "gpu-2"})
+    move = Operation.objects.get(kind="instance_move")
+    assert response.status_code == 302 and response.url == move.get_absolute_url()
+    assert move.queue_name == "long" and move.target_label == "alpha"
+    assert move.requested_by == admin_user
+    with pytest.raises(ValidationError, match="alpha is being moved already"):
+        moves.instance_move(instance=alpha, target=Node.objects.get(name="gpu-2"))
