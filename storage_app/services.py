@@ -125,6 +125,9 @@ def _named_node(node_name: str, *, default: str = ""):
 def models_verify_node(*, node_name: str, full: bool = False, user=None):
     """Queue the check of one node's copy of the shared library on that node's agent (`local`: the hub's workers):
     per library file ok, differs or missing, against the library's SHA-256s."""
+    if not node_name:
+        raise ValidationError({"node": ["Name the node whose copy of the library to check, e.g. gpu-2 (`hosts list` "
+                                        "lists them)."]})
     name, node = _named_node(node_name)
     if node is None:
         from instances.services import local_node
