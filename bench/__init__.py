@@ -6,5 +6,5 @@ only once per process, and each benchmark builds a private environment before Dj
 
 BENCHMARKS = (
     "roundtrip", "pages", "start_latency", "dashboard_instances", "reconcile", "hashing", "incremental_verify",
-    "verify_memory", "preflight", "workflow_copy", "snapshot", "migration", "proxy", "model_cache",
+    "verify_memory", "preflight", "workflow_copy", "snapshot", "migration", "proxy", "model_cache", "nodes",
 )
