@@ -25,6 +25,9 @@ class Command(cli.Command):
         problem = nodes.node_name_problem(name)
         if problem:
             raise input_error({"node": [problem]})
+        # This process is that node from here on: what reads NODE_NAME (the node's model cache, which jobs serve
+        # which node) must see the name given, not the environment's default.
+        settings.NODE_NAME = name
         try:
             Agent(name).run()
         except ValidationError as exc:
