@@ -232,7 +232,7 @@ def test_a_node_whose_agent_dies_before_taking_its_part_fails_that_part_and_the_
     part = copy.result["nodes"]["gpu-b"]
     assert part["status"] == "cancelled" and "Node gpu-b is offline since" in part["error"]
     assert Operation.objects.get(pk=part["operation"]).status == Operation.Status.CANCELLED
-    assert queues.get_queue("node.gpu-b").count == 0
+    assert part["operation"] not in queues.get_queue("node.gpu-b").job_ids  # nothing left for an agent not there
     assert (copy.result["copied"], copy.result["failed"]) == (1, 1)
     assert (workflows.workflows_dir(gamma) / "a.json").is_file()
     assert not (roots / "instances" / "beta").exists()
