@@ -262,8 +262,15 @@ def marker_write(report) -> dict:
     return {"name": name, "token": token, "path": str(folder / name)}
 
 
-def marker_read(*, name, token, path, source_name, report) -> dict:
-    """On the target: the source's marker must be there, at the same path, with its content; removed once read."""
+# What travels through the shared backups folder, per user of the check (a snapshot clone reuses it).
+_CARRIED = {"move": ("A move carries the instance as a snapshot", "move again"),
+            "clone": ("A clone onto another node reads the snapshot", "clone again")}
+
+
+def marker_read(*, name, token, path, source_name, report, action="move") -> dict:
+    """On the target: the source's marker must be there, at the same path, with its content; removed once read.
+    `action` ("move" or "clone") only words the refusal."""
+    carried, again = _CARRIED[action]
     here = _backups_root() / MARKER_FOLDER / name
     try:
         found = here.read_text()
@@ -272,9 +279,9 @@ def marker_read(*, name, token, path, source_name, report) -> dict:
     if found != token:
         raise OperationError(
             f"This node does not see the backups folder node {source_name} wrote to: {path} is not here "
-            f"(COMFY_BACKUPS_PATH is {_backups_root()} on this node). A move carries the instance as a snapshot "
+            f"(COMFY_BACKUPS_PATH is {_backups_root()} on this node). {carried} "
             "through COMFY_BACKUPS_PATH, which must be one shared filesystem (NFS, CephFS, ...) mounted at the same "
-            "path on every node: mount it so, restart the agents, and move again. Nothing was changed.")
+            f"path on every node: mount it so, restart the agents, and {again}. Nothing was changed.")
     with contextlib.suppress(OSError):
         here.unlink()
     report.log(f"found the marker at {here}: the backups folder is shared")

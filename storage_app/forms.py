@@ -4,6 +4,7 @@ from django.core.exceptions import ValidationError
 from django.template.defaultfilters import filesizeformat
 
 from comfyhub.forms import ServiceForm
+from instances.forms import AnyChoiceField
 from instances.models import GPU, Instance
 
 from .models import ModelAsset, Snapshot
@@ -103,26 +104,63 @@ class SnapshotCloneForm(ServiceForm):
     new_instance_id = forms.CharField(  # not stripped: "abc\n" is refused, never quietly made into "abc"
         label="New instance id", strip=False,
         help_text="Names its folder and container: lowercase letters, digits and '-'.")
+    node = AnyChoiceField(label="Node", required=False,
+                          help_text="The GPU host the clone is made on and runs on; the GPUs below are this node's. "
+                                    "Another node reads the snapshot through the shared COMFY_BACKUPS_PATH.")
     gpus = forms.MultipleChoiceField(label="GPUs", required=False, widget=forms.CheckboxSelectMultiple,
                                      help_text="Free GPUs of this node; none checked: the clone runs on the CPU.")
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, node: str = "", **kwargs):
+        """`node`: the name of the node whose GPUs an unbound form lists (a bound one lists the node it was sent
+        with). The Node choice is shown only when there is more than one approved node."""
         super().__init__(*args, **kwargs)
-        self.free_gpus = free_gpus()
+        from instances import placement
+
+        choices = placement.candidates(approved=True)
+        self.node_shown = _node_shown(self.data.get("node") if self.is_bound else node)
+        if len(choices) > 1:
+            self.fields["node"].choices = [
+                (c.node.name, f"{c.node} ({'served by the hub' if c.is_local else (c.why_not or 'online')}; "
+                              f"{len(c.free)} of {c.total} GPUs free)") for c in choices]
+            self.fields["node"].initial = self.node_shown.name
+        else:
+            del self.fields["node"]
+        self.free_gpus = free_gpus(self.node_shown)
         self.fields["gpus"].choices = [(str(gpu.index), str(gpu)) for gpu in self.free_gpus]
+
+    def clean_node(self):
+        from instances import placement
+
+        try:
+            return placement.node_for_new_instance(self.cleaned_data["node"])
+        except ValidationError as exc:  # the service's {"node": [...]}, shown on this field
+            raise ValidationError(exc.messages) from exc
 
     def clean_gpus(self):
         return [int(index) for index in self.cleaned_data["gpus"]]
 
 
-def free_gpus():
-    """The local node's present GPUs that no instance holds, or that may be shared: what a clone may be given.
-    Only which checkboxes to offer; creating the clone checks the GPUs again."""
+def _node_shown(name):
+    """The approved node named, whose GPUs the form lists; `local` for none or one that cannot be had (the service
+    says why when the form is sent)."""
+    from instances.models import Node
+    from instances.services import local_node
+
+    if isinstance(name, str) and name and "\x00" not in name:
+        node = Node.objects.filter(name=name, approved=True).first()
+        if node is not None:
+            return node
+    return local_node()
+
+
+def free_gpus(node=None):
+    """`node`'s (default the local node's) present GPUs that no instance holds, or that may be shared: what a clone
+    may be given. Only which checkboxes to offer; creating the clone checks the GPUs again."""
     from django.db.models import Count, Q
 
     from instances.services import local_node
 
-    return list(GPU.objects.filter(node=local_node(), present=True).annotate(holders=Count("assignments"))
+    return list(GPU.objects.filter(node=node or local_node(), present=True).annotate(holders=Count("assignments"))
                 .filter(Q(shareable=True) | Q(holders=0)))
 
 

@@ -252,11 +252,12 @@ def restore_snapshot(report, *, snapshot_pk, user_pk=None):
 
 
 @operation_job("snapshot_clone", label="Clone snapshot", queue="long")
-def clone_snapshot(report, *, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None):
+def clone_snapshot(report, *, snapshot_pk, new_instance_id, gpu_indexes, node_pk=None, marker=None, user_pk=None):
     from . import snapshots
 
     return snapshots.clone_into_new_instance(snapshot_pk=snapshot_pk, new_instance_id=new_instance_id,
-                                             gpu_indexes=gpu_indexes, user_pk=user_pk, report=report)
+                                             gpu_indexes=gpu_indexes, node_pk=node_pk, marker=marker,
+                                             user_pk=user_pk, report=report)
 
 
 @operation_job("snapshot_import_manager", label="Import ComfyUI-Manager snapshot")

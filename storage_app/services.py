@@ -347,8 +347,11 @@ def snapshot_restore(*, snapshot, user=None):
                               snapshot_pk=snapshot.pk, user_pk=_user_pk(user))
 
 
-def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None):
-    from instances.models import Instance
+def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), node=None, user=None):
+    """Queue a new instance made from `snapshot`, on `node` (default the hub's `local`) with its GPUs `gpu_indexes`
+    there. Onto another node the clone runs on that node's agent, which reads the archive through the shared
+    COMFY_BACKUPS_PATH (checked first, as moves check it)."""
+    from instances.models import LOCAL_NODE, Instance
 
     from instances.services import check_gpu_selection
 
@@ -366,9 +369,38 @@ def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), user=None)
         raise ValidationError({"snapshot": [problem]})
     if Instance.objects.filter(instance_id=new_instance_id).exists():
         raise ValidationError({"new_instance_id": [f"An instance '{new_instance_id}' already exists; pick another id."]})
-    check_gpu_selection(indexes=list(gpu_indexes))
-    return operations.enqueue("storage_app.jobs.clone_snapshot", user=user, snapshot_pk=snapshot.pk,
-                              new_instance_id=new_instance_id, gpu_indexes=list(gpu_indexes), user_pk=_user_pk(user))
+    if node is not None and node.name == LOCAL_NODE:
+        node = None  # the hub's own node: the single-host clone, unchanged
+    if node is None:
+        check_gpu_selection(indexes=list(gpu_indexes))
+        return operations.enqueue("storage_app.jobs.clone_snapshot", user=user, snapshot_pk=snapshot.pk,
+                                  new_instance_id=new_instance_id, gpu_indexes=list(gpu_indexes),
+                                  user_pk=_user_pk(user))
+    return _snapshot_clone_onto(snapshot=snapshot, new_instance_id=new_instance_id, gpu_indexes=list(gpu_indexes),
+                                node=node, user=user)
+
+
+def _snapshot_clone_onto(*, snapshot, new_instance_id, gpu_indexes, node, user):
+    """The clone on another node: refused at once when that node takes no instances or jobs now or lacks the GPUs;
+    the hub writes the shared-backups marker its agent must find before it creates anything."""
+    from instances import moves, placement
+    from instances.services import check_gpu_selection
+
+    placement.check_node_takes_instances(node)
+    if refusal := node.refusal():
+        raise ValidationError({"node": [f"Cannot clone onto node {node}: {refusal}"]})
+    check_gpu_selection(indexes=gpu_indexes, node=node)
+    marker = moves.marker_write(operations.NullReport())
+    try:
+        return operations.enqueue("storage_app.jobs.clone_snapshot", node=node, user=user, snapshot_pk=snapshot.pk,
+                                  new_instance_id=new_instance_id, gpu_indexes=gpu_indexes, node_pk=node.pk,
+                                  marker=marker, user_pk=_user_pk(user))
+    except operations.NodeUnavailable as exc:
+        Path(marker["path"]).unlink(missing_ok=True)
+        raise ValidationError({"node": [f"Cannot clone onto node {node}: {exc}"]}) from exc
+    except operations.queues.QueueUnavailable:
+        Path(marker["path"]).unlink(missing_ok=True)
+        raise
 
 
 def snapshot_delete(*, snapshot):

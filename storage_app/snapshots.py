@@ -11,6 +11,7 @@ PUID:PGID and sane modes, and only a complete extraction is swapped in, all or n
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gzip
@@ -1203,18 +1204,28 @@ def restore_into_instance(*, snapshot_pk, user_pk=None, report) -> dict:
     return {"restored": trees, "undo_snapshot": undo.pk, "notes": kept, "restarted": was_running}
 
 
-def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_pk=None, report) -> dict:
+def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, node_pk=None, marker=None, user_pk=None,
+                            report) -> dict:
     """Create the new instance from the snapshot's registry settings, then extract the archive into its folder and
-    bring the custom-node records with the folders."""
+    bring the custom-node records with the folders. On another node (`node_pk`, run by its agent) the hub's
+    `marker` must be seen here first: the archive is read through the shared COMFY_BACKUPS_PATH. When it fails,
+    nothing is left registered and no folder it made is left on disk."""
     from django.contrib.auth import get_user_model
     from django.core.exceptions import ValidationError
     from django.db import DatabaseError
 
     from comfyhub.operations import OperationError
+    from instances import moves
     from instances import services as instance_services
+    from instances.models import LOCAL_NODE, Node
 
     snapshot = Snapshot.objects.get(pk=snapshot_pk)
     user = get_user_model().objects.filter(pk=user_pk).first() if user_pk else None
+    node = Node.objects.filter(pk=node_pk).first() if node_pk else None
+    if node_pk and node is None:
+        raise OperationError("The target node no longer exists; nothing was created.")
+    if marker:
+        moves.marker_read(**marker, source_name=LOCAL_NODE, action="clone", report=report)
     config = snapshot.manifest.get("instance", {})
     try:
         verify_archive(snapshot)
@@ -1222,22 +1233,28 @@ def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, user_p
             instance_id=new_instance_id, display_name=config.get("display_name", ""),
             description=config.get("description", ""), image=config.get("image", ""),
             extra_args=config.get("extra_args", []), extra_env=config.get("extra_env", {}),
-            image_arguments=config.get("image_arguments", "command"), gpu_indexes=gpu_indexes, user=user)
+            image_arguments=config.get("image_arguments", "command"), gpu_indexes=gpu_indexes, node=node, user=user)
     except SnapshotError as exc:
         raise OperationError(f"{exc} Nothing was created.") from exc
     except ValidationError as exc:
         raise OperationError("Cannot create the clone: " + "; ".join(exc.messages)) from exc
+    extracted = False
     try:
-        report.progress(30, "extracting into the new instance's folder")
+        report.progress(30, "extracting into the new instance's folder"
+                        + (f" on node {instance.node}" if node is not None else ""))
         manifest = restore_clone(snapshot, layout.instance_dir(new_instance_id, instance.node), report)
+        extracted = True
         layout.build_shared_tree(instance.node)
         layout.build_instance_tree(new_instance_id, instance.node)
         restore_node_records(instance, manifest, report)
-    except (SnapshotError, OSError, DatabaseError) as exc:
+    except (SnapshotError, OSError, DatabaseError, layout.LayoutError) as exc:
         instance.delete()
+        if extracted:  # only the folder this clone made; one that was there before is never touched
+            with contextlib.suppress(layout.LayoutError, OSError):
+                instance_services.purge_instance_data(new_instance_id, instance.node)
         raise OperationError(f"{exc} The clone was not created.") from exc
-    report.progress(100, f"cloned into {new_instance_id}")
-    return {"instance": new_instance_id, "port": instance.host_port,
+    report.progress(100, f"cloned into {new_instance_id}" + (f" on node {instance.node}" if node is not None else ""))
+    return {"instance": new_instance_id, "node": instance.node.name, "port": instance.host_port,
             "gpus": [g.index for g in instance.assigned_gpus()]}
 
 

@@ -162,13 +162,17 @@ def snapshot_restore(request, pk):
 @permission_required(RESTORE, raise_exception=True)
 def snapshot_clone(request, pk):
     snapshot = get_object_or_404(Snapshot.objects.select_related("instance"), pk=pk)
-    form = SnapshotCloneForm(request.POST if request.method == "POST" else None)
+    # "Show this node's GPUs" sends the form by GET: the page comes back with that node's GPUs and the id kept.
+    form = SnapshotCloneForm(request.POST if request.method == "POST" else None, node=request.GET.get("node", ""),
+                             initial={"new_instance_id": request.GET.get("new_instance_id", "")})
     if form.is_bound and form.is_valid():
+        node = form.cleaned_data.get("node")
         with service_errors(request, form):
             operation = services.snapshot_clone(snapshot=snapshot, new_instance_id=form.cleaned_data["new_instance_id"],
-                                                gpu_indexes=form.cleaned_data["gpus"], user=request.user)
+                                                gpu_indexes=form.cleaned_data["gpus"], node=node, user=request.user)
             messages.success(request, f"Cloning snapshot {snapshot.pk} into a new instance "
-                                      f"'{form.cleaned_data['new_instance_id']}'.")
+                                      f"'{form.cleaned_data['new_instance_id']}'"
+                                      + (f" on node {node}." if node is not None else "."))
             return redirect(operation)
     return render(request, "storage_app/snapshot_clone.html", {"snapshot": snapshot, "form": form},
                   status=400 if form.errors else 200)

@@ -11,6 +11,7 @@ from django.core.management.base import CommandError
 
 from comfyhub import cli, jsonlimits
 from comfyhub.cli import EXIT_INPUT, find_instance, human_size, input_error, iso, local_time
+from instances import placement
 from instances import services as instance_services
 from instances.models import Instance
 from storage_app import services
@@ -49,6 +50,9 @@ class Command(cli.Command):
                              help="Create a new instance from the snapshot instead.")
         restore.add_argument("--gpus", default=None,
                              help="With --as: GPU indexes for the new instance, e.g. '0,1', or 'none' (default).")
+        restore.add_argument("--node", default=None, metavar="NAME",
+                             help="With --as: the node the new instance is made on (default local); its agent reads "
+                                  "the snapshot through the shared COMFY_BACKUPS_PATH.")
 
         delete = actions.add_parser("delete", help="Delete a snapshot and its archive.")
         delete.add_argument("snapshot", metavar="SNAPSHOT")
@@ -80,12 +84,17 @@ class Command(cli.Command):
         snapshot = find_snapshot(options["snapshot"])
         if options["new_instance_id"]:
             gpu_indexes = cli.call_service(instance_services.parse_gpu_selection, value=options["gpus"] or "none")
+            node = cli.call_service(placement.node_for_new_instance, name=options["node"])
             operation = cli.call_service(services.snapshot_clone, snapshot=snapshot,
-                                         new_instance_id=options["new_instance_id"], gpu_indexes=gpu_indexes)
+                                         new_instance_id=options["new_instance_id"], gpu_indexes=gpu_indexes,
+                                         node=node)
         else:
             if options["gpus"] is not None:
                 raise input_error({"gpus": ["--gpus applies to a clone only (--as NEW_ID); a restore keeps the "
                                             "instance's GPUs."]})
+            if options["node"] is not None:
+                raise input_error({"node": ["--node applies to a clone only (--as NEW_ID); a restore stays on the "
+                                            "instance's node (move it with `instances move`)."]})
             operation = cli.call_service(services.snapshot_restore, snapshot=snapshot)
         done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
         if done is None:
@@ -93,7 +102,8 @@ class Command(cli.Command):
         result = done.result or {}
         if options["new_instance_id"]:
             gpus = ", ".join(str(g) for g in result.get("gpus", [])) or "none (CPU mode)"
-            self.stdout.write(f"Created instance '{result.get('instance')}' on port {result.get('port')}, GPUs "
+            where = f" on node {result['node']}" if result.get("node", "local") != "local" else ""
+            self.stdout.write(f"Created instance '{result.get('instance')}'{where} on port {result.get('port')}, GPUs "
                               f"{gpus}. Start it with: python manage.py instances start {result.get('instance')}")
         else:
             self.stdout.write(f"Restored {', '.join(result.get('restored', [])) or 'nothing'}; to undo, restore "
