@@ -25,8 +25,10 @@ IMAGE = "comfyhub-test-move:1"
 
 
 @pytest.fixture(autouse=True)
-def heartbeat_every_second(settings):
-    settings.NODE_HEARTBEAT_SECONDS = 1
+def agents_online_through_a_busy_machine(settings):
+    # The agents beat every second (AGENT_ENV); the hub calls a node offline after three of its own intervals: 9 s
+    # here, so a move or clone that runs for a while on a loaded machine never sees its agent as gone.
+    settings.NODE_HEARTBEAT_SECONDS = 3
 
 
 def node_b(second_docker_engine, roots) -> Node:
@@ -176,7 +178,7 @@ def test_a_move_is_refused_at_once_to_the_same_node_an_offline_or_unapproved_one
     with pytest.raises(ValidationError, match="alpha is already on node local; pick another node"):
         moves.instance_move(instance=alpha, target=local)
 
-    silent = silent_since(beating("gpu-2", port_range_start=9000, port_range_end=9100), 10)
+    silent = silent_since(beating("gpu-2", port_range_start=9000, port_range_end=9100), 30)
     GPU.objects.create(node=silent, index=0)
     with pytest.raises(ValidationError, match=r"Cannot move alpha \(target node\): Node gpu-2 is offline since"):
         moves.instance_move(instance=alpha, target=silent)
