@@ -194,10 +194,22 @@ def _record_cache(node):
 
 
 def scheduled_full_verify():
-    """Periodic (rq cron): a full re-verification, recorded as an operation like any other."""
-    from comfyhub import operations
+    """Periodic (rq cron): a full re-verification of the library, recorded as an operation like any other, and of
+    each online node's copy of it on that node's agent (what its instances actually read)."""
+    from django.core.exceptions import ValidationError
 
-    return str(operations.enqueue(verify_models, full=True).pk)
+    from comfyhub import operations
+    from instances.nodes import nodes_taking_jobs
+
+    from .services import models_verify_node
+
+    queued = [str(operations.enqueue(verify_models, full=True).pk)]
+    for node in nodes_taking_jobs():
+        try:
+            queued.append(str(models_verify_node(node_name=node.name, full=True).pk))
+        except (ValidationError, operations.NodeUnavailable) as exc:
+            logger.warning("No scheduled verification of node %s's library copy: %s", node.name, exc)
+    return queued
 
 
 # --- Snapshots -------------------------------------------------------------------------------------------------

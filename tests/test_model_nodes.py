@@ -225,3 +225,24 @@ def test_only_those_who_may_verify_check_a_nodes_copy(client, stranger, operator
     response = client.post(reverse("models-verify-node"), {"node": "gpu-2"}, follow=True)
     assert "run models verify first" in response.content.decode()
     assert not Operation.objects.exists()
+
+
+def test_the_scheduled_full_verification_also_checks_each_online_nodes_copy_on_its_agent(settings):
+    from django.utils import timezone
+
+    from storage_app import jobs
+
+    put(settings.COMFY_SHARED_PATH / "models", "loras/x.pt", b"x")
+    library.scan()
+    library.verify()
+    online = Node.objects.create(name="gpu-2", approved=True)
+    nodes.node_heartbeat(node=online, heartbeat={}, address="127.0.0.1")
+    away = Node.objects.create(name="gpu-3", approved=True)
+    nodes.node_heartbeat(node=away, heartbeat={}, address="127.0.0.1")
+    Node.objects.filter(pk=away.pk).update(last_heartbeat_at=timezone.now() - timezone.timedelta(minutes=5))
+
+    queued = jobs.scheduled_full_verify()
+
+    operations = {str(op.pk): op for op in Operation.objects.all()}
+    assert sorted(operations[pk].queue_name for pk in queued) == ["long", "node.gpu-2.long"]
+    assert not any(op.queue_name.startswith("node.gpu-3") for op in operations.values())
