@@ -147,8 +147,9 @@ class Agent:
         ]
         worker_class = import_string(settings.RQ["WORKER_CLASS"])
         self.worker = worker_class(node_queues, connection=connection)
-        # Coming online (started, or approved again): what its instances did meanwhile is recorded first.
-        self.queue_reconcile()
+        # Coming online (started, or approved again): what its instances did meanwhile is recorded first. This
+        # agent runs no job yet, so a reconcile "started" on its queue was a dead predecessor's: queue one anyway.
+        self.queue_reconcile(replace_abandoned=True)
         connections.close_all()  # none of this thread's connections crosses a fork (rqworker does the same)
         if self.stopping.is_set():
             return
@@ -168,13 +169,13 @@ class Agent:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
 
-    def queue_reconcile(self):
+    def queue_reconcile(self, replace_abandoned=False):
         """Queue a reconcile pass of this node's instances on its own queue (instances.jobs.reconcile_instances)."""
         from .jobs import queue_node_reconcile
 
         with self._database_lock:
             try:
-                queue_node_reconcile(self.node)
+                queue_node_reconcile(self.node, replace_abandoned=replace_abandoned)
             finally:
                 connections.close_all()
 

@@ -118,7 +118,7 @@ def failed_nodes(outcomes: dict) -> list[str]:
     return [name for name, outcome in outcomes.items() if outcome["status"] != Operation.Status.SUCCEEDED]
 
 
-def _failure(what: str, outcomes: dict, result: dict) -> OperationError:
+def node_failure(what: str, outcomes: dict, result: dict) -> OperationError:
     names = failed_nodes(outcomes)
     detail = "; ".join(f"{name}: {outcomes[name]['error'] or outcomes[name]['status']}" for name in names)
     error = OperationError(f"{what} failed on node(s) {', '.join(names)}: {detail}")
@@ -197,23 +197,34 @@ def copy_summary(files: list[dict]) -> dict:
 
 # --- Installing a library workflow and updating images on several nodes -------------------------------------------
 
-def _local_and_others(instance_pks) -> tuple[list[Instance], dict]:
+def local_and_others(instance_pks) -> tuple[list[Instance], dict]:
     found = {i.pk: i for i in Instance.objects.select_related("node").filter(pk__in=instance_pks)}
     groups = by_node([found[pk] for pk in instance_pks if pk in found])
     local = next((pk for pk, (node, _) in groups.items() if node.name == LOCAL_NODE), None)
     return (groups.pop(local)[1] if local is not None else []), groups
 
 
+def install_here(version_pk, instance_pks, report) -> dict:
+    """Write the library version into these instances, all on this node."""
+    from . import workflows
+    from .models import WorkflowVersion
+
+    version = WorkflowVersion.objects.select_related("entry").get(pk=version_pk)
+    done = []
+    for instance in Instance.objects.select_related("node").filter(pk__in=instance_pks):
+        outcome, path = workflows.install(version, instance)
+        report.log(f"{version} -> {instance}: {outcome} ({path})")
+        done.append({"instance": instance.instance_id, "result": outcome, "path": path})
+    return {"version": str(version), "installs": done}
+
+
 def install_workflow(version_pk, instance_pks, report) -> dict:
     """On the hub: install the version into local's instances here and ask each other node's agent for its own."""
-    from . import jobs
-
-    here, others = _local_and_others(instance_pks)
+    here, others = local_and_others(instance_pks)
     parts = [Part(node, "instances.jobs.install_workflow",
                   {"version_pk": version_pk, "instance_pks": [i.pk for i in node_instances]})
              for node, node_instances in others.values()]
-    mine, outcomes = run_parts(report, parts, here=lambda: jobs.install_workflow.body(
-        report, version_pk=version_pk, instance_pks=[i.pk for i in here]) if here else None)
+    mine, outcomes = run_parts(report, parts, here=lambda: install_here(version_pk, [i.pk for i in here], report) if here else None)
     installs = list((mine or {}).get("installs", []))
     version = (mine or {}).get("version")
     for outcome in outcomes.values():
@@ -221,42 +232,5 @@ def install_workflow(version_pk, instance_pks, report) -> dict:
         version = version or (outcome["result"] or {}).get("version")
     result = {"version": version, "installs": installs, "nodes": outcomes}
     if failed_nodes(outcomes):
-        raise _failure("Installing the workflow", outcomes, result)
-    return result
-
-
-def update_image(instance_pks, refresh: bool, report) -> dict:
-    """On the hub: roll the update out over local's instances here and over each other node's by its agent; a
-    node's rollout stopping at an instance that did not come up leaves the other nodes' rollouts alone."""
-    from . import updates
-
-    here, others = _local_and_others(instance_pks)
-    if not here and not others:
-        raise OperationError("None of the instances exists any more (deleted while this operation waited).")
-    parts = [Part(node, "instances.jobs.update_image",
-                  {"instance_pks": [i.pk for i in node_instances], "refresh": refresh})
-             for node, node_instances in others.values()]
-    local_error = None
-
-    def local_part():
-        nonlocal local_error
-        try:
-            return updates.roll_out(here, refresh=refresh, report=report) if here else None
-        except OperationError as exc:  # the other nodes' rollouts go on; said at the end
-            local_error = str(exc)
-            return None
-
-    mine, outcomes = run_parts(report, parts, here=local_part)
-    if here:
-        status = Operation.Status.FAILED if local_error else Operation.Status.SUCCEEDED
-        outcomes = {LOCAL_NODE: {"operation": str(report.operation_id), "status": status, "result": mine,
-                                 "error": local_error or ""}, **outcomes}
-    result = {"images": [], "instances": [], "restarted": 0, "nodes": outcomes}
-    for outcome in outcomes.values():
-        part = outcome["result"] or {}
-        result["images"] += part.get("images", [])
-        result["instances"] += part.get("instances", [])
-        result["restarted"] += part.get("restarted", 0)
-    if failed_nodes(outcomes):
-        raise _failure("The image update", outcomes, result)
+        raise node_failure("Installing the workflow", outcomes, result)
     return result

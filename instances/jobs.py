@@ -50,11 +50,12 @@ def reconcile_instances(node=None):
     return {**counts, "nodes_asked": asked} if asked else counts
 
 
-def queue_node_reconcile(node) -> bool:
+def queue_node_reconcile(node, replace_abandoned=False) -> bool:
     """Ask `node`'s agent for a reconcile pass of its instances (one at a time); whether it was queued."""
     from . import nodes
 
-    return nodes.node_queue_housekeeping(node, reconcile_instances, "reconcile", {"node": node.name})
+    return nodes.node_queue_housekeeping(node, reconcile_instances, "reconcile", {"node": node.name},
+                                         replace_abandoned=replace_abandoned)
 
 
 def check_idle_instances():
@@ -85,16 +86,9 @@ def copy_workflows(report, *, source_pk, target_pks, paths, on_conflict):
 
 @operation_job("workflow_install", label="Install library workflow")
 def install_workflow(report, *, version_pk, instance_pks):
-    from . import workflows
-    from .models import WorkflowVersion
+    from . import fanout
 
-    version = WorkflowVersion.objects.select_related("entry").get(pk=version_pk)
-    done = []
-    for instance in Instance.objects.select_related("node").filter(pk__in=instance_pks):
-        outcome, path = workflows.install(version, instance)
-        report.log(f"{version} -> {instance}: {outcome} ({path})")
-        done.append({"instance": instance.instance_id, "result": outcome, "path": path})
-    return {"version": str(version), "installs": done}
+    return fanout.install_here(version_pk, instance_pks, report)
 
 
 @operation_job("template_apply", label="Apply template")

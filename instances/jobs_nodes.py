@@ -41,4 +41,6 @@ def install_workflow_on_nodes(report, *, version_pk, instance_pks):
 @operation_job("update_image", label="Update image", queue="long")
 def update_image_on_nodes(report, *, instance_pks, refresh=True):
     """On the hub: roll the update out on local here and on each other node by its agent, each node on its own."""
-    return fanout.update_image(instance_pks, refresh, report)
+    from . import updates
+
+    return updates.roll_out_over_nodes(instance_pks, refresh, report)

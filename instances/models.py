@@ -1,4 +1,9 @@
 """The registry: Docker hosts (nodes), their GPUs, and the ComfyUI instances that run on them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -9,6 +14,47 @@ from django.utils import timezone
 from comfyhub import queues
 
 LOCAL_NODE = "local"
+# A node whose agent missed this many heartbeats in a row is offline.
+NODE_OFFLINE_AFTER_MISSED = 3
+
+
+def offline_after() -> timedelta:
+    return timedelta(seconds=NODE_OFFLINE_AFTER_MISSED * settings.NODE_HEARTBEAT_SECONDS)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    kind: str  # "hub" (local), "online", "offline", "never" (no heartbeat yet)
+    since: datetime | None
+    approved: bool
+
+    @property
+    def online(self) -> bool:
+        return self.kind in ("hub", "online")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "hub":
+            return "served by the hub"
+        if self.kind == "never":
+            words = "no heartbeat yet"
+        else:
+            words = f"{self.kind} since {timezone.localtime(self.since):%Y-%m-%d %H:%M:%S}"
+        return words if self.approved else f"waiting for approval ({words})"
+
+
+def node_state(node: Node, now: datetime | None = None) -> NodeState:
+    """Online while its heartbeats keep coming; offline since one interval after the last one, once three are
+    missed. `local` is served by the hub's own workers."""
+    if node.name == LOCAL_NODE and node.last_heartbeat_at is None:
+        return NodeState("hub", None, node.approved)
+    if node.last_heartbeat_at is None:
+        return NodeState("never", None, node.approved)
+    now = now or timezone.now()
+    if now - node.last_heartbeat_at <= offline_after():
+        return NodeState("online", node.online_since or node.last_heartbeat_at, node.approved)
+    return NodeState("offline", node.last_heartbeat_at + timedelta(seconds=settings.NODE_HEARTBEAT_SECONDS),
+                     node.approved)
 
 
 class Node(models.Model):
@@ -62,8 +108,6 @@ class Node(models.Model):
 
     def state(self):
         """Online, offline since when, or never reported (instances.nodes.NodeState), from this row alone."""
-        from .nodes import node_state
-
         return node_state(self)
 
     def refusal(self) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ from storage_app import layout
 from . import placement
 from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
 
-MARKER_FOLDER = ".comfyhub-move-check"
 KIND = "instance_move"
 
 
@@ -246,46 +244,19 @@ def _switch(instance, target, host_port, gpu_indexes, container_id):
 
 # --- The steps (each on its node, from instances.jobs) ----------------------------------------------------------
 
-def _backups_root():
+def marker_write(report) -> dict:
+    """On the source: mark the backups folder (storage_app.snapshots says how)."""
     from storage_app import snapshots
 
-    return snapshots.backups_root()
-
-
-def marker_write(report) -> dict:
-    """On the source: a marker file under the backups root, for the target to find at the same path."""
-    name, token = secrets.token_hex(8), secrets.token_hex(16)
-    folder = _backups_root() / MARKER_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(token)
-    report.log(f"wrote {folder / name}")
-    return {"name": name, "token": token, "path": str(folder / name)}
-
-
-# What travels through the shared backups folder, per user of the check (a snapshot clone reuses it).
-_CARRIED = {"move": ("A move carries the instance as a snapshot", "move again"),
-            "clone": ("A clone onto another node reads the snapshot", "clone again")}
+    return snapshots.backups_marker_write(report)
 
 
 def marker_read(*, name, token, path, source_name, report, action="move") -> dict:
-    """On the target: the source's marker must be there, at the same path, with its content; removed once read.
-    `action` ("move" or "clone") only words the refusal."""
-    carried, again = _CARRIED[action]
-    here = _backups_root() / MARKER_FOLDER / name
-    try:
-        found = here.read_text()
-    except OSError:
-        found = None
-    if found != token:
-        raise OperationError(
-            f"This node does not see the backups folder node {source_name} wrote to: {path} is not here "
-            f"(COMFY_BACKUPS_PATH is {_backups_root()} on this node). {carried} "
-            "through COMFY_BACKUPS_PATH, which must be one shared filesystem (NFS, CephFS, ...) mounted at the same "
-            f"path on every node: mount it so, restart the agents, and {again}. Nothing was changed.")
-    with contextlib.suppress(OSError):
-        here.unlink()
-    report.log(f"found the marker at {here}: the backups folder is shared")
-    return {"seen": str(here)}
+    """On the target: the source's mark must be seen, or the move stops here with nothing changed."""
+    from storage_app import snapshots
+
+    return snapshots.backups_marker_read(name=name, token=token, path=path, source_name=source_name, report=report,
+                                         action=action)
 
 
 def freeze(*, instance, target_name, user=None, report) -> dict:

@@ -15,12 +15,13 @@ from django.utils import timezone
 
 from comfyhub import queues
 
-from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
+from .models import (  # noqa: F401  (the node's state is the model's; kept importable from here)
+    GPU, LOCAL_NODE, NODE_OFFLINE_AFTER_MISSED, GPUAssignment, Instance, Node, NodeState, node_state, offline_after,
+)
 
 logger = logging.getLogger(__name__)
 
 # Missed heartbeats after which a node is shown offline (the interval is NODE_HEARTBEAT_SECONDS).
-NODE_OFFLINE_AFTER_MISSED = 3
 NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 STORAGE_ROOTS = ("shared", "instances", "backups")
 
@@ -28,10 +29,6 @@ STORAGE_ROOTS = ("shared", "instances", "backups")
 def node_queue_names(name: str) -> list[str]:
     """The RQ queues a node's agent takes jobs from: quick ones, then long ones."""
     return [queues.node_queue(name, "default"), queues.node_queue(name, "long")]
-
-
-def offline_after() -> timedelta:
-    return timedelta(seconds=NODE_OFFLINE_AFTER_MISSED * settings.NODE_HEARTBEAT_SECONDS)
 
 
 def node_name_problem(name) -> str | None:
@@ -95,10 +92,12 @@ def nodes_taking_jobs(now: datetime | None = None) -> list[Node]:
                                                              last_heartbeat_at__gte=now - offline_after()))
 
 
-def node_queue_housekeeping(node: Node, func, key: str, kwargs: dict) -> bool:
+def node_queue_housekeeping(node: Node, func, key: str, kwargs: dict, replace_abandoned: bool = False) -> bool:
     """Put a housekeeping job (no Operation row, like the hub's own periodic jobs) on the node's quick queue, for its
     agent, unless the last one (`key`) is still waiting or running there: an agent that is away or busy gets one,
-    not a pile. Returns whether it was queued; Redis not answering is a warning's worth (the next pass tries again)."""
+    not a pile. `replace_abandoned`: the caller knows no agent of this node runs a job now (one that is starting),
+    so a job marked started was a killed agent's and is replaced. Returns whether it was queued; Redis not answering
+    is a warning's worth (the next pass tries again)."""
     from redis.exceptions import RedisError
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
@@ -107,7 +106,8 @@ def node_queue_housekeeping(node: Node, func, key: str, kwargs: dict) -> bool:
     try:
         connection = queues.get_connection(node.job_queue("default"))
         try:
-            if Job.fetch(job_id, connection=connection).get_status(refresh=False) in _PENDING:
+            status = Job.fetch(job_id, connection=connection).get_status(refresh=False)
+            if status in _PENDING and not (replace_abandoned and status == "started"):
                 return False
         except NoSuchJobError:
             pass
@@ -141,41 +141,6 @@ def node_revoke_approval(*, node: Node, user=None) -> bool:
 
 
 # --- What a node is doing ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NodeState:
-    kind: str  # "hub" (local), "online", "offline", "never" (no heartbeat yet)
-    since: datetime | None
-    approved: bool
-
-    @property
-    def online(self) -> bool:
-        return self.kind in ("hub", "online")
-
-    @property
-    def label(self) -> str:
-        if self.kind == "hub":
-            return "served by the hub"
-        if self.kind == "never":
-            words = "no heartbeat yet"
-        else:
-            words = f"{self.kind} since {timezone.localtime(self.since):%Y-%m-%d %H:%M:%S}"
-        return words if self.approved else f"waiting for approval ({words})"
-
-
-def node_state(node: Node, now: datetime | None = None) -> NodeState:
-    """Online while its heartbeats keep coming; offline since one interval after the last one, once three are
-    missed. `local` is served by the hub's own workers."""
-    if node.name == LOCAL_NODE and node.last_heartbeat_at is None:
-        return NodeState("hub", None, node.approved)
-    if node.last_heartbeat_at is None:
-        return NodeState("never", None, node.approved)
-    now = now or timezone.now()
-    if now - node.last_heartbeat_at <= offline_after():
-        return NodeState("online", node.online_since or node.last_heartbeat_at, node.approved)
-    return NodeState("offline", node.last_heartbeat_at + timedelta(seconds=settings.NODE_HEARTBEAT_SECONDS),
-                     node.approved)
-
 
 @dataclass
 class NodeRow:

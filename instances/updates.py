@@ -217,3 +217,43 @@ class _Share:
 
     def check_cancelled(self):
         self.report.check_cancelled()
+
+
+def roll_out_over_nodes(instance_pks, refresh: bool, report) -> dict:
+    """On the hub: roll the update out over local's instances here and over each other node's by its agent; a
+    node's rollout stopping at an instance that did not come up leaves the other nodes' rollouts alone."""
+    from comfyhub.models import Operation
+
+    from .fanout import Part, failed_nodes, local_and_others, node_failure, run_parts
+    from .models import LOCAL_NODE
+
+    here, others = local_and_others(instance_pks)
+    if not here and not others:
+        raise OperationError("None of the instances exists any more (deleted while this operation waited).")
+    parts = [Part(node, "instances.jobs.update_image",
+                  {"instance_pks": [i.pk for i in node_instances], "refresh": refresh})
+             for node, node_instances in others.values()]
+    local_error = None
+
+    def local_part():
+        nonlocal local_error
+        try:
+            return roll_out(here, refresh=refresh, report=report) if here else None
+        except OperationError as exc:  # the other nodes' rollouts go on; said at the end
+            local_error = str(exc)
+            return None
+
+    mine, outcomes = run_parts(report, parts, here=local_part)
+    if here:
+        status = Operation.Status.FAILED if local_error else Operation.Status.SUCCEEDED
+        outcomes = {LOCAL_NODE: {"operation": str(report.operation_id), "status": status, "result": mine,
+                                 "error": local_error or ""}, **outcomes}
+    result = {"images": [], "instances": [], "restarted": 0, "nodes": outcomes}
+    for outcome in outcomes.values():
+        part = outcome["result"] or {}
+        result["images"] += part.get("images", [])
+        result["instances"] += part.get("instances", [])
+        result["restarted"] += part.get("restarted", 0)
+    if failed_nodes(outcomes):
+        raise node_failure("The image update", outcomes, result)
+    return result

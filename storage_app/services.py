@@ -383,14 +383,16 @@ def snapshot_clone(*, snapshot, new_instance_id: str, gpu_indexes=(), node=None,
 def _snapshot_clone_onto(*, snapshot, new_instance_id, gpu_indexes, node, user):
     """The clone on another node: refused at once when that node takes no instances or jobs now or lacks the GPUs;
     the hub writes the shared-backups marker its agent must find before it creates anything."""
-    from instances import moves, placement
+    from instances import placement
     from instances.services import check_gpu_selection
+
+    from . import snapshots
 
     placement.check_node_takes_instances(node)
     if refusal := node.refusal():
         raise ValidationError({"node": [f"Cannot clone onto node {node}: {refusal}"]})
     check_gpu_selection(indexes=gpu_indexes, node=node)
-    marker = moves.marker_write(operations.NullReport())
+    marker = snapshots.backups_marker_write(operations.NullReport())
     try:
         return operations.enqueue("storage_app.jobs.clone_snapshot", node=node, user=user, snapshot_pk=snapshot.pk,
                                   new_instance_id=new_instance_id, gpu_indexes=gpu_indexes, node_pk=node.pk,

@@ -53,6 +53,47 @@ def backups_root() -> Path:
     return settings.COMFY_BACKUPS_PATH
 
 
+# --- Is the backups folder shared? (moves and clones onto another node read snapshots through it) -----------------
+
+MARKER_FOLDER = ".comfyhub-move-check"
+# What travels through the shared backups folder, per user of the check.
+_CARRIED = {"move": ("A move carries the instance as a snapshot", "move again"),
+            "clone": ("A clone onto another node reads the snapshot", "clone again")}
+
+
+def backups_marker_write(report) -> dict:
+    """On the source: a marker file under the backups root, for the target to find at the same path."""
+    name, token = secrets.token_hex(8), secrets.token_hex(16)
+    folder = backups_root() / MARKER_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(token)
+    report.log(f"wrote {folder / name}")
+    return {"name": name, "token": token, "path": str(folder / name)}
+
+
+def backups_marker_read(*, name, token, path, source_name, report, action="move") -> dict:
+    """On the target: the source's marker must be there, at the same path, with its content; removed once read.
+    `action` ("move" or "clone") only words the refusal."""
+    from comfyhub.operations import OperationError
+
+    carried, again = _CARRIED[action]
+    here = backups_root() / MARKER_FOLDER / name
+    try:
+        found = here.read_text()
+    except OSError:
+        found = None
+    if found != token:
+        raise OperationError(
+            f"This node does not see the backups folder node {source_name} wrote to: {path} is not here "
+            f"(COMFY_BACKUPS_PATH is {backups_root()} on this node). {carried} "
+            "through COMFY_BACKUPS_PATH, which must be one shared filesystem (NFS, CephFS, ...) mounted at the same "
+            f"path on every node: mount it so, restart the agents, and {again}. Nothing was changed.")
+    with contextlib.suppress(OSError):
+        here.unlink()
+    report.log(f"found the marker at {here}: the backups folder is shared")
+    return {"seen": str(here)}
+
+
 def archive_path(snapshot: Snapshot) -> Path:
     path = (backups_root() / snapshot.archive).resolve()
     if not path.is_relative_to(backups_root().resolve()):
@@ -1215,7 +1256,6 @@ def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, node_p
     from django.db import DatabaseError
 
     from comfyhub.operations import OperationError
-    from instances import moves
     from instances import services as instance_services
     from instances.models import LOCAL_NODE, Node
 
@@ -1225,7 +1265,7 @@ def clone_into_new_instance(*, snapshot_pk, new_instance_id, gpu_indexes, node_p
     if node_pk and node is None:
         raise OperationError("The target node no longer exists; nothing was created.")
     if marker:
-        moves.marker_read(**marker, source_name=LOCAL_NODE, action="clone", report=report)
+        backups_marker_read(**marker, source_name=LOCAL_NODE, action="clone", report=report)
     config = snapshot.manifest.get("instance", {})
     try:
         verify_archive(snapshot)

@@ -327,3 +327,18 @@ def test_a_command_waiting_for_a_nodes_agent_says_to_start_that_agent():
     assert message.startswith("No agent of node 'gpu-2' is listening on queue 'node.gpu-2.long'")
     assert "`python manage.py agent --node gpu-2`" in message
     assert "rqworker default" in no_worker_message(Operation(queue_name="default"))
+
+
+def test_an_agent_starting_replaces_the_reconcile_a_killed_predecessor_left_started():
+    from rq.job import Job, JobStatus
+
+    from instances import jobs
+
+    node = beating("gpu-2")
+    assert jobs.queue_node_reconcile(node) is True
+    connection = queues.get_connection("node.gpu-2")
+    Job.fetch("reconcile-gpu-2", connection=connection).set_status(JobStatus.STARTED)
+
+    assert jobs.queue_node_reconcile(node) is False  # the hub's pass: one at a time
+    assert jobs.queue_node_reconcile(node, replace_abandoned=True) is True  # an agent starting: its predecessor's
+    assert Job.fetch("reconcile-gpu-2", connection=connection).get_status() == JobStatus.QUEUED
