@@ -156,6 +156,19 @@ def start(instance: Instance, report) -> dict:
             engine.close()
 
 
+def start_failure(state) -> str | None:
+    """Why a container that is meant to be starting has failed ("exited with code 3"), or None while it may still
+    come up. Once Docker has restarted it, the first exit code is gone (a restarted container reads 0): say so."""
+    if state is None:
+        return "crashed (the container vanished)"
+    if state.status in ("exited", "dead") and state.restart_count == 0:
+        return f"exited with code {state.exit_code}" + (" (out of memory)" if state.oom_killed else "")
+    if state.status in ("exited", "dead") or state.restart_count > 0:
+        times = "once" if state.restart_count == 1 else f"{state.restart_count} times"
+        return f"crashed (Docker restarted it {times})"
+    return None
+
+
 def _wait_until_healthy(engine, instance: Instance, report) -> dict:
     started = time.monotonic()
     deadline = started + settings.INSTANCE_START_TIMEOUT
@@ -163,13 +176,9 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
     pause = 0.02
     while True:
         state = docker_engine.container_state(engine, instance.container_name)
-        if state is None or state.status in ("exited", "dead") or state.restart_count > 0:
+        if why := start_failure(state):
             logs = docker_engine.container_logs(engine, instance.container_name, tail=30).strip()
-            if state is not None and state.status == "exited":
-                detail = f"ComfyUI exited with code {state.exit_code} while starting"
-            else:
-                detail = "ComfyUI crashed while starting" + (
-                    f" (Docker restarted it {state.restart_count} times)" if state else " (the container vanished)")
+            detail = f"ComfyUI {why} while starting"
             # Don't let Docker keep restarting something that cannot start.
             docker_engine.stop_container(engine, instance.container_name, timeout=5)
             Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.ERROR, status_detail=detail)

@@ -321,11 +321,10 @@ def start_copy(*, instance, target, host_port, gpu_indexes, report) -> dict:
         docker_engine.start_container(engine, spec.name)
         deadline = time.monotonic() + settings.INSTANCE_START_TIMEOUT
         while health.system_stats(shadow) is None:
-            state = docker_engine.container_state(engine, spec.name)
-            if state is None or state.status in ("exited", "dead") or state.restart_count > 0:
+            if why := containers.start_failure(docker_engine.container_state(engine, spec.name)):
                 logs = docker_engine.container_logs(engine, spec.name, tail=30).strip()
-                raise OperationError(f"ComfyUI did not start on node {target}"
-                                     + (f" (exited with code {state.exit_code})" if state else "")
+                docker_engine.stop_container(engine, spec.name, timeout=5)  # no more restarts while it is undone
+                raise OperationError(f"ComfyUI did not start on node {target} ({why})"
                                      + (f". Last log lines:\n{logs}" if logs else "."))
             if time.monotonic() > deadline:
                 raise OperationError(f"ComfyUI did not answer on node {target} within "

@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from comfyhub.models import Operation
-from instances import docker_engine, health, services
+from instances import containers, docker_engine, health, services
 from instances.models import Instance
 from storage_app import layout
 
@@ -210,6 +210,23 @@ def test_a_container_that_crashes_on_start_fails_the_start_with_its_logs(image, 
     assert "unrecognized arguments: --definitely-not-a-comfyui-flag" in operation.error
     crasher.refresh_from_db()
     assert crasher.status == Instance.Status.ERROR
+
+
+@pytest.mark.parametrize("status, exit_code, restarts, oom, why", [
+    ("running", 0, 0, False, None),
+    ("created", 0, 0, False, None),
+    ("exited", 3, 0, False, "exited with code 3"),
+    ("exited", 137, 0, True, "exited with code 137 (out of memory)"),
+    # Restarted by its policy: Docker reads 0 for a running container, so no exit code is claimed.
+    ("running", 0, 1, False, "crashed (Docker restarted it once)"),
+    ("restarting", 3, 4, False, "crashed (Docker restarted it 4 times)"),
+])
+def test_a_failed_start_is_described_by_what_docker_still_knows(status, exit_code, restarts, oom, why):
+    state = docker_engine.ContainerState(id="c", name="n", status=status, exit_code=exit_code, restart_count=restarts,
+                                         oom_killed=oom, error="", started_at="", finished_at="", labels={}, mounts=[],
+                                         environment={}, host_ports=[], device_ids=[], image="")
+    assert containers.start_failure(state) == why
+    assert containers.start_failure(None) == "crashed (the container vanished)"
 
 
 def test_a_missing_image_on_an_offline_host_is_a_clear_error(run_worker, docker_cleanup):

@@ -2,6 +2,7 @@
 own roots, the hub's worker for `local` on the first, the snapshot through the shared COMFY_BACKUPS_PATH."""
 import io
 import json
+import re
 
 import docker
 import pytest
@@ -93,8 +94,10 @@ def test_an_instance_moves_from_local_to_node_b_with_its_data_and_a_failed_start
         run_worker()
         move = finished(move)
         assert move.status == Operation.Status.FAILED
-        assert move.error.startswith("The move failed at step 'start on the target': ComfyUI did not start on node "
-                                     "gpu-b (exited with code 3)")
+        # Docker may have restarted it before the agent looked: then the exit code is gone, and the message says so.
+        assert re.match(r"The move failed at step 'start on the target': ComfyUI did not start on node gpu-b "
+                        r"\((exited with code 3|crashed \(Docker restarted it (once|\d+ times)\))\)\. Last log lines:",
+                        move.error), move.error
         assert "no CUDA here" in move.error
         assert "the copy on gpu-b was removed; alpha runs on local again." in move.error
         alpha = Instance.objects.select_related("node").get(pk=alpha.pk)
