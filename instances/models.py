@@ -374,6 +374,8 @@ class InstanceTemplate(models.Model):
     starter_workflows = models.ManyToManyField("WorkflowVersion", blank=True, related_name="templates")
     self_service = models.BooleanField(
         default=False, help_text="Users with 'create own instances' may create instances from it for themselves.")
+    min_gpus = models.PositiveSmallIntegerField(
+        default=0, help_text="Instances made from it need at least this many GPUs (2 for the multi-GPU template).")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -451,3 +453,44 @@ class CustomNode(models.Model):
 
     def __str__(self):
         return f"{self.instance}/{self.name}"
+
+
+class Cluster(models.Model):
+    """A ComfyUI-Distributed cluster: a master instance and worker instances, whose gpu_config.json files ComfyHub
+    writes and keeps in sync (instances.clusters)."""
+
+    name = models.SlugField(max_length=63, unique=True)
+    description = models.TextField(blank=True, default="")
+    master = models.OneToOneField(Instance, on_delete=models.PROTECT, related_name="cluster_as_master")
+    cors_origin = models.CharField(
+        max_length=300, blank=True, default="",
+        help_text="What the members' --enable-cors-header allows: empty means the hub's origin (HUB_ORIGIN); '*' only "
+                  "when an operator sets it.")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    synced_at = models.DateTimeField(null=True, blank=True, help_text="When the members' configuration was last written.")
+    sync_detail = models.CharField(max_length=500, blank=True, default="", help_text="Why the last sync failed.")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def get_absolute_url(self):
+        return reverse("cluster-detail", args=[self.name])
+
+
+class ClusterWorker(models.Model):
+    """One worker of a cluster. An instance is a worker of at most one cluster (and never its own master)."""
+
+    cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="workers")
+    instance = models.OneToOneField(Instance, on_delete=models.PROTECT, related_name="cluster_membership")
+    added_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["cluster", "instance__instance_id"]
+
+    def __str__(self):
+        return f"{self.cluster}/{self.instance}"
