@@ -372,6 +372,35 @@ SERVE_WEB_WORKERS = env_int("COMFYHUB_WEB_WORKERS", 2, "gunicorn worker processe
 SERVE_NGINX = env_bool("COMFYHUB_NGINX", True, "start nginx in front of gunicorn (the /i/<id>/ proxy; off: "
                        "gunicorn alone on COMFYHUB_BIND, instances not reachable through the hub)")
 
+# --- Distribution: ComfyUI-Distributed clusters, multi-GPU instances, NetDist peers (instances/clusters.py) ---------
+_GIT_URL_RE = re.compile(r"(https?|ssh|file)://\S+|git@[\w.-]+:\S+|/\S+")
+_GIT_REF_RE = re.compile(r"[A-Za-z0-9._/+-]{1,200}")
+# Where clusters' members get ComfyUI-Distributed from, and at which ref (a commit: every member runs the same code).
+DISTRIBUTED_NODE_URL = env_text(
+    "DISTRIBUTED_NODE_URL", "https://github.com/robertvoy/ComfyUI-Distributed", valid=_GIT_URL_RE.fullmatch,
+    expected="use a git URL (https://…, ssh://…, git@host:path, or a file:// URL or path where "
+             "CUSTOM_NODE_LOCAL_SOURCES allows it), e.g. https://github.com/robertvoy/ComfyUI-Distributed.")
+DISTRIBUTED_NODE_REF = env_text(
+    "DISTRIBUTED_NODE_REF", "a91f9fb081eb5fc27db429a7c3f35d2ef7ce4a50",  # v1.4.4 (pyproject), 2026-04-08
+    valid=lambda text: _GIT_REF_RE.fullmatch(text) and not text.startswith("-"),
+    expected="use a commit, tag or branch of DISTRIBUTED_NODE_URL, e.g. a91f9fb081eb5fc27db429a7c3f35d2ef7ce4a50.")
+# The same for ComfyUI-MultiGPU, which the built-in "multi-gpu" template installs.
+MULTIGPU_NODE_URL = env_text(
+    "MULTIGPU_NODE_URL", "https://github.com/pollockjj/ComfyUI-MultiGPU", valid=_GIT_URL_RE.fullmatch,
+    expected="use a git URL (https://…, ssh://…, git@host:path, or a file:// URL or path where "
+             "CUSTOM_NODE_LOCAL_SOURCES allows it), e.g. https://github.com/pollockjj/ComfyUI-MultiGPU.")
+MULTIGPU_NODE_REF = env_text(
+    "MULTIGPU_NODE_REF", "a38cbda5fb64232bfa67867d55ae473d2c44d54e",  # v2.6.3 (pyproject), 2026-03-21
+    valid=lambda text: _GIT_REF_RE.fullmatch(text) and not text.startswith("-"),
+    expected="use a commit, tag or branch of MULTIGPU_NODE_URL, e.g. a38cbda5fb64232bfa67867d55ae473d2c44d54e.")
+# The hub's own origin as browsers see it: what clusters' members allow in --enable-cors-header. Empty: the first of
+# CSRF_TRUSTED_ORIGINS, else http://COMFYHUB_BIND.
+HUB_ORIGIN = env_text(
+    "HUB_ORIGIN", valid=lambda text: re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9a-fA-F:.]+\](:\d{1,5})?", text),
+    expected="use the scheme, host and port browsers open the hub at, without a path, e.g. "
+             "https://comfyhub.example.org.") or (CSRF_TRUSTED_ORIGINS[0] if CSRF_TRUSTED_ORIGINS else (
+    f"http://{SERVE_BIND}" if not SERVE_BIND.startswith("unix:") else "http://localhost"))
+
 # --- Access through the hub (/i/<id>/: docker/nginx, instances/access.py, docs/access.md) ---------------------------
 # How long nginx may reuse the hub's answer for one session (or token) and one instance; revoking access takes
 # effect within this time. 0: ask the hub on every request.
