@@ -275,6 +275,86 @@ def container_logs(engine, name: str, tail: int = 500) -> str:
 
 # --- Images --------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    output: str  # stdout and stderr together, cut at max_output bytes: it comes from inside a hostile container
+
+
+def exec_in(engine, name: str, command: list[str], *, max_output: int = 65536) -> ExecResult:
+    """Run `command` inside the running container `name` as the container's own user (`docker exec`, no tty, no
+    privileges). It runs in the container, with the container's rights, never on the host. The command must end on
+    its own: pass timeouts to it (e.g. socket timeouts of a probe); Docker's exec has none."""
+    with _translated(f"Could not run a command in container {name}", engine):
+        created = engine.api.exec_create(name, command, stdout=True, stderr=True, tty=False, privileged=False)
+        chunks, size = [], 0
+        for chunk in engine.api.exec_start(created["Id"], stream=True, demux=False):
+            if size < max_output:
+                chunks.append(chunk[:max_output - size])
+            size += len(chunk)
+        exit_code = engine.api.exec_inspect(created["Id"]).get("ExitCode")
+    return ExecResult(exit_code=int(exit_code if exit_code is not None else -1),
+                      output=b"".join(chunks).decode("utf-8", errors="replace"))
+
+
+def ensure_network(engine, name: str, labels: dict) -> str:
+    """A user-defined bridge network `name` (members resolve each other by container name), created when missing;
+    returns its id. An existing network of that name without ComfyHub's labels is refused, never taken over."""
+    with _translated(f"Could not create network {name}", engine):
+        for network in engine.api.networks(names=[name]):
+            if network.get("Name") == name:
+                theirs = network.get("Labels") or {}
+                if any(theirs.get(key) != value for key, value in labels.items()):
+                    raise EngineError(f"A Docker network named {name} exists and is not ComfyHub's (labels "
+                                      f"{theirs or 'none'}); rename or remove it.")
+                return network["Id"]
+        return engine.api.create_network(name, driver="bridge", labels=labels, check_duplicate=True)["Id"]
+
+
+def network_members(engine, name: str) -> dict[str, list[str]] | None:
+    """Container name -> its aliases on network `name`, or None when the network does not exist."""
+    with _translated(f"Could not inspect network {name}", engine):
+        try:
+            attrs = engine.api.inspect_network(name)
+        except docker.errors.NotFound:
+            return None
+        members = {}
+        for container_id in (attrs.get("Containers") or {}):
+            info = engine.api.inspect_container(container_id)
+            endpoint = ((info.get("NetworkSettings") or {}).get("Networks") or {}).get(name) or {}
+            members[info["Name"].lstrip("/")] = list(endpoint.get("Aliases") or [])
+        return members
+
+
+def connect_network(engine, name: str, container: str, aliases: list[str] | None = None):
+    """Attach a container (created or running) to network `name`; attaching it twice is not an error."""
+    with _translated(f"Could not connect container {container} to network {name}", engine):
+        try:
+            engine.api.connect_container_to_network(container, name, aliases=aliases or None)
+        except docker.errors.APIError as exc:
+            if "already exists" not in str(exc.explanation or exc):
+                raise
+
+
+def disconnect_network(engine, name: str, container: str):
+    with _translated(f"Could not disconnect container {container} from network {name}", engine):
+        try:
+            engine.api.disconnect_container_from_network(container, name, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "is not connected" not in str(exc.explanation or exc):
+                raise
+
+
+def remove_network(engine, name: str):
+    with _translated(f"Could not remove network {name}", engine):
+        try:
+            engine.api.remove_network(name)
+        except docker.errors.NotFound:
+            pass
+
+
 def image_present(engine, image: str) -> bool:
     with _translated(f"Could not look up image {image}", engine):
         try:
