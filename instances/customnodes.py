@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 from comfyhub.operations import NullReport
 from storage_app import layout, safefs
 
-from . import gitrepo
+from . import gitrepo, remote
 from .models import CustomNode, Instance
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -429,7 +429,14 @@ def status(node: CustomNode) -> dict:
 
 
 def list_nodes(instance: Instance) -> list[dict]:
-    """Installed packages: ComfyHub's records plus any folder found in custom_nodes/ (installed by hand)."""
+    """Installed packages: ComfyHub's records plus any folder found in custom_nodes/ (installed by hand). Another
+    node's instance is listed by its node's agent (a CustomNodeError when it cannot be asked)."""
+    if not remote.served_here(instance.node):
+        try:
+            return remote.call_on_node(instance.node, "instances.customnodes.list_nodes_of",
+                                       {"instance_id": instance.instance_id})
+        except remote.NodeReadError as exc:
+            raise CustomNodeError(str(exc)) from exc
     recorded = {node.name: node for node in instance.custom_nodes.all()}
     names = set(recorded)
     try:
@@ -449,6 +456,11 @@ def list_nodes(instance: Instance) -> list[dict]:
         found.append({"name": name, "url": node.url, "ref": node.ref, "recorded_commit": node.commit,
                       "managed": name in recorded, **status(node)})
     return found
+
+
+@remote.node_read
+def list_nodes_of(instance_id: str) -> list[dict]:
+    return list_nodes(remote.instance_here(instance_id))
 
 
 # --- Python requirements, per instance ------------------------------------------------------------------------

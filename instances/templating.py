@@ -8,7 +8,7 @@ from django.core.exceptions import ValidationError
 from comfyhub.operations import NullReport
 from storage_app import layout, safefs
 
-from . import customnodes, workflows
+from . import customnodes, remote, workflows
 from .models import Instance, InstanceTemplate
 
 SETTINGS_FILE = ("user", "default", "comfy.settings.json")
@@ -108,8 +108,14 @@ def apply(template: InstanceTemplate, instance: Instance, report=None) -> dict:
     return result
 
 
+# The row that stands for what only the instance's folder tells, when its node cannot be asked.
+FOLDER_PARTS = "custom nodes, settings and starter workflows"
+
+
 def drift(instance: Instance) -> list[dict]:
-    """Where the instance differs from its template: [{what, template, instance}]."""
+    """Where the instance differs from its template: [{what, template, instance}]. What its folder holds (custom
+    nodes, settings, starter workflows) is read on its node: for another node by its agent, and when that cannot
+    be asked one row says so in their place."""
     template = instance.template
     if template is None:
         return []
@@ -123,6 +129,33 @@ def drift(instance: Instance) -> list[dict]:
     differs("extra arguments", list(template.extra_args), list(instance.extra_args))
     differs("environment", dict(template.extra_env), dict(instance.extra_env))
     differs("GPU count", template.gpu_count, len(instance.assigned_gpus()))
+    if remote.served_here(instance.node):
+        found.extend(_folder_drift(instance))
+        return found
+    try:
+        found.extend(remote.call_on_node(instance.node, "instances.templating.folder_drift_of",
+                                         {"instance_id": instance.instance_id}))
+    except remote.NodeReadError as exc:
+        found.append({"what": FOLDER_PARTS, "template": f"as in template {template.name}",
+                      "instance": f"unknown: {exc}"})
+    return found
+
+
+@remote.node_read
+def folder_drift_of(instance_id: str) -> list[dict]:
+    instance = remote.instance_here(instance_id)
+    return _folder_drift(instance) if instance.template is not None else []
+
+
+def _folder_drift(instance: Instance) -> list[dict]:
+    """The drift only the instance's folder tells, read here."""
+    template = instance.template
+    found = []
+
+    def differs(what, wanted, actual):
+        if wanted != actual:
+            found.append({"what": what, "template": wanted, "instance": actual})
+
     installed = {node.name: node for node in instance.custom_nodes.all()}
     for spec in template.custom_nodes:
         name = customnodes.name_from_url(spec.get("url", ""))

@@ -20,7 +20,7 @@ from comfyhub.queues import QueueUnavailable, queue_overview
 
 from storage_app.library import library_summary
 
-from . import access, images, selfservice, services
+from . import access, images, remote, selfservice, services
 from .docker_engine import EngineError, cached_engine_status
 from .forms import InstanceDeleteForm, InstanceForm, SelfServiceForm, ShareForm
 from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, InstanceShare, Node
@@ -342,12 +342,13 @@ def share_remove(request, instance_id, pk):
 # --- Logs ----------------------------------------------------------------------------------------------------
 
 def instance_logs(request, instance_id):
+    """The container's last lines, from its node's engine (another node's through its agent: instances.remote)."""
     instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
     tail = _tail(request)
     logs, error = "", ""
     try:
-        logs = services.instance_logs(instance=instance, tail=tail)
-    except EngineError as exc:
+        logs = remote.instance_logs(instance, tail)
+    except (EngineError, remote.NodeReadError) as exc:
         error = str(exc)
     template = "instances/partials/instance_logs.html" if request.htmx else "instances/instance_logs.html"
     return render(request, template, {"instance": instance, "tail": tail, "logs": logs, "error": error,
@@ -357,8 +358,8 @@ def instance_logs(request, instance_id):
 def instance_logs_download(request, instance_id):
     instance = get_object_or_404(Instance.objects.select_related("node"), instance_id=instance_id)
     try:
-        logs = services.instance_logs(instance=instance, tail=_tail(request))
-    except EngineError as exc:
+        logs = remote.instance_logs(instance, _tail(request))
+    except (EngineError, remote.NodeReadError) as exc:
         messages.error(request, str(exc))
         return redirect("instance-logs", instance.instance_id)
     return HttpResponse(logs, content_type="text/plain; charset=utf-8", headers={

@@ -296,9 +296,13 @@ def instance_nodes(request, instance_id):
 
 
 def _nodes_page(request, instance, install_form=None):
+    try:
+        listed = customnodes.list_nodes(instance)
+    except customnodes.CustomNodeError as exc:  # another node's agent could not be asked
+        messages.error(request, f"The custom nodes of {instance} cannot be listed: {exc}")
+        listed = []
     return render(request, "instances/nodes.html", {
-        "instance": instance, "nodes": customnodes.list_nodes(instance),
-        "install_form": install_form or NodeInstallForm(),
+        "instance": instance, "nodes": listed, "install_form": install_form or NodeInstallForm(),
     })
 
 

@@ -19,6 +19,7 @@ from django.db.models import Max
 from comfyhub.operations import NullReport
 from storage_app import layout, safefs
 
+from . import remote
 from .models import Instance, WorkflowEntry, WorkflowInstall, WorkflowVersion
 
 MAX_WORKFLOW_BYTES = 20 << 20
@@ -55,10 +56,23 @@ def _refused(exc: safefs.UnsafePathError) -> WorkflowError:
     return WorkflowError(str(exc))
 
 
+def _on_its_node(instance: Instance, read: str, **kwargs):
+    """A read of another node's instance, by that node's agent (instances.remote); its failure as a WorkflowError
+    whose cause is the NodeReadError (holders() tells "unreachable" from "removed" by it)."""
+    try:
+        return remote.call_on_node(instance.node, f"instances.workflows.{read}",
+                                   {"instance_id": instance.instance_id, **kwargs})
+    except remote.NodeReadError as exc:
+        raise WorkflowError(str(exc)) from exc
+
+
 def list_workflows(instance: Instance) -> list[dict]:
     """Every .json file under the instance's workflows folder. Walked from the instance's own folder through
     descriptors that never follow a link: a link on the way there (user/, default/) is refused with a WorkflowError
-    naming it, and a link inside is listed as such, never entered."""
+    naming it, and a link inside is listed as such, never entered. Another node's instance is listed by its node's
+    agent."""
+    if not remote.served_here(instance.node):
+        return _on_its_node(instance, "list_workflows_of")
     found = []
     try:
         for folder, dirnames, filenames, links, fd in safefs.walk(_instance_root(instance), WORKFLOWS_FOLDER,
@@ -85,10 +99,17 @@ def list_workflows(instance: Instance) -> list[dict]:
     return found
 
 
+@remote.node_read
+def list_workflows_of(instance_id: str) -> list[dict]:
+    return list_workflows(remote.instance_here(instance_id))
+
+
 def read_workflow(instance: Instance, relpath: str) -> bytes:
     """The bytes of one workflow file, refusing links (anywhere on the path, from the instance's folder down) and
-    oversized files."""
+    oversized files. Another node's instance's file is read by its node's agent."""
     relpath = clean_relpath(relpath)
+    if not remote.served_here(instance.node):
+        return _on_its_node(instance, "read_workflow_of", relpath=relpath)
     try:
         return safefs.read_bytes(_instance_root(instance), f"{WORKFLOWS_FOLDER}/{relpath}", MAX_WORKFLOW_BYTES)
     except FileNotFoundError:
@@ -97,6 +118,11 @@ def read_workflow(instance: Instance, relpath: str) -> bytes:
         raise _refused(exc) from None
     except OSError as exc:
         raise WorkflowError(f"'{relpath}' cannot be read ({exc.strerror}); refused.") from None
+
+
+@remote.node_read
+def read_workflow_of(instance_id: str, relpath: str) -> bytes:
+    return read_workflow(remote.instance_here(instance_id), relpath)
 
 
 def parse_workflow(raw: bytes) -> dict:
@@ -350,9 +376,12 @@ def available_models(instance: Instance) -> dict[str, set[str]]:
     """Model names ComfyUI would list per folder, from the files on disk: the shared library's
     <shared>/models/<folder>/ and the instance's own models/<folder>/, as paths relative to the folder with '/'.
     Both are walked through descriptors that never follow a link (the instance's folder is the container's to
-    write); links and files that are not model files are left out."""
+    write); links and files that are not model files are left out. Another node's instance: its node's agent walks
+    its node's copy of the library and the instance's folder (a WorkflowError when it cannot be asked)."""
     from storage_app import library
 
+    if not remote.served_here(instance.node):
+        return {folder: set(names) for folder, names in _on_its_node(instance, "available_models_of").items()}
     found: dict[str, set[str]] = {}
     for root, relpath in ((layout.shared_models_dir(instance.node), ""), (_instance_root(instance), "models")):
         try:
@@ -367,6 +396,11 @@ def available_models(instance: Instance) -> dict[str, set[str]]:
         except (FileNotFoundError, NotADirectoryError, safefs.UnsafePathError):
             continue
     return found
+
+
+@remote.node_read
+def available_models_of(instance_id: str) -> dict[str, list[str]]:
+    return {folder: sorted(names) for folder, names in available_models(remote.instance_here(instance_id)).items()}
 
 
 def model_listing(instance: Instance, folders: set[str]) -> tuple[dict[str, set[str]], str]:
@@ -508,9 +542,11 @@ def holders(entry: WorkflowEntry) -> list[dict]:
                                                                                            "instance__node"):
         try:
             digest = hashlib.sha256(read_workflow(install_row.instance, install_row.path)).hexdigest()
-        except WorkflowError:
+        except WorkflowError as exc:
+            # An instance whose node cannot be asked now is not known to have lost the file.
+            unreachable = isinstance(exc.__cause__, remote.NodeReadError)
             found.append({"instance": install_row.instance.instance_id, "path": install_row.path,
-                          "version": None, "state": "removed"})
+                          "version": None, "state": "unknown" if unreachable else "removed"})
             continue
         version = entry.versions.filter(sha256=digest).first()
         found.append({"instance": install_row.instance.instance_id, "path": install_row.path,

@@ -2,7 +2,11 @@
 
 Only safe fixes are ever applied automatically: creating missing folders, rewriting generated files and removing
 links that lead out of an instance's folder (the links, never what they point to). An instance's folder is read
-through descriptors that never follow a link (storage_app.safefs)."""
+through descriptors that never follow a link (storage_app.safefs).
+
+Folders, ports and shared files are checked where they are: the hub checks its own node (`local`), and asks each other
+node's agent to check its node's (instances.remote); only the registry's own rules (one port per node) are checked
+on the hub for every node."""
 from __future__ import annotations
 
 import os
@@ -28,14 +32,67 @@ class Finding:
 
 
 def check_storage(*, fix: bool = False) -> list[Finding]:
+    """Every finding: this node's (the hub's: `local`), the registry's, then each other node's, from its agent. A
+    node whose agent cannot be asked is one finding that says why."""
+    from instances import remote
+    from instances.models import LOCAL_NODE, Instance, Node
+
+    instances = list(Instance.objects.select_related("node"))
+    findings = _node_findings([i for i in instances if remote.served_here(i.node)], fix=fix,
+                              known={i.instance_id for i in instances})
+    ports: dict[tuple, str] = {}
+    for instance in instances:
+        key = (instance.node_id, instance.host_port)
+        if key in ports:
+            findings.append(Finding("port-conflict", instance.instance_id,
+                                    f"Port {instance.host_port} is used by {ports[key]} too.",
+                                    "Edit one instance and pick another port."))
+        ports[key] = instance.instance_id
+    others = {i.node for i in instances if not remote.served_here(i.node)}
+    others |= {node for node in Node.objects.exclude(name=LOCAL_NODE).filter(approved=True)
+               if not remote.served_here(node) and node.state().online}
+    for node in sorted(others, key=lambda n: n.name):
+        try:
+            found = remote.call_on_node(node, "storage_app.checks.node_findings_of", {"fix": fix})
+        except remote.NodeReadError as exc:
+            findings.append(Finding("node-not-checked", node.name,
+                                    f"The folders of node {node.name}'s instances were not checked: {exc}",
+                                    f"Check again once node {node.name}'s agent answers."))
+            continue
+        findings.extend(Finding(**{**item, "message": f"On node {node.name}: {item['message']}"}) for item in found)
+    return findings
+
+
+def node_findings_of(fix: bool = False) -> list[dict]:
+    """On a node's agent: the findings of this node's instances, roots and shared files (check_storage's part).
+    With `fix`, the same safe fixes as on the hub, there."""
+    from instances.models import Instance
+    from instances.remote import served_here
+
+    instances = [i for i in Instance.objects.select_related("node") if served_here(i.node)]
+    node = instances[0].node if instances else _this_node()
+    return [finding.as_dict() for finding in
+            _node_findings(instances, fix=fix, known={i.instance_id for i in instances}, node=node)]
+
+
+node_findings_of.node_read = True  # instances.remote.node_read, without importing instances at module level
+
+
+def _this_node():
+    from django.conf import settings
+
+    from instances.models import Node
+
+    return Node.objects.filter(name=settings.NODE_NAME).first()
+
+
+def _node_findings(instances, *, fix: bool, known: set, node=None) -> list[Finding]:
+    """The findings of this node: `instances` (those on it), its instances root, its ports, its shared files."""
     from instances.models import Instance
     from instances.services import port_bound_on_host
 
     findings: list[Finding] = []
-    instances = list(Instance.objects.select_related("node"))
-    known = {i.instance_id for i in instances}
-
-    root = layout.instances_root()
+    root = layout.instances_root(node)
     if root.is_dir():
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if entry.name.startswith(".") or entry.name in known:
@@ -110,14 +167,7 @@ def check_storage(*, fix: bool = False) -> list[Finding]:
                 + ", ".join(i["path"] for i in inbox[:5]),
                 "Promote them to the shared library from the models page or with manage.py models promote."))
 
-    ports: dict[tuple, str] = {}
     for instance in instances:
-        key = (instance.node_id, instance.host_port)
-        if key in ports:
-            findings.append(Finding("port-conflict", instance.instance_id,
-                                    f"Port {instance.host_port} is used by {ports[key]} too.",
-                                    "Edit one instance and pick another port."))
-        ports[key] = instance.instance_id
         if instance.desired_state == Instance.DesiredState.STOPPED and \
                 port_bound_on_host(instance.node.bind_address, instance.host_port):
             findings.append(Finding(
@@ -125,7 +175,7 @@ def check_storage(*, fix: bool = False) -> list[Finding]:
                 f"Port {instance.host_port} of the stopped instance is in use by something else on this host.",
                 "Stop that program or edit the instance to use another port before starting it."))
 
-    findings.extend(_writable_shared_files())
+    findings.extend(_writable_shared_files(node))
     return findings
 
 
@@ -165,9 +215,9 @@ def _links_out_of(instance, folder, *, fix: bool) -> list[Finding]:
     return findings
 
 
-def _writable_shared_files(limit: int = 20) -> list[Finding]:
+def _writable_shared_files(node=None, limit: int = 20) -> list[Finding]:
     """Shared files an instance's user could change if the read-only mount were ever lost."""
-    shared = layout.shared_root()
+    shared = layout.shared_root(node)
     found = []
     if not shared.is_dir():
         return found
