@@ -14,7 +14,7 @@ from comfyhub import queues
 from comfyhub.operations import OperationError
 from storage_app import layout
 
-from . import docker_engine, health, runtime
+from . import clusters, docker_engine, health, runtime
 from .models import Instance
 
 LOCK_WAIT_SECONDS = 900
@@ -134,9 +134,16 @@ def start(instance: Instance, report) -> dict:
                 docker_engine.remove_container(engine, spec.name)
                 state = None
             container_id = state.id if state else ""
+            member = clusters.membership(instance)
+            if member is not None:
+                # Its ComfyUI-Distributed reads the file when it loads: written before the container starts.
+                if (synced := clusters.sync_member(instance, report))["failed"]:
+                    raise OperationError(f"{synced['note']} Nothing was started.")
             if state is None:
                 report.progress(60, "creating the container")
                 container_id = docker_engine.create_container(engine, spec)
+            if member is not None:
+                clusters.join_network(engine, instance, report)  # before it starts: the names resolve at once
             if state is None or not state.running:
                 report.progress(65, "starting the container")
                 docker_engine.start_container(engine, spec.name)
@@ -148,7 +155,10 @@ def start(instance: Instance, report) -> dict:
                 status_detail="waiting for ComfyUI to answer",
             )
             report.progress(70, "waiting for ComfyUI to answer")
-            return _wait_until_healthy(engine, instance, report)
+            result = _wait_until_healthy(engine, instance, report)
+            if member is not None:
+                _sync_cluster_here(instance, member[0], report)  # its master's file now lists it as enabled
+            return result
         except docker_engine.EngineError as exc:
             Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.ERROR, status_detail=str(exc)[:500])
             raise OperationError(str(exc)) from exc
@@ -224,8 +234,19 @@ def stop(instance: Instance, report) -> dict:
         finally:
             engine.close()
         Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STOPPED, status_detail="")
+        if (member := clusters.membership(instance)) is not None:
+            _sync_cluster_here(instance, member[0], report)  # its master's file now lists it as not enabled
         report.progress(100, "stopped")
         return {"stopped": instance.instance_id}
+
+
+def _sync_cluster_here(instance: Instance, cluster, report):
+    """The files of `cluster`'s members on this instance's node rewritten where they differ; members on other nodes
+    follow at their node's next reconcile. A failure here is logged, never the start's or the stop's."""
+    try:
+        clusters.sync_node(instance.node, report, cluster=cluster)
+    except Exception as exc:  # noqa: BLE001  (a sync is a courtesy here; the reconcile repeats it)
+        report.log(f"The cluster's files were not brought up to date: {exc}", "WARNING")
 
 
 def restart(instance: Instance, report) -> dict:
@@ -237,6 +258,8 @@ def restart(instance: Instance, report) -> dict:
 def delete(instance: Instance, report, *, purge_data: bool) -> dict:
     from .services import purge_instance_data
 
+    if problem := clusters.deletion_problem(instance):
+        raise OperationError(f"{problem} Nothing was deleted.")
     with instance_lock(instance, report):
         engine = engine_for(instance, "The instance was not deleted.")
         try:

@@ -6,6 +6,7 @@ its GPUs' memory; work in the queue is activity (instances/idle.py). It never st
 restart policy backs off and gives up on crash loops)."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -18,6 +19,8 @@ from storage_app import layout
 
 from . import comfyui_api, docker_engine, runtime
 from .models import Instance, Node
+
+logger = logging.getLogger(__name__)
 
 
 def system_stats(instance: Instance, timeout: float | None = None) -> dict | None:
@@ -243,7 +246,19 @@ def reconcile_node(node: Node) -> Counter:
             if types:
                 Instance.objects.filter(pk=instance.pk).update(node_types=types)
     Instance.objects.filter(node=node).update(checked_at=now)
+    _sync_clusters(node)
     return counts
+
+
+def _sync_clusters(node: Node):
+    """The gpu_config.json of every cluster member on `node` rewritten where it differs from the statuses just
+    recorded (a worker that stopped is `enabled: false` after this pass). Never fails the pass."""
+    from . import clusters
+
+    try:
+        clusters.sync_node(node)
+    except Exception:  # noqa: BLE001
+        logger.exception("Could not bring the cluster members' gpu_config.json on node %s up to date", node)
 
 
 def _node_types_offered(instance: Instance) -> list[str] | None:

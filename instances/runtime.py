@@ -23,6 +23,10 @@ LABEL_NODE = "comfyhub.node"
 LABEL_CONFIG = "comfyhub.config-hash"
 # The id (sha256:...) of the image the container was made from: a tag rebuilt or re-pulled since names another one.
 LABEL_IMAGE_ID = "comfyhub.image-id"
+# The cluster (instances/clusters.py) a network belongs to.
+LABEL_CLUSTER = "comfyhub.cluster"
+# What a cluster member's ComfyUI allows cross-origin requests from: set by ComfyHub, last, so it wins over any other.
+CORS_FLAG = "--enable-cors-header"
 # Docker restarts a crashed ComfyUI, backing off, at most INSTANCE_MAX_RESTARTS times, then gives up (crash-looping).
 RESTART_POLICY = "on-failure"
 # ComfyUI logs every request: rotated, 3 files of 20 MB at most.
@@ -194,7 +198,63 @@ def comfyui_arguments(instance, gpus) -> list[str]:
     ]
     if not gpus:
         args.append("--cpu")
-    return args + [str(arg) for arg in instance.extra_args]
+    args += [str(arg) for arg in instance.extra_args]
+    if (origin := cors_origin(instance)) is not None:
+        # After the instance's own arguments: argparse keeps the last value, so nothing set before can change it.
+        args += [CORS_FLAG, origin]
+    return args
+
+
+def _cluster_role(instance):
+    """(cluster, "master" | "worker") for a cluster member, else None (from the model's reverse relations; the rules
+    about clusters live in instances/clusters.py)."""
+    from django.core.exceptions import ObjectDoesNotExist
+
+    try:
+        return instance.cluster_as_master, "master"
+    except (ObjectDoesNotExist, AttributeError):
+        pass
+    try:
+        return instance.cluster_membership.cluster, "worker"
+    except (ObjectDoesNotExist, AttributeError):
+        return None
+
+
+def cors_origin(instance) -> str | None:
+    """The origin a cluster member's ComfyUI allows (--enable-cors-header): the cluster's, else the hub's
+    (HUB_ORIGIN). None for an instance in no cluster."""
+    found = _cluster_role(instance)
+    if found is None:
+        return None
+    return found[0].cors_origin or settings.HUB_ORIGIN
+
+
+def cluster_network_name(cluster_name: str) -> str:
+    return f"{settings.CONTAINER_NAME_PREFIX}cluster-{cluster_name}"
+
+
+def network_labels(cluster_name: str, node_name: str) -> dict[str, str]:
+    """A cluster's network carries the labels of ComfyHub's containers (extra labels included) and its cluster's."""
+    return {LABEL_MANAGED: "true", LABEL_NODE: node_name, **settings.CONTAINER_EXTRA_LABELS,
+            LABEL_CLUSTER: cluster_name}
+
+
+def cluster_network(instance) -> tuple[str, dict[str, str], list[str]] | None:
+    """(network name, its labels, the aliases the container gets there) when `instance`'s container joins its
+    cluster's network on its node: a worker on its master's node, a master with a worker on its node. Members on one
+    node reach each other there by container name (the alias adds the bare instance id). None otherwise."""
+    found = _cluster_role(instance)
+    if found is None:
+        return None
+    cluster, role = found
+    if role == "worker":
+        shares_node = cluster.master.node_id == instance.node_id
+    else:
+        shares_node = cluster.workers.filter(instance__node_id=instance.node_id).exists()
+    if not shares_node:
+        return None
+    return (cluster_network_name(cluster.name), network_labels(cluster.name, instance.node.name),
+            [instance.container_name, instance.instance_id])
 
 
 def mounts(instance) -> list[Mount]:
@@ -237,6 +297,10 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
         # The image's entrypoint reads them from the variable; its own command (CMD) is left as it is.
         environment[variable] = " ".join(command)
         command = []
+    if gpus:
+        # CUDA numbers the visible GPUs fastest first by default; in bus order, cuda:N inside is the N-th assigned GPU
+        # by host index (the device ids below are in that order), which the instance page's map shows.
+        environment["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if not gpus:
         # CUDA base images set NVIDIA_VISIBLE_DEVICES=all; on a host whose default runtime is nvidia that would hand
         # a CPU instance every GPU.
