@@ -14,6 +14,7 @@ urlpatterns = [
     path("diagnostics/", core_views.diagnostics_run, name="diagnostics-run"),
     path("", include("instances.urls")),
     path("", include("instances.access_urls")),
+    path("", include("instances.distribution_urls")),
     path("", include("comfyhub.account_urls")),
     path("", include("storage_app.urls")),
     path("login/", auth_views.LoginView.as_view(), name="login"),

@@ -15,7 +15,8 @@ class InstancesConfig(AppConfig):
     self_service_permissions = ("instances.create_own_instance",)
 
     def ready(self):
-        from . import jobs, jobs_nodes, signals  # noqa: F401  (jobs declare the operation kinds the pages filter by)
+        # Jobs declare the operation kinds the pages filter by (distribution: the NetDist check).
+        from . import distribution, jobs, jobs_nodes, signals  # noqa: F401
 
     def periodic_jobs(self):
         """Run by comfyhub.cron on the hub: local's instances' observed status and health recorded, and each other

@@ -383,6 +383,10 @@ class TemplateForm(ServiceForm):
     extra_env = InstanceForm.base_fields["extra_env"]
     gpu_count = forms.IntegerField(label="GPU count", min_value=0, max_value=32767, initial=0,
                                    help_text="GPUs each new instance gets (0 = CPU mode).")
+    min_gpus = forms.IntegerField(
+        label="Minimum GPUs", required=False, min_value=0, max_value=services.TEMPLATE_MAX_GPUS, initial=0,
+        help_text="Instances made from it need at least this many GPUs (no more than the GPU count); e.g. 2 for "
+                  "ComfyUI-MultiGPU. 0 or empty: no minimum.")
     custom_nodes = forms.CharField(
         required=False, help_text="One <code>GIT-URL [REF]</code> per line (REF: a branch, tag or commit).",
         widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
@@ -413,6 +417,17 @@ class TemplateForm(ServiceForm):
         self.fields["starter_workflows"].queryset = WorkflowVersion.objects.select_related("entry").order_by(
             "entry__name", "-number")
 
+    def clean_min_gpus(self):
+        return self.cleaned_data["min_gpus"] or 0
+
+    def clean(self):
+        data = super().clean()
+        # The service has the same rule (and the last word); said here too, next to the field, before anything else.
+        if isinstance(data.get("gpu_count"), int) and isinstance(data.get("min_gpus"), int):
+            for field, problems in services.template_gpus_problems(data["gpu_count"], data["min_gpus"]).items():
+                self.add_error(field, problems)
+        return data
+
     def clean_custom_nodes(self):
         nodes = []
         for number, line in enumerate(self.cleaned_data["custom_nodes"].splitlines(), start=1):
@@ -441,7 +456,8 @@ class TemplateForm(ServiceForm):
         return {"name": data["name"], "description": data["description"], "image": data["image"],
                 "extra_args": data["extra_args"], "extra_env": data["extra_env"], "gpu_count": data["gpu_count"],
                 "custom_nodes": data["custom_nodes"], "settings_values": data["settings"],
-                "starter_workflows": list(data["starter_workflows"]), "self_service": data["self_service"]}
+                "starter_workflows": list(data["starter_workflows"]), "self_service": data["self_service"],
+                "min_gpus": data["min_gpus"]}
 
 
 class TemplateInstanceForm(ServiceForm):

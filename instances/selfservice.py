@@ -74,6 +74,10 @@ def instance_create_own(*, user, template: InstanceTemplate | None, instance_id:
         offered = ", ".join(t.name for t in self_service_templates()) or "none yet; ask an operator to mark one"
         raise ValidationError({"template": [f"Template '{template}' is not offered for self-service (offered: "
                                             f"{offered})."]})
+    if refusal := services.template_gpus_refusal(template, template.gpu_count):
+        # A template whose GPU count is below its own minimum (made before minimums were checked): no instance of it
+        # may be made, and the field to say so on is the template's.
+        raise ValidationError({"template": [refusal]})
     with transaction.atomic():
         if not is_operator(user):
             # One self-service create per user at a time: two at once would both fit a quota only one fits.

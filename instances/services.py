@@ -608,9 +608,34 @@ def template_name_problem(name) -> str | None:
     return None
 
 
+TEMPLATE_MAX_GPUS = 32767
+
+
+def template_gpus_problems(gpu_count, min_gpus) -> dict[str, list[str]]:
+    """Why a template cannot give `gpu_count` GPUs with a minimum of `min_gpus`: {field: [message]}, empty when it
+    can. The minimum is what instances made from it need (ComfyUI-MultiGPU: 2), so the count must reach it."""
+    problems = {}
+    for field, value in (("gpu_count", gpu_count), ("min_gpus", min_gpus)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= TEMPLATE_MAX_GPUS:
+            problems[field] = [f"Give a whole number of GPUs from 0 to {TEMPLATE_MAX_GPUS}."]
+    if not problems and min_gpus > gpu_count:
+        problems["min_gpus"] = [f"Instances made from it get {gpu_count} GPU(s) (the GPU count) but need at least "
+                                f"{min_gpus}: raise the GPU count to {min_gpus} or more, or lower the minimum."]
+    return problems
+
+
+def template_gpus_refusal(template, count: int) -> str | None:
+    """Why an instance with `count` GPUs cannot be made from `template` (below its minimum), or None."""
+    if count >= template.min_gpus:
+        return None
+    return (f"Template '{template}' needs at least {template.min_gpus} GPUs per instance; this one would get "
+            f"{count}. Give it {template.min_gpus} or more GPUs, or pick another template.")
+
+
 def template_create(*, name: str, description: str = "", image: str = "", extra_args=None, extra_env=None,
                     gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=(),
-                    self_service: bool = False):
+                    self_service: bool = False, min_gpus: int = 0):
+    """A new template; `min_gpus`: the fewest GPUs an instance made from it may have (at most `gpu_count`)."""
     from .models import InstanceTemplate
     from .templating import validate_template
 
@@ -620,31 +645,36 @@ def template_create(*, name: str, description: str = "", image: str = "", extra_
         raise ValidationError({"name": [f"A template '{name}' already exists."]})
     validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
                       settings=settings_values)
+    if problems := template_gpus_problems(gpu_count, min_gpus):
+        raise ValidationError(problems)
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     template = InstanceTemplate.objects.create(
         name=name, description=description, image=image, extra_args=extra_args,
         extra_env=extra_env, gpu_count=gpu_count, custom_nodes=list(custom_nodes or []),
-        settings=dict(settings_values or {}), self_service=bool(self_service))
+        settings=dict(settings_values or {}), self_service=bool(self_service), min_gpus=min_gpus)
     template.starter_workflows.set(starter_workflows)
     return template
 
 
 def template_update(*, template, description: str = "", image: str = "", extra_args=None, extra_env=None,
                     gpu_count: int = 0, custom_nodes=None, settings_values=None, starter_workflows=(),
-                    self_service: bool | None = None):
+                    self_service: bool | None = None, min_gpus: int | None = None):
     """Change a template (its name stays: instances and commands refer to it). Instances made from it keep their
     configuration; their drift shows what differs. `self_service` None keeps whether it is offered for
-    self-service."""
+    self-service; `min_gpus` None keeps its minimum of GPUs."""
     from .models import InstanceTemplate
     from .templating import validate_template
 
     validate_template(image=image, extra_args=extra_args, extra_env=extra_env, custom_nodes=custom_nodes,
                       settings=settings_values)
+    min_gpus = template.min_gpus if min_gpus is None else min_gpus
+    if problems := template_gpus_problems(gpu_count, min_gpus):
+        raise ValidationError(problems)
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
     with transaction.atomic():
         InstanceTemplate.objects.filter(pk=template.pk).update(
             description=description, image=image, extra_args=extra_args, extra_env=extra_env, gpu_count=gpu_count,
-            custom_nodes=list(custom_nodes or []), settings=dict(settings_values or {}),
+            custom_nodes=list(custom_nodes or []), settings=dict(settings_values or {}), min_gpus=min_gpus,
             self_service=template.self_service if self_service is None else bool(self_service))
         template.starter_workflows.set(starter_workflows)
     template.refresh_from_db()
@@ -652,14 +682,19 @@ def template_update(*, template, description: str = "", image: str = "", extra_a
 
 
 def instance_create_from_template(*, template, instance_id: str, host_port: int | None = None, node=None,
-                                  user=None, owner=None, display_name: str = ""):
+                                  user=None, owner=None, display_name: str = "", gpu_indexes=None):
     """Create an instance with the template's configuration, then apply the rest of it as an operation. It goes on
-    `node` when one is given, else where placement finds the template's GPU count free."""
+    `node` when one is given, else where placement finds the template's GPU count free; with `gpu_indexes`, on
+    those GPUs of `node` (default `local`) instead of the template's count. Fewer GPUs than the template's minimum
+    (min_gpus) are refused, naming the template and the minimum."""
+    count = len(set(gpu_indexes)) if gpu_indexes is not None else template.gpu_count
+    if refusal := template_gpus_refusal(template, count):
+        raise ValidationError({"gpus": [refusal]})
+    chosen = {"gpu_indexes": list(gpu_indexes)} if gpu_indexes is not None else {"gpu_count": template.gpu_count}
     with transaction.atomic():  # no queue to apply it: no half-made instance either
         instance = instance_create(instance_id=instance_id, display_name=display_name, image=template.image,
                                    extra_args=template.extra_args, extra_env=template.extra_env, host_port=host_port,
-                                   gpu_count=template.gpu_count, node=node, user=user, owner=owner,
-                                   template=template)
+                                   node=node, user=user, owner=owner, template=template, **chosen)
         Instance.objects.filter(pk=instance.pk).update(template=template)
         instance.refresh_from_db()
         return instance, template_apply(template=template, instance=instance, user=user)

@@ -1,6 +1,7 @@
-"""A fresh install gets the local node, its GPUs, and the single-instance user's instance (COMFY_INSTANCE_ID); each
-start of ComfyHub (`manage.py serve`) looks for the GPUs again."""
+"""A fresh install gets the local node, its GPUs, the single-instance user's instance (COMFY_INSTANCE_ID) and the
+built-in "multi-gpu" template; each start of ComfyHub (`manage.py serve`) looks for the GPUs again."""
 from django.conf import settings
+from django.core.exceptions import FieldDoesNotExist
 from django.db.models.signals import post_migrate
 from django.dispatch import receiver
 
@@ -26,6 +27,21 @@ def ensure_local_node(sender, **kwargs):
             host_port=None if services.port_bound_on_host(node.bind_address, start) else start,
             gpu_indexes=[gpu.index for gpu in gpus if not gpu.shareable],
         )
+
+
+@receiver(post_migrate)
+def ensure_multigpu_template(sender, apps=None, **kwargs):
+    """The built-in "multi-gpu" template exists after every migrate (made when missing, an operator's edits kept)."""
+    if sender.label != "instances":
+        return
+    if apps is not None:
+        try:  # migrated back to before templates had a minimum of GPUs: the template cannot be made as it is
+            apps.get_model("instances", "InstanceTemplate")._meta.get_field("min_gpus")
+        except (LookupError, FieldDoesNotExist):
+            return
+    from .distribution import multigpu_template_ensure
+
+    multigpu_template_ensure()
 
 
 @receiver(serve_starting)
