@@ -4,13 +4,13 @@ the other nodes' operations, cancel-aware, then reports every node's outcome as 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 from comfyhub import operations, queues
 from comfyhub.models import Operation
 from comfyhub.operations import OperationCancelled, OperationError
 
+from . import suboperations
 from .models import LOCAL_NODE, Instance, Node
 
 POLL_SECONDS = 0.25
@@ -73,34 +73,19 @@ def run_parts(report, parts: list[Part], here=None) -> tuple[dict, dict]:
 
 
 def _wait(report, queued: dict[str, tuple[Node, Operation]]) -> dict:
-    outcomes, pending = {}, dict(queued)
-    while pending:
-        report.check_cancelled()
-        rows = {str(row.pk): row for row in Operation.objects.filter(pk__in=[op.pk for _, op in pending.values()])}
-        for name, (node, operation) in list(pending.items()):
-            row = rows.get(str(operation.pk))
-            if row is None or row.is_terminal:
-                outcomes[name] = _outcome(row, operation)
-                del pending[name]
-                continue
-            node.refresh_from_db(fields=["approved", "last_heartbeat_at", "online_since"])
-            refusal = node.refusal()
-            if refusal and row.status == Operation.Status.QUEUED:
-                # Its agent went away before taking it: nothing is left queued for an agent that is not there.
-                try:
-                    operations.operation_cancel(operation=row)
-                except OperationError:
-                    continue  # it started or ended meanwhile: look again
-                outcomes[name] = {"operation": str(row.pk), "status": "cancelled", "result": None,
-                                  "error": f"{refusal} Its part was not started and was cancelled."}
-                del pending[name]
-            elif refusal:
-                outcomes[name] = {"operation": str(row.pk), "status": row.status, "result": None,
-                                  "error": f"{refusal} Its part (operation {row.pk}) was running when its agent "
-                                           "went silent; see that operation for how it ends."}
-                del pending[name]
-        if pending:
-            time.sleep(POLL_SECONDS)
+    outcomes = {}
+    for name, ended in suboperations.wait(report, queued, poll_seconds=POLL_SECONDS, cancel_running=False).items():
+        row = ended.row
+        if not ended.refusal:
+            outcomes[name] = _outcome(row, ended.operation)
+        elif ended.cancelled:
+            # Its agent went away before taking it: nothing is left queued for an agent that is not there.
+            outcomes[name] = {"operation": str(row.pk), "status": "cancelled", "result": None,
+                              "error": f"{ended.refusal} Its part was not started and was cancelled."}
+        else:
+            outcomes[name] = {"operation": str(row.pk), "status": row.status, "result": None,
+                              "error": f"{ended.refusal} Its part (operation {row.pk}) was running when its agent "
+                                       "went silent; see that operation for how it ends."}
     for name, outcome in outcomes.items():
         report.log(f"node {name}: {outcome['status']}" + (f": {outcome['error']}" if outcome["error"] else ""),
                    "INFO" if outcome["status"] == Operation.Status.SUCCEEDED else "ERROR")

@@ -24,7 +24,7 @@ from comfyhub.models import Operation
 from comfyhub.operations import OperationCancelled, OperationError
 from storage_app import layout
 
-from . import placement
+from . import placement, suboperations
 from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
 
 KIND = "instance_move"
@@ -112,25 +112,20 @@ class _Steps:
         return self._wait(step, node, operation)
 
     def _wait(self, step, node, operation):
-        while True:
-            operation.refresh_from_db()
-            if operation.is_terminal:
-                break
-            if not self.settling:
-                try:
-                    self.report.check_cancelled()
-                except OperationCancelled:
-                    operations.operation_cancel(operation=operation)
-                    raise
-            current = Node.objects.get(pk=node.pk)
-            if refusal := current.refusal():
-                with contextlib.suppress(OperationError):
-                    operations.operation_cancel(operation=operation)
-                raise StepFailed(step, f"node {node} went away while it ran: {refusal}")
-            time.sleep(0.1)
-        if operation.status != Operation.Status.SUCCEEDED:
-            raise StepFailed(step, operation.error or operation.get_status_display())
-        return operation.result
+        try:
+            ended = suboperations.wait(self.report, {step: (node, operation)}, poll_seconds=0.1, cancel_running=True,
+                                       cancellable=not self.settling)[step]
+        except OperationCancelled:
+            with contextlib.suppress(OperationError):  # it ended meanwhile
+                operations.operation_cancel(operation=operation)
+            raise
+        if ended.refusal:
+            raise StepFailed(step, f"node {node} went away while it ran: {ended.refusal}")
+        if ended.row is None:
+            raise StepFailed(step, f"its operation {operation.pk} was deleted while it ran")
+        if ended.row.status != Operation.Status.SUCCEEDED:
+            raise StepFailed(step, ended.row.error or ended.row.get_status_display())
+        return ended.row.result
 
 
 def move_instance(*, instance_pk, target_pk, host_port, gpu_indexes, user_pk=None, report) -> dict:
