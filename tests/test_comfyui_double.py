@@ -458,6 +458,32 @@ def test_it_sends_cors_headers_when_enabled(launcher):
     assert response.json() == {"exec_info": {"queue_remaining": 0}}
 
 
+# --- ComfyUI-Distributed's routes ----------------------------------------------------------------------------------
+
+def test_it_serves_the_distributed_config_from_its_custom_node_folder_or_the_defaults(launcher):
+    double = launcher.start()
+    assert double.get_json("/distributed/config") == {"master": {"host": ""}, "workers": [], "settings": {}}
+
+    config = {"master": {"host": "hub-master", "port": 8188}, "workers": [{"id": "w1", "host": "x", "port": 1}],
+              "settings": {"debug": True}}
+    touch(launcher.instance / "custom_nodes" / "ComfyUI-Distributed" / "gpu_config.json", json.dumps(config).encode())
+
+    assert double.get_json("/distributed/config") == config
+    assert double.get_json("/api/distributed/config") == config
+
+
+def test_it_reports_which_distributed_workers_of_its_config_answer_from_inside(launcher):
+    double = launcher.start()
+    config = {"workers": [{"id": "itself", "host": "127.0.0.1", "port": 8188},
+                          {"id": "nobody", "host": "127.0.0.1", "port": 1}]}
+    touch(launcher.instance / "custom_nodes" / "ComfyUI-Distributed" / "gpu_config.json", json.dumps(config).encode())
+
+    reach = double.get_json("/distributed/reach")
+
+    assert reach["itself"] == {"url": "http://127.0.0.1:8188/system_stats", "ok": True, "detail": "HTTP 200"}
+    assert reach["nobody"]["ok"] is False and "refused" in reach["nobody"]["detail"].lower()
+
+
 # --- WebSocket ------------------------------------------------------------------------------------------------------
 
 SAVE_PROMPT = {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI"}}}

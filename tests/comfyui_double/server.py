@@ -11,6 +11,8 @@ source (https://github.com/comfyanonymous/ComfyUI, the files named below):
 - the HTTP routes ComfyHub uses, also under the /api prefix: /system_stats, /prompt (GET), /queue (GET),
   /object_info, /models, /experiment/models, /embeddings, /userdata, /settings, /users, /upload/image and
   /upload/mask, plus the origin check and CORS headers;
+- ComfyUI-Distributed's GET /distributed/config (its custom_nodes/ComfyUI-Distributed/gpu_config.json, or its
+  defaults), and for tests GET /distributed/reach: for each worker in it, whether its /system_stats answers from here;
 - prompts (POST /prompt, a queue running one prompt at a time, /queue, /history, /interrupt), /view streaming files,
   the WebSocket /ws (RFC 6455 here in the standard library) with ComfyUI's status and execution messages, and a
   stand-in for the frontend at / that builds its URLs from its own path as ComfyUI's does (README.md).
@@ -49,6 +51,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 
 COMFYUI_VERSION = "0.0.0-testdouble"
@@ -503,6 +506,34 @@ class App:
         self.prompts = PromptQueue(self.sockets, self.object_info, prompt_seconds)
         self.asset_count = asset_count
         self.index = index_html(asset_count)
+
+    # ComfyUI-Distributed (its api/config_routes.py): the configuration it reads from its own folder, or its
+    # defaults when there is none; and, for tests only, which of its workers answer /system_stats from here.
+    def distributed_config(self) -> dict:
+        path = os.path.join(self.paths.base, "custom_nodes", "ComfyUI-Distributed", "gpu_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            config = None
+        if not isinstance(config, dict):
+            return {"master": {"host": ""}, "workers": [], "settings": {}}
+        return config
+
+    def distributed_reach(self) -> dict:
+        answers = {}
+        for worker in self.distributed_config().get("workers") or []:
+            if not isinstance(worker, dict):
+                continue
+            host, port = str(worker.get("host", "")), worker.get("port")
+            url = f"http://{host}:{port}/system_stats"
+            try:
+                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=3) as answer:
+                    answer.read(65536)
+                    answers[str(worker.get("id"))] = {"url": url, "ok": True, "detail": f"HTTP {answer.status}"}
+            except Exception as exc:  # noqa: BLE001 - any failure is "not reached"
+                answers[str(worker.get("id"))] = {"url": url, "ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+        return answers
 
     # user data (app/user_manager.py): without --multi-user the user is always "default"
     def user_root(self) -> str:
@@ -1389,6 +1420,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.move_userdata(parts[1], parts[3])
         if key == ("POST", "upload", 2) and parts[1] in ("image", "mask"):
             return self.upload(mask=parts[1] == "mask")
+        if key == ("GET", "distributed", 2) and parts[1] == "config":
+            return self.respond_json(app.distributed_config())
+        if key == ("GET", "distributed", 2) and parts[1] == "reach":
+            return self.respond_json(app.distributed_reach())
         raise HttpError(404)
 
     def list_userdata(self) -> None:
