@@ -64,3 +64,21 @@ urlpatterns += [
     path("nodes/<slug:name>/approve/", views_nodes.node_approve, name="node-approve"),
     path("nodes/<slug:name>/revoke-approval/", views_nodes.node_revoke_approval, name="node-revoke-approval"),
 ]
+
+# ComfyUI-Distributed clusters: a master instance and its workers (views_clusters.py).
+from . import views_clusters  # noqa: E402
+
+urlpatterns += [
+    path("clusters/", views_clusters.cluster_list, name="cluster-list"),
+    # A cluster named "new" would be hidden by this page.
+    path("clusters/new/", views_clusters.cluster_create, name="cluster-create"),
+    path("clusters/<slug:name>/", views_clusters.cluster_detail, name="cluster-detail"),
+    path("clusters/<slug:name>/live/", views_clusters.cluster_live, name="cluster-live"),
+    path("clusters/<slug:name>/start/", views_clusters.cluster_start, name="cluster-start"),
+    path("clusters/<slug:name>/stop/", views_clusters.cluster_stop, name="cluster-stop"),
+    path("clusters/<slug:name>/sync/", views_clusters.cluster_sync, name="cluster-sync"),
+    path("clusters/<slug:name>/probe/", views_clusters.cluster_probe, name="cluster-probe"),
+    path("clusters/<slug:name>/workers/add/", views_clusters.cluster_add_worker, name="cluster-add-worker"),
+    path("clusters/<slug:name>/workers/remove/", views_clusters.cluster_remove_worker, name="cluster-remove-worker"),
+    path("clusters/<slug:name>/delete/", views_clusters.cluster_delete, name="cluster-delete"),
+]

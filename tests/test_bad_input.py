@@ -23,6 +23,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 import comfyhub.forms
 import instances.forms
+import instances.forms_clusters
 import storage_app.forms
 from comfyhub import jsonlimits
 from instances import access, services, workflows
@@ -122,7 +123,7 @@ PAGE_FIELDS = [
     ("instance-node-action", ["bad"], "post", {"name": "n", "action": "update"}, ["name", "action"]),
     ("library-install", [], "post", {"name": "lib", "instances": "bad"}, ["name", "version", "instances"]),
     ("template-create", [], "post", {"name": "t2", "gpu_count": "0"},
-     ["name", "description", "image", "extra_args", "extra_env", "gpu_count", "custom_nodes", "settings",
+     ["name", "description", "image", "extra_args", "extra_env", "gpu_count", "min_gpus", "custom_nodes", "settings",
       "starter_workflows", "self_service"]),
     ("template-new-instance", ["tpl"], "post", {"instance_id": "from-tpl"},
      ["instance_id", "display_name", "host_port"]),
@@ -154,6 +155,11 @@ PAGE_FIELDS = [
     ("image-pull", [], "post", {"node": "local"}, ["node", "image"]),
     ("account-token-create", [], "post", {"name": "render script"}, ["name", "expires", "password"]),
     ("node-revoke-approval", ["local"], "post", {}, ["confirm"]),
+    ("cluster-create", [], "post", {"name": "bad-cluster", "master": "bad"},
+     ["name", "description", "template", "new_members", "master", "workers", "cors_origin"]),
+    ("cluster-add-worker", ["{cluster}"], "post", {}, ["instance"]),
+    ("cluster-remove-worker", ["{cluster}"], "post", {"instance": "clu-w1"}, ["instance", "confirm"]),
+    ("cluster-delete", ["{cluster}"], "post", {}, ["confirm"]),
 ]
 # Upload fields: (url name, url args, field, the bad contents to send).
 UPLOAD_FIELDS = [
@@ -173,6 +179,8 @@ NO_FORM_INPUT = {
     "storage-check", "storage-fix", "operation-detail", "operation-live", "operation-cancel", "diagnostics-run",
     "login", "logout", "legacy-plan-live", "legacy-plan-result", "account", "account-token-revoke",
     "instance-open", "instance-open-path", "node-list", "node-detail", "node-approve",
+    "cluster-list", "cluster-detail", "cluster-live", "cluster-start", "cluster-stop", "cluster-sync", "cluster-probe",
+    "instance-distribution", "instance-netdist-check",
 }
 # The proxy's endpoints: their input is the headers nginx passes (the original URI, a Bearer token), spoiled below and
 # through a real nginx in tests/test_proxy.py.
@@ -194,8 +202,18 @@ def resolved(args, world):
     from instances.models import GPU
 
     gpu = GPU.objects.first()
+    cluster = a_cluster() if "{cluster}" in args else None
     return [str(world["snapshot"].pk) if a == "{snapshot}" else str(gpu.pk if gpu else 1) if a == "{gpu}" else
-            str(world["share"].pk) if a == "{share}" else a for a in args]
+            str(world["share"].pk) if a == "{share}" else cluster.name if a == "{cluster}" else a for a in args]
+
+
+def a_cluster():
+    """A cluster "clu" of two CPU instances (made only for the cluster pages' cases)."""
+    from instances import clusters
+
+    master = services.instance_create(instance_id="clu-master")
+    worker = services.instance_create(instance_id="clu-w1")
+    return clusters.cluster_create(name="clu", master=master, workers=[worker])
 
 
 @pytest.mark.parametrize("label", list(BAD_TEXT))
@@ -461,7 +479,7 @@ def test_a_bad_argument_exits_2_with_a_message_never_a_traceback(world, tmp_path
 def test_every_form_page_and_argument_is_in_a_table():
     # Forms: every field of every form in the apps is spoiled by some page case.
     spoiled = {field for *_, fields in PAGE_FIELDS for field in fields} | {field for _, _, field, _ in UPLOAD_FIELDS}
-    for module in (instances.forms, storage_app.forms, comfyhub.forms):
+    for module in (instances.forms, instances.forms_clusters, storage_app.forms, comfyhub.forms):
         for name, form in inspect.getmembers(module, inspect.isclass):
             if issubclass(form, forms.BaseForm) and form.__module__ == module.__name__:
                 missing = set(form.base_fields) - spoiled
