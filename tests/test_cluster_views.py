@@ -10,6 +10,7 @@ from django.utils import timezone
 from comfyhub.models import Operation
 from instances import clusters, services
 from instances.models import Cluster, ClusterWorker, Instance, Node
+from tests.support.gitrepos import make_node_repo
 
 NAMED_PAGES = ["cluster-detail", "cluster-live", "cluster-start", "cluster-stop", "cluster-sync", "cluster-probe",
                "cluster-add-worker", "cluster-remove-worker", "cluster-delete"]
@@ -268,3 +269,117 @@ def test_the_action_buttons_queue_operations_on_the_cluster(client, operator, cl
         response = client.post(reverse(name, args=["render"]), follow=True)
         assert said in response.content.decode(), name
         assert cluster_operations().filter(kind=kind, status=Operation.Status.QUEUED).count() == 1, name
+
+
+# --- On a real worker, against the real Docker engine and the ComfyUI test double --------------------------------
+
+@pytest.fixture
+def distributed_source(tmp_path, settings, monkeypatch, node_git):
+    """A local git repository standing in for ComfyUI-Distributed, pinned as the settings pin the real one."""
+    url, commits = make_node_repo(tmp_path / "repos", name="ComfyUI-Distributed")
+    for name, value in (("DISTRIBUTED_NODE_URL", url), ("DISTRIBUTED_NODE_REF", commits["main"])):
+        setattr(settings, name, value)
+        monkeypatch.setenv(name, value)
+    return url, commits["main"]
+
+
+@pytest.fixture
+def double_trio(comfyui_double_image, docker_cleanup, distributed_source, transactional_db):
+    """Three CPU instances of the ComfyUI test double on the local node."""
+    return [services.instance_create(instance_id=f"dbl-{n}", image=comfyui_double_image) for n in range(3)]
+
+
+def succeeded(operation, run_worker):
+    run_worker()
+    operation.refresh_from_db()
+    assert operation.status == Operation.Status.SUCCEEDED, (operation.error, operation.log)
+    return operation
+
+
+def latest(kind):
+    return cluster_operations().filter(kind=kind).order_by("-created_at").first()
+
+
+@pytest.mark.docker
+@pytest.mark.django_db(transaction=True)
+def test_the_page_starts_probes_and_stops_a_cluster_workers_first(client, operator, double_trio, run_worker):
+    client.force_login(operator)
+    response = client.post(reverse("cluster-create"), {"name": "dbl", "master": "dbl-0",
+                                                       "workers": ["dbl-1", "dbl-2"]})
+    assert response.status_code == 302, response.context["form"].errors
+    run_worker()  # each member prepared: ComfyUI-Distributed cloned at the pinned commit, gpu_config.json written
+    prepared = Operation.objects.filter(kind="cluster_member_prepare")
+    assert sorted(prepared.values_list("status", flat=True)) == [Operation.Status.SUCCEEDED] * 3, \
+        [(o.target_label, o.error) for o in prepared]
+
+    client.post(reverse("cluster-start", args=["dbl"]))
+    start = succeeded(latest(clusters.KIND_START), run_worker)
+    order = [line.split("starting ", 1)[1].split(" on node")[0] for line in start.log.splitlines()
+             if "starting " in line]
+    assert order == ["worker dbl-1", "worker dbl-2", "master dbl-0"]
+    assert set(Instance.objects.values_list("status", flat=True)) == {Instance.Status.HEALTHY}
+
+    client.post(reverse("cluster-probe", args=["dbl"]))
+    succeeded(latest(clusters.KIND_PROBE), run_worker)
+    content = client.get(reverse("cluster-detail", args=["dbl"])).content.decode()
+    for worker in ("dbl-1", "dbl-2"):
+        row = row_of(content, worker)
+        container = Instance.objects.get(instance_id=worker).container_name
+        assert "✓ reached" in row and f"http://{container}:8188" in row, row
+    assert "Reachability last checked from inside the master's container" in content
+
+    client.post(reverse("cluster-stop", args=["dbl"]))
+    stop = succeeded(latest(clusters.KIND_STOP), run_worker)
+    order = [line.split("stopping ", 1)[1].split(" on node")[0] for line in stop.log.splitlines()
+             if "stopping " in line]
+    assert order == ["worker dbl-1", "worker dbl-2", "master dbl-0"]
+    assert set(Instance.objects.values_list("status", flat=True)) == {Instance.Status.STOPPED}
+    live = client.get(reverse("cluster-live", args=["dbl"]))
+    assert live.status_code == 286  # nothing runs: the page stops polling
+    assert live.content.decode().count(">no</td>") == 2  # both workers shown disabled in the master's file
+
+
+@pytest.mark.browser
+@pytest.mark.docker
+@pytest.mark.django_db(transaction=True)
+def test_in_a_browser_an_admin_makes_a_cluster_starts_it_and_sees_the_master_reach_its_workers(
+        logged_in_page, admin_user, double_trio, worker_process, live_server, tmp_path):
+    from playwright.sync_api import expect
+
+    worker_process()
+    page = logged_in_page()
+    page.click("nav.mainnav >> text=Clusters")
+    expect(page.locator("table.clusters")).to_contain_text("No clusters yet.")
+    page.click("text=New cluster")
+    page.fill("#id_name", "dbl")
+    page.select_option("#id_master", "dbl-0")
+    page.select_option("#id_workers", ["dbl-0", "dbl-1"])
+    page.click("button:has-text('Create cluster')")
+    # The service's refusal comes back next to its field, and what was chosen is kept.
+    expect(page.get_by_test_id("error-master")).to_contain_text("'dbl-0' cannot be the master and a worker")
+    expect(page.locator("#id_master")).to_have_value("dbl-0")
+    assert not Cluster.objects.exists()
+    page.select_option("#id_workers", ["dbl-1", "dbl-2"])
+    page.click("button:has-text('Create cluster')")
+    page.wait_for_url(f"{live_server.url}/clusters/dbl/")
+    expect(page.locator(".messages")).to_contain_text("Cluster dbl created.")
+    expect(page.locator("#cluster-live tbody tr")).to_have_count(3)
+    expect(page.locator("tr[data-member='dbl-0']").get_by_test_id("member-role")).to_have_text("master")
+
+    with page.expect_navigation():
+        page.click("#cluster-actions button:has-text('Start cluster')")
+    expect(page.locator(".messages")).to_contain_text("Starting cluster dbl: its workers, then its master.")
+    page.evaluate("window.__notReloaded = true")
+    for member in ("dbl-0", "dbl-1", "dbl-2"):
+        expect(page.locator(f"tr[data-member='{member}']").get_by_test_id("instance-status")).to_have_text(
+            "Healthy", timeout=180_000)
+    expect(page.get_by_test_id("operation-status")).to_have_text("Succeeded", timeout=30_000)
+    assert page.evaluate("window.__notReloaded === true"), "the statuses should have arrived through htmx"
+
+    with page.expect_navigation():
+        page.click("#cluster-actions button:has-text('Check reachability')")
+    for worker in ("dbl-1", "dbl-2"):
+        expect(page.locator(f"tr[data-member='{worker}']").get_by_test_id("member-probe")).to_contain_text(
+            "✓ reached", timeout=60_000)
+    expect(page.get_by_test_id("probe-when")).to_contain_text("Reachability last checked")
+    page.screenshot(path=str(tmp_path / "cluster.png"), full_page=True)
