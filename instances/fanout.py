@@ -24,6 +24,22 @@ def by_node(instances) -> dict[int, tuple[Node, list]]:
     return groups
 
 
+def local_and_others(instance_pks) -> tuple[list[Instance], dict]:
+    """(the instances on `local`, by_node() of the others): what the hub does itself and what it asks agents for."""
+    found = {i.pk: i for i in Instance.objects.select_related("node").filter(pk__in=instance_pks)}
+    groups = by_node([found[pk] for pk in instance_pks if pk in found])
+    local = next((pk for pk, (node, _) in groups.items() if node.name == LOCAL_NODE), None)
+    return (groups.pop(local)[1] if local is not None else []), groups
+
+
+def nodes_taking_jobs(instances) -> list[Node]:
+    """The nodes of `instances` in the order they first appear, or NodeUnavailable (refuse_unavailable) before
+    anything is queued."""
+    nodes = [node for node, _ in by_node(instances).values()]
+    refuse_unavailable(nodes)
+    return nodes
+
+
 def refuse_unavailable(nodes) -> None:
     """Raise NodeUnavailable for the first node whose agent takes no jobs now: the whole request is refused before
     anything is queued, rather than done on some nodes and left waiting on another."""
@@ -180,14 +196,7 @@ def copy_summary(files: list[dict]) -> dict:
     return {"files": files, "copied": len(files) - len(failed) - skipped, "skipped": skipped, "failed": len(failed)}
 
 
-# --- Installing a library workflow and updating images on several nodes -------------------------------------------
-
-def local_and_others(instance_pks) -> tuple[list[Instance], dict]:
-    found = {i.pk: i for i in Instance.objects.select_related("node").filter(pk__in=instance_pks)}
-    groups = by_node([found[pk] for pk in instance_pks if pk in found])
-    local = next((pk for pk, (node, _) in groups.items() if node.name == LOCAL_NODE), None)
-    return (groups.pop(local)[1] if local is not None else []), groups
-
+# --- Installing a library workflow on several nodes -----------------------------------------------------------------
 
 def install_here(version_pk, instance_pks, report) -> dict:
     """Write the library version into these instances, all on this node."""

@@ -8,10 +8,11 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from comfyhub import operations
+from comfyhub.models import Operation
 from comfyhub.operations import OperationError
 
-from . import containers, docker_engine, health, runtime
-from .models import Instance, Node
+from . import containers, docker_engine, fanout, health, runtime
+from .models import LOCAL_NODE, Instance, Node
 
 
 def image_update(*, instances: list[Instance], refresh: bool = True, user=None):
@@ -23,10 +24,7 @@ def image_update(*, instances: list[Instance], refresh: bool = True, user=None):
                 if (problem := runtime.image_problem(instance.image))]
     if problems:
         raise ValidationError({"image": problems})
-    from . import fanout
-
-    nodes = [node for node, _ in fanout.by_node(instances).values()]
-    fanout.refuse_unavailable(nodes)
+    nodes = fanout.nodes_taking_jobs(instances)
     # One instance: its operation, listed on its page. Several: the rollout's own, its log names each one. On one
     # node it runs on that node's queue; on several, the hub rolls out local's and each other node's agent its own.
     target = instances[0] if len(instances) == 1 else None
@@ -222,16 +220,11 @@ class _Share:
 def roll_out_over_nodes(instance_pks, refresh: bool, report) -> dict:
     """On the hub: roll the update out over local's instances here and over each other node's by its agent; a
     node's rollout stopping at an instance that did not come up leaves the other nodes' rollouts alone."""
-    from comfyhub.models import Operation
-
-    from .fanout import Part, failed_nodes, local_and_others, node_failure, run_parts
-    from .models import LOCAL_NODE
-
-    here, others = local_and_others(instance_pks)
+    here, others = fanout.local_and_others(instance_pks)
     if not here and not others:
         raise OperationError("None of the instances exists any more (deleted while this operation waited).")
-    parts = [Part(node, "instances.jobs.update_image",
-                  {"instance_pks": [i.pk for i in node_instances], "refresh": refresh})
+    parts = [fanout.Part(node, "instances.jobs.update_image",
+                         {"instance_pks": [i.pk for i in node_instances], "refresh": refresh})
              for node, node_instances in others.values()]
     local_error = None
 
@@ -243,7 +236,7 @@ def roll_out_over_nodes(instance_pks, refresh: bool, report) -> dict:
             local_error = str(exc)
             return None
 
-    mine, outcomes = run_parts(report, parts, here=local_part)
+    mine, outcomes = fanout.run_parts(report, parts, here=local_part)
     if here:
         status = Operation.Status.FAILED if local_error else Operation.Status.SUCCEEDED
         outcomes = {LOCAL_NODE: {"operation": str(report.operation_id), "status": status, "result": mine,
@@ -254,6 +247,6 @@ def roll_out_over_nodes(instance_pks, refresh: bool, report) -> dict:
         result["images"] += part.get("images", [])
         result["instances"] += part.get("instances", [])
         result["restarted"] += part.get("restarted", 0)
-    if failed_nodes(outcomes):
-        raise node_failure("The image update", outcomes, result)
+    if fanout.failed_nodes(outcomes):
+        raise fanout.node_failure("The image update", outcomes, result)
     return result
