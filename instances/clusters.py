@@ -10,7 +10,7 @@ import json
 import re
 
 from django.conf import settings
-from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -45,15 +45,13 @@ KIND_START, KIND_STOP, KIND_SYNC, KIND_PROBE = "cluster_start", "cluster_stop", 
 # --- Who is in which cluster ---------------------------------------------------------------------------------
 
 def membership(instance: Instance) -> tuple[Cluster, str] | None:
-    """(cluster, "master" | "worker") for a member, None for any other instance."""
-    try:
-        return instance.cluster_as_master, "master"
-    except ObjectDoesNotExist:
-        pass
-    try:
-        return instance.cluster_membership.cluster, "worker"
-    except ObjectDoesNotExist:
-        return None
+    """(cluster, "master" | "worker") for a member, None for any other instance (asked of the database, never of
+    relations cached on the object)."""
+    cluster = Cluster.objects.select_related("master__node").filter(master_id=instance.pk).first()
+    if cluster is not None:
+        return cluster, "master"
+    row = ClusterWorker.objects.select_related("cluster__master__node").filter(instance_id=instance.pk).first()
+    return (row.cluster, "worker") if row is not None else None
 
 
 def workers_of(cluster: Cluster) -> list[Instance]:

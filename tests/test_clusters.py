@@ -225,3 +225,228 @@ def test_a_merge_keeps_what_a_person_set_and_replaces_what_comfyhub_decides():
     assert merged["settings"]["debug"] is True and merged["settings"]["worker_timeout_seconds"] == 99
     assert merged["settings"]["auto_launch_workers"] is False
     assert merged["tunnel"] == {"status": "running"} and merged["future_key"] == [1]
+
+
+# --- A cluster of a master and two workers on one node ------------------------------------------------------------
+
+@pytest.fixture
+def distributed(tmp_path, settings, monkeypatch, node_git):
+    return make_distributed_source(tmp_path / "sources", settings, monkeypatch)
+
+
+@pytest.fixture
+def template(comfyui_double_image):
+    return InstanceTemplate.objects.create(name="cluster-member", image=comfyui_double_image)
+
+
+def container(instance: Instance) -> dict:
+    engine = docker_engine.require_engine(instance.node.docker_host or None)
+    try:
+        return engine.api.inspect_container(instance.container_name)
+    finally:
+        engine.close()
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def made_cluster(template, operator, run_worker) -> Cluster:
+    local = services.local_node()
+    cluster = clusters.cluster_create(name="render", user=operator, template=template,
+                                      new_members=[(local, [0]), (local, [1]), (local, [2])])
+    run_worker()
+    for operation in Operation.objects.filter(kind="cluster_member_prepare"):
+        assert operation.status == Operation.Status.SUCCEEDED, operation.error + operation.log
+    return cluster
+
+
+@pytest.mark.docker
+def test_a_cluster_from_a_template_gets_the_pinned_node_and_a_file_per_member_before_it_starts(
+        distributed, template, operator, run_worker, settings):
+    cluster = made_cluster(template, operator, run_worker)
+
+    master = Instance.objects.get(instance_id="render-master")
+    w1, w2 = Instance.objects.get(instance_id="render-w1"), Instance.objects.get(instance_id="render-w2")
+    assert cluster.master == master and clusters.workers_of(cluster) == [w1, w2]
+    assert [[g.index for g in i.assigned_gpus()] for i in (master, w1, w2)] == [[0], [1], [2]]
+    for member in (master, w1, w2):
+        node = CustomNode.objects.get(instance=member, name="ComfyUI-Distributed")
+        assert (node.url, node.commit) == (distributed.url, distributed.pinned)
+        check_shape(written(member))
+        assert config_file(member).stat().st_uid == settings.PUID  # the node rewrites it from inside
+
+    master_file = written(master)
+    assert (master_file["master"]["host"], master_file["master"]["port"]) == (master.container_name, 8188)
+    assert master_file["master"]["name"] == "render-master" and master_file["master"]["cuda_device"] == 0
+    assert [(w["id"], w["host"], w["port"], w["type"], w["enabled"]) for w in master_file["workers"]] == [
+        ("render-w1", w1.container_name, 8188, "remote", False), ("render-w2", w2.container_name, 8188, "remote", False)]
+    for worker in (w1, w2):
+        assert written(worker)["workers"] == []
+        assert written(worker)["master"]["host"] == master.container_name
+
+
+@pytest.mark.docker
+def test_a_cluster_starts_workers_then_master_and_the_master_reaches_each_worker_by_its_files_address(
+        distributed, template, operator, run_worker, settings):
+    cluster = made_cluster(template, operator, run_worker)
+    master = cluster.master
+    w1, w2 = clusters.workers_of(cluster)
+
+    start = succeeded(clusters.cluster_start(cluster=cluster, user=operator), run_worker)
+
+    started_at = {i.instance_id: container(i)["State"]["StartedAt"] for i in (master, w1, w2)}
+    assert started_at["render-w1"] < started_at["render-w2"] < started_at["render-master"]
+    log = start.log
+    assert log.index("render-w1 is healthy") < log.index("starting worker render-w2") \
+        < log.index("render-w2 is healthy") < log.index("starting master render-master")
+    # Every member runs with ComfyHub's CORS flag, on the cluster's own network, found by its name.
+    network = runtime.cluster_network_name("render")
+    for member in (master, w1, w2):
+        info = container(member)
+        assert info["Config"]["Cmd"][-2:] == ["--enable-cors-header", settings.HUB_ORIGIN]
+        assert member.container_name in info["NetworkSettings"]["Networks"][network]["Aliases"]
+    engine = docker_engine.require_engine()
+    try:
+        labels = engine.api.inspect_network(network)["Labels"]
+    finally:
+        engine.close()
+    assert labels[runtime.LABEL_CLUSTER] == "render" and labels["comfyhub.test"] == settings.CONTAINER_EXTRA_LABELS[
+        "comfyhub.test"]
+
+    # The master's file, as its ComfyUI-Distributed serves it: both workers enabled now that they run.
+    served = get_json(f"{master.url}distributed/config")
+    check_shape(served)
+    assert [(w["id"], w["enabled"]) for w in served["workers"]] == [("render-w1", True), ("render-w2", True)]
+    # From inside the master's container, at the addresses in its file.
+    probe = succeeded(clusters.cluster_probe(cluster=cluster, user=operator), run_worker)
+    assert probe.result == {
+        w.instance_id: {"url": f"http://{w.container_name}:8188/system_stats", "ok": True, "detail": "HTTP 200"}
+        for w in (w1, w2)}
+    assert clusters.last_probe(cluster).pk == probe.pk
+    assert {k: v["ok"] for k, v in get_json(f"{master.url}distributed/reach").items()} == {
+        "render-w1": True, "render-w2": True}
+
+    stop = succeeded(clusters.cluster_stop(cluster=cluster, user=operator), run_worker)
+    finished_at = {i.instance_id: container(i)["State"]["FinishedAt"] for i in (master, w1, w2)}
+    assert finished_at["render-w1"] < finished_at["render-w2"] < finished_at["render-master"]
+    assert stop.log.index("stopping worker render-w2") < stop.log.index("stopping master render-master")
+    assert [w["enabled"] for w in written(master)["workers"]] == [False, False]
+
+
+@pytest.mark.docker
+def test_a_stopped_worker_is_disabled_within_one_reconcile_and_a_setting_from_the_nodes_ui_survives_a_sync(
+        distributed, template, operator, run_worker):
+    cluster = made_cluster(template, operator, run_worker)
+    master = cluster.master
+    w1, w2 = clusters.workers_of(cluster)
+    succeeded(clusters.cluster_start(cluster=cluster, user=operator), run_worker)
+
+    # Stopped behind ComfyHub's back: the next reconcile of its node sees it and rewrites the master's file.
+    engine = docker_engine.require_engine()
+    try:
+        docker_engine.stop_container(engine, w2.container_name, timeout=5)
+    finally:
+        engine.close()
+    health.reconcile_node(master.node)
+    assert [(w["id"], w["enabled"]) for w in written(master)["workers"]] == [("render-w1", True),
+                                                                             ("render-w2", False)]
+    assert get_json(f"{master.url}distributed/config")["workers"][1]["enabled"] is False
+
+    # What the node's UI writes: a setting changed, a key ComfyHub does not know, the tunnel's state.
+    edited = written(master)
+    edited["settings"].update({"debug": True, "worker_timeout_seconds": 123, "auto_launch_workers": True})
+    edited["tunnel"] = {"status": "stopped", "public_url": ""}
+    edited["ui_only"] = {"kept": 1}
+    config_file(master).write_text(json.dumps(edited))
+
+    succeeded(clusters.cluster_sync(cluster=cluster, user=operator), run_worker)
+
+    after = written(master)
+    check_shape(after)
+    assert after["settings"]["debug"] is True and after["settings"]["worker_timeout_seconds"] == 123
+    assert after["settings"]["auto_launch_workers"] is False  # ComfyHub runs the workers
+    assert after["tunnel"] == edited["tunnel"] and after["ui_only"] == {"kept": 1}
+    cluster.refresh_from_db()
+    assert cluster.synced_at is not None and cluster.sync_detail == ""
+
+    # Unchanged on a reconcile when nothing changed: the file is not rewritten.
+    before = os.stat(config_file(master)).st_ino
+    health.reconcile_node(master.node)
+    assert os.stat(config_file(master)).st_ino == before
+
+
+@pytest.mark.docker
+def test_removing_a_worker_and_deleting_the_cluster_leave_plain_instances_with_empty_worker_lists(
+        distributed, template, operator, run_worker):
+    cluster = made_cluster(template, operator, run_worker)
+    master = cluster.master
+    w1, w2 = clusters.workers_of(cluster)
+
+    succeeded(clusters.cluster_remove_worker(cluster=cluster, instance=w2, user=operator), run_worker)
+    assert [w["id"] for w in written(master)["workers"]] == ["render-w1"]
+    assert clusters.membership(w2) is None and clusters.deletion_problem(w2) is None
+
+    succeeded(clusters.cluster_delete(cluster=cluster, user=operator), run_worker)
+    assert not Cluster.objects.exists()
+    assert written(master)["workers"] == [] and written(w1)["workers"] == []
+    check_shape(written(master))
+
+
+@pytest.mark.docker
+def test_an_adopted_instance_with_another_commit_of_the_node_is_moved_to_the_pinned_one(
+        distributed, comfyui_double_image, operator, run_worker):
+    from instances import customnodes
+
+    master = plain("adopted", gpus=[0], image=comfyui_double_image)
+    succeeded(services.instance_build(instance=master), run_worker)
+    customnodes.install(master, distributed.url, distributed.other, name="ComfyUI-Distributed")
+
+    clusters.cluster_create(name="render", user=operator, master=master)
+    prepare = Operation.objects.get(kind="cluster_member_prepare")
+    succeeded(prepare, run_worker)
+
+    assert CustomNode.objects.get(instance=master, name="ComfyUI-Distributed").commit == distributed.pinned
+    check_shape(written(master))
+
+
+# --- A hostile member's folder ----------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_a_link_or_fifo_planted_at_gpu_config_json_from_inside_the_container_is_replaced_never_followed(
+        distributed, template, operator, run_worker, canary):
+    cluster = made_cluster(template, operator, run_worker)
+    succeeded(clusters.cluster_start(cluster=cluster, user=operator), run_worker)
+    master = cluster.master
+    target = canary / "secret.txt"
+    before = target.read_bytes()
+    inside = f"/instance/{clusters.CONFIG_RELPATH}"
+
+    engine = docker_engine.require_engine()
+    try:
+        planted = docker_engine.exec_in(engine, master.container_name, ["sh", "-c", f"rm -f {inside} && ln -s "
+                                                                                    f"{target} {inside}"])
+        assert planted.exit_code == 0, planted.output
+        assert config_file(master).is_symlink()
+        succeeded(clusters.cluster_sync(cluster=cluster, user=operator), run_worker)
+        assert not config_file(master).is_symlink() and target.read_bytes() == before
+        check_shape(written(master))
+
+        planted = docker_engine.exec_in(engine, master.container_name, ["sh", "-c", f"rm -f {inside} && mkfifo "
+                                                                                    f"{inside}"])
+        assert planted.exit_code == 0, planted.output
+        health.reconcile_node(master.node)  # would hang on a fifo opened for reading
+        check_shape(written(master))
+
+        folder = f"/instance/custom_nodes/{clusters.DISTRIBUTED_FOLDER}"
+        planted = docker_engine.exec_in(engine, master.container_name, [
+            "sh", "-c", f"mv {folder} {folder}.real && ln -s {canary} {folder}"])
+        assert planted.exit_code == 0, planted.output
+        sync = clusters.cluster_sync(cluster=cluster, user=operator)
+        run_worker()
+        sync.refresh_from_db()
+        assert sync.status == Operation.Status.FAILED and "link" in sync.error
+    finally:
+        engine.close()
+    assert target.read_bytes() == before and not (canary / clusters.CONFIG_NAME).exists()
