@@ -450,3 +450,71 @@ def test_a_link_or_fifo_planted_at_gpu_config_json_from_inside_the_container_is_
     finally:
         engine.close()
     assert target.read_bytes() == before and not (canary / clusters.CONFIG_NAME).exists()
+
+
+# --- A worker on a second node ----------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_a_worker_on_node_b_gets_node_addresses_both_ways_and_the_master_reaches_it(
+        distributed, template, operator, run_worker, tmp_path, docker_engine, second_docker_engine, settings):
+    from tests.support.engine import SECOND_BRIDGE_ADDRESS
+    from tests.test_moves import node_b, start_agent
+
+    settings.NODE_HEARTBEAT_SECONDS = 3
+    # Addresses each node's containers can reach the other's published ports at: local's on its engine's bridge
+    # gateway, B's on its own bridge's address (both are this machine's, as two hosts' LAN addresses would be).
+    gateway = docker_engine.api.inspect_network("bridge")["IPAM"]["Config"][0]["Gateway"]
+    b_address = str(SECOND_BRIDGE_ADDRESS.ip)
+    local = services.local_node()
+    Node.objects.filter(pk=local.pk).update(bind_address=gateway)
+    local.refresh_from_db()
+    node = node_b(second_docker_engine, tmp_path / "node-b")
+    agent = start_agent(tmp_path, second_docker_engine, NODE_ADDRESS=b_address)
+    try:
+        node.refresh_from_db()
+        assert node.bind_address == b_address
+        cluster = clusters.cluster_create(name="far", user=operator, template=template,
+                                          new_members=[(local, [0]), (local, [1]), (node, [0])])
+        run_worker()
+        from tests.conftest import wait_for
+
+        wait_for(lambda: not Operation.objects.filter(kind="cluster_member_prepare",
+                                                      status__in=Operation.ACTIVE_STATUSES).exists(),
+                 timeout=120, message="every member prepared")
+        for operation in Operation.objects.filter(kind="cluster_member_prepare"):
+            assert operation.status == Operation.Status.SUCCEEDED, operation.error + operation.log
+        master = Instance.objects.get(instance_id="far-master")
+        near, remote = Instance.objects.get(instance_id="far-w1"), Instance.objects.get(instance_id="far-w2")
+        assert remote.node == node
+
+        master_file = written(master)
+        check_shape(master_file)
+        assert (master_file["master"]["host"], master_file["master"]["port"]) == (gateway, master.host_port)
+        assert [(w["id"], w["host"], w["port"]) for w in master_file["workers"]] == [
+            ("far-w1", near.container_name, 8188), ("far-w2", b_address, remote.host_port)]
+        remote_file = written(remote)
+        check_shape(remote_file)
+        assert (remote_file["master"]["host"], remote_file["master"]["port"]) == (gateway, master.host_port)
+        assert written(near)["master"]["host"] == master.container_name
+
+        start = clusters.cluster_start(cluster=cluster, user=operator)
+        succeeded(start, run_worker)
+        assert start.log.index("far-w2 is healthy") < start.log.index("starting master far-master")
+        b_started = second_docker_engine.client.api.inspect_container(remote.container_name)["State"]["StartedAt"]
+        assert b_started < container(master)["State"]["StartedAt"]
+
+        probe = succeeded(clusters.cluster_probe(cluster=cluster, user=operator), run_worker)
+        assert {k: (v["url"], v["ok"]) for k, v in probe.result.items()} == {
+            "far-w1": (f"http://{near.container_name}:8188/system_stats", True),
+            "far-w2": (f"http://{b_address}:{remote.host_port}/system_stats", True)}, probe.result
+        # And the worker on B reaches the master back at the address its own file gives.
+        from instances import probes
+
+        [back] = probes.reach_from_inside(remote, [f"http://{gateway}:{master.host_port}/system_stats"])
+        assert back.ok, back.detail
+
+        succeeded(clusters.cluster_stop(cluster=cluster, user=operator), run_worker)
+        b_finished = second_docker_engine.client.api.inspect_container(remote.container_name)["State"]["FinishedAt"]
+        assert b_finished < container(master)["State"]["FinishedAt"]
+    finally:
+        agent.stop()
