@@ -247,3 +247,42 @@ def _writable_shared_files(node=None, limit: int = 20) -> list[Finding]:
         "themselves should not depend on that.",
         f"Make the shared tree owned by another user and read-only for uid {settings.PUID}, e.g. "
         f"chown -R root:root {shared} && chmod -R a-w,a+rX {shared}/models")]
+
+
+# --- Inboxes (the models page) ----------------------------------------------------------------------------------
+
+INBOX_TIMEOUT = 5  # seconds a node's agent has to list its instances' inboxes before the models page goes on
+
+
+def inboxes(instances) -> tuple[list[tuple], list[str]]:
+    """[(instance, its inbox files)] for the instances whose inbox holds something, each read on its node (this
+    process's own instances here, another node's by its agent, one call per node), and why a node's were not
+    read."""
+    from instances import remote
+
+    found, problems, elsewhere = {}, [], {}
+    for instance in instances:
+        if remote.served_here(instance.node):
+            found[instance.instance_id] = library.inbox(instance)
+        else:
+            elsewhere.setdefault(instance.node.name, (instance.node, []))[1].append(instance.instance_id)
+    for name, (node, ids) in sorted(elsewhere.items()):
+        try:
+            found.update(remote.call_on_node(node, "storage_app.checks.inboxes_of", {"instance_ids": ids},
+                                             timeout=INBOX_TIMEOUT))
+        except remote.NodeReadError as exc:
+            problems.append(f"The inboxes of node {name}'s instances are not shown: {exc}")
+    return [(i, found[i.instance_id]) for i in instances if found.get(i.instance_id)], problems
+
+
+def inboxes_of(instance_ids: list[str]) -> dict[str, list[dict]]:
+    """On a node's agent: the inboxes of those of `instance_ids` that are on this node."""
+    from instances.models import Instance
+    from instances.remote import served_here
+
+    return {instance.instance_id: library.inbox(instance)
+            for instance in Instance.objects.select_related("node").filter(instance_id__in=list(instance_ids)[:10000])
+            if served_here(instance.node)}
+
+
+inboxes_of.node_read = True

@@ -11,7 +11,7 @@ from comfyhub.forms import service_errors
 from comfyhub.models import Operation
 from instances.models import Instance, Node
 
-from . import library, services
+from . import checks, library, services
 from .forms import ImportHashesForm, ModelFilterForm
 from .models import ModelAsset, ModelNodeCheck
 
@@ -38,12 +38,14 @@ def model_list(request):
     query.pop("page", None)
     latest = Operation.objects.filter(kind__in=MODEL_KINDS).select_related("requested_by").first()
     instances = Instance.objects.select_related("node").order_by("instance_id")
-    inboxes = [(instance, library.inbox(instance)) for instance in instances]
+    inboxes, unread = checks.inboxes(list(instances))  # each instance's on its node
+    for problem in unread:
+        messages.warning(request, problem)
     return render(request, "storage_app/model_list.html", {
         "form": form, "page": page, "assets": page.object_list, "query": query.urlencode(),
         "totals": library.folder_totals(), "duplicates": library.duplicates(),
         "problems": ModelAsset.objects.filter(status__in=ModelAsset.PROBLEM_STATUSES).count(),
-        "latest": latest, "inboxes": [(i, files) for i, files in inboxes if files],
+        "latest": latest, "inboxes": inboxes,
         "import_form": ImportHashesForm(),
         "cache": services.model_cache_status(),
         "cache_reports": services.model_cache_reports(),
