@@ -10,7 +10,7 @@ from django.utils import timezone
 from comfyhub.models import Operation
 from instances import clusters, services
 from instances.models import Cluster, ClusterWorker, Instance, Node
-from tests.support.gitrepos import make_node_repo
+from tests.support.distributed import make_distributed_source
 
 NAMED_PAGES = ["cluster-detail", "cluster-live", "cluster-start", "cluster-stop", "cluster-sync", "cluster-probe",
                "cluster-add-worker", "cluster-remove-worker", "cluster-delete"]
@@ -275,12 +275,8 @@ def test_the_action_buttons_queue_operations_on_the_cluster(client, operator, cl
 
 @pytest.fixture
 def distributed_source(tmp_path, settings, monkeypatch, node_git):
-    """A local git repository standing in for ComfyUI-Distributed, pinned as the settings pin the real one."""
-    url, commits = make_node_repo(tmp_path / "repos", name="ComfyUI-Distributed")
-    for name, value in (("DISTRIBUTED_NODE_URL", url), ("DISTRIBUTED_NODE_REF", commits["main"])):
-        setattr(settings, name, value)
-        monkeypatch.setenv(name, value)
-    return url, commits["main"]
+    """ComfyUI-Distributed's stand-in repository, pinned as the settings pin the real one."""
+    return make_distributed_source(tmp_path / "repos", settings, monkeypatch)
 
 
 @pytest.fixture
