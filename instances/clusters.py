@@ -136,8 +136,9 @@ def name_problem(name) -> str | None:
     return None
 
 
-def cors_origin_problem(origin, user=None) -> str | None:
-    """Why `origin` cannot be what the members' --enable-cors-header allows, or None. Empty: the hub's origin."""
+def cors_origin_problem(origin, user=None, *, as_operator: bool = False) -> str | None:
+    """Why `origin` cannot be what the members' --enable-cors-header allows, or None. Empty: the hub's origin.
+    `as_operator`: the caller is the host's administrator (the command line)."""
     if origin == "":
         return None
     if not isinstance(origin, str) or len(origin) > 300:
@@ -145,7 +146,7 @@ def cors_origin_problem(origin, user=None) -> str | None:
     if origin != "*" and not ORIGIN_RE.fullmatch(origin):
         return (f"'{origin}' is not an origin: give scheme://host[:port] without a path, e.g. "
                 f"https://comfyhub.example.org, or leave it empty for the hub's own ({settings.HUB_ORIGIN}).")
-    if not is_operator(user):
+    if not as_operator and not is_operator(user):
         return ("Only an operator may set the members' CORS origin to anything but the hub's own; leave it empty "
                 f"({settings.HUB_ORIGIN}).")
     return None
@@ -240,7 +241,7 @@ def _new_ids(name: str, count: int, with_master: bool) -> list[str]:
 
 
 def cluster_check(*, name, user=None, description="", cors_origin="", template=None, new_members=(), master=None,
-                  workers=()) -> list[str]:
+                  workers=(), as_operator: bool = False) -> list[str]:
     """Every rule cluster_create applies, without making anything; raises ValidationError keyed by field. Returns the
     ids the new members will get."""
     errors: dict[str, list[str]] = {}
@@ -248,7 +249,7 @@ def cluster_check(*, name, user=None, description="", cors_origin="", template=N
     workers = list(workers or [])
     if problem := name_problem(name):
         errors["name"] = [problem]
-    if problem := cors_origin_problem(cors_origin, user):
+    if problem := cors_origin_problem(cors_origin, user, as_operator=as_operator):
         errors["cors_origin"] = [problem]
     if len(description or "") > 2000:
         errors.setdefault("name", []).append("A description has at most 2000 characters.")
@@ -303,16 +304,17 @@ def cluster_check(*, name, user=None, description="", cors_origin="", template=N
 # --- Services ------------------------------------------------------------------------------------------------
 
 def cluster_create(*, name, user=None, description="", cors_origin="", template=None, new_members=(), master=None,
-                   workers=()) -> Cluster:
+                   workers=(), as_operator: bool = False) -> Cluster:
     """Make a cluster: new members from `template` (one per (node, [GPU indexes]) of `new_members`, named
     "<name>-master", "<name>-w1", ...; the first is the master unless `master` is given) and existing instances
     adopted as `master` and `workers`. Each member then gets ComfyUI-Distributed at DISTRIBUTED_NODE_REF and its
-    gpu_config.json, by an operation on its node."""
+    gpu_config.json, by an operation on its node. `as_operator`: the caller is the host's administrator (the command
+    line), who may set any CORS origin."""
     new_members = [(node, list(indexes)) for node, indexes in (new_members or [])] \
         if all(isinstance(e, (list, tuple)) and len(e) == 2 for e in (new_members or [])) else list(new_members)
     workers = list(workers or [])
     ids = cluster_check(name=name, user=user, description=description, cors_origin=cors_origin, template=template,
-                        new_members=new_members, master=master, workers=workers)
+                        new_members=new_members, master=master, workers=workers, as_operator=as_operator)
     with transaction.atomic():
         made = []
         for instance_id, (node, indexes) in zip(ids, new_members):
@@ -429,13 +431,22 @@ def cluster_probe(*, cluster: Cluster, user=None):
                               user=user, cluster_pk=cluster.pk)
 
 
-def last_probe(cluster: Cluster):
+def _last(cluster: Cluster, kind: str):
     from django.contrib.contenttypes.models import ContentType
 
     from comfyhub.models import Operation
 
-    return Operation.objects.filter(kind=KIND_PROBE, target_type=ContentType.objects.get_for_model(Cluster),
+    return Operation.objects.filter(kind=kind, target_type=ContentType.objects.get_for_model(Cluster),
                                     target_id=str(cluster.pk)).order_by("-created_at").first()
+
+
+def last_probe(cluster: Cluster):
+    """The cluster's latest probe operation (its result: {worker id: {"url", "ok", "detail"}}), or None."""
+    return _last(cluster, KIND_PROBE)
+
+
+def last_sync(cluster: Cluster):
+    return _last(cluster, KIND_SYNC)
 
 
 def worker_enabled(instance: Instance) -> bool:

@@ -518,3 +518,43 @@ def test_a_worker_on_node_b_gets_node_addresses_both_ways_and_the_master_reaches
         assert b_finished < container(master)["State"]["FinishedAt"]
     finally:
         agent.stop()
+
+
+# --- manage.py clusters -----------------------------------------------------------------------------------------
+
+def test_the_command_makes_a_cluster_of_existing_instances_lists_and_shows_it(settings):
+    from tests.support.cli import run
+
+    plain("m", gpus=[0]), plain("w", gpus=[1])
+    made = run("clusters", "create", "render", "--master", "m", "--worker", "w", "--cors-origin", "*")
+    assert made.code == 0, made.err
+    assert "Cluster render: master m, workers w." in made.out
+
+    listed = run("clusters", "list")
+    assert listed.out.splitlines()[1].split() == ["render", "m", "w", "*", "never"]
+    shown = json.loads(run("clusters", "show", "render", "--json").out)
+    assert shown["members"] == [
+        {"instance": "m", "role": "master", "node": "local", "status": "new", "enabled": False,
+         "url_from_master": None},
+        {"instance": "w", "role": "worker", "node": "local", "status": "new", "enabled": False,
+         "url_from_master": f"http://{settings.CONTAINER_NAME_PREFIX}w:8188"}]
+    assert shown["cors_origin"] == "*" and shown["last_probe"] is None
+
+
+def test_the_command_refuses_bad_input_with_exit_2_and_the_services_words():
+    from tests.support.cli import run
+
+    plain("m", gpus=[0])
+    InstanceTemplate.objects.create(name="cl", image="img:1")
+    assert run("clusters", "show", "nope").err == "No cluster 'nope'. Known: none"
+    taken = run("clusters", "create", "render", "--template", "cl", "--gpus", "local:0")
+    assert taken.code == 2
+    assert "new_members: Node local: GPU 0 is held exclusively by instance 'm'" in taken.err
+    no_gpus = run("clusters", "create", "render", "--template", "cl", "--gpus", "local:")
+    assert no_gpus.code == 2 and "gpus: 'local:': give the GPU indexes of the new member" in no_gpus.err
+    both = run("clusters", "create", "render", "--master", "m", "--worker", "m")
+    assert both.code == 2 and "master: 'm' cannot be the master and a worker of the same cluster" in both.err
+    clusters.cluster_create(name="render", master=Instance.objects.get(instance_id="m"))
+    unconfirmed = run("clusters", "delete", "render")
+    assert unconfirmed.code == 2 and "add --yes to confirm" in unconfirmed.err
+    assert Cluster.objects.filter(name="render").exists()
