@@ -186,6 +186,23 @@ def test_new_members_are_made_from_the_template_on_the_gpus_given(client, operat
         [("fresh-w1", [3])]
 
 
+def test_a_worker_on_another_node_is_reached_at_that_nodes_address_and_port(client, operator, db):
+    local = services.local_node()
+    local.bind_address = "10.0.0.1"
+    local.save()
+    remote = Node.objects.create(name="gpu-b", approved=True, bind_address="10.0.0.2",
+                                 last_heartbeat_at=timezone.now())
+    services.instance_create(instance_id="near")
+    far = services.instance_create(instance_id="far", node=remote)
+    client.force_login(operator)
+    response = client.post(reverse("cluster-create"), {"name": "spread", "master": "near", "workers": ["far"]})
+    assert response.status_code == 302, response.context["form"].errors
+    row = row_of(client.get(response["Location"]).content.decode(), "far")
+    assert "<td>gpu-b</td>" in row and f"<code>http://10.0.0.2:{far.host_port}</code>" in row
+    listed = client.get(reverse("cluster-list")).content.decode().split('data-cluster="spread"')[1].split("</tr>")[0]
+    assert "<td>gpu-b, local</td>" in listed
+
+
 def test_only_an_operator_sets_the_members_cors_origin(client, operator, trio):
     client.force_login(operator)
     response = client.post(reverse("cluster-create"), {"name": "open", "master": "inst-0", "workers": ["inst-1"],
