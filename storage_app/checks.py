@@ -275,6 +275,17 @@ def inboxes(instances) -> tuple[list[tuple], list[str]]:
     return [(i, found[i.instance_id]) for i in instances if found.get(i.instance_id)], problems
 
 
+def instance_inbox(instance, timeout: float | None = None) -> list[dict]:
+    """library.inbox(instance), read on the instance's node (another node's by its agent: instances.remote raises
+    NodeReadError when it cannot be asked)."""
+    from instances import remote
+
+    if remote.served_here(instance.node):
+        return library.inbox(instance)
+    return remote.call_on_node(instance.node, "storage_app.checks.inboxes_of",
+                               {"instance_ids": [instance.instance_id]}, timeout=timeout).get(instance.instance_id, [])
+
+
 def inboxes_of(instance_ids: list[str]) -> dict[str, list[dict]]:
     """On a node's agent: the inboxes of those of `instance_ids` that are on this node."""
     from instances.models import Instance

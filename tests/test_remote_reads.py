@@ -15,7 +15,7 @@ from comfyhub import queues
 from comfyhub.models import Operation
 from instances import customnodes, remote, services, templating, workflows
 from instances.models import GPU, Instance, InstanceTemplate, Node
-from storage_app import layout
+from storage_app import checks, layout
 from storage_app.checks import check_storage
 from tests import testenv
 from tests.conftest import wait_for
@@ -82,12 +82,14 @@ def test_node_bs_instance_is_read_by_bs_agent_and_its_pages_say_when_b_is_offlin
         write(on_b, "user/default/workflows/only-on-b.json", json.dumps({"nodes": []}))
         write(on_b, "user/default/comfy.settings.json", json.dumps({"Comfy.Theme": "dark"}))
         write(on_b, "custom_nodes/hand-made-on-b/__init__.py", "NODE_CLASS_MAPPINGS = {}\n")
+        write(on_b, "models/loras/downloaded-on-b.safetensors", "weights")
         os.symlink(canary, on_b / "custom_nodes" / "hand-made-on-b" / "escape")
         # A decoy where the hub would look if it read the folder itself.
         decoy = layout.instance_dir("beta", node_b)
         write(decoy, "user/default/workflows/decoy-on-hub.json", json.dumps({"nodes": []}))
         write(decoy, "user/default/comfy.settings.json", json.dumps({"Comfy.Theme": "light"}))
         write(decoy, "custom_nodes/decoy-node/__init__.py", "")
+        write(decoy, "models/loras/decoy-on-hub.safetensors", "weights")
         template = InstanceTemplate.objects.create(
             name="house", image=beta.image, settings={"Comfy.Theme": "dark"},
             custom_nodes=[{"url": "https://example.org/x/needed-node.git", "ref": ""}])
@@ -126,6 +128,11 @@ def test_node_bs_instance_is_read_by_bs_agent_and_its_pages_say_when_b_is_offlin
         assert str(on_b / "custom_nodes" / "hand-made-on-b" / "escape") in unsafe.message
         assert "On node gpu-b:" in html.unescape(client.get(reverse("storage-check")).content.decode())
 
+        # The models page's inboxes: what nodes downloaded into beta's models/ on B.
+        text = client.get(reverse("model-list")).content.decode()
+        assert "loras/downloaded-on-b.safetensors" in text and "decoy-on-hub" not in text
+        assert [item["path"] for item in checks.instance_inbox(beta)] == ["loras/downloaded-on-b.safetensors"]
+
         # B's agent dies: once B shows offline every page says so at once, and no read is queued for it.
         agent.kill_hard()
         wait_for(lambda: Node.objects.get(name="gpu-b").state().kind == "offline", timeout=20, interval=0.2,
@@ -137,6 +144,8 @@ def test_node_bs_instance_is_read_by_bs_agent_and_its_pages_say_when_b_is_offlin
         with pytest.raises(customnodes.CustomNodeError, match="Node gpu-b is offline since"):
             customnodes.list_nodes(beta)
         assert ("node-not-checked", "gpu-b") in {(f.code, f.subject) for f in check_storage()}
+        text = html.unescape(client.get(reverse("model-list")).content.decode())
+        assert "The inboxes of node gpu-b's instances are not shown: Node gpu-b is offline since" in text
         assert queues.get_queue("node.gpu-b").count == 0
     finally:
         agent.stop()
