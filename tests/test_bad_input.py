@@ -27,7 +27,7 @@ import instances.forms_clusters
 import storage_app.forms
 from comfyhub import jsonlimits
 from instances import access, services, workflows
-from instances.models import Instance, WorkflowEntry, WorkflowVersion
+from instances.models import Cluster, Instance, WorkflowEntry, WorkflowVersion
 from storage_app import layout
 from storage_app.models import Snapshot
 from tests.conftest import REPO, worker_database_url
@@ -425,6 +425,20 @@ COMMAND_ARGS = [
     *[("hosts", [action, "{bad}"], ID_VALUES) for action in ("show", "approve")],
     ("hosts", ["revoke-approval", "{bad}", "--yes"], ID_VALUES),
     ("agent", ["--node", "{bad}"], ["", "local", "Bad", "bad\n", "bad\x00", "x" * 100_000, "../x", "-x"]),
+    *[("clusters", [action, "{bad}"], ID_VALUES) for action in ("show", "start", "stop", "sync", "probe")],
+    ("clusters", ["delete", "{bad}", "--yes"], ID_VALUES),
+    ("clusters", ["create", "{bad}", "--master", "bad"], ["", "Bad", "bad\n", "x" * 100_000, "../x", "bad\x00"]),
+    ("clusters", ["create", "c2", "--template", "{bad}", "--gpus", "local:0"], ["", "nope", "bad\x00", "x" * 100_000]),
+    ("clusters", ["create", "c2", "--gpus", "{bad}"], ["abc", "local:abc", "nope:0", "local:", "²", "local:-1",
+                                                       "bad\x00:0", "x" * 100_000]),
+    ("clusters", ["create", "c2", "--master", "{bad}"], ID_VALUES),
+    ("clusters", ["create", "c2", "--master", "bad", "--worker", "{bad}"], [*ID_VALUES, "bad"]),
+    ("clusters", ["create", "c2", "--master", "bad", "--cors-origin", "{bad}"],
+     ["https://x.example/a", "ftp://x", "a b", "bad\x00", "x" * 100_000]),
+    ("clusters", ["create", "c2", "--master", "bad", "--description", "{bad}"], ["x" * 100_000]),
+    *[("clusters", [action, "{bad}", "bad"], ID_VALUES) for action in ("add-worker", "remove-worker")],
+    ("clusters", ["add-worker", "{cluster}", "{bad}"], [*ID_VALUES, "clu-master", "clu-w1"]),
+    ("clusters", ["remove-worker", "{cluster}", "{bad}"], [*ID_VALUES, "clu-master", "bad"]),
     ("serve", ["--workers", "{bad}"], ["abc", "²"]),
     ("serve", ["--web-workers", "{bad}"], ["abc"]),
 ]
@@ -468,7 +482,9 @@ def test_a_bad_argument_exits_2_with_a_message_never_a_traceback(world, tmp_path
         (tmp_path / "binary").write_bytes(BAD_FILES["not UTF-8"])
         values = [str(tmp_path / "binary")]
     for bad in values:
-        args = [str(world["snapshot"].pk) if a == "{snapshot}" else a.replace("{bad}", bad) for a in argv]
+        cluster = (Cluster.objects.filter(name="clu").first() or a_cluster()) if "{cluster}" in argv else None
+        args = [str(world["snapshot"].pk) if a == "{snapshot}" else cluster.name if a == "{cluster}" else
+                a.replace("{bad}", bad) for a in argv]
         out, err = StringIO(), StringIO()
         with pytest.raises(CommandError) as raised:
             call_command(command, *args, stdout=out, stderr=err)
@@ -506,7 +522,7 @@ def test_every_form_page_and_argument_is_in_a_table():
                          ("instances", "workflows"), ("instances", "images"), ("storage_app", "models"),
                          ("storage_app", "snapshots"),
                          ("storage_app", "storage"), ("storage_app", "legacy"), ("comfyhub", "serve"),
-                         ("instances", "hosts"), ("instances", "agent")):
+                         ("instances", "hosts"), ("instances", "agent"), ("instances", "clusters")):
         for action, dest in _arguments(load_command_class(app, command).create_parser("manage.py", command)):
             if dest in ("timeout",):
                 continue  # one float parsed by argparse for all; tried above on a few
@@ -533,7 +549,7 @@ def _dest(command, argv) -> str:
     positional argument that takes a value put in its place."""
     app = {"instances": "instances", "nodes": "instances", "templates": "instances", "workflows": "instances",
            "images": "instances", "models": "storage_app", "snapshots": "storage_app", "storage": "storage_app", "legacy": "storage_app",
-           "serve": "comfyhub", "hosts": "instances", "agent": "instances"}[command]
+           "serve": "comfyhub", "hosts": "instances", "agent": "instances", "clusters": "instances"}[command]
     parser = load_command_class(app, command).create_parser("manage.py", command)
     at = next(i for i, a in enumerate(argv) if "{bad}" in a)
     option = argv[at].split("=", 1)[0] if argv[at].startswith("--") else argv[at - 1] if at else ""
