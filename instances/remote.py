@@ -159,3 +159,30 @@ def instance_logs_of(instance_id: str, tail: int) -> str:
     from . import services
 
     return services.instance_logs(instance=instance_here(instance_id), tail=tail)
+
+
+# --- What a restart would change (the instance page, polled) --------------------------------------------------------
+
+# The instance page polls; a node that does not answer soon is shown as "nothing known", as an unreachable engine is.
+PAGE_READ_TIMEOUT = 3
+
+
+def pending_change_kinds(instance: Instance) -> set[str]:
+    """services.instance_pending_change_kinds, asked of the instance's node: its container and image are inspected
+    on its engine. Empty when that node cannot be asked (nothing is known, as with its engine down)."""
+    from . import services
+
+    if served_here(instance.node):
+        return services.instance_pending_change_kinds(instance)
+    try:
+        return set(call_on_node(instance.node, "instances.remote.pending_change_kinds_of",
+                                {"instance_id": instance.instance_id}, timeout=PAGE_READ_TIMEOUT))
+    except NodeReadError:
+        return set()
+
+
+@node_read
+def pending_change_kinds_of(instance_id: str) -> list[str]:
+    from . import services
+
+    return sorted(services.instance_pending_change_kinds(instance_here(instance_id)))

@@ -148,7 +148,7 @@ def _operations_of(instance):
 def _live_context(instance):
     active = _operations_of(instance).filter(status__in=Operation.ACTIVE_STATUSES).first()
     health = instance.health or {}
-    pending = services.instance_pending_change_kinds(instance)
+    pending = remote.pending_change_kinds(instance)  # its container, inspected on its node
     return {
         "instance": instance,
         "active_operation": active,
@@ -213,11 +213,11 @@ def instance_edit(request, instance_id):
         with service_errors(request, form):
             instance = services.instance_update(**form.arguments(), user=request.user)
             messages.success(request, f"Instance '{instance}' saved.")
-            if "configuration" in services.instance_pending_change_kinds(instance):
+            if "configuration" in remote.pending_change_kinds(instance):
                 messages.warning(request, "Its container still runs the old configuration: restart to apply.")
             return redirect(instance)
     return render(request, "instances/instance_form.html", {
-        "form": form, "instance": instance, "pending_changes": services.instance_pending_changes(instance),
+        "form": form, "instance": instance, "pending_changes": bool(remote.pending_change_kinds(instance)),
     })
 
 

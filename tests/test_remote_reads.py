@@ -99,6 +99,10 @@ def test_node_bs_instance_is_read_by_bs_agent_and_its_pages_say_when_b_is_offlin
         # Logs: B's container's lines, which the hub's own engine does not have.
         lines = [line for line in container.logs(tail=50).decode().splitlines() if line.strip()]
         assert lines
+        text, _ = page(client, "instance-detail", "beta")
+        assert 'data-testid="pending-changes"' not in text  # asked of B: its container is as it was made
+        beta = Instance.objects.select_related("node", "template").get(pk=beta.pk)
+        assert beta.config_hash and remote.pending_change_kinds(beta) == set()
         text, _ = page(client, "instance-logs", "beta")
         assert lines[-1] in text and 'data-testid="logs-error"' not in text
         download = client.get(reverse("instance-logs-download", args=["beta"]) + "?tail=50")
@@ -141,6 +145,8 @@ def test_node_bs_instance_is_read_by_bs_agent_and_its_pages_say_when_b_is_offlin
             text, took = page(client, name, "beta")
             assert "Node gpu-b is offline since" in text, name
             assert took < 3, (name, took)
+        text, took = page(client, "instance-detail", "beta")  # what a restart would change: nothing known
+        assert "node offline since" in text and 'data-testid="pending-changes"' not in text and took < 3
         with pytest.raises(customnodes.CustomNodeError, match="Node gpu-b is offline since"):
             customnodes.list_nodes(beta)
         assert ("node-not-checked", "gpu-b") in {(f.code, f.subject) for f in check_storage()}
