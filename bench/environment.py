@@ -7,6 +7,7 @@ Use it before Django is imported:
     with PrivateEnvironment("roundtrip") as env:
         env.setup_django()          # django.setup() + migrate on the private database
         worker = env.start_process("worker", [...])
+        key = env.worker_key(worker, "worker", "default")   # once it listens
 """
 from __future__ import annotations
 
@@ -148,6 +149,25 @@ class PrivateEnvironment:
         self.processes.append((process, log))
         return process
 
+    def worker_key(self, process: subprocess.Popen, label: str, queue_name: str, timeout: float = 60.0) -> str:
+        """The Redis key of the RQ worker that `process` (started as `label`) runs, once it listens on
+        `queue_name`; BenchError with the end of its log when it exits first."""
+        from redis import Redis
+        from rq import Worker
+
+        redis = Redis.from_url(self.redis_url)
+
+        def listening():
+            if process.poll() is not None:
+                raise BenchError(f"the {label} exited:\n{self.log_tail(label)}")
+            found = [w for w in Worker.all(connection=redis) if queue_name in w.queue_names()]
+            return found[0].key if found else None
+
+        try:
+            return wait(listening, f"the {label} to listen on {queue_name}", timeout=timeout, interval=0.1)
+        finally:
+            redis.close()
+
     def log_tail(self, label: str, lines: int = 30) -> str:
         try:
             return "\n".join((self.root / f"{label}.log").read_text(errors="replace").splitlines()[-lines:])
@@ -191,6 +211,18 @@ class PrivateEnvironment:
             self._old_handlers.clear()
 
 
+def wait(condition, what: str, *, timeout: float, interval: float):
+    """The first true value of `condition()`, called every `interval` s; BenchError after `timeout` s."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.perf_counter() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
 def run(main) -> int:
     """Run a benchmark's main(): its exit code, or 2 (after the reason) when it could not run at all."""
     try:
@@ -201,6 +233,21 @@ def run(main) -> int:
 
 
 # --- numbers -------------------------------------------------------------------------------------------------
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def timed_tool(argv: list[str]) -> tuple[float, str]:
+    """(seconds, standard output) of a command-line tool run to its end; BenchError when it fails."""
+    begin = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True)
+    seconds = time.perf_counter() - begin
+    if done.returncode != 0:
+        raise BenchError(f"{argv[0]} failed: {done.stderr.strip()[:300]}")
+    return seconds, done.stdout
+
 
 def median(values):
     return statistics.median(values)

@@ -20,42 +20,15 @@ import subprocess
 import sys
 import time
 
-from .environment import BenchError, PrivateEnvironment, run, save_result, verdict
+from . import datafiles
+from .environment import BenchError, PrivateEnvironment, run, save_result, timed_tool, usable_cores, verdict
 
 NAME = "hashing"
 LARGE_SIZE = int(os.environ.get("BENCH_HASH_LARGE_MIB", "2048")) << 20
 MANY_COUNT = int(os.environ.get("BENCH_HASH_FILES", "64"))
 MANY_SIZE = 32 << 20
-BLOCK = 64 << 20
 ROUNDS = 3
 TARGETS = {"large": 0.9, "many": 1.6, "blake3": 0.9}
-
-
-def _write_random(path, size, block, rotate=0):
-    rotated = block[rotate:] + block[:rotate] if rotate else block
-    with open(path, "wb") as handle:
-        left = size
-        while left:
-            piece = rotated[: min(left, len(rotated))]
-            handle.write(piece)
-            left -= len(piece)
-
-
-def _warm(paths):
-    buffer = bytearray(8 << 20)
-    for path in paths:
-        with open(path, "rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
-
-
-def _tool(argv):
-    begin = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    seconds = time.perf_counter() - begin
-    if done.returncode != 0:
-        raise BenchError(f"{argv[0]} failed: {done.stderr.strip()[:300]}")
-    return seconds, done.stdout
 
 
 def _best(ours, theirs):
@@ -68,7 +41,7 @@ def _best(ours, theirs):
 
 
 def main() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     for tool in ("openssl", "b3sum"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             raise BenchError(f"{tool} is missing (apt-get install {tool})")
@@ -78,26 +51,20 @@ def main() -> int:
 
         from storage_app import hashing, layout, library
 
-        block = os.urandom(BLOCK)
+        block = datafiles.random_block()
         big = env.root / "big.bin"
         models = layout.shared_models_dir()
         folder = models / "checkpoints"
         folder.mkdir(parents=True)
         begin = time.perf_counter()
-        _write_random(big, LARGE_SIZE, block)
-        many = []
-        for number in range(MANY_COUNT):
-            path = folder / f"model-{number:03d}.ckpt"
-            _write_random(path, MANY_SIZE, block, rotate=(number * 7919 * 4096) % BLOCK)
-            many.append(str(path))
+        datafiles.write_random(big, LARGE_SIZE, block)
+        many = [str(folder / f"model-{number:03d}.ckpt") for number in range(MANY_COUNT)]
+        datafiles.write_models(many, MANY_SIZE, block)
         del block
         written = time.perf_counter() - begin
-        # A model library is at rest: its files were written long ago (hashing.MMAP_QUIET_SECONDS matters for BLAKE3).
-        old = time.time() - 24 * 3600
-        for path in [big, *many]:
-            os.utime(path, (old, old))
+        datafiles.at_rest([big, *many])
         begin = time.perf_counter()
-        _warm([big, *many])
+        datafiles.read_into_cache([big, *many])
         warmed = time.perf_counter() - begin
         scanned = library.scan(root=models)
         if scanned.new != MANY_COUNT:
@@ -114,7 +81,7 @@ def main() -> int:
             return time.perf_counter() - start
 
         def openssl_large():
-            seconds, out = _tool(["openssl", "dgst", "-sha256", str(big)])
+            seconds, out = timed_tool(["openssl", "dgst", "-sha256", str(big)])
             digests["openssl"] = out.strip().rsplit(" ", 1)[-1]
             return seconds
 
@@ -133,7 +100,7 @@ def main() -> int:
             return seconds
 
         def openssl_many():
-            seconds, out = _tool(["openssl", "dgst", "-sha256", *many])
+            seconds, out = timed_tool(["openssl", "dgst", "-sha256", *many])
             verified["openssl_lines"] = len(out.splitlines())
             return seconds
 
@@ -161,7 +128,7 @@ def main() -> int:
             return time.perf_counter() - start
 
         def b3sum_large():
-            seconds, out = _tool(["b3sum", str(big)])
+            seconds, out = timed_tool(["b3sum", str(big)])
             digests["b3sum"] = out.split()[0]
             return seconds
 

@@ -22,41 +22,14 @@ import subprocess
 import sys
 import time
 
-from .environment import BenchError, PrivateEnvironment, run, save_result, verdict
+from . import datafiles
+from .environment import BenchError, PrivateEnvironment, run, save_result, timed_tool, usable_cores, verdict
 
 NAME = "model_cache"
 TOTAL = int(os.environ.get("BENCH_CACHE_MIB", "4096")) << 20
 FILES = int(os.environ.get("BENCH_CACHE_FILES", "4"))
-BLOCK = 64 << 20
 ROUNDS = 3
 TARGET = 0.8
-
-
-def _write_random(path, size, block, rotate):
-    rotated = block[rotate:] + block[:rotate]
-    with open(path, "wb") as handle:
-        left = size
-        while left:
-            piece = rotated[: min(left, len(rotated))]
-            handle.write(piece)
-            left -= len(piece)
-
-
-def _read_all(paths):
-    buffer = bytearray(8 << 20)
-    for path in paths:
-        with open(path, "rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
-
-
-def _tool(argv) -> tuple[float, str]:
-    begin = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    seconds = time.perf_counter() - begin
-    if done.returncode != 0:
-        raise BenchError(f"{argv[0]} failed: {done.stderr.strip()[:300]}")
-    return seconds, done.stdout
 
 
 def main() -> int:
@@ -65,7 +38,7 @@ def main() -> int:
     for tool in ("openssl", "cp", "sync"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is missing")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     with PrivateEnvironment(NAME, extra_env={"COMFY_DEFAULT_INSTANCE": "false", "MODEL_HASH_BLAKE3": "false",
                                              "MODEL_HASH_WORKERS": "0", "MODEL_CACHE_MAX_GB": "1000"}) as env:
         cache = env.root / "cache"
@@ -78,24 +51,19 @@ def main() -> int:
         folder = models / "checkpoints"
         folder.mkdir(parents=True)
         size = TOTAL // FILES
-        block = os.urandom(BLOCK)
+        block = datafiles.random_block()
         begin = time.perf_counter()
-        files = []
-        for number in range(FILES):
-            path = folder / f"model-{number:02d}.safetensors"
-            _write_random(path, size, block, rotate=(number * 7919 * 4096) % BLOCK)
-            files.append(path)
+        files = [folder / f"model-{number:02d}.safetensors" for number in range(FILES)]
+        datafiles.write_models(files, size, block)
         del block
-        old = time.time() - 24 * 3600
-        for path in files:
-            os.utime(path, (old, old))
+        datafiles.at_rest(files)
         written = time.perf_counter() - begin
         library.scan(root=models)
         verified = library.verify(root=models)
         if verified.hashed != FILES:
             raise BenchError(f"the library verified {verified.hashed} files, expected {FILES}")
         relpaths = [f"checkpoints/{path.name}" for path in files]
-        _read_all(files)
+        datafiles.read_into_cache(files)
         baseline_dir = env.root / "cp-target"
 
         def reset():
@@ -117,12 +85,12 @@ def main() -> int:
                         raise BenchError(f"warm copied {result.copied}, refused {result.refused}")
                     digests["cache"] = sorted(entry["sha256"] for entry in modelcache.status()["entries"])
                 else:
-                    seconds, _ = _tool(["cp", *map(str, files), str(baseline_dir)])
+                    seconds, _ = timed_tool(["cp", *map(str, files), str(baseline_dir)])
                     cps.append(seconds)
-                    seconds, out = _tool(["openssl", "dgst", "-sha256", *map(str, files)])
+                    seconds, out = timed_tool(["openssl", "dgst", "-sha256", *map(str, files)])
                     hashes.append(seconds)
                     digests["openssl"] = sorted(line.rsplit(" ", 1)[-1] for line in out.splitlines())
-                    seconds, _ = _tool(["sync", *(str(baseline_dir / path.name) for path in files)])
+                    seconds, _ = timed_tool(["sync", *(str(baseline_dir / path.name) for path in files)])
                     syncs.append(seconds)
         if digests["cache"] != digests["openssl"]:
             raise BenchError("the cache's SHA-256s and openssl's disagree")

@@ -13,12 +13,13 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 import time
 
-from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict
+from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict, wait
 
 NAME = "nodes"
 DISPATCH_TARGET = 1.5
@@ -31,15 +32,7 @@ AGENT_NODE = "bench-b"
 PAGES = ("/", "/nodes/")
 
 
-def _wait(condition, what, timeout=60.0, interval=POLL_INTERVAL):
-    deadline = time.perf_counter() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.perf_counter() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+_wait = functools.partial(wait, timeout=60.0, interval=POLL_INTERVAL)
 
 
 def _fill(node, first, count):
@@ -83,7 +76,6 @@ def main() -> int:
         from django.contrib.auth.models import User
         from django.core.management import call_command
         from django.test import Client
-        from rq import Worker
 
         from comfyhub import jobs, operations, queues
         from comfyhub.models import Operation
@@ -125,16 +117,8 @@ def main() -> int:
         nodes.node_approve(node=agent_node)
         queue_of = {"hub": "default", "agent": f"node.{AGENT_NODE}"}
 
-        def worker_key(label):
-            def listening():
-                if processes[label].poll() is not None:
-                    raise BenchError(f"the {label} exited:\n{env.log_tail(label if label == 'agent' else 'hub-worker')}")
-                found = [w for w in Worker.all(connection=redis) if queue_of[label] in w.queue_names()]
-                return found[0].key if found else None
-
-            return _wait(listening, f"the {label} to listen on {queue_of[label]}", interval=0.1)
-
-        keys = {label: worker_key(label) for label in processes}
+        keys = {label: env.worker_key(processes[label], log_label, queue_of[label])
+                for label, log_label in (("hub", "hub-worker"), ("agent", "agent"))}
         agent_node.refresh_from_db()
         target_node = {"hub": local, "agent": agent_node}
         queued_to_running = {"hub": [], "agent": []}

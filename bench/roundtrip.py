@@ -17,12 +17,13 @@ again, so every run measures one job on an idle worker.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict
+from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict, wait
 
 NAME = "roundtrip"
 TARGET = 1.5
@@ -47,15 +48,7 @@ class Samples:
             self.phases.setdefault(name, []).append(seconds)
 
 
-def _wait(condition, what, timeout=RUN_TIMEOUT, interval=POLL_INTERVAL):
-    deadline = time.perf_counter() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.perf_counter() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+_wait = functools.partial(wait, timeout=RUN_TIMEOUT, interval=POLL_INTERVAL)
 
 
 def _delta(later, earlier):
@@ -71,7 +64,7 @@ def main() -> int:
         from django.contrib.auth.models import User
         from django.test import Client
         from redis import Redis
-        from rq import Queue, Worker
+        from rq import Queue
         from rq.job import Job
 
         from comfyhub import jobs, operations, queues
@@ -91,16 +84,8 @@ def main() -> int:
             ),
         }
 
-        def worker_key(queue_name, label):
-            def listening():
-                if workers[label].poll() is not None:
-                    raise BenchError(f"the {label} worker exited:\n{env.log_tail(label + '-worker')}")
-                found = [w for w in Worker.all(connection=redis) if queue_name in w.queue_names()]
-                return found[0].key if found else None
-
-            return _wait(listening, f"the {label} worker to listen on {queue_name}", timeout=60, interval=0.1)
-
-        keys = {"comfyhub": worker_key("default", "comfyhub"), "plain": worker_key(PLAIN_QUEUE, "plain")}
+        keys = {"comfyhub": env.worker_key(workers["comfyhub"], "comfyhub-worker", "default"),
+                "plain": env.worker_key(workers["plain"], "plain-worker", PLAIN_QUEUE)}
         keys["bare"] = keys["comfyhub"]
 
         def idle(label):

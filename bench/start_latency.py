@@ -17,6 +17,7 @@ Target: median(ComfyHub) / median(docker run) <= 1.3.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import time
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 from . import docker_support
-from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict
+from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict, wait
 
 NAME = "start_latency"
 TARGET = 1.3
@@ -38,15 +39,7 @@ INSTANCE_ID = "bench-start"
 LISTENING = "To see the GUI go to"
 
 
-def _wait(condition, what, timeout=RUN_TIMEOUT, interval=POLL_INTERVAL):
-    deadline = time.perf_counter() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.perf_counter() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+_wait = functools.partial(wait, timeout=RUN_TIMEOUT, interval=POLL_INTERVAL)
 
 
 def _docker_time(value: str) -> datetime | None:
@@ -87,22 +80,12 @@ def main() -> int:
 def _measure(env, engine, image, token) -> int:
     env.setup_django()
 
-    from rq import Worker
-
-    from comfyhub import queues
     from comfyhub.models import Operation
     from instances import runtime, services
     from instances.models import Instance
 
-    redis = queues.get_connection("default")
     worker = env.start_process("worker", [sys.executable, "manage.py", "rqworker", "default"])
-
-    def listening():
-        if worker.poll() is not None:
-            raise BenchError(f"the worker exited:\n{env.log_tail('worker')}")
-        return any("default" in w.queue_names() for w in Worker.all(connection=redis))
-
-    _wait(listening, "the worker to listen on default", timeout=60, interval=0.1)
+    env.worker_key(worker, "worker", "default")
 
     instance = services.instance_create(instance_id=INSTANCE_ID, image=image, gpu_indexes=[0])
     container = instance.container_name
