@@ -1,7 +1,7 @@
 """Instance jobs: thin wrappers that load the row and call the service that does the work."""
 from comfyhub.operations import OperationError, operation_job
 
-from . import containers, health, idle
+from . import containers, health, idle, jobs_clusters  # noqa: F401  (jobs_clusters declares the cluster kinds)
 from .models import LOCAL_NODE, Instance
 
 

@@ -36,7 +36,7 @@ def _here(report) -> str:
 
 # --- One member ----------------------------------------------------------------------------------------------
 
-@operation_job("cluster_member_prepare", label="Prepare cluster member")
+@operation_job("cluster_member_prepare", label="Prepare cluster member", queue="long")
 def prepare_member(report, *, instance_pk, template_pk=None):
     """On the member's node: its template applied (a new member), ComfyUI-Distributed at DISTRIBUTED_NODE_REF, its
     gpu_config.json written."""
