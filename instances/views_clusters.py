@@ -4,6 +4,7 @@ actions, each one call of instances/clusters.py, which has the rules."""
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.contrib.contenttypes.models import ContentType
+from django.db.models import Q
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
@@ -14,6 +15,7 @@ from comfyhub.models import Operation
 
 from . import clusters
 from .forms_clusters import ClusterDeleteForm, ClusterForm, ClusterRemoveWorkerForm, ClusterWorkerForm
+from .jobs_clusters import prepare_member
 from .models import Cluster, Instance
 
 CLUSTER_OPERATIONS = 10
@@ -82,8 +84,13 @@ def _live_context(cluster: Cluster) -> dict:
 
 
 def _operations_of(cluster: Cluster):
+    """The cluster's own operations, and the preparation of each of its members (ComfyUI-Distributed installed, its
+    gpu_config.json written), which a new cluster or worker waits for."""
+    members = [str(instance.pk) for instance in clusters.members_of(cluster)]
     return Operation.objects.select_related("requested_by", "target_type").filter(
-        target_type=ContentType.objects.get_for_model(Cluster), target_id=str(cluster.pk))
+        Q(target_type=ContentType.objects.get_for_model(Cluster), target_id=str(cluster.pk))
+        | Q(target_type=ContentType.objects.get_for_model(Instance), target_id__in=members,
+            kind=prepare_member.kind))
 
 
 # --- Actions: each one calls a service; those that take time queue an operation ------------------------------

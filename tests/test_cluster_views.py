@@ -108,6 +108,9 @@ def test_an_operator_creates_a_cluster_from_existing_instances(client, operator,
     # Each member is prepared (ComfyUI-Distributed installed, its gpu_config.json written) by an operation.
     prepared = Operation.objects.filter(target_type=ContentType.objects.get_for_model(Instance))
     assert sorted(o.target_label for o in prepared) == ["inst-0", "inst-1", "inst-2"]
+    listed = content.split('id="cluster-operations"')[1]
+    assert all(operation.get_absolute_url() in listed for operation in prepared)
+    assert 'hx-get="/clusters/adopted/live/"' in content  # the members' table follows them
     # An adopted instance is no longer offered to the next cluster.
     assert 'value="inst-1"' not in client.get(reverse("cluster-create")).content.decode()
 
