@@ -186,3 +186,25 @@ def pending_change_kinds_of(instance_id: str) -> list[str]:
     from . import services
 
     return sorted(services.instance_pending_change_kinds(instance_here(instance_id)))
+
+
+# --- Images a node's engine lacks (the dashboard's notice) ----------------------------------------------------------
+
+@node_read
+def absent_images_of(images: list[str]) -> list[str] | None:
+    """Which of `images` this node's engine does not have; None when the engine does not answer."""
+    from django.conf import settings as current
+
+    from . import docker_engine
+    from .models import Node
+
+    node = Node.objects.filter(name=current.NODE_NAME).first()
+    docker_host = (node.docker_host if node is not None else "") or None
+    try:
+        engine = docker_engine.client(docker_host, timeout=current.DOCKER_PING_TIMEOUT)
+        try:
+            return [image for image in images if not docker_engine.image_present(engine, image)]
+        finally:
+            engine.close()
+    except docker_engine.EngineError:
+        return None

@@ -119,6 +119,13 @@ def test_node_bs_instance_is_read_by_bs_agent_and_its_pages_say_when_b_is_offlin
         text, _ = page(client, "instance-drift", "beta")
         assert "custom node needed-node" in text and "setting Comfy.Theme" not in text
 
+        # Images B's engine lacks, for the dashboard's notice: asked of B (the hub's engine has no only-on-b).
+        second_docker_engine.client.images.get(comfyui_double_image).tag("comfyhub-test-only-on-b", "1")
+        assert not docker_engine.images.list(name="comfyhub-test-only-on-b")
+        assert remote.call_on_node(Node.objects.get(name="gpu-b"), "instances.remote.absent_images_of", {
+            "images": ["comfyhub-test-only-on-b:1", "comfyhub-test-nowhere:1"]}) == ["comfyhub-test-nowhere:1"]
+        second_docker_engine.client.images.remove("comfyhub-test-only-on-b:1")
+
         # A read that fails on B: its message, no traceback.
         with pytest.raises(workflows.WorkflowError) as failed:
             workflows.read_workflow(beta, "nope.json")
