@@ -1,51 +1,17 @@
 """The periodic reconcile: observed status, health and isolation checks, from the real engine and ComfyUI."""
-import dataclasses
-import json
-import urllib.request
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
-from comfyhub.models import Operation
-from instances import docker_engine, health, runtime, services
+from instances import docker_engine, health, services
 from instances.models import Instance
-from storage_app import layout
 from tests.conftest import wait_for
 from tests.support.docker_fixtures import session_label
+from tests.support.running import engine, image  # noqa: F401 - fixtures
+from tests.support.running import queue_prompts, reconciled, run_by_hand, started
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def image(comfyui_double_image, docker_cleanup):
-    return comfyui_double_image
-
-
-@pytest.fixture
-def engine(docker_engine):
-    client = docker_engine_client()
-    yield client
-    client.close()
-
-
-def docker_engine_client():
-    return docker_engine.require_engine()
-
-
-def started(instance, run_worker):
-    operation = services.instance_start(instance=instance)
-    run_worker()
-    operation.refresh_from_db()
-    assert operation.status == Operation.Status.SUCCEEDED, operation.error
-    instance.refresh_from_db()
-    return instance
-
-
-def reconciled(instance):
-    health.reconcile_all()
-    instance.refresh_from_db()
-    return instance
 
 
 def checks_of(instance):
@@ -81,11 +47,7 @@ def test_a_stopped_instance_reads_stopped(image, run_worker):
 def test_a_crash_loop_backs_off_and_is_marked_not_restarted_forever(image, engine, settings):
     settings.INSTANCE_MAX_RESTARTS = 2
     instance = services.instance_create(instance_id="looper", image=image, extra_args=["--not-a-flag"])
-    layout.build_shared_tree()
-    layout.build_instance_tree("looper")
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
-    docker_engine.create_container(engine, runtime.container_spec(instance))
-    docker_engine.start_container(engine, instance.container_name)
+    run_by_hand(instance, engine, {})
     # Docker restarts it with growing delays, then gives up after INSTANCE_MAX_RESTARTS.
     wait_for(lambda: (s := docker_engine.container_state(engine, instance.container_name)).status == "exited"
              and s.restart_count == 2, timeout=60, message="Docker to give up restarting")
@@ -131,13 +93,7 @@ def test_a_paused_instance_is_unhealthy(image, run_worker, engine):
 
 def test_a_silent_comfyui_is_starting_during_the_grace_period_then_unhealthy(image, engine, settings):
     instance = services.instance_create(instance_id="mute", image=image)
-    layout.build_shared_tree()
-    layout.build_instance_tree("mute")
-    spec = runtime.container_spec(instance)
-    silent = dataclasses.replace(spec, environment={**spec.environment, "COMFY_DOUBLE_START_DELAY": "600"})
-    docker_engine.create_container(engine, silent)
-    docker_engine.start_container(engine, instance.container_name)
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    run_by_hand(instance, engine, {"COMFY_DOUBLE_START_DELAY": "600"})
     assert reconciled(instance).status == Instance.Status.STARTING
     settings.INSTANCE_START_TIMEOUT = 0
     instance = reconciled(instance)
@@ -163,20 +119,9 @@ def test_the_pass_records_the_queue_and_the_memory_of_each_gpu(image, run_worker
 
 def test_work_in_the_queue_is_recorded_as_activity(image, engine):
     instance = services.instance_create(instance_id="busy", image=image, gpu_indexes=[1])
-    layout.build_shared_tree()
-    layout.build_instance_tree("busy")
-    spec = runtime.container_spec(instance)
-    # COMFY_* variables cannot come from an instance's extra_env: the container is made here by hand.
-    slow = dataclasses.replace(spec, environment={**spec.environment, "COMFY_DOUBLE_PROMPT_SECONDS": "300"})
-    docker_engine.create_container(engine, slow)
-    docker_engine.start_container(engine, instance.container_name)
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    run_by_hand(instance, engine, {"COMFY_DOUBLE_PROMPT_SECONDS": "300"})
     wait_for(lambda: health.system_stats(instance) is not None, timeout=30, message="ComfyUI to answer")
-    body = json.dumps({"prompt": {"9": {"class_type": "SaveImage", "inputs": {}}}}).encode()
-    for _ in range(3):
-        request = urllib.request.Request(f"http://127.0.0.1:{instance.host_port}/prompt", data=body,
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=5).close()
+    queue_prompts(instance, 3)
     wait_for(lambda: (health.queue_of(instance) or {}).get("running") == 1, timeout=10,
              message="the first prompt to run")
 

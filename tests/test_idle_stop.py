@@ -2,11 +2,9 @@
 stops a running instance that had no traffic through the hub for its idle_stop_after minutes and whose ComfyUI queue
 is empty, so its GPU is free again; it leaves alone one used recently, one with work in its queue, one whose ComfyUI
 does not answer, and one with idle stop off. Real containers of the ComfyUI test double on the test engine."""
-import dataclasses
 import http.server
 import json
 import threading
-import urllib.request
 from datetime import timedelta
 
 import pytest
@@ -17,43 +15,22 @@ from django.utils import timezone
 
 from comfyhub import queues
 from comfyhub.models import Operation
-from instances import access, docker_engine, health, idle, jobs, runtime, services
+from instances import access, docker_engine, health, idle, jobs, services
 from instances.comfyui_api import ComfyUI
 from instances.models import GPU, Instance
-from storage_app import layout
 from tests.conftest import wait_for
+from tests.support import running
+from tests.support.running import engine, image  # noqa: F401 - fixtures
+from tests.support.running import queue_prompts, run_by_hand, seen_healthy
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
 IDLE_REASON = "Stopped after 1 min idle: no traffic through the hub and an empty queue."
 
 
-@pytest.fixture
-def image(comfyui_double_image, docker_cleanup):
-    return comfyui_double_image
-
-
-@pytest.fixture
-def engine(docker_engine):
-    client = docker_engine_client()
-    yield client
-    client.close()
-
-
-def docker_engine_client():
-    return docker_engine.require_engine()
-
-
 def started(instance, drain):
     """Started through its operation, then seen healthy by a health pass (what idle stop looks for)."""
-    operation = services.instance_start(instance=instance)
-    drain()
-    operation.refresh_from_db()
-    assert operation.status == Operation.Status.SUCCEEDED, operation.error
-    health.reconcile_all()
-    instance.refresh_from_db()
-    assert instance.status == Instance.Status.HEALTHY, instance.status_detail
-    return instance
+    return seen_healthy(running.started(instance, drain))
 
 
 def idle_for(instance, minutes):
@@ -90,15 +67,6 @@ def run_idle_check(drain):
 def running_holders_of(engine, gpu):
     return [state.name for state in docker_engine.list_containers(engine)
             if state.running and gpu.device_id in state.device_ids]
-
-
-def queue_prompts(instance, count):
-    body = json.dumps({"prompt": {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "idle"}}}}).encode()
-    for _ in range(count):
-        request = urllib.request.Request(f"http://127.0.0.1:{instance.host_port}/prompt", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=5) as response:
-            assert response.status == 200
 
 
 def still_running(instance, engine):
@@ -159,21 +127,10 @@ def test_an_instance_used_through_the_hub_a_moment_ago_keeps_running(image, run_
 
 
 def started_with_slow_prompts(instance, engine):
-    """Its container made and started as a start makes it, plus COMFY_DOUBLE_PROMPT_SECONDS (an instance's own
-    COMFY_* variables are refused, so it cannot come from extra_env), then seen healthy by a health pass."""
-    layout.build_shared_tree()
-    layout.build_instance_tree(instance.instance_id)
-    spec = runtime.container_spec(instance)
-    spec = dataclasses.replace(spec, environment={**spec.environment, "COMFY_DOUBLE_PROMPT_SECONDS": "300"})
-    docker_engine.create_container(engine, spec)
-    docker_engine.start_container(engine, instance.container_name)
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING,
-                                                   started_at=timezone.now())
+    """Its container made by hand with COMFY_DOUBLE_PROMPT_SECONDS, then seen healthy by a health pass."""
+    run_by_hand(instance, engine, {"COMFY_DOUBLE_PROMPT_SECONDS": "300"}, started_at=timezone.now())
     wait_for(lambda: health.system_stats(instance) is not None, timeout=30, message="ComfyUI to answer")
-    health.reconcile_all()
-    instance.refresh_from_db()
-    assert instance.status == Instance.Status.HEALTHY, instance.status_detail
-    return instance
+    return seen_healthy(instance)
 
 
 def test_work_in_its_queue_is_activity_and_keeps_it_running(image, run_worker, engine):
