@@ -18,14 +18,16 @@ def instance_distribution(request, instance_id):
     instance = get_object_or_404(services.instances_with_relations(), instance_id=instance_id)
     can_operate = access.can_operate(request.user, instance)
     check = distribution.netdist_last_check(instance) if can_operate else None
+    # The peers' direct URLs skip the hub's login: shown to those who may operate this instance, and only for the
+    # peers they may use themselves.
+    peers = distribution.netdist_peers(instance, user=request.user) if can_operate else []
     return render(request, "instances/partials/distribution_panel.html", {
         "instance": instance,
         "gpu_map": distribution.gpu_map(instance),
         "membership": _membership(instance),
         "can_operate": can_operate,
-        # The peers' direct URLs skip the hub's login: shown to those who may operate this instance, and only for
-        # the peers they may use themselves.
-        "peers": distribution.netdist_peers(instance, user=request.user) if can_operate else [],
+        "peers": peers,
+        "checkable": any(peer["url"] for peer in peers),
         "check": check,
         "check_results": _results(check),
         "poll_seconds": POLL_SECONDS,

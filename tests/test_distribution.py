@@ -291,6 +291,7 @@ def test_a_check_without_any_peer_url_is_refused_with_the_reason(client, operato
     with pytest.raises(ValidationError, match="No peer of 'alpha' has a URL to check"):
         distribution.netdist_check(instance=alpha)
     client.force_login(operator)
+    assert "Check from inside" not in panel(client, alpha)  # nothing to check: no button
     response = client.post(reverse("instance-netdist-check", args=["alpha"]), follow=True)
     assert "Not checked: No peer of &#x27;alpha&#x27; has a URL to check" in response.content.decode()
     assert client.get(reverse("instance-netdist-check", args=["alpha"])).status_code == 405
