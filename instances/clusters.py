@@ -542,9 +542,16 @@ def read_config(instance: Instance) -> tuple[dict | None, str]:
 
 def write_config(instance: Instance, sections: dict) -> tuple[bool, str]:
     """Bring the member's gpu_config.json to `sections` (merged into what it holds). Returns (written, note): not
-    written when it already says that; the note says why an existing file was not kept (a link, a fifo, too big).
-    Raises safefs.UnsafePathError when the folder itself is a link (nothing is written then) and OSError when the
-    name is taken by a folder."""
+    written when it already says that, or when ComfyUI-Distributed's folder is not there yet; the note says why an
+    existing file was not kept (a link, a fifo, too big). Raises safefs.UnsafePathError when the folder (or one above
+    it) is a link (nothing is written then) and OSError when the name is taken by a folder."""
+    root = member_root(instance)
+    try:
+        with safefs.opened_dir(root, CONFIG_RELPATH.rsplit("/", 1)[0]):
+            pass
+    except FileNotFoundError:
+        # Never made here: the folder is the node's, cloned by its install (which a folder made first would block).
+        return False, f"{DISTRIBUTED_FOLDER} is not installed in it (yet): nothing written"
     existing, why = read_config(instance)
     config = merged_config(existing, sections)
     if existing is not None and existing == config:
@@ -552,7 +559,7 @@ def write_config(instance: Instance, sections: dict) -> tuple[bool, str]:
     data = (json.dumps(config, indent=2) + "\n").encode()
     # A temporary file ComfyHub creates exclusively in the folder (opened without links), renamed over the name: a
     # link planted there is replaced, never written through.
-    safefs.write_bytes(member_root(instance), CONFIG_RELPATH, data, create_parents=True)
+    safefs.write_bytes(root, CONFIG_RELPATH, data)
     note = "" if existing is not None or why == "missing" else f"replaced it: {why}"
     return True, note
 

@@ -558,3 +558,14 @@ def test_the_command_refuses_bad_input_with_exit_2_and_the_services_words():
     unconfirmed = run("clusters", "delete", "render")
     assert unconfirmed.code == 2 and "add --yes to confirm" in unconfirmed.err
     assert Cluster.objects.filter(name="render").exists()
+
+
+def test_a_member_without_the_node_yet_gets_no_folder_made_for_it_by_a_sync():
+    master = plain("m")
+    layout.build_instance_tree("m")
+    clusters.cluster_create(name="render", master=master)
+
+    result = clusters.sync_member(master)
+
+    assert result["written"] is False and result["failed"] is False and "not installed" in result["note"]
+    assert not (layout.instance_dir("m") / "custom_nodes" / clusters.DISTRIBUTED_FOLDER).exists()
