@@ -5,6 +5,7 @@ ComfyUI-Distributed's stand-in (tests/support/distributed.py), real RQ workers, 
 second engine."""
 import json
 import os
+import re
 import urllib.request
 
 import pytest
@@ -569,3 +570,30 @@ def test_a_member_without_the_node_yet_gets_no_folder_made_for_it_by_a_sync():
 
     assert result["written"] is False and result["failed"] is False and "not installed" in result["note"]
     assert not (layout.instance_dir("m") / "custom_nodes" / clusters.DISTRIBUTED_FOLDER).exists()
+
+
+@pytest.mark.docker
+def test_a_worker_that_does_not_start_ends_the_cluster_start_naming_it_before_the_master_starts(
+        comfyui_double_image, docker_cleanup, operator, run_worker):
+    master = plain("m", gpus=[0], image=comfyui_double_image)
+    fine = plain("w1", gpus=[1], image=comfyui_double_image)
+    broken = services.instance_create(instance_id="w2", image=comfyui_double_image, gpu_indexes=[2],
+                                      extra_args=["--not-a-flag"])
+    cluster = clusters.cluster_create(name="render", user=operator, master=master, workers=[fine, broken])
+    Operation.objects.filter(kind="cluster_member_prepare").delete()  # no ComfyUI-Distributed needed here
+
+    start = clusters.cluster_start(cluster=cluster, user=operator)
+    run_worker()
+    start.refresh_from_db()
+
+    assert start.status == Operation.Status.FAILED
+    # Docker may have restarted it before the start looked: then the exit code is gone, and the message says so.
+    assert re.match(r"The worker w2 did not start: ComfyUI (exited with code 2|crashed \(Docker restarted it)",
+                    start.error), start.error
+    assert start.error.endswith("Started before it: w1; the rest was not started.")
+    engine = docker_engine.require_engine()
+    try:
+        assert docker_engine.container_state(engine, master.container_name) is None
+        assert docker_engine.container_state(engine, fine.container_name).running
+    finally:
+        engine.close()
