@@ -597,3 +597,21 @@ def test_a_worker_that_does_not_start_ends_the_cluster_start_naming_it_before_th
         assert docker_engine.container_state(engine, fine.container_name).running
     finally:
         engine.close()
+
+
+def test_joining_a_cluster_is_a_configuration_change_a_restart_applies_and_the_network_is_not():
+    master = plain("m", gpus=[0])
+    before = runtime.container_spec(master).config_hash
+    assert runtime.cluster_network(master) is None
+
+    cluster = clusters.cluster_create(name="render", master=master)
+    joined = runtime.container_spec(Instance.objects.get(pk=master.pk)).config_hash
+    assert joined != before  # its command now ends with --enable-cors-header
+
+    clusters.cluster_add_worker(cluster=cluster, instance=plain("w", gpus=[1]))
+    master = Instance.objects.get(pk=master.pk)
+    assert runtime.container_spec(master).config_hash == joined  # a worker joining changes only the network
+    name, labels, aliases = runtime.cluster_network(master)
+    assert name == runtime.cluster_network_name("render")
+    assert labels[runtime.LABEL_CLUSTER] == "render" and labels[runtime.LABEL_MANAGED] == "true"
+    assert aliases == [master.container_name, "m"]
