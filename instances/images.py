@@ -26,7 +26,7 @@ from comfyhub import operations
 from comfyhub.operations import NullReport
 from storage_app import safefs
 
-from . import docker_engine, runtime
+from . import docker_engine, remote, runtime
 from .models import Instance, Node
 
 IMAGE_DIR = Path(settings.BASE_DIR) / "docker" / "comfyui"
@@ -617,27 +617,41 @@ class MissingImage:
 
 def missing_images() -> list[MissingImage]:
     """The images instances use that are not on their node's engine, one per node and image; each image is looked
-    up once. A node whose engine does not answer is left out (the engine's own card says so)."""
+    up once. Another node's engine is asked by its agent (a few seconds at most). A node whose engine does not
+    answer, or whose agent cannot be asked, is left out (the engine's own card, the node's row say so)."""
     by_node: dict[int, dict[str, list[str]]] = {}
     for node_id, instance_id, image in Instance.objects.order_by("instance_id").values_list(
             "node_id", "instance_id", "image"):
         by_node.setdefault(node_id, {}).setdefault(image, []).append(instance_id)
     missing = []
     for node in Node.objects.filter(pk__in=by_node):
-        if not docker_engine.cached_engine_status(node.docker_host or None).available:
-            continue
-        try:
-            engine = docker_engine.client(node.docker_host or None, timeout=settings.DOCKER_PING_TIMEOUT)
-            try:
-                absent = [image for image in by_node[node.pk] if not docker_engine.image_present(engine, image)]
-            finally:
-                engine.close()
-        except docker_engine.EngineError:
+        absent = _absent_images(node, list(by_node[node.pk]))
+        if absent is None:
             continue
         missing += [MissingImage(node=node, image=image, instances=by_node[node.pk][image],
                                  buildable=buildable(image), size_hint_gb=settings.IMAGE_BUILD_SIZE_HINT_GB)
                     for image in absent]
     return missing
+
+
+def _absent_images(node: Node, images: list[str]) -> list[str] | None:
+    """Which of `images` `node`'s engine lacks, asked where its engine is; None when that cannot be known."""
+    if not remote.served_here(node):
+        try:
+            return remote.call_on_node(node, "instances.remote.absent_images_of", {"images": images},
+                                       timeout=remote.PAGE_READ_TIMEOUT)
+        except remote.NodeReadError:
+            return None
+    if not docker_engine.cached_engine_status(node.docker_host or None).available:
+        return None
+    try:
+        engine = docker_engine.client(node.docker_host or None, timeout=settings.DOCKER_PING_TIMEOUT)
+        try:
+            return [image for image in images if not docker_engine.image_present(engine, image)]
+        finally:
+            engine.close()
+    except docker_engine.EngineError:
+        return None
 
 
 def info_data(info: ImageInfo | None) -> dict:

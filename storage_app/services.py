@@ -76,8 +76,17 @@ def library_visibility(instance) -> dict:
         library_names.setdefault(asset.folder, set()).add(name)
         if asset.status == ModelAsset.Status.VERIFIED:
             verified.setdefault(asset.folder, set()).add(name)
+    from instances.remote import NodeReadError
+
+    from .checks import instance_inbox
+
+    try:
+        inbox = instance_inbox(instance)  # read on the instance's node (another node's by its agent)
+    except NodeReadError as exc:
+        # Without its inbox, files it downloaded itself would be shown as strangers: nothing is compared.
+        return {"reachable": False, "error": f"its inbox on node {instance.node.name} could not be read: {exc}"}
     inbox_names: dict[str, set[str]] = {}
-    for item in library.inbox(instance):
+    for item in inbox:
         if not item["problem"] and "/" in item["path"]:
             inbox_names.setdefault(item["folder"], set()).add(item["path"].split("/", 1)[1])
     report = {"reachable": True, "folders": {}, "unseen_verified": []}

@@ -16,7 +16,7 @@ from django.core.management.base import CommandError
 from comfyhub import cli
 from comfyhub.cli import ARG_HELP, EXIT_FAILED, EXIT_INPUT, find_instance, input_error, iso, local_time
 from comfyhub.models import Operation
-from instances import docker_engine, placement, services
+from instances import docker_engine, placement, remote, services
 from instances.models import Instance
 from storage_app import layout
 
@@ -360,8 +360,8 @@ class Command(cli.Command):
         if options["tail"] < 1:
             raise input_error({"tail": ["Give a number of lines of 1 or more."]})
         try:
-            text = services.instance_logs(instance=instance, tail=options["tail"])
-        except docker_engine.EngineError as exc:
+            text = remote.instance_logs(instance, options["tail"])  # another node's through its agent
+        except (docker_engine.EngineError, remote.NodeReadError) as exc:
             raise CommandError(str(exc), returncode=EXIT_FAILED) from exc
         if not text:
             self.stderr.write(f"No log output from container {instance.container_name} (has '{instance}' been "

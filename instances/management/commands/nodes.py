@@ -5,8 +5,10 @@ contract, documented in docs/cli.md.
 """
 from __future__ import annotations
 
+from django.core.management.base import CommandError
+
 from comfyhub import cli
-from comfyhub.cli import find_instance
+from comfyhub.cli import EXIT_FAILED, find_instance
 from instances import customnodes, services
 
 ACTIONS = {
@@ -61,7 +63,11 @@ class Command(cli.Command):
 
     def list_nodes(self, options):
         instance = find_instance(options["instance_id"])
-        nodes = customnodes.list_nodes(instance)  # read from the folders' files: git never runs here
+        try:
+            # Read from the folders' files (git never runs here); another node's instance by its node's agent.
+            nodes = customnodes.list_nodes(instance)
+        except customnodes.CustomNodeError as exc:
+            raise CommandError(str(exc), returncode=EXIT_FAILED) from exc
         if options["json"]:
             self.write_json([node_data(node) for node in nodes])
             return

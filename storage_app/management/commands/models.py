@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 
+from django.core.management.base import CommandError
+
 from comfyhub import cli
-from comfyhub.cli import find_instance, human_size, input_error, iso, local_time
+from comfyhub.cli import EXIT_FAILED, find_instance, human_size, input_error, iso, local_time
 from instances.models import Instance
-from storage_app import library, services
+from instances import remote
+from storage_app import checks, library, services
 from storage_app.models import ModelAsset
 
 
@@ -245,24 +248,31 @@ class Command(cli.Command):
             self.stdout.write(f"Wrote {len(text.splitlines())} hash(es) to {options['file']}.")
 
     def show_inbox(self, options):
+        # Each inbox is read on its instance's node: another node's by its agent (instances.remote).
         if options["instance_id"]:
-            instances = [find_instance(options["instance_id"])]
+            instance = find_instance(options["instance_id"])
+            try:
+                found, problems = [(instance, checks.instance_inbox(instance))], []
+            except remote.NodeReadError as exc:
+                raise CommandError(f"The inbox of {instance} (on node {instance.node.name}) could not be read: {exc}",
+                                   returncode=EXIT_FAILED) from exc
         else:
-            instances = list(Instance.objects.select_related("node"))
-        items = [{"instance": instance.instance_id, **item} for instance in instances
-                 for item in library.inbox(instance)]
+            found, problems = checks.inboxes(list(Instance.objects.select_related("node").order_by("instance_id")))
+        items = [{"instance": instance.instance_id, **item} for instance, inbox in found for item in inbox]
         if options["json"]:
             self.write_json(items)
-            return
-        if not items:
-            self.stdout.write("No files in " + (f"{instances[0]}'s inbox." if options["instance_id"]
+        elif not items and not problems:
+            self.stdout.write("No files in " + (f"{found[0][0]}'s inbox." if options["instance_id"]
                                                 else "any instance's inbox."))
-            return
-        rows = [("INSTANCE", "PATH", "FOLDER", "SIZE", "PROBLEM")]
-        for item in items:
-            rows.append((item["instance"], item["path"], item["folder"], human_size(item["size"]),
-                         item["problem"] or "-"))
-        self.write_table(rows)
+        elif items:
+            rows = [("INSTANCE", "PATH", "FOLDER", "SIZE", "PROBLEM")]
+            for item in items:
+                rows.append((item["instance"], item["path"], item["folder"], human_size(item["size"]),
+                             item["problem"] or "-"))
+            self.write_table(rows)
+        if problems:
+            # What could be read is shown; a node that could not be asked fails the command (its inboxes are unknown).
+            raise CommandError("\n".join(problems), returncode=EXIT_FAILED)
 
     def show_duplicates(self, options):
         groups = library.duplicates()
