@@ -296,13 +296,14 @@ def instance_nodes(request, instance_id):
 
 
 def _nodes_page(request, instance, install_form=None):
+    listed, nodes_error = [], ""
     try:
         listed = customnodes.list_nodes(instance)
-    except customnodes.CustomNodeError as exc:  # another node's agent could not be asked
-        messages.error(request, f"The custom nodes of {instance} cannot be listed: {exc}")
-        listed = []
+    except customnodes.CustomNodeError as exc:  # another node's agent could not be asked: said in the table
+        nodes_error = f"The custom nodes of {instance} cannot be listed: {exc}"
     return render(request, "instances/nodes.html", {
-        "instance": instance, "nodes": listed, "install_form": install_form or NodeInstallForm(),
+        "instance": instance, "nodes": listed, "nodes_error": nodes_error,
+        "install_form": install_form or NodeInstallForm(),
     })
 
 

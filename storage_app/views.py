@@ -38,14 +38,13 @@ def model_list(request):
     query.pop("page", None)
     latest = Operation.objects.filter(kind__in=MODEL_KINDS).select_related("requested_by").first()
     instances = Instance.objects.select_related("node").order_by("instance_id")
-    inboxes, unread = checks.inboxes(list(instances))  # each instance's on its node
-    for problem in unread:
-        messages.warning(request, problem)
+    # Each instance's on its node; a node whose agent cannot be asked is said in the inboxes' section.
+    inboxes, unread = checks.inboxes(list(instances))
     return render(request, "storage_app/model_list.html", {
         "form": form, "page": page, "assets": page.object_list, "query": query.urlencode(),
         "totals": library.folder_totals(), "duplicates": library.duplicates(),
         "problems": ModelAsset.objects.filter(status__in=ModelAsset.PROBLEM_STATUSES).count(),
-        "latest": latest, "inboxes": inboxes,
+        "latest": latest, "inboxes": inboxes, "inboxes_unread": unread,
         "import_form": ImportHashesForm(),
         "cache": services.model_cache_status(),
         "cache_reports": services.model_cache_reports(),
