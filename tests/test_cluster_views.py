@@ -10,6 +10,7 @@ from django.utils import timezone
 from comfyhub.models import Operation
 from instances import clusters, services
 from instances.models import Cluster, ClusterWorker, Instance, Node
+from tests.conftest import wait_for
 from tests.support.distributed import make_distributed_source
 
 NAMED_PAGES = ["cluster-detail", "cluster-live", "cluster-start", "cluster-stop", "cluster-sync", "cluster-probe",
@@ -374,6 +375,7 @@ def test_in_a_browser_an_admin_makes_a_cluster_starts_it_and_sees_the_master_rea
     # The service's refusal comes back next to its field, and what was chosen is kept.
     expect(page.get_by_test_id("error-master")).to_contain_text("'dbl-0' cannot be the master and a worker")
     expect(page.locator("#id_master")).to_have_value("dbl-0")
+    page.screenshot(path=str(tmp_path / "cluster-form.png"), full_page=True)
     assert not Cluster.objects.exists()
     page.select_option("#id_workers", ["dbl-1", "dbl-2"])
     page.click("button:has-text('Create cluster')")
@@ -386,6 +388,10 @@ def test_in_a_browser_an_admin_makes_a_cluster_starts_it_and_sees_the_master_rea
         page.click("#cluster-actions button:has-text('Start cluster')")
     expect(page.locator(".messages")).to_contain_text("Starting cluster dbl: its workers, then its master.")
     page.evaluate("window.__notReloaded = true")
+    start = latest(clusters.KIND_START)
+    wait_for(lambda: Operation.objects.get(pk=start.pk).is_terminal, timeout=180, message="the cluster's start")
+    start.refresh_from_db()
+    assert start.status == Operation.Status.SUCCEEDED, (start.error, start.log)
     for member in ("dbl-0", "dbl-1", "dbl-2"):
         expect(page.locator(f"tr[data-member='{member}']").get_by_test_id("instance-status")).to_have_text(
             "Healthy", timeout=180_000)
