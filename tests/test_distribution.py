@@ -334,3 +334,26 @@ def test_the_check_from_inside_says_which_peer_urls_answer(comfyui_double_image,
     assert 'data-ok="true"' in row(shown.split('data-testid="netdist-check-results"', 1)[1], 'data-peer="beta"')
     assert 'data-ok="false"' in row(shown.split('data-testid="netdist-check-results"', 1)[1], 'data-peer="gamma"')
     assert 'hx-trigger="every 2s"' not in shown
+
+
+# --- In a real browser -------------------------------------------------------------------------------------------
+
+@pytest.mark.browser
+def test_in_the_browser_the_instance_page_loads_its_gpu_map_and_netdist_peers(logged_in_page, admin_user, live_server,
+                                                                               far_node):
+    from playwright.sync_api import expect
+
+    for index, uuid in UUIDS.items():
+        GPU.objects.filter(node__name="local", index=index).update(uuid=uuid)
+    services.instance_create(instance_id="spread", gpu_indexes=[1, 3])
+    gamma = services.instance_create(instance_id="gamma", node=far_node)
+
+    page = logged_in_page()
+    page.goto(f"{live_server.url}/instances/spread/")
+    gpus = page.get_by_test_id("gpu-map")  # htmx fetched the panel after the page was shown
+    expect(gpus.locator("tr[data-cuda='cuda:0'] td")).to_have_text(["cuda:0", "GPU 1", UUIDS[1],
+                                                                     "GPU 1 (declared in COMFY_GPUS)"])
+    expect(gpus.locator("tr[data-cuda='cuda:1'] td")).to_have_text(["cuda:1", "GPU 3", UUIDS[3],
+                                                                     "GPU 3 (declared in COMFY_GPUS)"])
+    expect(page.get_by_test_id("netdist-peers").locator("tr[data-peer='gamma']")).to_contain_text(
+        f"http://198.51.100.7:{gamma.host_port}/")
