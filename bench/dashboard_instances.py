@@ -15,16 +15,16 @@ from __future__ import annotations
 import os
 import random
 import re
-import sqlite3
 import sys
 import time
 from collections import Counter
-from contextlib import closing
-from pathlib import Path
 
 from . import docker_support
-from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict
-from .pages import _import_job_modules, _operations, use_database
+from .environment import (
+    BenchError, PrivateEnvironment, admin_client, copy_database, median, ms, percentile, run, save_result,
+    set_up_as_running, use_database, verdict,
+)
+from .pages import _operations
 
 NAME = "dashboard_instances"
 TIME_TARGET = 3.0
@@ -83,34 +83,23 @@ def main() -> int:
     ) as env:
         env.setup_django()
 
-        from django.conf import settings
-        from django.contrib.auth.models import User
         from django.contrib.contenttypes.models import ContentType
-        from django.core.management import call_command
         from django.db import connection
-        from django.test import Client
         from django.test.utils import CaptureQueriesContext
         from django.utils import timezone
 
         from comfyhub.models import Operation
         from instances.models import GPU, Instance
 
-        if "Manifest" in settings.STORAGES["staticfiles"]["BACKEND"]:
-            call_command("collectstatic", interactive=False, verbosity=0)
-        _import_job_modules()
-
+        set_up_as_running()
         rng = random.Random(20250102)
-        admin = User.objects.create_superuser("bench-admin", password="bench-admin-password-1")
+        admin, client = admin_client()
         if GPU.objects.filter(present=True).count() < 4:
             raise BenchError("expected 4 GPUs from COMFY_GPUS=0,1,2,3")
         GPU.objects.filter(index=3).update(shareable=True)
         target_types = [(ContentType.objects.get_for_model(Instance), "instance")]
         Operation.objects.bulk_create(_operations(10, start=timezone.now(), users=[admin], target_types=target_types,
                                                   rng=rng))
-
-        client = Client(HTTP_HOST="localhost")
-        if not client.login(username="bench-admin", password="bench-admin-password-1"):
-            raise BenchError("the benchmark superuser could not log in")
 
         def get():
             response = client.get(URL)
@@ -132,12 +121,7 @@ def main() -> int:
         _create_instances(0, SMALL, rng)
         small = count_queries()
 
-        small_db = Path(connection.settings_dict["NAME"])
-        large_db = small_db.with_name("comfyhub-500.sqlite3")
-        connection.ensure_connection()
-        with closing(sqlite3.connect(large_db)) as target:
-            connection.connection.backup(target)
-        use_database(connection, large_db)
+        small_db, large_db = copy_database(connection, "comfyhub-500.sqlite3")
         _create_instances(SMALL, LARGE - SMALL, rng)
         if Instance.objects.count() != LARGE:
             raise BenchError(f"expected {LARGE} instances, found {Instance.objects.count()}")

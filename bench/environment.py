@@ -1,6 +1,7 @@
 """A private, throw-away environment for one benchmark: a temp dir with a SQLite file, storage roots and a private
 Redis on a unix socket, plus the worker processes a benchmark starts. Everything is stopped (by PID) and removed
-on exit, also on SIGTERM/SIGINT.
+on exit, also on SIGTERM/SIGINT. Also what several benchmarks share: waiting, numbers, model-sized data files, and
+the hub's pages as a logged-in superuser asks for them.
 
 Use it before Django is imported:
 
@@ -16,11 +17,13 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,3 +280,106 @@ def save_result(name: str, data: dict):
         (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     except OSError:
         pass
+
+
+# --- data files (hashing, model_cache): random bytes, never sparse, read once into the page cache (which cannot be
+# dropped) so that both sides of a comparison read from it -------------------------------------------------------
+
+BLOCK = 64 << 20  # one os.urandom block, repeated: incompressible, and quick to write
+
+
+def random_block() -> bytes:
+    return os.urandom(BLOCK)
+
+
+def write_random(path, size: int, block: bytes, rotate: int = 0):
+    """`size` bytes of `block`, repeated, starting `rotate` bytes into it."""
+    rotated = block[rotate:] + block[:rotate] if rotate else block
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            piece = rotated[: min(left, len(rotated))]
+            handle.write(piece)
+            left -= len(piece)
+
+
+def write_models(paths, size: int, block: bytes):
+    """Each of `paths` written with `size` bytes of `block`, rotated by the file's number so no two are alike."""
+    for number, path in enumerate(paths):
+        write_random(path, size, block, rotate=(number * 7919 * 4096) % len(block))
+
+
+def at_rest(paths):
+    """Dated a day back: a model library is at rest, its files written long ago (hashing.MMAP_QUIET_SECONDS matters
+    for BLAKE3)."""
+    old = time.time() - 24 * 3600
+    for path in paths:
+        os.utime(path, (old, old))
+
+
+def read_into_cache(paths):
+    buffer = bytearray(8 << 20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+# --- the hub's pages (pages, dashboard_instances, nodes, roundtrip) --------------------------------------------
+
+ADMIN, ADMIN_PASSWORD = "bench-admin", "bench-admin-password-1"
+
+
+def import_job_modules():
+    """Register every job kind, as a running site would have (kind labels and the list's kind filter)."""
+    import importlib
+
+    from django.apps import apps
+
+    for config in apps.get_app_configs():
+        try:
+            importlib.import_module(f"{config.name}.jobs")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{config.name}.jobs":
+                raise
+
+
+def set_up_as_running():
+    """As a running site is before its first page: the pages link static files through the manifest, as in
+    production (built in the temp dir), and every job kind is registered."""
+    from django.conf import settings
+    from django.core.management import call_command
+
+    if "Manifest" in settings.STORAGES["staticfiles"]["BACKEND"]:
+        call_command("collectstatic", interactive=False, verbosity=0)
+    import_job_modules()
+
+
+def admin_client():
+    """(the benchmark's superuser, a django.test.Client logged in as them)."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    admin = User.objects.create_superuser(ADMIN, password=ADMIN_PASSWORD)
+    client = Client(HTTP_HOST="localhost")  # one of the default ALLOWED_HOSTS
+    if not client.login(username=ADMIN, password=ADMIN_PASSWORD):
+        raise BenchError("the benchmark superuser could not log in")
+    return admin, client
+
+
+def use_database(connection, path):
+    """Point the default connection at another SQLite file (reconnects on its next query)."""
+    connection.close()
+    connection.settings_dict["NAME"] = str(path)
+
+
+def copy_database(connection, name: str) -> tuple[Path, Path]:
+    """The default SQLite database copied to `name` beside it, and the connection pointed at the copy: (the
+    original's path, the copy's)."""
+    original = Path(connection.settings_dict["NAME"])
+    copy = original.with_name(name)
+    connection.ensure_connection()
+    with closing(sqlite3.connect(copy)) as target:
+        connection.connection.backup(target)
+    use_database(connection, copy)
+    return original, copy

@@ -20,8 +20,10 @@ import subprocess
 import sys
 import time
 
-from . import datafiles
-from .environment import BenchError, PrivateEnvironment, run, save_result, timed_tool, usable_cores, verdict
+from .environment import (
+    BenchError, PrivateEnvironment, at_rest, random_block, read_into_cache, run, save_result, timed_tool,
+    usable_cores, verdict, write_models, write_random,
+)
 
 NAME = "hashing"
 LARGE_SIZE = int(os.environ.get("BENCH_HASH_LARGE_MIB", "2048")) << 20
@@ -51,20 +53,20 @@ def main() -> int:
 
         from storage_app import hashing, layout, library
 
-        block = datafiles.random_block()
+        block = random_block()
         big = env.root / "big.bin"
         models = layout.shared_models_dir()
         folder = models / "checkpoints"
         folder.mkdir(parents=True)
         begin = time.perf_counter()
-        datafiles.write_random(big, LARGE_SIZE, block)
+        write_random(big, LARGE_SIZE, block)
         many = [str(folder / f"model-{number:03d}.ckpt") for number in range(MANY_COUNT)]
-        datafiles.write_models(many, MANY_SIZE, block)
+        write_models(many, MANY_SIZE, block)
         del block
         written = time.perf_counter() - begin
-        datafiles.at_rest([big, *many])
+        at_rest([big, *many])
         begin = time.perf_counter()
-        datafiles.read_into_cache([big, *many])
+        read_into_cache([big, *many])
         warmed = time.perf_counter() - begin
         scanned = library.scan(root=models)
         if scanned.new != MANY_COUNT:

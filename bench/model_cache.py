@@ -22,8 +22,10 @@ import subprocess
 import sys
 import time
 
-from . import datafiles
-from .environment import BenchError, PrivateEnvironment, run, save_result, timed_tool, usable_cores, verdict
+from .environment import (
+    BenchError, PrivateEnvironment, at_rest, random_block, read_into_cache, run, save_result, timed_tool,
+    usable_cores, verdict, write_models,
+)
 
 NAME = "model_cache"
 TOTAL = int(os.environ.get("BENCH_CACHE_MIB", "4096")) << 20
@@ -51,19 +53,19 @@ def main() -> int:
         folder = models / "checkpoints"
         folder.mkdir(parents=True)
         size = TOTAL // FILES
-        block = datafiles.random_block()
+        block = random_block()
         begin = time.perf_counter()
         files = [folder / f"model-{number:02d}.safetensors" for number in range(FILES)]
-        datafiles.write_models(files, size, block)
+        write_models(files, size, block)
         del block
-        datafiles.at_rest(files)
+        at_rest(files)
         written = time.perf_counter() - begin
         library.scan(root=models)
         verified = library.verify(root=models)
         if verified.hashed != FILES:
             raise BenchError(f"the library verified {verified.hashed} files, expected {FILES}")
         relpaths = [f"checkpoints/{path.name}" for path in files]
-        datafiles.read_into_cache(files)
+        read_into_cache(files)
         baseline_dir = env.root / "cp-target"
 
         def reset():

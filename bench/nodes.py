@@ -19,7 +19,10 @@ import re
 import sys
 import time
 
-from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict, wait
+from .environment import (
+    BenchError, PrivateEnvironment, admin_client, median, ms, percentile, run, save_result, set_up_as_running,
+    verdict, wait,
+)
 
 NAME = "nodes"
 DISPATCH_TARGET = 1.5
@@ -72,27 +75,15 @@ def main() -> int:
                                              "DOCKER_STATUS_CACHE_SECONDS": "86400"}) as env:
         env.setup_django()
 
-        from django.conf import settings
-        from django.contrib.auth.models import User
-        from django.core.management import call_command
-        from django.test import Client
-
         from comfyhub import jobs, operations, queues
         from comfyhub.models import Operation
         from instances import nodes
         from instances.models import GPU, LOCAL_NODE, Node
 
-        from .pages import _import_job_modules
-
-        if "Manifest" in settings.STORAGES["staticfiles"]["BACKEND"]:
-            call_command("collectstatic", interactive=False, verbosity=0)
-        _import_job_modules()
+        set_up_as_running()
 
         # --- Part 1: queries with 1 node and with 10 --------------------------------------------------------
-        User.objects.create_superuser("bench-admin", password="bench-admin-password-1")
-        client = Client(HTTP_HOST="localhost")
-        if not client.login(username="bench-admin", password="bench-admin-password-1"):
-            raise BenchError("the benchmark superuser could not log in")
+        _, client = admin_client()
         local = Node.objects.get(name=LOCAL_NODE)
         _fill(local, 0, PER_NODE)
         one = _pages(client)

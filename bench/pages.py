@@ -15,15 +15,15 @@ from __future__ import annotations
 import os
 import random
 import re
-import sqlite3
 import sys
 import time
 from collections import Counter
-from contextlib import closing
 from datetime import timedelta
-from pathlib import Path
 
-from .environment import BenchError, PrivateEnvironment, run, median, ms, percentile, save_result, verdict
+from .environment import (
+    BenchError, PrivateEnvironment, admin_client, copy_database, median, ms, percentile, run, save_result,
+    set_up_as_running, use_database, verdict,
+)
 
 NAME = "pages"
 TIME_TARGET = 2.0
@@ -32,20 +32,6 @@ REQUESTS = int(os.environ.get("BENCH_PAGES_REQUESTS", "20"))
 WARMUP = 3
 PAGES = (("dashboard", "/"), ("operations list", "/operations/"))
 STATUS_WEIGHTS = (("succeeded", 60), ("failed", 15), ("cancelled", 5), ("running", 10), ("queued", 10))
-
-
-def _import_job_modules():
-    """Register every job kind, as a running site would have (kind labels and the list's kind filter)."""
-    import importlib
-
-    from django.apps import apps
-
-    for config in apps.get_app_configs():
-        try:
-            importlib.import_module(f"{config.name}.jobs")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{config.name}.jobs":
-                raise
 
 
 def _operations(count, *, start, users, target_types, rng):
@@ -93,12 +79,6 @@ def _operations(count, *, start, users, target_types, rng):
     return rows
 
 
-def use_database(connection, path):
-    """Point the default connection at another SQLite file (reconnects on its next query)."""
-    connection.close()
-    connection.settings_dict["NAME"] = str(path)
-
-
 def main() -> int:
     with PrivateEnvironment(
         NAME,
@@ -106,33 +86,22 @@ def main() -> int:
     ) as env:
         env.setup_django()
 
-        from django.conf import settings
         from django.contrib.auth.models import User
         from django.contrib.contenttypes.models import ContentType
-        from django.core.management import call_command
         from django.db import connection
-        from django.test import Client
         from django.test.utils import CaptureQueriesContext
         from django.utils import timezone
 
         from comfyhub.models import Operation
 
-        if "Manifest" in settings.STORAGES["staticfiles"]["BACKEND"]:
-            # The pages link static files through the manifest, as in production: build it in the temp dir.
-            call_command("collectstatic", interactive=False, verbosity=0)
-        _import_job_modules()
-
+        set_up_as_running()
         rng = random.Random(20250101)
-        admin = User.objects.create_superuser("bench-admin", password="bench-admin-password-1")
+        admin, client = admin_client()
         users = [admin] + [User.objects.create_user(f"user{n}", password=None) for n in range(1, 6)]
         target_types = [(ContentType.objects.get_for_model(User), "user")] + [
             (content_type, content_type.model) for content_type in ContentType.objects.exclude(app_label="auth")[:4]
         ]
         now = timezone.now()
-
-        client = Client(HTTP_HOST="localhost")  # one of the default ALLOWED_HOSTS
-        if not client.login(username="bench-admin", password="bench-admin-password-1"):
-            raise BenchError("the benchmark superuser could not log in")
 
         def get(url):
             response = client.get(url)
@@ -156,12 +125,7 @@ def main() -> int:
 
         # 10,000 operations, in a copy of that database (same users, session and first ten rows), so the timed
         # requests can alternate between the two: load elsewhere on the host then hits both sizes alike.
-        small_db = Path(connection.settings_dict["NAME"])
-        large_db = small_db.with_name("comfyhub-10k.sqlite3")
-        connection.ensure_connection()
-        with closing(sqlite3.connect(large_db)) as target:
-            connection.connection.backup(target)
-        use_database(connection, large_db)
+        small_db, large_db = copy_database(connection, "comfyhub-10k.sqlite3")
         # Older than the first ten (the pages' first rows stay comparable); batched like a long history.
         oldest = Operation.objects.order_by("created_at").values_list("created_at", flat=True).first()
         Operation.objects.bulk_create(

@@ -23,7 +23,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .environment import BenchError, PrivateEnvironment, median, ms, percentile, run, save_result, verdict, wait
+from .environment import (
+    BenchError, PrivateEnvironment, admin_client, median, ms, percentile, run, save_result, verdict, wait,
+)
 
 NAME = "roundtrip"
 TARGET = 1.5
@@ -61,8 +63,6 @@ def main() -> int:
     with PrivateEnvironment(NAME) as env:
         env.setup_django()
 
-        from django.contrib.auth.models import User
-        from django.test import Client
         from redis import Redis
         from rq import Queue
         from rq.job import Job
@@ -172,10 +172,7 @@ def main() -> int:
                 once(samples, record)
 
         # --- Part 2: click -> the page shows running --------------------------------------------------------
-        User.objects.create_superuser("bench-admin", password="bench-admin-password-1")
-        client = Client(HTTP_HOST="localhost")  # one of the default ALLOWED_HOSTS
-        if not client.login(username="bench-admin", password="bench-admin-password-1"):
-            raise BenchError("the benchmark superuser could not log in")
+        _, client = admin_client()
         clicks, page_only = [], []
         for number in range(WARMUP + CLICKS):
             start = time.perf_counter()
