@@ -11,7 +11,7 @@ import re
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from comfyhub import jsonlimits, operations
@@ -332,13 +332,24 @@ def cluster_create(*, name, user=None, description="", cors_origin="", template=
             master, made_workers = made[0], made[1:]
         else:
             made_workers = made
-        cluster = Cluster.objects.create(name=name, description=description or "", master=master,
-                                         cors_origin=cors_origin or "", created_by=services._person(user))
-        for worker in [*workers, *made_workers]:
-            ClusterWorker.objects.create(cluster=cluster, instance=worker)
+        try:
+            with transaction.atomic():
+                cluster = Cluster.objects.create(name=name, description=description or "", master=master,
+                                                 cors_origin=cors_origin or "", created_by=services._person(user))
+                for worker in [*workers, *made_workers]:
+                    ClusterWorker.objects.create(cluster=cluster, instance=worker)
+        except IntegrityError:
+            raise ValidationError({"name": _lost_race()["name"]}) from None
         for instance in [master, *workers, *made_workers]:
             member_prepare(instance=instance, template=template if instance in made else None, user=user)
     return cluster
+
+
+def _lost_race() -> dict:
+    """Two requests at once: the database kept one cluster per name and per instance; say so like the checks do."""
+    return {"name": ["A cluster with this name, or one holding one of these instances, was just made; look at the "
+                     "clusters and try again."],
+            "workers": ["One of these instances was just put into a cluster by another request; pick again."]}
 
 
 def member_prepare(*, instance: Instance, template=None, user=None):
@@ -357,7 +368,11 @@ def cluster_add_worker(*, cluster: Cluster, instance: Instance, user=None) -> Cl
     if errors:
         raise ValidationError({"workers": errors})
     with transaction.atomic():
-        worker = ClusterWorker.objects.create(cluster=cluster, instance=instance)
+        try:
+            with transaction.atomic():
+                worker = ClusterWorker.objects.create(cluster=cluster, instance=instance)
+        except IntegrityError:
+            raise ValidationError({"workers": _lost_race()["workers"]}) from None
         member_prepare(instance=instance, user=user)
         cluster_sync(cluster=cluster, user=user)
     return worker
