@@ -327,6 +327,8 @@ class InstanceTemplateForm(forms.ModelForm):
         if "name" in self.fields:  # taken as typed and judged by the services' rule, as on the template page
             self.fields["name"] = forms.CharField(max_length=63, strip=False,
                                                   help_text="Lowercase letters, digits and '-'.")
+        if "min_gpus" in self.fields:  # empty: no minimum, as on the template page
+            self.fields["min_gpus"].required = False
 
     def clean(self):
         from .templating import validate_template
@@ -363,7 +365,7 @@ class InstanceTemplateAdmin(SavedByServices):
         values = dict(description=data["description"], image=data["image"], extra_args=data["extra_args"],
                       extra_env=data["extra_env"], gpu_count=data["gpu_count"], custom_nodes=data["custom_nodes"],
                       settings_values=data["settings"], starter_workflows=list(data["starter_workflows"]),
-                      self_service=data["self_service"])
+                      self_service=data["self_service"], min_gpus=data.get("min_gpus") or 0)
         try:
             if change:
                 template = services.template_update(template=InstanceTemplate.objects.get(pk=obj.pk), **values)
