@@ -514,6 +514,13 @@ def test_a_worker_on_node_b_gets_node_addresses_both_ways_and_the_master_reaches
         [back] = probes.reach_from_inside(remote, [f"http://{gateway}:{master.host_port}/system_stats"])
         assert back.ok, back.detail
 
+        # B's worker stopped behind ComfyHub's back: B's reconcile records it, the master's node's next one writes
+        # it into the master's file.
+        second_docker_engine.client.api.stop(remote.container_name, timeout=5)
+        health.reconcile_node(node)
+        health.reconcile_node(local)
+        assert [(w["id"], w["enabled"]) for w in written(master)["workers"]] == [("far-w1", True), ("far-w2", False)]
+
         succeeded(clusters.cluster_stop(cluster=cluster, user=operator), run_worker)
         b_finished = second_docker_engine.client.api.inspect_container(remote.container_name)["State"]["FinishedAt"]
         assert b_finished < container(master)["State"]["FinishedAt"]
