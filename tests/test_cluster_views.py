@@ -2,6 +2,8 @@
 with its members, their health and what the master's last reachability probe found, and its actions; who may do
 what. Start, stop and the probe run on a real worker against the real Docker engine with the ComfyUI test double;
 one test drives the cluster page in real Chromium."""
+import random
+
 import pytest
 from django.contrib.contenttypes.models import ContentType
 from django.urls import reverse
@@ -302,7 +304,10 @@ def distributed_source(tmp_path, settings, monkeypatch, node_git):
 
 @pytest.fixture
 def double_trio(comfyui_double_image, docker_cleanup, distributed_source, transactional_db):
-    """Three CPU instances of the ComfyUI test double on the local node."""
+    """Three CPU instances of the ComfyUI test double on the local node, on ports of a window of their own (another
+    test session on this engine publishes its containers' ports from the usual range at the same time)."""
+    start = random.randrange(30000, 60000, 100)
+    Node.objects.filter(pk=services.local_node().pk).update(port_range_start=start, port_range_end=start + 99)
     return [services.instance_create(instance_id=f"dbl-{n}", image=comfyui_double_image) for n in range(3)]
 
 
