@@ -84,6 +84,7 @@ def test_the_list_shows_each_cluster_with_its_master_workers_nodes_and_members_s
     Instance.objects.filter(instance_id="inst-1").update(status=Instance.Status.HEALTHY)
     client.force_login(stranger)
     content = client.get(reverse("cluster-list")).content.decode()
+    assert '<a href="/clusters/" aria-current="page">Clusters</a>' in content
     row = content.split('data-cluster="render"')[1].split("</tr>")[0]
     assert ">inst-0</a>" in row and "<td>2</td>" in row and "<td>local</td>" in row
     fresh = Instance.objects.get(instance_id="inst-0").get_status_display().lower()
