@@ -19,7 +19,8 @@ from storage_app import layout, safefs
 
 from . import docker_engine, runtime, services
 from .comfyui_api import base_url
-from .models import GPU, Cluster, ClusterWorker, GPUAssignment, Instance, InstanceTemplate, Node
+from .models import (GPU, Cluster, ClusterWorker, GPUAssignment, Instance, InstanceTemplate, Node,
+                     cluster_deletion_problem, cluster_membership)
 
 # The folder ComfyUI-Distributed is installed as, and the configuration it reads (re-read when it changes).
 DISTRIBUTED_FOLDER = "ComfyUI-Distributed"
@@ -44,14 +45,8 @@ KIND_START, KIND_STOP, KIND_SYNC, KIND_PROBE = "cluster_start", "cluster_stop", 
 
 # --- Who is in which cluster ---------------------------------------------------------------------------------
 
-def membership(instance: Instance) -> tuple[Cluster, str] | None:
-    """(cluster, "master" | "worker") for a member, None for any other instance (asked of the database, never of
-    relations cached on the object)."""
-    cluster = Cluster.objects.select_related("master__node").filter(master_id=instance.pk).first()
-    if cluster is not None:
-        return cluster, "master"
-    row = ClusterWorker.objects.select_related("cluster__master__node").filter(instance_id=instance.pk).first()
-    return (row.cluster, "worker") if row is not None else None
+# Asked by services (deleting an instance) too, which cannot import this module: the answers live with the models.
+membership = cluster_membership
 
 
 def workers_of(cluster: Cluster) -> list[Instance]:
@@ -62,17 +57,7 @@ def members_of(cluster: Cluster) -> list[Instance]:
     return [cluster.master, *workers_of(cluster)]
 
 
-def deletion_problem(instance: Instance) -> str | None:
-    """Why `instance` may not be deleted now (it is a cluster's member), or None."""
-    found = membership(instance)
-    if found is None:
-        return None
-    cluster, role = found
-    if role == "master":
-        return (f"'{instance}' is the master of cluster '{cluster}'; delete the cluster first (its members stay as "
-                f"plain instances): `manage.py clusters delete {cluster}`.")
-    return (f"'{instance}' is a worker of cluster '{cluster}'; remove it from the cluster first: "
-            f"`manage.py clusters remove-worker {cluster} {instance}`.")
+deletion_problem = cluster_deletion_problem
 
 
 # --- Addresses -----------------------------------------------------------------------------------------------

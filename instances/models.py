@@ -494,3 +494,26 @@ class ClusterWorker(models.Model):
 
     def __str__(self):
         return f"{self.cluster}/{self.instance}"
+
+
+def cluster_membership(instance: Instance) -> tuple[Cluster, str] | None:
+    """(cluster, "master" | "worker") for a member, None for any other instance (asked of the database, never of
+    relations cached on the object)."""
+    cluster = Cluster.objects.select_related("master__node").filter(master_id=instance.pk).first()
+    if cluster is not None:
+        return cluster, "master"
+    row = ClusterWorker.objects.select_related("cluster__master__node").filter(instance_id=instance.pk).first()
+    return (row.cluster, "worker") if row is not None else None
+
+
+def cluster_deletion_problem(instance: Instance) -> str | None:
+    """Why `instance` may not be deleted now (it is a cluster's member), or None."""
+    found = cluster_membership(instance)
+    if found is None:
+        return None
+    cluster, role = found
+    if role == "master":
+        return (f"'{instance}' is the master of cluster '{cluster}'; delete the cluster first (its members stay as "
+                f"plain instances): `manage.py clusters delete {cluster}`.")
+    return (f"'{instance}' is a worker of cluster '{cluster}'; remove it from the cluster first: "
+            f"`manage.py clusters remove-worker {cluster} {instance}`.")

@@ -21,7 +21,7 @@ from storage_app import layout
 
 from . import placement, runtime
 from .gpus import gpus_discover
-from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node
+from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node, cluster_deletion_problem
 
 
 # --- Nodes ---------------------------------------------------------------------------------------------------
@@ -431,6 +431,8 @@ def instance_restart(*, instance: Instance, user=None):
 
 def instance_delete(*, instance: Instance, purge_data: bool = False, confirm: str = "", user=None):
     """Remove the container and the registry row; the data stays unless `purge_data` and `confirm` is the id."""
+    if problem := cluster_deletion_problem(instance):
+        raise ValidationError(problem)
     if purge_data and confirm != instance.instance_id:
         raise ValidationError({"confirm": [f"To delete the data too, type the instance id '{instance.instance_id}' "
                                            "exactly."]})

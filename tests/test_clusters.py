@@ -197,6 +197,11 @@ def test_an_instance_in_a_cluster_cannot_be_deleted_until_it_leaves():
     assert "is the master of cluster 'render'" in clusters.deletion_problem(cluster.master)
     assert "clusters remove-worker render w" in clusters.deletion_problem(Instance.objects.get(instance_id="w"))
     assert clusters.deletion_problem(plain("alone")) is None
+    # Refused when asked, before anything is queued (the page and `instances delete` call this service).
+    for member in (cluster.master, Instance.objects.get(instance_id="w")):
+        with pytest.raises(ValidationError, match="cluster 'render'"):
+            services.instance_delete(instance=member)
+    assert not Operation.objects.filter(kind="instance_delete").exists()
 
 
 def test_gpu_instances_number_their_gpus_in_bus_order():
