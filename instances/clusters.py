@@ -112,10 +112,16 @@ def is_operator(user) -> bool:
                 (user.is_superuser or user.has_perm("instances.change_instance")))
 
 
+# Names that are pages under /clusters/.
+RESERVED_NAMES = frozenset({"new"})
+
+
 def name_problem(name) -> str | None:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > NAME_MAX:
         return (f"A cluster name is 1-{NAME_MAX} lowercase letters, digits and '-', starting and ending with a letter "
                 "or digit (its members are named after it, e.g. '<name>-master').")
+    if name in RESERVED_NAMES:
+        return f"'{name}' is reserved (/clusters/{name}/ is a page of its own); pick another name."
     if Cluster.objects.filter(name=name).exists():
         return f"A cluster '{name}' already exists; pick another name."
     return None

@@ -427,7 +427,7 @@ COMMAND_ARGS = [
     ("agent", ["--node", "{bad}"], ["", "local", "Bad", "bad\n", "bad\x00", "x" * 100_000, "../x", "-x"]),
     *[("clusters", [action, "{bad}"], ID_VALUES) for action in ("show", "start", "stop", "sync", "probe")],
     ("clusters", ["delete", "{bad}", "--yes"], ID_VALUES),
-    ("clusters", ["create", "{bad}", "--master", "bad"], ["", "Bad", "bad\n", "x" * 100_000, "../x", "bad\x00"]),
+    ("clusters", ["create", "{bad}", "--master", "bad"], ["", "Bad", "bad\n", "x" * 100_000, "../x", "bad\x00", "new"]),
     ("clusters", ["create", "c2", "--template", "{bad}", "--gpus", "local:0"], ["", "nope", "bad\x00", "x" * 100_000]),
     ("clusters", ["create", "c2", "--gpus", "{bad}"], ["abc", "local:abc", "nope:0", "local:", "²", "local:-1",
                                                        "bad\x00:0", "x" * 100_000]),

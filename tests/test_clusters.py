@@ -173,6 +173,9 @@ def test_a_taken_name_and_new_member_ids_that_exist_are_refused():
     with pytest.raises(ValidationError) as refused:
         clusters.cluster_create(name="paint", template=template, new_members=[(services.local_node(), [0])])
     assert "paint-master exist already" in messages(refused, "name")
+    with pytest.raises(ValidationError) as refused:  # /clusters/new/ is the new-cluster page
+        clusters.cluster_create(name="new", master=plain("m3"))
+    assert "'new' is reserved" in messages(refused, "name")
 
 
 def test_a_member_that_sets_its_own_cors_header_is_refused_and_comfyhubs_comes_last(settings):
