@@ -3,7 +3,6 @@ sees runs its own node's part itself (a part queued for its own worker could wai
 the other nodes' operations, cancel-aware, then reports every node's outcome as one result."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from comfyhub import operations, queues
@@ -134,23 +133,15 @@ def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], 
     node's agent write them into its own targets."""
     from . import workflows
 
-    files, contents = [], {}
-    for relpath in paths:
-        try:
-            raw = workflows.read_workflow(source, relpath)
-            workflows.parse_workflow(raw)
-            contents[workflows.clean_relpath(relpath)] = raw
-        except workflows.WorkflowError as exc:
-            files.append({"source": source.instance_id, "target": "", "path": relpath, "result": f"refused: {exc}"})
-            report.log(f"{relpath}: refused: {exc}", "WARNING")
+    contents, files = workflows.read_for_copy(source, paths, report)
     groups = by_node(targets)
     here = groups.pop(source.node_id, (source.node, []))[1]
     parts = [Part(node, "instances.jobs_nodes.write_workflows",
                   {"source_id": source.instance_id, "target_pks": [t.pk for t in node_targets], "contents": contents,
                    "on_conflict": on_conflict})
              for node, node_targets in groups.values()] if contents else []
-    written, outcomes = run_parts(report, parts,
-                                  here=lambda: write_workflows(source.instance_id, here, contents, on_conflict, report))
+    written, outcomes = run_parts(
+        report, parts, here=lambda: workflows.write_copies(source.instance_id, here, contents, on_conflict, report))
     files += written
     for name, outcome in outcomes.items():
         if outcome["status"] == Operation.Status.SUCCEEDED:
@@ -165,28 +156,6 @@ def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], 
         raise OperationError("Nothing was copied: " + "; ".join(f"{f['path']}: {f['result']}"
                                                                  for f in files if f["result"])[:2000])
     return summary
-
-
-def write_workflows(source_id: str, targets: list[Instance], contents: dict, on_conflict: str, report) -> list[dict]:
-    """Write `contents` (relative path -> bytes, already read and checked on the source's node) into `targets`."""
-    from . import workflows
-
-    files = []
-    total, done = max(len(contents) * len(targets), 1), 0
-    for target in targets:
-        for relpath, raw in contents.items():
-            try:
-                outcome, written = workflows.write_workflow(target, relpath, raw, on_conflict, durable=False)
-                if written != relpath:
-                    outcome = f"{outcome} to {written}"
-            except (workflows.WorkflowError, OSError) as exc:
-                outcome = f"failed: {exc}"
-            files.append({"source": source_id, "target": target.instance_id, "path": relpath, "result": outcome})
-            report.log(f"{relpath} -> {target}: {outcome}")
-            done += 1
-            report.progress(100 * done / total, f"{done} of {total}")
-        os.sync()  # one flush per target instead of one per file
-    return files
 
 
 def copy_summary(files: list[dict]) -> dict:

@@ -27,8 +27,10 @@ def copy_workflows_across_nodes(report, *, source_pk, target_pks, paths, on_conf
 @operation_job("workflows_write", label="Write copied workflows")
 def write_workflows(report, *, source_id, target_pks, contents, on_conflict):
     """On a target node: write the workflows another node read (`contents`: relative path -> bytes)."""
+    from . import workflows
+
     targets = list(Instance.objects.select_related("node").filter(pk__in=target_pks))
-    files = fanout.write_workflows(source_id, targets, contents, on_conflict, report)
+    files = workflows.write_copies(source_id, targets, contents, on_conflict, report)
     return fanout.copy_summary(files)
 
 

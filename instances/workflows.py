@@ -252,22 +252,26 @@ class CopyResult:
         return sum(1 for f in self.files if f["result"].startswith(result))
 
 
-def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], on_conflict: str,
-                   report=None) -> CopyResult:
-    report = report or NullReport()
-    result = CopyResult()
-    contents = {}
+def read_for_copy(source: Instance, paths: list[str], report) -> tuple[dict[str, bytes], list[dict]]:
+    """Read and check `paths` in `source` once: ({clean relative path: content}, a copy row for each one refused)."""
+    contents, refused = {}, []
     for relpath in paths:
         try:
             raw = read_workflow(source, relpath)
             parse_workflow(raw)
             contents[clean_relpath(relpath)] = raw
         except WorkflowError as exc:
-            result.files.append({"source": source.instance_id, "target": "", "path": relpath,
-                                 "result": f"refused: {exc}"})
+            refused.append({"source": source.instance_id, "target": "", "path": relpath, "result": f"refused: {exc}"})
             report.log(f"{relpath}: refused: {exc}", "WARNING")
-    total = max(len(contents) * len(targets), 1)
-    done = 0
+    return contents, refused
+
+
+def write_copies(source_id: str, targets: list[Instance], contents: dict[str, bytes], on_conflict: str,
+                 report) -> list[dict]:
+    """Write `contents` (from read_for_copy, on this node or another) into `targets`: a copy row per file and target,
+    one flush to disk per target."""
+    files = []
+    total, done = max(len(contents) * len(targets), 1), 0
     for target in targets:
         for relpath, raw in contents.items():
             try:
@@ -276,13 +280,19 @@ def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], 
                     outcome = f"{outcome} to {written}"
             except (WorkflowError, OSError) as exc:
                 outcome = f"failed: {exc}"
-            result.files.append({"source": source.instance_id, "target": target.instance_id, "path": relpath,
-                                 "result": outcome})
+            files.append({"source": source_id, "target": target.instance_id, "path": relpath, "result": outcome})
             report.log(f"{relpath} -> {target}: {outcome}")
             done += 1
             report.progress(100 * done / total, f"{done} of {total}")
         os.sync()  # one flush per target instead of one per file
-    return result
+    return files
+
+
+def copy_workflows(source: Instance, targets: list[Instance], paths: list[str], on_conflict: str,
+                   report=None) -> CopyResult:
+    report = report or NullReport()
+    contents, refused = read_for_copy(source, paths, report)
+    return CopyResult(refused + write_copies(source.instance_id, targets, contents, on_conflict, report))
 
 
 # --- What a workflow needs -----------------------------------------------------------------------------------
