@@ -522,8 +522,7 @@ def workflows_copy(*, source: Instance, targets: list[Instance], paths: list[str
         raise ValidationError(errors)
     from . import fanout
 
-    target_nodes = [node for node, _ in fanout.by_node(targets).values()]
-    fanout.refuse_unavailable(target_nodes)
+    target_nodes = fanout.nodes_taking_jobs(targets)
     # Targets on other nodes: the source's node reads the files and each target node's agent writes its own.
     job = "instances.jobs.copy_workflows" if [n.pk for n in target_nodes] == [source.node_id] \
         else "instances.jobs_nodes.copy_workflows_across_nodes"
@@ -592,8 +591,7 @@ def workflow_install(*, spec: str, instances: list[Instance], user=None):
         raise ValidationError({"instances": ["Choose at least one instance."]})
     from . import fanout
 
-    nodes = [node for node, _ in fanout.by_node(instances).values()]
-    fanout.refuse_unavailable(nodes)
+    nodes = fanout.nodes_taking_jobs(instances)
     # On one node: its queue (local's is the hub's). On several: the hub installs into local's and asks the others'
     # agents for theirs.
     job, node = ("instances.jobs.install_workflow", nodes[0]) if len(nodes) == 1 \
