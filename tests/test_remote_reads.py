@@ -44,6 +44,19 @@ def start_agent_b(tmp_path, second_docker_engine, b_roots):
     return process
 
 
+def start_beta_on_b(node_b, image, second_docker_engine, hub_engine, user):
+    """Instance "beta" made on B and started by B's agent: its container is on B's engine, not the hub's."""
+    node_b.refresh_from_db()
+    beta = services.instance_create(instance_id="beta", image=image, node=node_b, gpu_indexes=[], user=user)
+    started = services.instance_start(instance=beta, user=user)
+    done = wait_for(lambda: Operation.objects.filter(pk=started.pk).exclude(
+        status__in=Operation.ACTIVE_STATUSES).first(), timeout=120, message="B's agent to start beta")
+    assert done.status == Operation.Status.SUCCEEDED, done.error + done.log
+    [container] = containers_named(second_docker_engine.client, beta.container_name)
+    assert containers_named(hub_engine, beta.container_name) == []
+    return beta, container
+
+
 def write(root, relpath, text):
     path = root / relpath
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,15 +80,7 @@ def test_node_bs_instance_is_read_by_bs_agent_and_its_pages_say_when_b_is_offlin
                                  port_range_start=testenv.PORT_RANGE[0], port_range_end=testenv.PORT_RANGE[1])
     agent = start_agent_b(tmp_path, second_docker_engine, b_roots)
     try:
-        node_b.refresh_from_db()
-        beta = services.instance_create(instance_id="beta", image=comfyui_double_image, node=node_b,
-                                        gpu_indexes=[], user=admin_user)
-        started = services.instance_start(instance=beta, user=admin_user)
-        done = wait_for(lambda: Operation.objects.filter(pk=started.pk).exclude(
-            status__in=Operation.ACTIVE_STATUSES).first(), timeout=120, message="B's agent to start beta")
-        assert done.status == Operation.Status.SUCCEEDED, done.error + done.log
-        [container] = containers_named(second_docker_engine.client, beta.container_name)
-        assert containers_named(docker_engine, beta.container_name) == []
+        beta, container = start_beta_on_b(node_b, comfyui_double_image, second_docker_engine, docker_engine, admin_user)
 
         on_b = b_roots / "instances" / "beta"
         assert on_b.is_dir() and layout.instance_dir("beta", node_b) != on_b

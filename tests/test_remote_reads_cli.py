@@ -8,15 +8,14 @@ import time
 import pytest
 
 from comfyhub import queues
-from comfyhub.models import Operation
 from instances import images, services
 from instances.models import Instance, Node
 from storage_app import layout
 from tests import testenv
 from tests.conftest import wait_for
 from tests.support.cli import run_process
-from tests.test_node_routing import containers_named
-from tests.test_remote_reads import heartbeats_every_two_seconds, start_agent_b, write  # noqa: F401 (a fixture)
+from tests.test_remote_reads import (
+    heartbeats_every_two_seconds, start_agent_b, start_beta_on_b, write)  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -43,15 +42,7 @@ def test_the_shell_reads_node_bs_instance_through_bs_agent_and_says_when_b_is_of
     write(storage["instances"] / "alpha", "models/loras/downloaded-on-hub.safetensors", "weights")
     agent = start_agent_b(tmp_path, second_docker_engine, b_roots)
     try:
-        node_b.refresh_from_db()
-        beta = services.instance_create(instance_id="beta", image=comfyui_double_image, node=node_b,
-                                        gpu_indexes=[], user=admin_user)
-        started = services.instance_start(instance=beta, user=admin_user)
-        done = wait_for(lambda: Operation.objects.filter(pk=started.pk).exclude(
-            status__in=Operation.ACTIVE_STATUSES).first(), timeout=120, message="B's agent to start beta")
-        assert done.status == Operation.Status.SUCCEEDED, done.error + done.log
-        [container] = containers_named(second_docker_engine.client, beta.container_name)
-        assert containers_named(docker_engine, beta.container_name) == []
+        beta, container = start_beta_on_b(node_b, comfyui_double_image, second_docker_engine, docker_engine, admin_user)
 
         on_b = b_roots / "instances" / "beta"
         write(on_b, "custom_nodes/hand-made-on-b/__init__.py", "NODE_CLASS_MAPPINGS = {}\n")
