@@ -1,25 +1,15 @@
 """Probes from inside an instance's container: what answers there, not what answers on the host."""
 import pytest
 
-from comfyhub.models import Operation
 from instances import probes, services
+from tests.support.running import started
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
 
-def started(instance_id, image, run_worker):
-    instance = services.instance_create(instance_id=instance_id, image=image)
-    operation = services.instance_start(instance=instance)
-    run_worker()
-    operation.refresh_from_db()
-    assert operation.status == Operation.Status.SUCCEEDED, operation.error
-    instance.refresh_from_db()
-    return instance
-
-
 def test_the_probe_sees_from_inside_the_container_not_from_the_host(comfyui_double_image, docker_cleanup, run_worker):
-    alpha = started("alpha", comfyui_double_image, run_worker)
-    beta = started("beta", comfyui_double_image, run_worker)
+    alpha = started(services.instance_create(instance_id="alpha", image=comfyui_double_image), run_worker)
+    beta = started(services.instance_create(instance_id="beta", image=comfyui_double_image), run_worker)
     own = "http://127.0.0.1:8188/system_stats"  # alpha's own ComfyUI, inside alpha
     beta_on_host = f"http://127.0.0.1:{beta.host_port}/system_stats"  # answers on the host, not inside alpha
     missing = "http://127.0.0.1:8188/no-such-page"

@@ -1,6 +1,6 @@
 """Instances of the ComfyUI test double running on the test engine, for the tests of what the hub sees of running
-instances (tests/test_health.py, tests/test_idle_stop.py). Import the fixtures by name into the test module:
-`from tests.support.running import engine, image  # noqa: F401 - fixtures`."""
+instances (tests/test_health.py, tests/test_idle_stop.py, tests/test_probes.py). Import the fixtures by name into the
+test module: `from tests.support.running import engine, image  # noqa: F401 - fixtures`."""
 import dataclasses
 import json
 import urllib.request
