@@ -635,22 +635,15 @@ def missing_images() -> list[MissingImage]:
 
 
 def _absent_images(node: Node, images: list[str]) -> list[str] | None:
-    """Which of `images` `node`'s engine lacks, asked where its engine is; None when that cannot be known."""
-    if not remote.served_here(node):
-        try:
-            return remote.call_on_node(node, "instances.remote.absent_images_of", {"images": images},
-                                       timeout=remote.PAGE_READ_TIMEOUT)
-        except remote.NodeReadError:
-            return None
-    if not docker_engine.cached_engine_status(node.docker_host or None).available:
+    """Which of `images` `node`'s engine lacks, asked where its engine is (remote.absent_images_of, in this process
+    for its own node); None when that cannot be known."""
+    # This process's own engine, known to be down, is not asked again: the dashboard would wait for it.
+    if remote.served_here(node) and not docker_engine.cached_engine_status(node.docker_host or None).available:
         return None
     try:
-        engine = docker_engine.client(node.docker_host or None, timeout=settings.DOCKER_PING_TIMEOUT)
-        try:
-            return [image for image in images if not docker_engine.image_present(engine, image)]
-        finally:
-            engine.close()
-    except docker_engine.EngineError:
+        return remote.call_on_node(node, "instances.remote.absent_images_of", {"images": images},
+                                   timeout=remote.PAGE_READ_TIMEOUT)
+    except remote.NodeReadError:
         return None
 
 
