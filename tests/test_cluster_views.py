@@ -323,6 +323,18 @@ def latest(kind):
     return cluster_operations().filter(kind=kind).order_by("-created_at").first()
 
 
+def pressed(client, url_name, kind, run_worker):
+    """The cluster page's button `url_name` pressed and the operation it queued run: that operation, succeeded."""
+    client.post(reverse(url_name, args=["dbl"]))
+    return succeeded(latest(kind), run_worker)
+
+
+def in_log_order(operation, verb):
+    """The members in the order the operation's log says it was `verb` ("starting", "stopping") them."""
+    return [line.split(f"{verb} ", 1)[1].split(" on node")[0] for line in operation.log.splitlines()
+            if f"{verb} " in line]
+
+
 @pytest.mark.docker
 @pytest.mark.django_db(transaction=True)
 def test_the_page_starts_probes_and_stops_a_cluster_workers_first(client, operator, double_trio, run_worker):
@@ -335,15 +347,11 @@ def test_the_page_starts_probes_and_stops_a_cluster_workers_first(client, operat
     assert sorted(prepared.values_list("status", flat=True)) == [Operation.Status.SUCCEEDED] * 3, \
         [(o.target_label, o.error) for o in prepared]
 
-    client.post(reverse("cluster-start", args=["dbl"]))
-    start = succeeded(latest(clusters.KIND_START), run_worker)
-    order = [line.split("starting ", 1)[1].split(" on node")[0] for line in start.log.splitlines()
-             if "starting " in line]
-    assert order == ["worker dbl-1", "worker dbl-2", "master dbl-0"]
+    start = pressed(client, "cluster-start", clusters.KIND_START, run_worker)
+    assert in_log_order(start, "starting") == ["worker dbl-1", "worker dbl-2", "master dbl-0"]
     assert set(Instance.objects.values_list("status", flat=True)) == {Instance.Status.HEALTHY}
 
-    client.post(reverse("cluster-probe", args=["dbl"]))
-    succeeded(latest(clusters.KIND_PROBE), run_worker)
+    pressed(client, "cluster-probe", clusters.KIND_PROBE, run_worker)
     content = client.get(reverse("cluster-detail", args=["dbl"])).content.decode()
     for worker in ("dbl-1", "dbl-2"):
         row = row_of(content, worker)
@@ -351,11 +359,8 @@ def test_the_page_starts_probes_and_stops_a_cluster_workers_first(client, operat
         assert "✓ reached" in row and f"http://{container}:8188" in row, row
     assert "Reachability last checked from inside the master's container" in content
 
-    client.post(reverse("cluster-stop", args=["dbl"]))
-    stop = succeeded(latest(clusters.KIND_STOP), run_worker)
-    order = [line.split("stopping ", 1)[1].split(" on node")[0] for line in stop.log.splitlines()
-             if "stopping " in line]
-    assert order == ["worker dbl-1", "worker dbl-2", "master dbl-0"]
+    stop = pressed(client, "cluster-stop", clusters.KIND_STOP, run_worker)
+    assert in_log_order(stop, "stopping") == ["worker dbl-1", "worker dbl-2", "master dbl-0"]
     assert set(Instance.objects.values_list("status", flat=True)) == {Instance.Status.STOPPED}
     live = client.get(reverse("cluster-live", args=["dbl"]))
     assert live.status_code == 286  # nothing runs: the page stops polling
