@@ -271,6 +271,12 @@ def made_cluster(template, operator, run_worker) -> Cluster:
     return cluster
 
 
+def made_cluster_and_members(template, operator, run_worker) -> tuple[Cluster, Instance, Instance, Instance]:
+    """made_cluster, with its master and its two workers."""
+    cluster = made_cluster(template, operator, run_worker)
+    return (cluster, cluster.master, *clusters.workers_of(cluster))
+
+
 @pytest.mark.docker
 def test_a_cluster_from_a_template_gets_the_pinned_node_and_a_file_per_member_before_it_starts(
         distributed, template, operator, run_worker, settings):
@@ -299,9 +305,7 @@ def test_a_cluster_from_a_template_gets_the_pinned_node_and_a_file_per_member_be
 @pytest.mark.docker
 def test_a_cluster_starts_workers_then_master_and_the_master_reaches_each_worker_by_its_files_address(
         distributed, template, operator, run_worker, settings):
-    cluster = made_cluster(template, operator, run_worker)
-    master = cluster.master
-    w1, w2 = clusters.workers_of(cluster)
+    cluster, master, w1, w2 = made_cluster_and_members(template, operator, run_worker)
 
     start = succeeded(clusters.cluster_start(cluster=cluster, user=operator), run_worker)
 
@@ -347,9 +351,7 @@ def test_a_cluster_starts_workers_then_master_and_the_master_reaches_each_worker
 @pytest.mark.docker
 def test_a_stopped_worker_is_disabled_within_one_reconcile_and_a_setting_from_the_nodes_ui_survives_a_sync(
         distributed, template, operator, run_worker):
-    cluster = made_cluster(template, operator, run_worker)
-    master = cluster.master
-    w1, w2 = clusters.workers_of(cluster)
+    cluster, master, w1, w2 = made_cluster_and_members(template, operator, run_worker)
     succeeded(clusters.cluster_start(cluster=cluster, user=operator), run_worker)
 
     # Stopped behind ComfyHub's back: the next reconcile of its node sees it and rewrites the master's file.
@@ -389,9 +391,7 @@ def test_a_stopped_worker_is_disabled_within_one_reconcile_and_a_setting_from_th
 @pytest.mark.docker
 def test_removing_a_worker_and_deleting_the_cluster_leave_plain_instances_with_empty_worker_lists(
         distributed, template, operator, run_worker):
-    cluster = made_cluster(template, operator, run_worker)
-    master = cluster.master
-    w1, w2 = clusters.workers_of(cluster)
+    cluster, master, w1, w2 = made_cluster_and_members(template, operator, run_worker)
 
     succeeded(clusters.cluster_remove_worker(cluster=cluster, instance=w2, user=operator), run_worker)
     assert [w["id"] for w in written(master)["workers"]] == ["render-w1"]
