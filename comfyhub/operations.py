@@ -121,6 +121,12 @@ def enqueue(job, *, target=None, node=None, user=None, **kwargs) -> Operation:
     return operation
 
 
+def running_on(kind: str, target) -> Operation | None:
+    """The queued or running operation of `kind` on `target`, if any (to refuse starting a second one)."""
+    return Operation.objects.filter(kind=kind, target_id=str(target.pk),
+                                    status__in=Operation.ACTIVE_STATUSES).first()
+
+
 def _is_node(candidate) -> bool:
     return callable(getattr(candidate, "job_queue", None)) and callable(getattr(candidate, "refusal", None))
 

@@ -433,6 +433,8 @@ def cluster_probe(*, cluster: Cluster, user=None):
     The operation's result: {worker instance id: {"url", "ok", "detail"}}."""
     if refusal := cluster.master.node.refusal():
         raise operations.NodeUnavailable(refusal)
+    if operations.running_on(KIND_PROBE, cluster):
+        raise ValidationError(f"A reachability check of cluster '{cluster}' is under way; wait for it to finish.")
     return operations.enqueue("instances.jobs_clusters.probe_cluster", target=cluster, node=cluster.master.node,
                               user=user, cluster_pk=cluster.pk)
 
@@ -487,7 +489,9 @@ def desired_sections(cluster: Cluster, instance: Instance) -> dict:
     else:
         host, port = reach(master, instance)
     sections = {
-        "master": {"name": master.name, "host": host, "port": port, "cuda_device": _cuda_device(master),
+        # Names are instance ids: ComfyUI-Distributed puts them into its page unescaped (innerHTML), on the hub's
+        # origin through /i/<id>/, so a display name (anyone's free text) would be script there.
+        "master": {"name": master.instance_id, "host": host, "port": port, "cuda_device": _cuda_device(master),
                    "extra_args": ""},
         "workers": [],
     }
@@ -495,7 +499,7 @@ def desired_sections(cluster: Cluster, instance: Instance) -> dict:
         for worker in workers_of(cluster):
             w_host, w_port = reach(worker, master)
             sections["workers"].append({
-                "id": worker.instance_id, "name": worker.name, "host": w_host, "port": w_port,
+                "id": worker.instance_id, "name": worker.instance_id, "host": w_host, "port": w_port,
                 "cuda_device": _cuda_device(worker), "enabled": worker_enabled(worker), "extra_args": "",
                 "type": "remote"})
     return sections
@@ -514,11 +518,14 @@ def merged_config(existing: dict | None, sections: dict) -> dict:
     if "master" in sections:
         old = config.get("master") if isinstance(config.get("master"), dict) else {}
         config["master"] = {**old, **sections["master"]}
-    old_workers = {w.get("id"): w for w in config.get("workers") or [] if isinstance(w, dict)} \
+    old_workers = {w["id"]: w for w in config.get("workers") or [] if isinstance(w, dict) and isinstance(w.get("id"), str)} \
         if isinstance(config.get("workers"), list) else {}
     config["workers"] = [{**old_workers.get(w["id"], {}), **w} for w in sections.get("workers", [])]
     current = config.get("settings") if isinstance(config.get("settings"), dict) else {}
     config["settings"] = {**DEFAULT_SETTINGS, **current, **FORCED_SETTINGS}
+    # The tunnel (a public URL the node's page shows unescaped, settable by any peer through its unauthenticated
+    # routes) is not ComfyHub's to keep: a member starts with none, and publishes itself only by a person's choice.
+    config.pop("tunnel", None)
     return config
 
 
@@ -576,7 +583,7 @@ def sync_member(instance: Instance, report=None) -> dict:
     sections = desired_sections(found[0], instance) if found else released_sections()
     try:
         written, note = write_config(instance, sections)
-    except (safefs.UnsafePathError, OSError) as exc:
+    except (safefs.UnsafePathError, OSError, TypeError, ValueError) as exc:  # the file is the container's to shape
         note = f"{CONFIG_RELPATH} not written: {exc}"
         if report:
             report.log(f"{instance}: {note}", "ERROR")
@@ -602,7 +609,13 @@ def sync_node(node: Node, report=None, *, cluster: Cluster | None = None) -> lis
         found = membership(instance)
         if cluster is not None and (found is None or found[0].pk != cluster.pk):
             continue
-        results.append(sync_member(instance, report))
+        try:
+            results.append(sync_member(instance, report))
+        except Exception as exc:  # noqa: BLE001 - one member's file never stops the others' sync
+            note = f"{CONFIG_RELPATH} not written: {type(exc).__name__}: {exc}"[:300]
+            if report:
+                report.log(f"{instance}: {note}", "ERROR")
+            results.append({"instance": instance.instance_id, "written": False, "note": note, "failed": True})
     return results
 
 

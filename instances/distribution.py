@@ -119,6 +119,8 @@ NETDIST_CHECK = "netdist_check"
 def netdist_check(*, instance: Instance, user=None) -> Operation:
     """Ask, from inside `instance`'s container, whether each peer URL (those `user` may use) answers /system_stats:
     an operation on the instance's node; its result is the latest check (netdist_last_check)."""
+    if operations.running_on(NETDIST_CHECK, instance):
+        raise ValidationError({"peers": [f"A check of {instance}'s peers is under way; wait for it to finish."]})
     peers = [peer for peer in netdist_peers(instance, user=user) if peer["url"]]
     if not peers:
         raise ValidationError({"peers": [f"No peer of '{instance}' has a URL to check from inside it; the NetDist "
@@ -144,7 +146,7 @@ def netdist_probe(instance: Instance, peers: list[dict], report=None) -> dict:
             "reachable": sum(1 for result in results if result["ok"]), "checked": len(results)}
 
 
-@operation_job(NETDIST_CHECK, label="Check NetDist peers from inside")
+@operation_job(NETDIST_CHECK, label="Check NetDist peers from inside", timeout=120)
 def check_peers(report, *, instance_pk, peers):
     instance = Instance.objects.select_related("node").filter(pk=instance_pk).first()
     if instance is None:

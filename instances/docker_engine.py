@@ -277,24 +277,60 @@ def container_logs(engine, name: str, tail: int = 500) -> str:
 
 @dataclass(frozen=True)
 class ExecResult:
-    exit_code: int
+    exit_code: int  # -1 when it did not end within the deadline
     output: str  # stdout and stderr together, cut at max_output bytes: it comes from inside a hostile container
+    timed_out: bool = False
 
 
-def exec_in(engine, name: str, command: list[str], *, max_output: int = 65536) -> ExecResult:
+def exec_in(engine, name: str, command: list[str], *, max_output: int = 65536, timeout: float = 30) -> ExecResult:
     """Run `command` inside the running container `name` as the container's own user (`docker exec`, no tty, no
-    privileges). It runs in the container, with the container's rights, never on the host. The command must end on
-    its own: pass timeouts to it (e.g. socket timeouts of a probe); Docker's exec has none."""
+    privileges). It runs in the container, with the container's rights, never on the host. Docker's exec has no time
+    limit, so ComfyHub keeps its own: after `timeout` seconds it stops reading and returns (exit code -1);
+    what the command goes on doing is the container's business."""
+    deadline = time.monotonic() + timeout
     with _translated(f"Could not run a command in container {name}", engine):
         created = engine.api.exec_create(name, command, stdout=True, stderr=True, tty=False, privileged=False)
-        chunks, size = [], 0
-        for chunk in engine.api.exec_start(created["Id"], stream=True, demux=False):
+        raw = engine.api.exec_start(created["Id"], socket=True)
+        try:
+            chunks, timed_out = _read_exec_frames(getattr(raw, "_sock", raw), deadline, max_output)
+        finally:
+            raw.close()
+        exit_code = None
+        for _ in range(1 if timed_out else 20):  # the stream can end a moment before Docker records the exit
+            state = engine.api.exec_inspect(created["Id"])
+            if not state.get("Running"):
+                exit_code = state.get("ExitCode")
+                break
+            time.sleep(0.05)
+    output = b"".join(chunks).decode("utf-8", errors="replace")
+    if timed_out or exit_code is None:
+        return ExecResult(exit_code=-1, output=output, timed_out=timed_out)
+    return ExecResult(exit_code=int(exit_code), output=output)
+
+
+def _read_exec_frames(sock, deadline: float, max_output: int) -> tuple[list[bytes], bool]:
+    """The payloads of Docker's multiplexed exec stream (8-byte headers: stream, 0, 0, 0, big-endian length), read
+    until the command ends or the deadline passes (docker-py's own reader waits without a time limit). What passes
+    `max_output` is read and dropped, so the command is not blocked writing."""
+    chunks, size, pending = [], 0, b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return chunks, True
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return chunks, True
+        if not data:
+            return chunks, False
+        pending += data
+        while len(pending) >= 8 and len(pending) >= 8 + int.from_bytes(pending[4:8], "big"):
+            end = 8 + int.from_bytes(pending[4:8], "big")
+            payload, pending = pending[8:end], pending[end:]
             if size < max_output:
-                chunks.append(chunk[:max_output - size])
-            size += len(chunk)
-        exit_code = engine.api.exec_inspect(created["Id"]).get("ExitCode")
-    return ExecResult(exit_code=int(exit_code if exit_code is not None else -1),
-                      output=b"".join(chunks).decode("utf-8", errors="replace"))
+                chunks.append(payload[:max_output - size])
+            size += len(payload)
 
 
 def ensure_network(engine, name: str, labels: dict) -> str:

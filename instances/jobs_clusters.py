@@ -229,7 +229,7 @@ def stop_cluster(report, *, cluster_pk):
     return {"stopped": stopped}
 
 
-@operation_job(clusters.KIND_PROBE, label="Probe cluster")
+@operation_job(clusters.KIND_PROBE, label="Probe cluster", timeout=120)
 def probe_cluster(report, *, cluster_pk):
     """From inside the master's container: does each worker answer /system_stats at the address the master's file
     gives it? Result: {worker id: {"url", "ok", "detail"}}."""

@@ -72,8 +72,7 @@ def instance_move(*, instance: Instance, target: Node, user=None) -> Operation:
     """Queue the move of `instance` to `target` (refused at once when it cannot go there now)."""
     from . import services
 
-    busy = Operation.objects.filter(kind=KIND, target_id=str(instance.pk), status__in=Operation.ACTIVE_STATUSES)
-    if busy.exists():
+    if operations.running_on(KIND, instance):
         raise ValidationError({"node": [f"{instance} is being moved already; wait for that move to finish."]})
     plan = move_plan(instance=instance, target=target)
     return operations.enqueue("instances.jobs.move_instance", target=instance, node=services.local_node(), user=user,

@@ -30,6 +30,7 @@ def ask(url):
 with concurrent.futures.ThreadPoolExecutor(8) as pool:
     print(json.dumps(dict(zip(urls, pool.map(ask, urls)))))
 """
+_PARALLEL = 8  # the probe's threads, as in _PROBE
 MAX_URLS = 64
 
 
@@ -56,13 +57,18 @@ def reach_from_inside(instance: Instance, urls: list[str], *, timeout: float = 3
         if state is None or not state.running:
             return [Reach(url, False, f"{instance.instance_id} is not running") for url in urls]
         try:
+            # -I -S: the container's PYTHONPATH, user site and working folder (all writable from inside) are not
+            # read, so planted modules cannot take the probe over; it still runs with the container's rights only.
             result = docker_engine.exec_in(engine, instance.container_name,
-                                           ["python3", "-c", _PROBE, str(timeout), *urls])
+                                           ["python3", "-I", "-S", "-c", _PROBE, str(timeout), *urls],
+                                           timeout=timeout * -(-len(urls) // _PARALLEL) + 5)
         except docker_engine.EngineError as exc:
             return [Reach(url, False, f"the probe could not run in {instance.instance_id}: {exc}"[:300])
                     for url in urls]
     finally:
         engine.close()
+    if result.timed_out:
+        return [Reach(url, False, f"the probe did not finish in {instance.instance_id} in time") for url in urls]
     answers = _answers(result.output) if result.exit_code == 0 else None
     if answers is None:
         why = result.output.strip().splitlines()[-1:] or [f"exit code {result.exit_code}"]

@@ -219,7 +219,8 @@ def test_gpu_instances_number_their_gpus_in_bus_order():
 
 def test_a_merge_keeps_what_a_person_set_and_replaces_what_comfyhub_decides():
     existing = {"master": {"host": "old", "name": "x", "note": "mine"},
-                "workers": [{"id": "w1", "host": "old", "colour": "red"}, {"id": "gone", "host": "h"}],
+                "workers": [{"id": "w1", "host": "old", "colour": "red"}, {"id": "gone", "host": "h"},
+                            {"id": {"planted": 1}}, {"id": ["w1"]}, "not a worker"],  # the container's to shape
                 "settings": {"debug": True, "worker_timeout_seconds": 99, "auto_launch_workers": True},
                 "tunnel": {"status": "running"}, "future_key": [1]}
     sections = {"master": {"name": "m", "host": "h", "port": 8188, "cuda_device": 0, "extra_args": ""},
@@ -233,7 +234,8 @@ def test_a_merge_keeps_what_a_person_set_and_replaces_what_comfyhub_decides():
     assert merged["workers"] == [{**sections["workers"][0], "colour": "red"}]
     assert merged["settings"]["debug"] is True and merged["settings"]["worker_timeout_seconds"] == 99
     assert merged["settings"]["auto_launch_workers"] is False
-    assert merged["tunnel"] == {"status": "running"} and merged["future_key"] == [1]
+    assert merged["future_key"] == [1]
+    assert "tunnel" not in merged  # a public URL any peer may set, shown unescaped by the node: never kept
 
 
 # --- A cluster of a master and two workers on one node ------------------------------------------------------------
@@ -365,7 +367,7 @@ def test_a_stopped_worker_is_disabled_within_one_reconcile_and_a_setting_from_th
                                                                              ("render-w2", False)]
     assert get_json(f"{master.url}distributed/config")["workers"][1]["enabled"] is False
 
-    # What the node's UI writes: a setting changed, a key ComfyHub does not know, the tunnel's state.
+    # What the node's UI writes: a setting changed, a key ComfyHub does not know, a tunnel (not kept).
     edited = written(master)
     edited["settings"].update({"debug": True, "worker_timeout_seconds": 123, "auto_launch_workers": True})
     edited["tunnel"] = {"status": "stopped", "public_url": ""}
@@ -378,7 +380,7 @@ def test_a_stopped_worker_is_disabled_within_one_reconcile_and_a_setting_from_th
     check_shape(after)
     assert after["settings"]["debug"] is True and after["settings"]["worker_timeout_seconds"] == 123
     assert after["settings"]["auto_launch_workers"] is False  # ComfyHub runs the workers
-    assert after["tunnel"] == edited["tunnel"] and after["ui_only"] == {"kept": 1}
+    assert "tunnel" not in after and after["ui_only"] == {"kept": 1}
     cluster.refresh_from_db()
     assert cluster.synced_at is not None and cluster.sync_detail == ""
 
@@ -630,3 +632,17 @@ def test_joining_a_cluster_is_a_configuration_change_a_restart_applies_and_the_n
     assert name == runtime.cluster_network_name("render")
     assert labels[runtime.LABEL_CLUSTER] == "render" and labels[runtime.LABEL_MANAGED] == "true"
     assert aliases == [master.container_name, "m"]
+
+
+def test_the_names_written_are_instance_ids_never_display_names_the_node_would_render_as_html():
+    master = plain("m")
+    worker = plain("w")
+    Instance.objects.filter(pk__in=[master.pk, worker.pk]).update(display_name="<img src=x onerror=alert(1)>")
+    cluster = clusters.cluster_create(name="render", master=Instance.objects.get(pk=master.pk),
+                                      workers=[Instance.objects.get(pk=worker.pk)])
+
+    for member in (cluster.master, Instance.objects.get(pk=worker.pk)):
+        sections = clusters.desired_sections(cluster, member)
+        assert "<img" not in json.dumps(sections)
+    master_sections = clusters.desired_sections(cluster, cluster.master)
+    assert master_sections["master"]["name"] == "m" and master_sections["workers"][0]["name"] == "w"

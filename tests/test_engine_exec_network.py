@@ -48,3 +48,9 @@ def test_exec_output_from_inside_is_cut_at_the_limit_and_the_exit_code_kept(dock
                                             ["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x; exit 4"],
                                             max_output=1000)
     assert result.exit_code == 4 and result.output == "x" * 1000
+
+
+def test_a_command_that_never_ends_is_left_after_the_deadline(docker_engine):
+    sleeper(docker_engine, "chub-test-stuck")
+    result = adapter.exec_in(docker_engine, "chub-test-stuck", ["sh", "-c", "echo started; sleep 600"], timeout=2)
+    assert (result.exit_code, result.timed_out, result.output) == (-1, True, "started\n")
