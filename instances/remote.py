@@ -116,10 +116,16 @@ def _abandon(job):
         logger.warning("A read on %s nobody waits for could not be cancelled: %s", job.origin, exc)
 
 
+READ_MODULES = ("instances.", "storage_app.")
+
+
 def run_read(*, func: str, kwargs: dict):
     """The RQ job on the agent: run the read and return {"value": ...}, or {"error": message} when it failed (its
     message is what the page shows; the traceback stays in the agent's log)."""
     try:
+        # Only ComfyHub's own modules are imported at all (importing is running code), then only marked reads run.
+        if not func.startswith(READ_MODULES) or func.count(".") < 2:
+            raise NodeReadError(f"{func} is not a read an agent serves.")
         target = import_string(func)
         if not getattr(target, "node_read", False):
             raise NodeReadError(f"{func} is not a read an agent serves.")

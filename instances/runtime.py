@@ -360,6 +360,9 @@ def argument_problem(arg: str) -> str | None:
         return f"{json.dumps(arg)} is not an argument; give each argument as a string."
     if "\0" in arg:
         return f"{arg!r} holds a NUL character, which no program argument can carry; remove it."
+    if arg == "--":
+        return ("'--' would end ComfyUI's options: every argument after it, ComfyHub's own included, would be taken as "
+                "a file name and ComfyUI would not start; remove it.")
     if arg.startswith("-") and any(c.isspace() for c in arg.split("=", 1)[0]):
         return (f"'{arg}' holds a flag and its value in one item; give them as separate items "
                 f"('{arg.split()[0]}', '{' '.join(arg.split()[1:])}').")

@@ -21,7 +21,7 @@ from storage_app import layout
 
 from . import placement, runtime
 from .gpus import gpus_discover
-from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node, cluster_deletion_problem
+from .models import GPU, LOCAL_NODE, GPUAssignment, Instance, Node, cluster_deletion_problem, cluster_membership
 
 
 # --- Nodes ---------------------------------------------------------------------------------------------------
@@ -113,9 +113,14 @@ def _validate(fields: InstanceFields, node: Node, instance: Instance | None = No
     if problem := runtime.image_problem(fields.image):
         errors.setdefault("image", []).append(problem)
 
+    member = instance is not None and cluster_membership(instance) is not None
     for arg in fields.extra_args or []:
         if problem := runtime.argument_problem(arg):
             errors.setdefault("extra_args", []).append(problem)
+        elif member and "--enable-cors-header" in runtime.comfyui_reads_as(arg):
+            errors.setdefault("extra_args", []).append(
+                f"'{arg}': ComfyHub sets --enable-cors-header on a cluster's members (to the cluster's origin); "
+                "remove it.")
     for key, value in (fields.extra_env or {}).items():
         if problem := runtime.environment_problem(key, value):
             errors.setdefault("extra_env", []).append(problem)

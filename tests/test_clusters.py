@@ -193,6 +193,11 @@ def test_a_member_that_sets_its_own_cors_header_is_refused_and_comfyhubs_comes_l
     master.refresh_from_db()
     assert runtime.comfyui_arguments(master, [])[-2:] == ["--enable-cors-header", settings.HUB_ORIGIN]
     assert "--enable-cors-header" not in runtime.comfyui_arguments(plain("alone"), [])
+    # Nor can a member's own arguments be edited to set it later.
+    with pytest.raises(ValidationError) as refused:
+        services.instance_update(instance=master, display_name="", description="", image=master.image,
+                                 extra_args=["--enable-cors=*"], extra_env={}, host_port=None, gpu_indexes=[0])
+    assert "ComfyHub sets --enable-cors-header on a cluster's members" in messages(refused, "extra_args")
 
 
 def test_an_instance_in_a_cluster_cannot_be_deleted_until_it_leaves():
@@ -298,7 +303,8 @@ def test_a_cluster_from_a_template_gets_the_pinned_node_and_a_file_per_member_be
     assert (master_file["master"]["host"], master_file["master"]["port"]) == (master.container_name, 8188)
     assert master_file["master"]["name"] == "render-master" and master_file["master"]["cuda_device"] == 0
     assert [(w["id"], w["host"], w["port"], w["type"], w["enabled"]) for w in master_file["workers"]] == [
-        ("render-w1", w1.container_name, 8188, "remote", False), ("render-w2", w2.container_name, 8188, "remote", False)]
+        ("render-w1", w1.container_name, 8188, "remote", False),
+        ("render-w2", w2.container_name, 8188, "remote", False)]
     for worker in (w1, w2):
         assert written(worker)["workers"] == []
         assert written(worker)["master"]["host"] == master.container_name

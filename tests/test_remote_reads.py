@@ -6,6 +6,7 @@ timeout, leaving nothing queued."""
 import html
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -216,6 +217,11 @@ def test_local_reads_run_in_this_process_and_an_agent_serves_only_functions_mark
     assert queues.get_queue("default").count == 0
 
     assert remote.run_read(func="os.getcwd", kwargs={}) == {"error": "os.getcwd is not a read an agent serves."}
+    # Outside ComfyHub's modules nothing is even imported (importing runs a module's code).
+    assert remote.run_read(func="this.s", kwargs={}) == {"error": "this.s is not a read an agent serves."}
+    assert "this" not in sys.modules
+    assert remote.run_read(func="instances.services.instance_delete", kwargs={}) == {
+        "error": "instances.services.instance_delete is not a read an agent serves."}
     assert remote.run_read(func="instances.workflows.read_workflow_of",
                            kwargs={"instance_id": "alpha", "relpath": "mine.json"}) == {"value": b"{}"}
     assert remote.run_read(func="instances.workflows.read_workflow_of",

@@ -86,7 +86,12 @@ def test_every_other_comfyui_option_is_allowed(option):
     assert runtime.argument_problem(f"{option}=1") is None
 
 
-@pytest.mark.parametrize("arg", ["auto", "512", "-1", "-h", "--", "/instance/whatever", "--preview-method"])
+def test_a_bare_double_dash_is_refused_since_everything_after_it_would_stop_being_an_option():
+    # ComfyHub's own arguments may follow the instance's (a cluster member's --enable-cors-header).
+    assert "'--' would end ComfyUI's options" in runtime.argument_problem("--")
+
+
+@pytest.mark.parametrize("arg", ["auto", "512", "-1", "-h", "/instance/whatever", "--preview-method"])
 def test_values_and_harmless_arguments_pass(arg):
     assert runtime.argument_problem(arg) is None
 
