@@ -106,6 +106,13 @@ def _sync_here(cluster: Cluster | None, node: Node, released, report) -> list[di
     return results
 
 
+def _record_sync(cluster: Cluster, failed: list[dict]) -> str:
+    """When the members' files were last written, and what failed (the cluster page shows both)."""
+    detail = "; ".join(f"{f['instance']}: {f['note']}" for f in failed)[:500]
+    Cluster.objects.filter(pk=cluster.pk).update(synced_at=timezone.now(), sync_detail=detail)
+    return detail
+
+
 @operation_job(clusters.KIND_SYNC, label="Sync cluster")
 def sync_cluster(report, *, cluster_pk, released=()):
     """Every member's gpu_config.json written (this node's here, each other node's by its agent), each on the
@@ -122,8 +129,7 @@ def sync_cluster(report, *, cluster_pk, released=()):
     mine, outcomes = fanout.run_parts(report, parts, here=lambda: _sync_here(cluster, here, released, report))
     failed = [r for r in mine if r["failed"]] + \
         [{"instance": name, "note": o["error"]} for name, o in outcomes.items() if o["status"] != "succeeded"]
-    detail = "; ".join(f"{f['instance']}: {f['note']}" for f in failed)[:500]
-    Cluster.objects.filter(pk=cluster.pk).update(synced_at=timezone.now(), sync_detail=detail)
+    detail = _record_sync(cluster, failed)
     if failed:
         raise OperationError(f"Not every member's {clusters.CONFIG_NAME} was written: {detail}")
     return {"members": mine, "nodes": {name: o["result"] for name, o in outcomes.items()}}
@@ -204,7 +210,8 @@ def start_cluster(report, *, cluster_pk):
                                  f"{', '.join(started) or 'none'}; the rest was not started.") from exc
         started.append(member.instance_id)
         report.log(f"{role} {member} is healthy")
-    clusters.sync_node(here, report, cluster=cluster)
+    # Each member's file was written before it started (on its node); the master's node's files say who runs now.
+    _record_sync(cluster, [r for r in clusters.sync_node(here, report, cluster=cluster) if r["failed"]])
     return {"started": started}
 
 
@@ -223,7 +230,7 @@ def stop_cluster(report, *, cluster_pk):
         except OperationError as exc:
             failed.append(f"{member}: {exc}")
             report.log(f"{role} {member} did not stop: {exc}", "ERROR")
-    clusters.sync_node(here, report, cluster=cluster)
+    _record_sync(cluster, [r for r in clusters.sync_node(here, report, cluster=cluster) if r["failed"]])
     if failed:
         raise OperationError("Not every member stopped: " + "; ".join(failed))
     return {"stopped": stopped}

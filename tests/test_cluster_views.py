@@ -350,6 +350,8 @@ def test_the_page_starts_probes_and_stops_a_cluster_workers_first(client, operat
     start = pressed(client, "cluster-start", clusters.KIND_START, run_worker)
     assert in_log_order(start, "starting") == ["worker dbl-1", "worker dbl-2", "master dbl-0"]
     assert set(Instance.objects.values_list("status", flat=True)) == {Instance.Status.HEALTHY}
+    cluster = Cluster.objects.get(name="dbl")
+    assert cluster.synced_at is not None and cluster.sync_detail == ""  # the page no longer says "not yet"
 
     pressed(client, "cluster-probe", clusters.KIND_PROBE, run_worker)
     content = client.get(reverse("cluster-detail", args=["dbl"])).content.decode()
