@@ -232,7 +232,10 @@ def create_container(engine, spec) -> str:
         log_config=docker.types.LogConfig(type=spec.log_driver, config=dict(spec.log_options)),
         device_requests=[docker.types.DeviceRequest(device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])]
         if spec.gpu_ids else None,
+        network_mode=spec.network or None,
     )
+    if spec.network:
+        ensure_network(engine, spec.network, spec.network_labels, spec.network_options)
     with _translated(f"Could not create container {spec.name}", engine):
         # An empty command leaves the image's own (an image that reads ComfyUI's arguments from a variable).
         created = engine.api.create_container(
@@ -333,9 +336,9 @@ def _read_exec_frames(sock, deadline: float, max_output: int) -> tuple[list[byte
             size += len(payload)
 
 
-def ensure_network(engine, name: str, labels: dict) -> str:
-    """A user-defined bridge network `name` (members resolve each other by container name), created when missing;
-    returns its id. An existing network of that name without ComfyHub's labels is refused, never taken over."""
+def ensure_network(engine, name: str, labels: dict, options: dict | None = None) -> str:
+    """A user-defined bridge network `name` with these driver `options`, created when missing; returns its id. An
+    existing network of that name without ComfyHub's labels, or without those options, is refused, never used."""
     with _translated(f"Could not create network {name}", engine):
         for network in engine.api.networks(names=[name]):
             if network.get("Name") == name:
@@ -343,8 +346,19 @@ def ensure_network(engine, name: str, labels: dict) -> str:
                 if any(theirs.get(key) != value for key, value in labels.items()):
                     raise EngineError(f"A Docker network named {name} exists and is not ComfyHub's (labels "
                                       f"{theirs or 'none'}); rename or remove it.")
+                found = network.get("Options") or {}
+                if any(found.get(key) != value for key, value in (options or {}).items()):
+                    raise EngineError(f"The Docker network {name} lacks the options ComfyHub makes it with "
+                                      f"({options}); remove it (docker network rm {name}, with its containers "
+                                      "stopped) and ComfyHub makes it again.")
                 return network["Id"]
-        return engine.api.create_network(name, driver="bridge", labels=labels, check_duplicate=True)["Id"]
+        try:
+            return engine.api.create_network(name, driver="bridge", labels=labels, options=options or None,
+                                             check_duplicate=True)["Id"]
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # made meanwhile by another worker of this node: use it
+                raise
+            return engine.api.inspect_network(name)["Id"]
 
 
 def network_members(engine, name: str) -> dict[str, list[str]] | None:

@@ -25,6 +25,12 @@ LABEL_CONFIG = "comfyhub.config-hash"
 LABEL_IMAGE_ID = "comfyhub.image-id"
 # The cluster (instances/clusters.py) a network belongs to.
 LABEL_CLUSTER = "comfyhub.cluster"
+# Which of ComfyHub's networks a network is: "instances" (the node's own bridge for every instance) or a cluster's.
+LABEL_NETWORK = "comfyhub.network"
+# Every instance's container is on its node's bridge of ComfyHub's own, where containers cannot reach each other
+# (inter-container communication off): code in one instance cannot call another's ComfyUI, which has no login,
+# behind the hub's back. Clusters' networks are the only deliberate path between containers.
+INSTANCES_NETWORK_OPTIONS = {"com.docker.network.bridge.enable_icc": "false"}
 # What a cluster member's ComfyUI allows cross-origin requests from: set by ComfyHub, last, so it wins over any other.
 CORS_FLAG = "--enable-cors-header"
 # Docker restarts a crashed ComfyUI, backing off, at most INSTANCE_MAX_RESTARTS times, then gives up (crash-looping).
@@ -103,6 +109,11 @@ class ContainerSpec:
     image_id: str = ""
     # "uid:gid" the container runs as (PUID:PGID), never root: the files it writes in /instance belong to it.
     user: str = ""
+    # The network it is created on (runtime.instances_network), made with these labels and options when missing;
+    # "" is Docker's default bridge.
+    network: str = ""
+    network_labels: dict[str, str] = field(default_factory=dict)
+    network_options: dict[str, str] = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
@@ -229,6 +240,13 @@ def cors_origin(instance) -> str | None:
     return found[0].cors_origin or settings.HUB_ORIGIN
 
 
+def instances_network(node_name: str) -> tuple[str, dict[str, str]]:
+    """(name, labels) of the node's network every instance's container is created on (INSTANCES_NETWORK_OPTIONS)."""
+    return (f"{settings.CONTAINER_NAME_PREFIX}instances",
+            {LABEL_MANAGED: "true", LABEL_NODE: node_name, **settings.CONTAINER_EXTRA_LABELS,
+             LABEL_NETWORK: "instances"})
+
+
 def cluster_network_name(cluster_name: str) -> str:
     return f"{settings.CONTAINER_NAME_PREFIX}cluster-{cluster_name}"
 
@@ -313,6 +331,7 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
     }
     if image_id:
         labels[LABEL_IMAGE_ID] = image_id
+    network, network_labels = instances_network(instance.node.name)
     spec = ContainerSpec(
         name=instance.container_name,
         image=instance.image,
@@ -331,6 +350,9 @@ def container_spec(instance, image_id: str = "") -> ContainerSpec:
         log_options=dict(LOG_OPTIONS),
         image_id=image_id,
         user=f"{settings.PUID}:{settings.PGID}",
+        network=network,
+        network_labels=network_labels,
+        network_options=dict(INSTANCES_NETWORK_OPTIONS),
     )
     return spec.with_hash_label()
 
