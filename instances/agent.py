@@ -22,8 +22,8 @@ from rq import Queue
 from comfyhub import queues
 from storage_app import layout
 
-from . import docker_engine, gpus, nodes
-from .models import Node
+from . import docker_engine, gpus, nodes, remote
+from .models import Instance, Node
 
 logger = logging.getLogger("comfyhub.agent")
 
@@ -82,9 +82,19 @@ def gpu_report(node: Node) -> dict:
                                             "memory_total": gpu.memory_total} for gpu in found]}
 
 
+def images_in_use(node: Node) -> list[str]:
+    return sorted(set(Instance.objects.filter(node=node).values_list("image", flat=True)))
+
+
+def images_report(node: Node, images: list[str]) -> dict:
+    """Which of the images this node's instances use its engine lacks (null when the engine does not answer): the
+    dashboard's "missing images" notice reads it from the last heartbeat, never waiting for an agent."""
+    return {"images_absent": remote.absent_images_on(node.docker_host or None, images)}
+
+
 def collect_heartbeat(node: Node, *, version: str) -> dict:
     """Everything a heartbeat reports (docs/cli.md, `hosts show --json`)."""
-    return {**gpu_report(node), **host_report(node, version=version)}
+    return {**gpu_report(node), **host_report(node, version=version), **images_report(node, images_in_use(node))}
 
 
 class Agent:
@@ -189,7 +199,13 @@ class Agent:
     def beat(self):
         """One heartbeat; a failure is one log line, never the end of the agent."""
         try:
-            report = host_report(self.node, version=self.version)  # the slow part (a Docker ping) outside the lock
+            with self._database_lock:
+                try:
+                    images = images_in_use(self.node)
+                finally:
+                    connections.close_all()
+            # The slow part (Docker) outside the lock.
+            report = {**host_report(self.node, version=self.version), **images_report(self.node, images)}
             with self._database_lock:
                 try:
                     report = {**gpu_report(self.node), **report}

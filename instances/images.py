@@ -617,8 +617,8 @@ class MissingImage:
 
 def missing_images() -> list[MissingImage]:
     """The images instances use that are not on their node's engine, one per node and image; each image is looked
-    up once. Another node's engine is asked by its agent (a few seconds at most). A node whose engine does not
-    answer, or whose agent cannot be asked, is left out (the engine's own card, the node's row say so)."""
+    up once. Another node's engine is reported on by its agent's heartbeats. A node whose engine does not answer,
+    or that is offline, is left out (the engine's own card, the node's row say so)."""
     by_node: dict[int, dict[str, list[str]]] = {}
     for node_id, instance_id, image in Instance.objects.order_by("instance_id").values_list(
             "node_id", "instance_id", "image"):
@@ -635,16 +635,17 @@ def missing_images() -> list[MissingImage]:
 
 
 def _absent_images(node: Node, images: list[str]) -> list[str] | None:
-    """Which of `images` `node`'s engine lacks, asked where its engine is (remote.absent_images_of, in this process
-    for its own node); None when that cannot be known."""
-    # This process's own engine, known to be down, is not asked again: the dashboard would wait for it.
-    if remote.served_here(node) and not docker_engine.cached_engine_status(node.docker_host or None).available:
+    """Which of `images` `node`'s engine lacks; None when that cannot be known. This process's own engine is asked
+    (unless known to be down); another node's is what its agent found at its last heartbeat (`images_absent`, at
+    most one heartbeat old): the dashboard never waits for an agent."""
+    if remote.served_here(node):
+        if not docker_engine.cached_engine_status(node.docker_host or None).available:
+            return None
+        return remote.absent_images_of(images)
+    reported = (node.heartbeat or {}).get("images_absent") if node.state().online else None
+    if not isinstance(reported, list):
         return None
-    try:
-        return remote.call_on_node(node, "instances.remote.absent_images_of", {"images": images},
-                                   timeout=remote.PAGE_READ_TIMEOUT)
-    except remote.NodeReadError:
-        return None
+    return [image for image in images if image in reported]
 
 
 def info_data(info: ImageInfo | None) -> dict:

@@ -196,16 +196,13 @@ def pending_change_kinds_of(instance_id: str) -> list[str]:
 
 # --- Images a node's engine lacks (the dashboard's notice) ----------------------------------------------------------
 
-@node_read
-def absent_images_of(images: list[str]) -> list[str] | None:
-    """Which of `images` this node's engine does not have; None when the engine does not answer."""
+def absent_images_on(docker_host: str | None, images: list[str]) -> list[str] | None:
+    """Which of `images` the engine at `docker_host` (None: this host's default) does not have; None when it does
+    not answer. Docker only, no database (an agent's heartbeat thread calls it)."""
     from django.conf import settings as current
 
     from . import docker_engine
-    from .models import Node
 
-    node = Node.objects.filter(name=current.NODE_NAME).first()
-    docker_host = (node.docker_host if node is not None else "") or None
     try:
         engine = docker_engine.client(docker_host, timeout=current.DOCKER_PING_TIMEOUT)
         try:
@@ -214,3 +211,14 @@ def absent_images_of(images: list[str]) -> list[str] | None:
             engine.close()
     except docker_engine.EngineError:
         return None
+
+
+@node_read
+def absent_images_of(images: list[str]) -> list[str] | None:
+    """Which of `images` this node's engine does not have; None when the engine does not answer."""
+    from django.conf import settings as current
+
+    from .models import Node
+
+    node = Node.objects.filter(name=current.NODE_NAME).first()
+    return absent_images_on((node.docker_host if node is not None else "") or None, images)
