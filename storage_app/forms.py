@@ -44,7 +44,8 @@ MANAGER_SNAPSHOT_MAX_BYTES = 2 << 20  # a ComfyUI-Manager snapshot lists nodes a
 
 class SnapshotCreateForm(ServiceForm):
     kind = forms.ChoiceField(choices=Snapshot.Kind.choices, initial=Snapshot.Kind.CONFIG, widget=forms.RadioSelect)
-    include_output = forms.BooleanField(label="Include output/ (generated images)", required=False)
+    include_output = forms.BooleanField(label="Include output/ (generated images) and input/ (its uploads)",
+                                        required=False)
     note = forms.CharField(required=False, max_length=Snapshot._meta.get_field("note").max_length,
                            widget=forms.TextInput(attrs={"placeholder": "e.g. before upgrading the nodes"}))
 

@@ -41,7 +41,7 @@ from .models import Snapshot
 
 MANIFEST_NAME = "comfyhub-snapshot.json"
 CONFIG_TREES = ("user",)
-# Never home/ (HOME and caches: rebuilt by whatever filled them), temp/ or input/.
+# Never home/ (HOME and caches: rebuilt by whatever filled them) or temp/; output/ and input/ only when asked.
 FULL_TREES = ("user", "custom_nodes", "models", "python-packages")
 
 
@@ -189,7 +189,8 @@ def trees_for(kind: str, include_output: bool = False) -> tuple[str, ...]:
     else:
         raise SnapshotError(f"'{kind}' is not a snapshot kind (config or full); nothing was restored.")
     if include_output:
-        trees += ("output",)
+        # What the instance made and what people uploaded to it: both are its own, and in no other copy.
+        trees += ("output", "input")
     return tuple(tree for tree in trees if tree in layout.INSTANCE_SUBDIRS)
 
 

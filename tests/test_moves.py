@@ -67,6 +67,8 @@ def fill(instance):
     (root / "custom_nodes" / "my-node" / "__init__.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
     (root / "output").mkdir(exist_ok=True)
     (root / "output" / "render_00001.png").write_bytes(b"\x89PNG result")
+    (root / "input").mkdir(exist_ok=True)
+    (root / "input" / "uploaded.png").write_bytes(b"\x89PNG upload")
 
 
 @pytest.mark.docker
@@ -128,6 +130,7 @@ def test_an_instance_moves_from_local_to_node_b_with_its_data_and_a_failed_start
         assert json.loads((moved / "user" / "default" / "workflows" / "mine.json").read_text()) == {"nodes": []}
         assert (moved / "custom_nodes" / "my-node" / "__init__.py").read_text() == "NODE_CLASS_MAPPINGS = {}\n"
         assert (moved / "output" / "render_00001.png").read_bytes() == b"\x89PNG result"
+        assert (moved / "input" / "uploaded.png").read_bytes() == b"\x89PNG upload"  # its own uploads travel too
         [container] = containers_named(second_docker_engine.client, alpha.container_name)
         assert container.status == "running"
         assert container.attrs["NetworkSettings"]["Ports"]["8188/tcp"] == [

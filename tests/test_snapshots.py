@@ -30,6 +30,7 @@ def instance(storage):
     (root / "user" / "default" / "workflows" / "w.json").write_text('{"nodes": []}')
     (root / "user" / "default" / "comfy.settings.json").write_text('{"a": 1}')
     (root / "output" / "image.png").write_bytes(b"png")
+    (root / "input" / "uploaded.png").write_bytes(b"upload")
     (root / "models" / "loras").mkdir(parents=True)
     (root / "models" / "loras" / "own.pt").write_bytes(b"own")
     return created
@@ -68,12 +69,12 @@ def test_a_full_snapshot_adds_nodes_and_the_inbox_and_output_only_when_asked(ins
     full = snapshots.create(instance, kind="full")
     names = names_in(full)
     assert "models/loras/own.pt" in names and "custom_nodes/ComfyUI-Test-Nodes/__init__.py" in names
-    assert not any(n.startswith("output") for n in names)
+    assert not any(n.startswith(("output", "input")) for n in names)
     node = full.manifest["custom_nodes"][0]
     assert (node["folder"], node["git_url"], node["commit"], node["dirty"], node["disabled"]) == (
         "ComfyUI-Test-Nodes", url, commits["v1"], None, False)
     with_output = snapshots.create(instance, kind="full", include_output=True)
-    assert "output/image.png" in names_in(with_output)
+    assert {"output/image.png", "input/uploaded.png"} <= set(names_in(with_output))  # its own uploads too
 
 
 def test_restoring_puts_the_files_back_and_can_be_undone(instance, run_worker, storage):
