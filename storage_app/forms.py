@@ -162,7 +162,7 @@ def free_gpus(node=None):
     from instances.services import local_node
 
     return list(GPU.objects.filter(node=node or local_node(), present=True).annotate(holders=Count("assignments"))
-                .filter(Q(shareable=True) | Q(holders=0)))
+                .filter(Q(shareable=True) | Q(holders=0)).order_by("index"))  # aggregated: no default order
 
 
 class LegacyPlanForm(ServiceForm):
