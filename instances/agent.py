@@ -66,6 +66,9 @@ def host_report(node: Node, *, version: str) -> dict:
         "load": [round(value, 2) for value in os.getloadavg()],
         "cpu_count": os.cpu_count(),
         "hostname": socket.gethostname(),
+        # The hub opens this node's instances on a loopback address only when it shares that loopback
+        # (views_access.upstream_of).
+        "network_identity": nodes.network_identity(),
         "agent_pid": os.getpid(),
         "queues": nodes.node_queue_names(node.name),
     }

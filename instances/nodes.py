@@ -4,6 +4,7 @@ The Nodes page, the `hosts` command, the admin and the agent all go through thes
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,6 +30,28 @@ STORAGE_ROOTS = ("shared", "instances", "backups")
 def node_queue_names(name: str) -> list[str]:
     """The RQ queues a node's agent takes jobs from: quick ones, then long ones."""
     return [queues.node_queue(name, "default"), queues.node_queue(name, "long")]
+
+
+def network_identity() -> str:
+    """Which loopback this process sees: the kernel's boot id and this process's network namespace. Two processes
+    with the same identity reach the same 127.0.0.1 (an agent beside the hub, on its own Docker engine); any other
+    node's loopback is its own machine's. Empty when /proc does not tell."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        namespace = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return ""
+    return f"{boot}/net:{namespace}" if boot else ""
+
+
+def shares_hubs_loopback(node: Node) -> bool:
+    """Whether the hub reaches `node`'s loopback as its own: `local`, or a node whose agent last reported the hub's
+    network identity."""
+    if node.name == LOCAL_NODE:
+        return True
+    reported = (node.heartbeat or {}).get("network_identity")
+    return bool(reported) and reported == network_identity()
 
 
 def node_name_problem(name) -> str | None:

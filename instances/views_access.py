@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET
 
 from comfyhub import tokens
 
-from . import access, health
+from . import access, health, nodes
 from .models import LOCAL_NODE, Instance, InstanceOpen
 
 # /i/<id>/... as nginx saw it (X-Original-URI: the raw request URI); nginx refuses every other shape before asking.
@@ -70,14 +70,14 @@ PROXIED_STATUSES = (Instance.Status.STARTING, Instance.Status.HEALTHY, Instance.
 
 
 def upstream_of(instance: Instance) -> str | None:
-    """HOST:PORT nginx proxies to: the node's bind address ([IPv6] bracketed). A wildcard bind means loopback on the
-    hub's own node only; on another node it names no address the hub could use, so None."""
-    host = instance.node.bind_address
-    if host in _WILDCARD_LOOPBACK:
-        if instance.node.name != LOCAL_NODE:
-            return None
-        host = _WILDCARD_LOOPBACK[host]
-    address = ipaddress.ip_address(host)
+    """HOST:PORT nginx proxies to: the node's bind address ([IPv6] bracketed). A wildcard bind means loopback. A
+    loopback address is the node's own machine's: the hub uses it only when it shares that loopback (`local`, or an
+    agent on the hub's machine), else None (the hub's own loopback would be the wrong machine)."""
+    node = instance.node
+    address = ipaddress.ip_address(_WILDCARD_LOOPBACK.get(node.bind_address, node.bind_address))
+    loopback = address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+    if loopback and not nodes.shares_hubs_loopback(node):
+        return None
     return f"[{address}]:{instance.host_port}" if address.version == 6 else f"{address}:{instance.host_port}"
 
 
@@ -86,9 +86,11 @@ def proxy_refusal(instance: Instance) -> str | None:
     if instance.desired_state != Instance.DesiredState.RUNNING or instance.status not in PROXIED_STATUSES:
         return "not running"
     if upstream_of(instance) is None:
-        return (f"Its node '{instance.node.name}' publishes ports on the wildcard address "
-                f"{instance.node.bind_address}, which does not say where the hub reaches it: an administrator sets "
-                "the node's bind address to the one the hub reaches it on.")
+        node = instance.node
+        kind = "the wildcard address" if node.bind_address in _WILDCARD_LOOPBACK else "its loopback address"
+        return (f"Its node '{node.name}' publishes ports on {kind} {node.bind_address}, which only that machine "
+                "reaches, not the hub: an administrator sets the node's address (NODE_ADDRESS on its agent) to one "
+                "the hub reaches it on (docs/nodes.md).")
     return None
 
 

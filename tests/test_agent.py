@@ -91,6 +91,9 @@ def test_the_agent_registers_heartbeats_waits_for_approval_then_takes_jobs_from_
     assert len(beat["load"]) == 3 and beat["cpu_count"] == os.cpu_count()
     assert beat["comfyhub_version"] and beat["queues"] == ["node.gpu-2", "node.gpu-2.long"]
     assert "docker_version" in beat and "docker_error" in beat
+    # An agent on the hub's machine reaches the same 127.0.0.x as the hub: the proxy may open its instances there.
+    assert beat["network_identity"] and beat["network_identity"] == nodes.network_identity()
+    assert nodes.shares_hubs_loopback(node)
     assert nodes.node_state(node).label.startswith("waiting for approval (online since ")
 
     operation = enqueue_on_node("gpu-2", jobs_for_tests.steps, count=2)

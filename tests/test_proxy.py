@@ -492,9 +492,34 @@ def test_a_wildcard_bind_means_loopback_on_the_hubs_own_node_only(hub_proxy, ech
     response, data = request(hub_proxy, "GET", "/i/echo/queue", {"Authorization": "Bearer x", "Cookie": ""})
     assert response.status == 401
     assert len(echo.seen) == 1
-    Node.objects.filter(pk=remote.pk).update(bind_address="127.0.0.1")
+
+
+def test_another_nodes_loopback_is_opened_only_when_its_agent_shares_the_hubs(hub_proxy, echo, echo_instance, owner):
+    from instances.models import Node
+    from instances.nodes import network_identity
+    from instances.views_access import upstream_of
+
+    port = echo.server_address[1]
+    remote = Node.objects.create(name="gpu-b", bind_address="127.0.0.1")
+    Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
+    echo_instance.refresh_from_db()
+    # Its agent on another machine (or in another network namespace): 127.0.0.1 there is not the hub's.
+    for reported in ({}, {"network_identity": ""}, {"network_identity": "another-boot/net:1"}):
+        Node.objects.filter(pk=remote.pk).update(heartbeat=reported)
+        echo_instance.refresh_from_db()
+        assert upstream_of(echo_instance) is None
+    response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": session_cookie(owner), "Accept": "text/html"})
+    assert response.status == 503
+    page = data.decode()
+    assert "publishes ports on its loopback address 127.0.0.1" in page and "NODE_ADDRESS" in page
+    assert echo.seen == []
+
+    # Its agent beside the hub (its own Docker engine on this machine) reports the hub's own loopback.
+    Node.objects.filter(pk=remote.pk).update(heartbeat={"network_identity": network_identity()})
     echo_instance.refresh_from_db()
     assert upstream_of(echo_instance) == f"127.0.0.1:{port}"
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": session_cookie(owner)})[0].status == 200
+    assert len(echo.seen) == 1
 
 
 # --- Requests from other sites with the hub's cookie ---------------------------------------------------------------
