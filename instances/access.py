@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import Instance, InstanceOpen, InstanceShare
+from .models import Instance, InstanceOpen, InstanceShare, note_in_use
 
 GRANTORS_SHOWN = 5
 
@@ -196,5 +196,5 @@ def note_activity(instance: Instance) -> None:
     now = timezone.now()
     last = instance.last_activity_at
     if last is None or now - last >= timedelta(seconds=ACTIVITY_RESOLUTION_SECONDS):
-        Instance.objects.filter(pk=instance.pk).update(last_activity_at=now)
+        note_in_use([instance.pk], now)
         instance.last_activity_at = now

@@ -12,13 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
 
 from storage_app import layout
 
 from . import comfyui_api, docker_engine, runtime
-from .models import Instance, Node
+from .models import Instance, Node, note_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +232,8 @@ def reconcile_node(node: Node) -> Counter:
     Instance.objects.bulk_update(
         changed, ["status", "status_detail", "health", "restart_count", "container_id"], batch_size=200)
     if busy:
-        # Work in the queue is activity; a later request through the hub (access.note_activity) is not undone.
-        Instance.objects.filter(pk__in=busy).filter(Q(last_activity_at__isnull=True) | Q(last_activity_at__lt=now)) \
-            .update(last_activity_at=now)
+        # Work in the queue is activity (for its whole cluster); a later request through the hub is not undone.
+        note_in_use(busy, now)
     # Node types are remembered when an instance stops; one that answers and has none remembered yet (never stopped
     # through ComfyHub: started, then crashed or still running) gets them now, once.
     unknown = [i for i in instances if i.status == Instance.Status.HEALTHY and not i.node_types]

@@ -10,14 +10,13 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
-from django.db.models import Q
 from django.utils import timezone
 
 from comfyhub import operations, queues
 from comfyhub.models import Operation
 
 from . import comfyui_api, services
-from .models import LOCAL_NODE, Instance, Node
+from .models import LOCAL_NODE, Instance, Node, note_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +159,4 @@ def _ask_queue(instance: Instance):
 
 
 def _note_queue_activity(instance: Instance) -> None:
-    now = timezone.now()
-    Instance.objects.filter(pk=instance.pk).filter(Q(last_activity_at__isnull=True) | Q(last_activity_at__lt=now)) \
-        .update(last_activity_at=now)
+    note_in_use([instance.pk], timezone.now())

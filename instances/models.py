@@ -506,6 +506,20 @@ def cluster_membership(instance: Instance) -> tuple[Cluster, str] | None:
     return (row.cluster, "worker") if row is not None else None
 
 
+def note_in_use(instance_pks, now) -> None:
+    """Mark these instances used at `now` (traffic through the hub, work in their queue), and with each every member
+    of its cluster: a worker gets its work from its master, never through the hub, so a cluster's members are busy or
+    idle together (instances/idle.py). A later moment already recorded is kept."""
+    pks = set(instance_pks)
+    if not pks:
+        return
+    clusters = Cluster.objects.filter(Q(master_id__in=pks) | Q(workers__instance_id__in=pks)).values("pk")
+    pks |= set(Cluster.objects.filter(pk__in=clusters).values_list("master_id", flat=True))
+    pks |= set(ClusterWorker.objects.filter(cluster_id__in=clusters).values_list("instance_id", flat=True))
+    Instance.objects.filter(pk__in=pks).filter(Q(last_activity_at__isnull=True) | Q(last_activity_at__lt=now)) \
+        .update(last_activity_at=now)
+
+
 def cluster_deletion_problem(instance: Instance) -> str | None:
     """Why `instance` may not be deleted now (it is a cluster's member), or None."""
     found = cluster_membership(instance)

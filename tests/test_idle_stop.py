@@ -277,3 +277,32 @@ def test_with_nothing_happening_meanwhile_it_is_stopped(comfyui_asked):
     assert [stopped["instance"] for stopped in result["stopped"]] == ["asked"]
     instance.refresh_from_db()
     assert instance.desired_state == Instance.DesiredState.STOPPED and instance.stop_reason == IDLE_REASON
+
+
+# --- A cluster is used as one ------------------------------------------------------------------------------------------
+
+def a_cluster(master, *workers):
+    from instances.models import Cluster, ClusterWorker
+
+    cluster = Cluster.objects.create(name="render", master=master)
+    for worker in workers:
+        ClusterWorker.objects.create(cluster=cluster, instance=worker)
+    return cluster
+
+
+def test_a_cluster_worker_is_not_idle_while_its_master_is_used_through_the_hub():
+    # Its master hands it work directly, never through the hub: the master's use is the whole cluster's.
+    master, worker, other = registered("master"), registered("worker"), registered("other")
+    a_cluster(master, worker)
+    access.note_activity(Instance.objects.get(pk=master.pk))
+    assert [i.instance_id for i in idle.idle_due()] == ["other"]
+    worker.refresh_from_db()
+    assert worker.last_activity_at == Instance.objects.get(pk=master.pk).last_activity_at
+
+
+def test_work_in_a_workers_queue_keeps_its_whole_cluster_running():
+    master, worker, alone = registered("master"), registered("worker"), registered("alone")
+    a_cluster(master, worker)
+    idle._note_queue_activity(worker)
+    assert [i.instance_id for i in idle.idle_due()] == ["alone"]
+    assert Instance.objects.get(pk=alone.pk).last_activity_at is None
