@@ -116,7 +116,7 @@ def render_site(*, listen: str, django_upstream: str, server_names: list[str], c
         auth_cache = "\n".join([
             "        # Only Django's X-Accel-Expires decides (ACCESS_CACHE_SECONDS for 200 and 403, 0 for 401).",
             "        proxy_cache comfyhub_auth;",
-            '        proxy_cache_key "$comfyhub_session|$http_authorization|$comfyhub_instance";',
+            '        proxy_cache_key "$comfyhub_session|$http_authorization|$comfyhub_instance$comfyhub_per_request";',
             "        proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;",
             "        proxy_hide_header Set-Cookie;",
         ])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import NamedTuple
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
@@ -58,6 +58,43 @@ def original_uri(request) -> str:
 def instance_id_in(uri: str) -> str | None:
     match = _HUB_PATH.match(uri)
     return match["id"] if match else None
+
+
+def original_method(request) -> str:
+    return (request.headers.get("X-Original-Method") or request.headers.get("X-Forwarded-Method") or "GET").upper()
+
+
+# nginx's $comfyhub_per_request (docker/nginx): paths decided per request, whose answers are cached per method and
+# raw request line.
+_PER_REQUEST = re.compile(r"/i/[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?/(?:/|[^/?]*%|distributed(?:[/?]|\Z))")
+_REST = re.compile(r"/i/[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?P<rest>/[^?]*)")
+# ComfyUI-Distributed's routes that change whom an instance sends work to, what it launches or publishes (changes), or
+# make it fetch from a worker's address (reads): a share to use an instance does not let its holder point it at other
+# machines; operating it does (access.can_operate). ComfyHub writes a cluster's workers itself (docs/distribution.md).
+_DISTRIBUTED_CHANGES = re.compile(
+    r"/distributed/(?:config(?:/.*)?|launch_worker|stop_worker|worker/clear_launching|tunnel/.*)\Z", re.S)
+_DISTRIBUTED_READS = re.compile(r"/distributed/remote_worker_log/.*\Z", re.S)
+
+
+def per_request_key(request) -> str:
+    uri = original_uri(request)
+    return f"|{original_method(request)} {uri}" if _PER_REQUEST.match(uri) else ""
+
+
+def needs_operate(request) -> bool:
+    """Whether this request to an instance needs permission to operate it, not only to use it: ComfyUI-Distributed's
+    configuration, launch and tunnel routes, as the instance's server reads the path (percent-decoded), and any path
+    starting with an empty segment (never a frontend's)."""
+    match = _REST.match(original_uri(request))
+    if match is None:
+        return False
+    rest = match["rest"]
+    if rest.startswith("//"):
+        return True
+    decoded = unquote(rest)
+    if _DISTRIBUTED_READS.match(decoded):
+        return True
+    return original_method(request) not in ("GET", "HEAD") and bool(_DISTRIBUTED_CHANGES.match(decoded))
 
 
 # The wildcard binds, and the loopback address the hub reaches its own node's instances on for each (as
@@ -112,7 +149,7 @@ def cache_key_of(request) -> str | None:
         return None
     session = request.COOKIES.get(settings.SESSION_COOKIE_NAME, "") if count else ""
     return (f"{session}|{request.headers.get('Authorization', '')}|"
-            f"{instance_id_in(original_uri(request)) or ''}")
+            f"{instance_id_in(original_uri(request)) or ''}{per_request_key(request)}")
 
 
 def wants_page(request) -> bool:
@@ -150,7 +187,8 @@ def hub_auth(request):
     instance_id = instance_id_in(original_uri(request))
     instance = (Instance.objects.select_related("node").filter(instance_id=instance_id).first()
                 if instance_id else None)
-    if instance is None or not access.can_use(caller.user, instance):
+    if instance is None or not access.can_use(caller.user, instance) or \
+            (needs_operate(request) and not access.can_operate(caller.user, instance)):
         return _forbidden(request, instance_id, instance, caller.user) if forward_auth else _decision(403)
     if proxy_refusal(instance) is not None:
         # Nothing is proxied; nginx asks /_hub/denied/, which shows the unavailable page.
@@ -203,6 +241,11 @@ def _unreadable_session_cookie(request):
 def _forbidden(request, instance_id: str | None, instance: Instance | None, user):
     if instance is None:
         message = f"There is no instance '{instance_id}' here." if instance_id else "There is no such instance here."
+        grantors = None
+    elif access.can_use(user, instance) and needs_operate(request) and not access.can_operate(user, instance):
+        message = (f"You may use '{instance.name}', but not change whom it sends work to, what it launches or "
+                   "publishes (ComfyUI-Distributed's settings, workers and tunnels): that needs permission to operate "
+                   "it. ComfyHub keeps a cluster's workers itself: see its cluster's page.")
         grantors = None
     elif access.can_use(user, instance):
         message = (f"You may use '{instance.name}' now: access was given moments ago. Reload in "

@@ -208,6 +208,19 @@ def test_a_token_opens_it_and_a_revoked_one_does_not_even_beside_a_session(caddy
     assert response.status == 401 and "revoked or expired" in json.loads(data)["error"]
 
 
+def test_a_share_does_not_let_its_holder_change_distributed_settings_behind_caddy(caddy, echo, echo_instance, owner,
+                                                                                   stranger):
+    InstanceShare.objects.create(instance=echo_instance, user=stranger, created_by=owner)
+    cookie = session_cookie(stranger)
+    assert request(caddy, "GET", "/i/echo/distributed/config", {"Cookie": cookie})[0].status == 200
+    response, data = request(caddy, "POST", "/i/echo/distributed/config/update_worker", {"Cookie": cookie}, b"{}")
+    assert response.status == 403 and "needs permission to operate it" in json.loads(data)["error"]
+    assert [seen["path"] for seen in echo.seen] == ["/distributed/config"]
+    response, _ = request(caddy, "POST", "/i/echo/distributed/config/update_worker", {"Cookie": session_cookie(owner)},
+                          b"{}")
+    assert response.status == 200 and echo.seen[-1]["path"] == "/distributed/config/update_worker"
+
+
 def test_a_websocket_passes_without_the_hubs_cookie(caddy, echo, echo_instance, owner):
     cookie = session_cookie(owner)
     with ws.connect(f"ws://127.0.0.1:{caddy.port}/i/echo/ws?clientId=a%2Fb",

@@ -522,6 +522,52 @@ def test_another_nodes_loopback_is_opened_only_when_its_agent_shares_the_hubs(hu
     assert len(echo.seen) == 1
 
 
+# --- ComfyUI-Distributed's settings: operating an instance, not only using it -------------------------------------
+
+DISTRIBUTED_CHANGES = [
+    ("POST", "/i/echo/distributed/config/update_worker"),
+    ("POST", "/i/echo/distributed/config"),
+    ("POST", "/i/echo/distributed/launch_worker"),
+    ("POST", "/i/echo/distributed/tunnel/start"),
+    ("GET", "/i/echo/distributed/remote_worker_log/w1"),
+    # Spelt as the instance's server decodes them, or with an empty first segment.
+    ("POST", "/i/echo/%64istributed/config/update_worker"),
+    ("POST", "/i/echo/distributed/%63onfig/update_worker"),
+    ("POST", "/i/echo//distributed/config/update_worker"),
+]
+
+
+@pytest.mark.parametrize("method, path", DISTRIBUTED_CHANGES)
+def test_a_share_does_not_let_its_holder_repoint_an_instances_distributed_workers(
+        hub_proxy, echo, echo_instance, owner, stranger, method, path):
+    InstanceShare.objects.create(instance=echo_instance, user=stranger, created_by=owner)
+    cookie = session_cookie(stranger)
+    # What a share allows, asked first, so that a cached answer would be there to reuse.
+    assert request(hub_proxy, "GET", "/i/echo/distributed/config", {"Cookie": cookie})[0].status == 200
+    assert request(hub_proxy, "POST", "/i/echo/distributed/queue", {"Cookie": cookie}, b"{}")[0].status == 200
+    token = tokens.token_create(user=stranger, name="script")[1]
+    for headers in ({"Cookie": cookie}, {"Authorization": f"Bearer {token}"}):
+        response, data = request(hub_proxy, method, path, headers, b"{}" if method == "POST" else None)
+        assert response.status == 403
+        assert "needs permission to operate it" in json.loads(data)["error"]
+    assert [seen["path"] for seen in echo.seen] == ["/distributed/config", "/distributed/queue"]
+
+    # Its owner, who may operate it, may.
+    body = b"{}" if method == "POST" else None
+    response, _ = request(hub_proxy, method, path, {"Cookie": session_cookie(owner)}, body)
+    assert response.status == 200 and len(echo.seen) == 3
+
+
+def test_the_page_says_why_a_change_to_distributed_settings_was_refused(hub_proxy, echo, echo_instance, owner,
+                                                                         stranger):
+    InstanceShare.objects.create(instance=echo_instance, user=stranger, created_by=owner)
+    response, data = request(hub_proxy, "POST", "/i/echo/distributed/launch_worker",
+                             {"Cookie": session_cookie(stranger), "Accept": "text/html"}, b"{}")
+    assert response.status == 403
+    assert "but not change whom it sends work to" in data.decode() and "cluster" in data.decode()
+    assert echo.seen == []
+
+
 # --- Requests from other sites with the hub's cookie ---------------------------------------------------------------
 
 @pytest.mark.parametrize("method, headers", [
