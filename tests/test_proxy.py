@@ -480,7 +480,7 @@ def test_a_wildcard_bind_means_loopback_on_the_hubs_own_node_only(hub_proxy, ech
     assert len(echo.seen) == 1
 
     # Another node's wildcard names none of its addresses: the hub's own loopback would be the wrong machine.
-    remote = Node.objects.create(name="gpu-b", bind_address="0.0.0.0")
+    remote = Node.objects.create(name="gpu-b", bind_address="0.0.0.0", last_heartbeat_at=timezone.now())
     Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
     echo_instance.refresh_from_db()
     assert upstream_of(echo_instance) is None
@@ -500,7 +500,7 @@ def test_another_nodes_loopback_is_opened_only_when_its_agent_shares_the_hubs(hu
     from instances.views_access import upstream_of
 
     port = echo.server_address[1]
-    remote = Node.objects.create(name="gpu-b", bind_address="127.0.0.1")
+    remote = Node.objects.create(name="gpu-b", bind_address="127.0.0.1", last_heartbeat_at=timezone.now())
     Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
     echo_instance.refresh_from_db()
     # Its agent on another machine (or in another network namespace): 127.0.0.1 there is not the hub's.
@@ -520,6 +520,30 @@ def test_another_nodes_loopback_is_opened_only_when_its_agent_shares_the_hubs(hu
     assert upstream_of(echo_instance) == f"127.0.0.1:{port}"
     assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": session_cookie(owner)})[0].status == 200
     assert len(echo.seen) == 1
+
+
+@pytest.mark.parametrize("change, state", [
+    ({"last_heartbeat_at": timezone.now() - timedelta(hours=1)}, "offline since"),
+    ({"approved": False}, "waiting for approval"),
+])
+def test_an_instance_on_a_node_that_is_offline_or_unapproved_is_not_opened(hub_proxy, echo, echo_instance, owner,
+                                                                            fast_revocation, change, state):
+    from instances.models import Node
+    from instances.nodes import network_identity
+
+    remote = Node.objects.create(name="gpu-b", bind_address="127.0.0.1", last_heartbeat_at=timezone.now(),
+                                 heartbeat={"network_identity": network_identity()})
+    Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
+    cookie = session_cookie(owner)
+    assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie})[0].status == 200
+    Node.objects.filter(pk=remote.pk).update(**change)
+    wait_for(lambda: request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie})[0].status != 200,
+             timeout=5, interval=0.1, message="the node's state to take effect within the cache time")
+    reached = len(echo.seen)
+    response, data = request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie, "Accept": "text/html"})
+    assert response.status == 503
+    assert f"Its node &#x27;gpu-b&#x27; is {state}" in data.decode()
+    assert len(echo.seen) == reached
 
 
 # --- ComfyUI-Distributed's settings: operating an instance, not only using it -------------------------------------
