@@ -3,8 +3,11 @@
 the proxy's endpoint, the pages, the admin and the commands ask these functions."""
 from __future__ import annotations
 
+import ipaddress
+import socket
 from datetime import timedelta
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -14,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import Instance, InstanceOpen, InstanceShare, note_in_use
+from .models import Instance, InstanceOpen, InstanceShare, Node, note_in_use
 
 GRANTORS_SHOWN = 5
 
@@ -198,3 +201,42 @@ def note_activity(instance: Instance) -> None:
     if last is None or now - last >= timedelta(seconds=ACTIVITY_RESOLUTION_SECONDS):
         note_in_use([instance.pk], now)
         instance.last_activity_at = now
+
+
+# --- The session cookie and instances' own ports ---------------------------------------------------------------------
+
+def _addresses_of(host: str) -> set:
+    host = host.strip("[]")
+    try:
+        return {ipaddress.ip_address(host)}
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {ipaddress.ip_address(entry[4][0].split("%")[0]) for entry in found}
+
+
+def session_cookie_exposure() -> list[str]:
+    """What is wrong when a browser would send the hub's session cookie to an instance's own server: over plain HTTP
+    (the cookie is not HTTPS-only), a page of the instance asks http://<the hub's host>:<its port>/ and the browser
+    adds the hub's cookie (cookies belong to a host, not a port). That happens where a node publishes instance ports
+    at an address the hub is served at. Loopback is left out: a container does not reach its host's loopback, so a
+    cookie for the hub there is of no use to it. One line per such node; none when the cookie is HTTPS-only."""
+    if settings.SESSION_COOKIE_SECURE:
+        return []
+    hosts = {urlsplit(settings.HUB_ORIGIN).hostname or ""} | {
+        host for host in settings.ALLOWED_HOSTS if host and host != "*" and not host.startswith(".")}
+    served = {address for host in hosts if host for address in _addresses_of(host) if not address.is_loopback}
+    problems = []
+    for node in Node.objects.order_by("name"):
+        bind = ipaddress.ip_address(node.bind_address)
+        exposed = sorted(str(address) for address in served if bind.is_unspecified or address == bind)
+        if exposed:
+            problems.append(
+                f"Node {node.name} publishes instance ports at {', '.join(exposed)}, where the hub is served over "
+                "plain HTTP: a browser sends the hub's login cookie to an instance's own port there, so custom-node "
+                "code could keep it. Serve the hub over HTTPS (HTTPS=true: the cookie is then HTTPS-only), or publish "
+                "the node's instances at an address the hub is not served at (docs/access.md).")
+    return problems

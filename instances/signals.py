@@ -52,3 +52,11 @@ def discover_gpus_at_start(sender, **kwargs):
     source, gpus = services.discover_gpus()
     listed = ", ".join(f"{gpu.index}: {gpu.name or gpu.uuid}" for gpu in gpus) or "none (instances run on the CPU)"
     return f"GPUs ({source}): {listed}"
+
+
+@receiver(serve_starting)
+def warn_of_session_cookie_exposure(sender, **kwargs):
+    """ComfyHub starts over plain HTTP where a node publishes instance ports: say so (docs/access.md)."""
+    from .access import session_cookie_exposure
+
+    return "\n".join(f"Warning: {problem}" for problem in session_cookie_exposure())

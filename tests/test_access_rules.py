@@ -230,3 +230,40 @@ def test_recent_opens_are_newest_first_and_limited(owner, stranger, instance):
     assert len(opens) == 10
     assert (opens[0].user, opens[0].via) == (stranger, "token")
     assert [o.at for o in opens] == sorted((o.at for o in opens), reverse=True)
+
+
+# --- The hub's login cookie and instances' own ports (plain HTTP) ----------------------------------------------------
+
+def local_publishing_at(address):
+    from instances.models import Node
+
+    node = services.local_node()
+    Node.objects.filter(pk=node.pk).update(bind_address=address)
+
+
+def test_a_plain_http_hub_served_where_a_node_publishes_instance_ports_is_warned_of(settings):
+    settings.SESSION_COOKIE_SECURE = False
+    settings.HUB_ORIGIN = "http://10.1.2.3:8000"
+    settings.ALLOWED_HOSTS = ["localhost", "10.1.2.3"]
+    local_publishing_at("10.1.2.3")
+    [problem] = access.session_cookie_exposure()
+    assert problem.startswith("Node local publishes instance ports at 10.1.2.3, where the hub is served over plain HTTP")
+    assert "HTTPS=true" in problem
+    local_publishing_at("0.0.0.0")  # every address of the host, the hub's among them
+    assert len(access.session_cookie_exposure()) == 1
+
+
+def test_an_https_only_cookie_another_address_or_loopback_is_not_warned_of(settings):
+    settings.HUB_ORIGIN = "http://10.1.2.3:8000"
+    settings.ALLOWED_HOSTS = ["localhost", "127.0.0.1", "10.1.2.3"]
+    settings.SESSION_COOKIE_SECURE = True
+    local_publishing_at("10.1.2.3")
+    assert access.session_cookie_exposure() == []
+    settings.SESSION_COOKIE_SECURE = False
+    local_publishing_at("10.1.2.4")
+    assert access.session_cookie_exposure() == []
+    # A container does not reach its host's loopback: the hub and its instances both there is what make run does.
+    settings.HUB_ORIGIN = "http://127.0.0.1:8000"
+    settings.ALLOWED_HOSTS = ["localhost", "127.0.0.1"]
+    local_publishing_at("127.0.0.1")
+    assert access.session_cookie_exposure() == []
