@@ -346,10 +346,13 @@ def _unavailable_context(request, instance, user):
     uri = original_uri(request)
     refusal = proxy_refusal(instance)
     running = instance.desired_state == Instance.DesiredState.RUNNING
+    grantors = access.grantors(instance)
     return {
         "instance": instance,
         "can_operate": access.can_operate(user, instance),
-        "grantors": access.grantors(instance),
+        "grantors": grantors,
+        # An owner without "create own instances" may use it but not start it.
+        "owner_can_start": bool(grantors.owner) and access.can_operate(grantors.owner, instance),
         "back": uri if instance_id_in(uri) == instance.instance_id else instance.hub_path,
         "healthy": instance.status == Instance.Status.HEALTHY,
         # Wanted running, its container not up yet (a start queued or under way).

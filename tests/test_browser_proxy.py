@@ -132,3 +132,29 @@ def test_a_stopped_instance_shows_the_start_page_and_opens_once_started(page, hu
     # The page polls; once the instance answers it opens ComfyUI at /i/studio/.
     expect(page.get_by_test_id("ws-state")).to_have_text("open", timeout=30_000)
     expect_comfyui(page, hub_proxy)
+
+
+EVIL_SVG = b"""<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">
+<script>fetch("/i/studio/queue?script-ran=" + document.domain)</script><rect width="10" height="10"/></svg>"""
+
+
+def test_an_uploaded_svg_opened_through_the_hub_runs_no_script_as_the_hub(page, hub_proxy, running_double, owner):
+    # Any user of an instance can upload a file that ComfyUI's /view serves as it is (SVG is an image to it).
+    page.goto(f"{hub_proxy.url}/login/")
+    log_in(page, "olga", "olga-password-1")
+    upload = page.request.post(f"{hub_proxy.url}/i/studio/upload/image", multipart={
+        "image": {"name": "evil.svg", "mimeType": "image/svg+xml", "buffer": EVIL_SVG}})
+    assert upload.ok, upload.text()
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+
+    response = page.goto(f"{hub_proxy.url}/i/studio/view?filename=evil.svg&type=input")
+    assert response.status == 200 and response.headers["content-type"].startswith("image/svg+xml")
+    assert response.headers["content-security-policy"] == "sandbox"
+    time.sleep(1)  # what the script would have done by now
+    assert not [url for url in requested if "script-ran" in url]
+    # It is still an image: an <img> on the instance's own page shows it.
+    page.goto(f"{hub_proxy.url}/i/studio/")
+    width = page.evaluate("""() => new Promise(done => { const img = new Image(); img.onload = () => done(img.width);
+        img.onerror = () => done(-1); img.src = "view?filename=evil.svg&type=input"; })""")
+    assert width == 10

@@ -221,6 +221,17 @@ def test_a_share_does_not_let_its_holder_change_distributed_settings_behind_cadd
     assert response.status == 200 and echo.seen[-1]["path"] == "/distributed/config/update_worker"
 
 
+@pytest.mark.parametrize("path", ["/i/echo/view?filename=evil.svg", "/i/echo/%76iew?filename=x",
+                                  "/i/echo/api/userdata/evil.html"])
+def test_files_users_uploaded_are_sandboxed_behind_caddy(caddy, echo, echo_instance, owner, path):
+    response, _ = request(caddy, "GET", path, {"Cookie": session_cookie(owner)})
+    assert response.status == 200
+    assert (response.getheader("Content-Security-Policy"), response.getheader("X-Content-Type-Options")) == \
+        ("sandbox", "nosniff")
+    response, _ = request(caddy, "GET", "/i/echo/assets/index.js", {"Cookie": session_cookie(owner)})
+    assert response.status == 200 and response.getheader("Content-Security-Policy") is None
+
+
 def test_a_websocket_passes_without_the_hubs_cookie(caddy, echo, echo_instance, owner):
     cookie = session_cookie(owner)
     with ws.connect(f"ws://127.0.0.1:{caddy.port}/i/echo/ws?clientId=a%2Fb",

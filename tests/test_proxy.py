@@ -246,6 +246,33 @@ def test_bad_paths_absolute_urls_and_host_games_never_reach_an_instance(hub_prox
     assert echo.seen == []
     # ...while the same session does reach it the normal way.
     assert request(hub_proxy, "GET", "/i/echo/", {"Cookie": cookie})[0].status == 200
+    # A Host that is not a host and port is refused, also while that session's answer is cached.
+    for bad in (f"127.0.0.1:{hub_proxy.port}@evil.example", f"127.0.0.1:{hub_proxy.port}:1", "127.0.0.1 x"):
+        assert raw(hub_proxy, f"GET /i/echo/queue HTTP/1.1\r\nHost: {bad}\r\nCookie: {cookie}\r\n"
+                              "Connection: close\r\n\r\n").startswith("HTTP/1.1 400"), bad
+    assert len(echo.seen) == 1
+
+
+@pytest.mark.parametrize("path", [
+    "/i/echo/view?filename=evil.svg&type=input", "/i/echo/api/view?filename=evil.svg", "/i/echo/%76iew?filename=x",
+    "/i/echo//view?filename=x", "/i/echo/userdata/workflows%2Fevil.html", "/i/echo/api/userdata/evil.html",
+    "/i/echo/api/v2/userdata?path=x", "/i/echo/view_metadata/loras?filename=x",
+    "/i/echo/api/experiment/models/preview/checkpoints/0/x.webp",
+])
+def test_files_users_uploaded_or_wrote_are_served_sandboxed_so_no_script_in_them_runs_as_the_hub(
+        hub_proxy, echo, echo_instance, owner, path):
+    response, _ = request(hub_proxy, "GET", path, {"Cookie": session_cookie(owner)})
+    assert response.status == 200
+    assert response.getheader("Content-Security-Policy") == "sandbox"
+    assert response.getheader("X-Content-Type-Options") == "nosniff"
+
+
+@pytest.mark.parametrize("path", ["/i/echo/", "/i/echo/assets/index.js", "/i/echo/extensions/node/x.js",
+                                  "/i/echo/api/prompt", "/i/echo/viewer/"])
+def test_the_frontend_and_the_api_are_not_sandboxed(hub_proxy, echo, echo_instance, owner, path):
+    response, _ = request(hub_proxy, "GET", path, {"Cookie": session_cookie(owner)})
+    assert response.status == 200
+    assert response.getheader("Content-Security-Policy") is None
 
 
 def test_an_instance_that_does_not_answer_shows_the_start_page_not_a_502(hub_proxy, owner, stranger):
@@ -267,7 +294,14 @@ def test_an_instance_that_does_not_answer_shows_the_start_page_not_a_502(hub_pro
     response, data = request(hub_proxy, "GET", "/i/sleepy/", {"Cookie": session_cookie(stranger),
                                                               "Accept": "text/html"})
     assert response.status == 503
-    assert "unavailable-start" not in data.decode() and "olga" in data.decode()
+    who = data.decode().split('data-testid="unavailable-who">')[1].split("</p>")[0]
+    assert "unavailable-start" not in data.decode() and "Its owner <strong>olga</strong>" in who
+    # An owner who may not create (so start) their own instances is not named as one who can start it.
+    owner.user_permissions.clear()
+    response, data = request(hub_proxy, "GET", "/i/sleepy/", {"Cookie": session_cookie(stranger),
+                                                              "Accept": "text/html"})
+    who = data.decode().split('data-testid="unavailable-who">')[1].split("</p>")[0]
+    assert "olga" not in who and "An operator can start it." in who
     # A script gets JSON.
     response, data = request(hub_proxy, "GET", "/i/sleepy/queue", {"Cookie": session_cookie(owner)})
     assert response.status == 503 and json.loads(data)["status"] == "stopped"
