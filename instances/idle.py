@@ -100,6 +100,10 @@ def stop_idle(report, *, node: str = LOCAL_NODE) -> dict:
     due = idle_due(now, node=node)
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(_ask_queue, due))
+    # Work in any queue first: it is activity for that instance's whole cluster, whose other members may be due too
+    # (decided below on their rows as they are then).
+    note_in_use([instance.pk for instance, answer in zip(due, answers)
+                 if not isinstance(answer, comfyui_api.ComfyUIError) and not answer.empty], timezone.now())
     stopped, skipped = [], []
 
     def skip(instance, why):
@@ -111,7 +115,6 @@ def stop_idle(report, *, node: str = LOCAL_NODE) -> dict:
             skip(instance, f"ComfyUI does not answer /queue, so its queue may hold work ({answer})")
             continue
         if not answer.empty:
-            _note_queue_activity(instance)
             skip(instance, f"its queue has work ({answer.running} running, {answer.pending} pending), which counts "
                            "as activity")
             continue
@@ -132,7 +135,7 @@ def stop_idle(report, *, node: str = LOCAL_NODE) -> dict:
         for field in ("idle_stop_after", "last_activity_at", "started_at", "status"):
             setattr(instance, field, fresh[field])
         if idle_stop_at(instance) > timezone.now():
-            skip(instance, "it was used through the hub meanwhile" if used
+            skip(instance, "it was used meanwhile (through the hub, or work in its cluster's queues)" if used
                  else f"its idle stop time was raised to {instance.idle_stop_after} min meanwhile")
             continue
         since = last_activity(instance)
@@ -156,7 +159,3 @@ def _ask_queue(instance: Instance):
         return comfyui_api.ComfyUI.of(instance).queue()
     except comfyui_api.ComfyUIError as exc:
         return exc
-
-
-def _note_queue_activity(instance: Instance) -> None:
-    note_in_use([instance.pk], timezone.now())

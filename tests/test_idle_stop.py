@@ -249,7 +249,8 @@ def comfyui_asked():
 
 
 @pytest.mark.parametrize("meanwhile, why", [
-    (lambda pk: access.note_activity(Instance.objects.get(pk=pk)), "it was used through the hub meanwhile"),
+    (lambda pk: access.note_activity(Instance.objects.get(pk=pk)),
+     "it was used meanwhile (through the hub, or work in its cluster's queues)"),
     (lambda pk: Instance.objects.filter(pk=pk).update(idle_stop_after=0), "idle stop was turned off meanwhile"),
     (lambda pk: Instance.objects.filter(pk=pk).update(idle_stop_after=600),
      "its idle stop time was raised to 600 min meanwhile"),
@@ -279,7 +280,7 @@ def test_with_nothing_happening_meanwhile_it_is_stopped(comfyui_asked):
     assert instance.desired_state == Instance.DesiredState.STOPPED and instance.stop_reason == IDLE_REASON
 
 
-# --- A cluster is used as one ------------------------------------------------------------------------------------------
+# --- A cluster is used as one --------------------------------------------------------------------------------------
 
 def a_cluster(master, *workers):
     from instances.models import Cluster, ClusterWorker
@@ -300,9 +301,34 @@ def test_a_cluster_worker_is_not_idle_while_its_master_is_used_through_the_hub()
     assert worker.last_activity_at == Instance.objects.get(pk=master.pk).last_activity_at
 
 
-def test_work_in_a_workers_queue_keeps_its_whole_cluster_running():
-    master, worker, alone = registered("master"), registered("worker"), registered("alone")
+class BusyQueue(QueueAnswering):
+    def do_GET(self):
+        data = json.dumps({"queue_running": [[0, "p1", {}, {}, []]], "queue_pending": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def busy_comfyui():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BusyQueue)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_work_in_a_workers_queue_keeps_its_whole_cluster_running(comfyui_asked, busy_comfyui):
+    # Both due; the master (asked first, its own queue empty) is not stopped while its worker has work.
+    master, worker = registered("a-master"), registered("b-worker")
     a_cluster(master, worker)
-    idle._note_queue_activity(worker)
-    assert [i.instance_id for i in idle.idle_due()] == ["alone"]
-    assert Instance.objects.get(pk=alone.pk).last_activity_at is None
+    Instance.objects.filter(pk=master.pk).update(host_port=comfyui_asked.server_address[1])
+    Instance.objects.filter(pk=worker.pk).update(host_port=busy_comfyui.server_address[1])
+    result = idle.stop_idle(Report())
+    assert result["stopped"] == []
+    assert {entry["instance"]: entry["why"] for entry in result["skipped"]} == {
+        "a-master": "it was used meanwhile (through the hub, or work in its cluster's queues)",
+        "b-worker": "its queue has work (1 running, 0 pending), which counts as activity"}
+    assert Instance.objects.get(pk=master.pk).desired_state == Instance.DesiredState.RUNNING
