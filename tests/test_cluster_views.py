@@ -237,6 +237,8 @@ def test_the_page_shows_members_roles_urls_and_the_last_probe_with_when(client, 
     assert "reached" not in row_of(content, "inst-0")
     assert "Reachability last checked from inside the master's container" in content
     assert probe.get_absolute_url() in content  # listed among the cluster's operations
+    # Members' direct addresses (no login there) are for operators.
+    assert "operators only" in row_of(content, "inst-1") and "http://" not in row_of(content, "inst-1")
 
 
 def test_an_unknown_cluster_is_a_404(client, stranger, db):
