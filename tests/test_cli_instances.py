@@ -370,7 +370,8 @@ def test_an_instance_goes_through_its_life_from_the_command_line(image, worker_p
     assert started.code == 0, started.out + started.err
     assert "[100%] healthy" in started.out
     assert "Start instance 'cli-life' succeeded." in started.out
-    assert f"ComfyUI answers at http://127.0.0.1:{free_port}/" in started.out
+    assert f"Open it at {settings.HUB_ORIGIN}/i/cli-life/ (through the hub, with a login)" in started.out
+    assert f"ComfyUI answers at http://127.0.0.1:{free_port}/ on its node" in started.out
     instance = Instance.objects.get(instance_id="cli-life")
     assert instance.status == Instance.Status.HEALTHY
     assert instance.desired_state == Instance.DesiredState.RUNNING

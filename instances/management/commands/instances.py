@@ -340,7 +340,8 @@ class Command(cli.Command):
             operation = cli.call_service(service, instance=instance)
         done = self.follow(operation, no_wait=options["no_wait"], timeout=options["timeout"])
         if done is not None and isinstance(done.result, dict) and done.result.get("url"):
-            self.stdout.write(f"ComfyUI answers at {done.result['url']}")
+            self.stdout.write(f"Open it at {settings.HUB_ORIGIN}{instance.hub_path} (through the hub, with a login); "
+                              f"ComfyUI answers at {done.result['url']} on its node (no login there)")
 
     def move_instance(self, options):
         from instances import moves
