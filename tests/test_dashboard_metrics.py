@@ -67,6 +67,17 @@ def test_a_busy_instance_row_shows_its_queue_gpu_memory_last_activity_and_idle_s
     assert "idle stop 30 min" in activity
 
 
+def test_an_instance_on_an_offline_node_shows_no_queue_or_gpu_memory_as_if_current(client, stranger, busy):
+    from instances.models import Node
+
+    away = Node.objects.create(name="gpu-b", approved=True, last_heartbeat_at=timezone.now() - timedelta(hours=1))
+    Instance.objects.filter(pk=busy.pk).update(node=away)
+    client.force_login(stranger)
+    row = row_of(client, "busy")
+    assert "node offline since" in row
+    assert "running" not in cell(row, "instance-queue") and "GB" not in cell(row, "instance-vram")
+
+
 def test_open_comfyui_goes_through_the_hub_in_a_new_tab(client, stranger, busy):
     client.force_login(stranger)
     row = row_of(client, "busy")
