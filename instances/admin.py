@@ -227,7 +227,8 @@ class InstanceAdmin(SavedByServices):
     actions = ["build", "start", "stop", "restart", "delete_keeping_data"]
     readonly_fields = ("instance_id", "node", "host_port", "desired_state", "status", "status_detail",
                        "container_id", "config_hash", "restart_count", "health", "checked_at", "started_at",
-                       "last_activity_at", "stopped_at", "stop_reason", "created_by", "created_at", "updated_at")
+                       "last_activity_at", "stopped_at", "stop_reason", "gpus_released", "created_by", "created_at",
+                       "updated_at")
     fields = ("instance_id", "display_name", "description", "node", "owner", "idle_stop_after", "image",
               "image_arguments", "extra_args", "extra_env", *readonly_fields[2:])
 

@@ -117,6 +117,8 @@ def start(instance: Instance, report) -> dict:
         # Saved before INSTANCE_IMAGES_ALLOWED was narrowed, or written past the services: it does not run.
         if problem := runtime.image_problem(instance.image):
             raise OperationError(f"{problem} Nothing was started; change the instance's image.")
+        if instance.gpus_released:
+            _take_gpus_back(instance, report)
         engine = engine_for(instance)
         try:
             report.progress(5, "building directories")
@@ -219,14 +221,15 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
             pause = min(pause * 1.5, 0.5)
 
 
-def stop(instance: Instance, report) -> dict:
+def stop(instance: Instance, report, *, give_back_gpus: bool = False) -> dict:
     with instance_lock(instance, report):
         engine = engine_for(instance)
         try:
             report.progress(10, "remembering the node types it offers")
             from .services import node_types_of
 
-            node_types_of(instance)  # for workflow pre-flights while it is stopped; kept as it was if it does not answer
+            # For workflow pre-flights while it is stopped; kept as it was if it does not answer.
+            node_types_of(instance)
             report.progress(20, "stopping the container")
             docker_engine.stop_container(engine, instance.container_name)
         except docker_engine.EngineError as exc:
@@ -236,8 +239,33 @@ def stop(instance: Instance, report) -> dict:
         Instance.objects.filter(pk=instance.pk).update(status=Instance.Status.STOPPED, status_detail="")
         if (member := clusters.membership(instance)) is not None:
             _sync_cluster_here(instance, member[0], report)  # its master's file now lists it as not enabled
+        result = {"stopped": instance.instance_id}
+        if give_back_gpus:
+            from .services import gpus_give_back
+
+            if given := gpus_give_back(instance):
+                report.log(f"GPU(s) {', '.join(map(str, given))} given back: free for other instances until its next "
+                           "start, which takes as many again (the same ones when free).")
+                result["gpus_given_back"] = given
         report.progress(100, "stopped")
-        return {"stopped": instance.instance_id}
+        return result
+
+
+def _take_gpus_back(instance: Instance, report) -> None:
+    """Idle stop gave its GPUs back: take as many again before anything else (services.gpus_take_back)."""
+    from django.core.exceptions import ValidationError
+
+    from .services import gpus_take_back
+
+    wanted = list(instance.gpus_released)
+    try:
+        got = gpus_take_back(instance)
+    except ValidationError as exc:
+        raise OperationError(f"{' '.join(exc.messages)} Nothing was started.") from exc
+    if got is not None:
+        moved = "" if got == wanted else f" (GPU(s) {', '.join(map(str, wanted))} were held by others)"
+        report.log(f"Took GPU(s) {', '.join(map(str, got))} back, given back by idle stop{moved}.")
+    instance.refresh_from_db()
 
 
 def _sync_cluster_here(instance: Instance, cluster, report):

@@ -27,7 +27,8 @@ RUNNING_STATUSES = (Instance.Status.HEALTHY, Instance.Status.UNHEALTHY)
 
 
 def idle_reason(minutes: int) -> str:
-    return f"Stopped after {minutes} min idle: no traffic through the hub and an empty queue."
+    return (f"Stopped after {minutes} min idle: no traffic through the hub and an empty queue. Its GPUs are free for "
+            "others until its next start.")
 
 
 def last_activity(instance: Instance) -> datetime | None:
@@ -140,7 +141,8 @@ def stop_idle(report, *, node: str = LOCAL_NODE) -> dict:
             continue
         since = last_activity(instance)
         try:
-            operation = services.instance_stop(instance=instance, reason=idle_reason(instance.idle_stop_after))
+            operation = services.instance_stop(instance=instance, reason=idle_reason(instance.idle_stop_after),
+                                               give_back_gpus=True)
         except queues.QueueUnavailable as exc:
             skip(instance, f"its stop could not be queued ({exc})")
             continue

@@ -23,8 +23,8 @@ def start_instance(report, *, instance_pk):
 
 
 @operation_job("instance_stop", label="Stop instance")
-def stop_instance(report, *, instance_pk):
-    return containers.stop(_load(instance_pk), report)
+def stop_instance(report, *, instance_pk, give_back_gpus=False):
+    return containers.stop(_load(instance_pk), report, give_back_gpus=give_back_gpus)
 
 
 @operation_job("instance_restart", label="Restart instance")

@@ -230,6 +230,10 @@ class Instance(models.Model):
                              "queue (0 = never).")
     last_activity_at = models.DateTimeField(
         null=True, blank=True, help_text="Last request through the hub or work in ComfyUI's queue.")
+    # GPUs idle stop gave back (their indexes): free for other instances meanwhile; its next start takes them again,
+    # the same ones when free (services.gpus_take_back).
+    gpus_released = models.JSONField(
+        default=list, blank=True, help_text="GPUs idle stop gave back; its next start takes as many again.")
     stopped_at = models.DateTimeField(null=True, blank=True)
     stop_reason = models.CharField(max_length=300, blank=True, default="", help_text="Why it was last stopped.")
     created_at = models.DateTimeField(default=timezone.now)

@@ -40,7 +40,10 @@ class Usage:
 
 def usage(user) -> Usage:
     return Usage(instances=Instance.objects.filter(owner=user).count(),
-                 gpus=GPUAssignment.objects.filter(instance__owner=user).count(),
+                 # GPUs idle stop gave back count: their instance takes them again when it starts.
+                 gpus=GPUAssignment.objects.filter(instance__owner=user).count() + sum(
+                     len(released) for released in Instance.objects.filter(owner=user).values_list(
+                         "gpus_released", flat=True)),
                  max_instances=settings.SELF_SERVICE_MAX_INSTANCES, max_gpus=settings.SELF_SERVICE_MAX_GPUS)
 
 

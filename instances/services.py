@@ -317,6 +317,53 @@ def _assign(instance: Instance, gpus: list[GPU]):
         GPUAssignment.objects.create(instance=instance, gpu=gpu, exclusive=not gpu.shareable)
 
 
+# --- GPUs idle stop gives back ----------------------------------------------------------------------------------
+
+def gpus_give_back(instance: Instance) -> list[int]:
+    """Free its GPUs for other instances (idle stop, once its container stopped), remembered in gpus_released for
+    its next start. Returns their indexes."""
+    with transaction.atomic():
+        row = Instance.objects.select_for_update().get(pk=instance.pk)
+        indexes = sorted(GPUAssignment.objects.filter(instance=row).values_list("gpu__index", flat=True))
+        if indexes:
+            Instance.objects.filter(pk=row.pk).update(gpus_released=sorted({*row.gpus_released, *indexes}))
+            GPUAssignment.objects.filter(instance=row).delete()
+    return indexes
+
+
+def gpus_take_back(instance: Instance) -> list[int] | None:
+    """Before a start: as many GPUs as idle stop gave back, the same ones where they are free, other free GPUs of
+    its node where not. Returns the indexes it holds then, or None when nothing was given back (or GPUs were chosen
+    for it since, which win). ValidationError, with nothing changed, when its node has too few free GPUs now."""
+    try:
+        with transaction.atomic():
+            row = Instance.objects.select_for_update().select_related("node").get(pk=instance.pk)
+            wanted = list(row.gpus_released)
+            if not wanted:
+                return None
+            Instance.objects.filter(pk=row.pk).update(gpus_released=[])
+            if GPUAssignment.objects.filter(instance=row).exists():
+                return None
+            gpus = list(GPU.objects.select_for_update().filter(node=row.node, present=True).order_by("index")
+                        .prefetch_related("assignments"))
+            free = [gpu for gpu in gpus if placement.gpu_is_free(gpu)]
+            chosen = [gpu for gpu in free if gpu.index in wanted]
+            chosen += [gpu for gpu in free if gpu not in chosen][:len(wanted) - len(chosen)]
+            if len(chosen) < len(wanted):
+                held = {a.gpu.index: a.instance for gpu in gpus for a in gpu.assignments.all()}
+                taken = ", ".join(f"GPU {index} by '{held[index]}'" for index in wanted if index in held)
+                raise ValidationError(
+                    f"It needs {len(wanted)} GPU(s) again (idle stop gave back {', '.join(map(str, wanted))}), but "
+                    f"node {row.node} has {len(free)} free now ({taken or 'the others are gone'} held). Stop an "
+                    "instance holding one, or give this one other GPUs on its edit page.")
+            for gpu in chosen:
+                GPUAssignment.objects.create(instance=row, gpu=gpu, exclusive=not gpu.shareable)
+    except IntegrityError as exc:
+        raise ValidationError("One of the GPUs it would take was just taken by another instance; start it again.") \
+            from exc
+    return sorted(gpu.index for gpu in chosen)
+
+
 KEEP = object()  # instance_update's `owner` when it stays as it is
 
 
@@ -417,14 +464,16 @@ def instance_start(*, instance: Instance, user=None):
         return operations.enqueue("instances.jobs.start_instance", target=instance, user=user, instance_pk=instance.pk)
 
 
-def instance_stop(*, instance: Instance, user=None, reason: str = ""):
-    """Stop it; `reason` is what its page says about why (default: who stopped it)."""
+def instance_stop(*, instance: Instance, user=None, reason: str = "", give_back_gpus: bool = False):
+    """Stop it; `reason` is what its page says about why (default: who stopped it). `give_back_gpus`: once stopped,
+    its GPUs are free for others until its next start (gpus_give_back)."""
     if not reason:
         reason = f"Stopped by {user.get_username()}." if _person(user) else "Stopped."
     with transaction.atomic():  # no queue, no operation: then the desired state does not change either
         Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.STOPPED,
                                                        stopped_at=timezone.now(), stop_reason=reason[:300])
-        return operations.enqueue("instances.jobs.stop_instance", target=instance, user=user, instance_pk=instance.pk)
+        return operations.enqueue("instances.jobs.stop_instance", target=instance, user=user, instance_pk=instance.pk,
+                                  **({"give_back_gpus": True} if give_back_gpus else {}))
 
 
 def instance_restart(*, instance: Instance, user=None):

@@ -25,7 +25,8 @@ from tests.support.running import queue_prompts, run_by_hand, seen_healthy
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
-IDLE_REASON = "Stopped after 1 min idle: no traffic through the hub and an empty queue."
+IDLE_REASON = ("Stopped after 1 min idle: no traffic through the hub and an empty queue. Its GPUs are free for others "
+               "until its next start.")
 
 
 def started(instance, drain):
@@ -114,6 +115,48 @@ def test_an_idle_instance_is_stopped_its_gpu_freed_and_its_page_says_when_and_wh
 
     # Nothing more to do: the next check records no operation.
     assert run_idle_check(production_worker) is None
+
+
+def test_the_gpus_idle_stop_gave_back_go_to_others_and_its_next_start_takes_them_again(image, production_worker,
+                                                                                      engine):
+    sleepy = started(services.instance_create(instance_id="sleepy", image=image, gpu_indexes=[1], idle_stop_after=1),
+                     production_worker)
+    idle_for(sleepy, minutes=2)
+    operation = run_idle_check(production_worker)
+    stop = Operation.objects.get(pk=operation.result["stopped"][0]["operation"])
+    assert stop.result["gpus_given_back"] == [1] and "GPU(s) 1 given back" in stop.log
+    sleepy.refresh_from_db()
+    assert sleepy.gpus_released == [1] and not sleepy.assignments.exists()
+
+    # GPU 1 (exclusive) goes to someone else meanwhile...
+    other = services.instance_create(instance_id="other", image=image, gpu_indexes=[1])
+    assert [gpu.index for gpu in other.assigned_gpus()] == [1]
+    # ...so the next start takes another free GPU, and its container gets that one.
+    start = services.instance_start(instance=sleepy)
+    production_worker()
+    start.refresh_from_db()
+    assert start.status == Operation.Status.SUCCEEDED, start.error
+    assert "Took GPU(s) 0 back, given back by idle stop (GPU(s) 1 were held by others)" in start.log
+    sleepy.refresh_from_db()
+    assert sleepy.gpus_released == [] and [gpu.index for gpu in sleepy.assigned_gpus()] == [0]
+    assert running_holders_of(engine, GPU.objects.get(index=0)) == [sleepy.container_name]
+
+
+def test_a_start_finding_too_few_free_gpus_says_so_and_changes_nothing(image, run_worker):
+    sleepy = services.instance_create(instance_id="sleepy", image=image, gpu_indexes=[1, 2])
+    services.gpus_give_back(sleepy)
+    for index in (0, 1, 2, 3):
+        if index != 2:
+            services.instance_create(instance_id=f"holder-{index}", image=image, gpu_indexes=[index])
+    start = services.instance_start(instance=sleepy)
+    run_worker()
+    start.refresh_from_db()
+    assert start.status == Operation.Status.FAILED
+    assert ("It needs 2 GPU(s) again (idle stop gave back 1, 2), but node local has 1 free now (GPU 1 by 'holder-1' "
+            "held)") in start.error and "Nothing was started." in start.error
+    sleepy.refresh_from_db()
+    assert sleepy.gpus_released == [1, 2] and not sleepy.assignments.exists()
+    assert sleepy.container_id == ""
 
 
 def test_an_instance_used_through_the_hub_a_moment_ago_keeps_running(image, run_worker, engine):

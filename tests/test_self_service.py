@@ -146,6 +146,18 @@ def test_the_gpu_quota_counts_the_templates_gpus(client, olive, gpu_template, cp
     assert create(client, "cpu-sketch", "cpu-one").status_code == 302
 
 
+def test_gpus_idle_stop_gave_back_still_count_against_the_gpu_quota(client, olive, gpu_template, settings):
+    # Its next start takes them again: a second instance on that quota would leave it without.
+    settings.SELF_SERVICE_MAX_GPUS = 1
+    client.force_login(olive)
+    assert create(client, "one-gpu", "first").status_code == 302
+    services.gpus_give_back(Instance.objects.get(instance_id="first"))
+    assert selfservice.usage(olive).gpus == 1
+    assert create(client, "one-gpu", "second").status_code == 400
+    row = client.get(reverse("dashboard")).content.decode().split('data-instance="first"')[1].split("</tr>")[0]
+    assert 'data-testid="gpus-released">given back (0)</span>' in row
+
+
 def test_quotas_count_only_the_users_own_instances(olive, cpu_template, operator, settings):
     settings.SELF_SERVICE_MAX_INSTANCES = 1
     services.instance_create(instance_id="operators", image="example/comfyui:1", gpu_indexes=[0], user=operator)
