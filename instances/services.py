@@ -445,7 +445,9 @@ def instance_pending_change_kinds(instance: Instance) -> set[str]:
     # Made before image ids counted: no label, the hash without one. Gone: the next start makes it from `now`.
     made_from = state.labels.get(runtime.LABEL_IMAGE_ID, "") if state else now
     kinds = set()
-    if instance.config_hash != runtime.container_spec(instance, image_id=made_from).config_hash:
+    # GPUs idle stop gave back: which ones its start gets decides, so nothing is known of them until then.
+    if not instance.gpus_released and \
+            instance.config_hash != runtime.container_spec(instance, image_id=made_from).config_hash:
         kinds.add("configuration")
     if made_from and now and made_from != now:
         kinds.add("image")
