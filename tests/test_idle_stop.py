@@ -127,6 +127,7 @@ def test_the_gpus_idle_stop_gave_back_go_to_others_and_its_next_start_takes_them
     assert stop.result["gpus_given_back"] == [1] and "GPU(s) 1 given back" in stop.log
     sleepy.refresh_from_db()
     assert sleepy.gpus_released == [1] and not sleepy.assignments.exists()
+    assert services.instance_pending_change_kinds(sleepy) == set()  # nothing to apply: its start takes GPUs again
 
     # GPU 1 (exclusive) goes to someone else meanwhile...
     other = services.instance_create(instance_id="other", image=image, gpu_indexes=[1])
