@@ -498,6 +498,22 @@ def test_a_running_instance_that_does_not_answer_shows_the_unavailable_page(hub_
     assert response.status == 503 and "ComfyHub last saw it running, but it does not answer now" in data.decode()
 
 
+def moved_to_another_node(instance, **node_fields):
+    """`instance` as if on node gpu-b (online: a heartbeat just now), made with `node_fields`."""
+    from instances.models import Node
+
+    remote = Node.objects.create(name="gpu-b", last_heartbeat_at=timezone.now(), **node_fields)
+    Instance.objects.filter(pk=instance.pk).update(node=remote)
+    instance.refresh_from_db()
+    return remote
+
+
+def unavailable_page(hub_proxy, user, path="/i/echo/") -> str:
+    response, data = request(hub_proxy, "GET", path, {"Cookie": session_cookie(user), "Accept": "text/html"})
+    assert response.status == 503
+    return data.decode()
+
+
 def test_a_wildcard_bind_means_loopback_on_the_hubs_own_node_only(hub_proxy, echo, echo_instance, owner):
     from instances.models import Node
     from instances.views_access import upstream_of
@@ -514,13 +530,9 @@ def test_a_wildcard_bind_means_loopback_on_the_hubs_own_node_only(hub_proxy, ech
     assert len(echo.seen) == 1
 
     # Another node's wildcard names none of its addresses: the hub's own loopback would be the wrong machine.
-    remote = Node.objects.create(name="gpu-b", bind_address="0.0.0.0", last_heartbeat_at=timezone.now())
-    Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
-    echo_instance.refresh_from_db()
+    moved_to_another_node(echo_instance, bind_address="0.0.0.0")
     assert upstream_of(echo_instance) is None
-    response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": session_cookie(owner), "Accept": "text/html"})
-    assert response.status == 503
-    page = data.decode()
+    page = unavailable_page(hub_proxy, owner)
     assert "publishes ports on the wildcard address 0.0.0.0" in page and "gpu-b" in page
     assert "unavailable-start" not in page
     response, data = request(hub_proxy, "GET", "/i/echo/queue", {"Authorization": "Bearer x", "Cookie": ""})
@@ -534,17 +546,13 @@ def test_another_nodes_loopback_is_opened_only_when_its_agent_shares_the_hubs(hu
     from instances.views_access import upstream_of
 
     port = echo.server_address[1]
-    remote = Node.objects.create(name="gpu-b", bind_address="127.0.0.1", last_heartbeat_at=timezone.now())
-    Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
-    echo_instance.refresh_from_db()
+    remote = moved_to_another_node(echo_instance, bind_address="127.0.0.1")
     # Its agent on another machine (or in another network namespace): 127.0.0.1 there is not the hub's.
     for reported in ({}, {"network_identity": ""}, {"network_identity": "another-boot/net:1"}):
         Node.objects.filter(pk=remote.pk).update(heartbeat=reported)
         echo_instance.refresh_from_db()
         assert upstream_of(echo_instance) is None
-    response, data = request(hub_proxy, "GET", "/i/echo/", {"Cookie": session_cookie(owner), "Accept": "text/html"})
-    assert response.status == 503
-    page = data.decode()
+    page = unavailable_page(hub_proxy, owner)
     assert "publishes ports on its loopback address 127.0.0.1" in page and "NODE_ADDRESS" in page
     assert echo.seen == []
 
@@ -565,18 +573,15 @@ def test_an_instance_on_a_node_that_is_offline_or_unapproved_is_not_opened(hub_p
     from instances.models import Node
     from instances.nodes import network_identity
 
-    remote = Node.objects.create(name="gpu-b", bind_address="127.0.0.1", last_heartbeat_at=timezone.now(),
-                                 heartbeat={"network_identity": network_identity()})
-    Instance.objects.filter(pk=echo_instance.pk).update(node=remote)
+    remote = moved_to_another_node(echo_instance, bind_address="127.0.0.1",
+                                   heartbeat={"network_identity": network_identity()})
     cookie = session_cookie(owner)
     assert request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie})[0].status == 200
     Node.objects.filter(pk=remote.pk).update(**change)
     wait_for(lambda: request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie})[0].status != 200,
              timeout=5, interval=0.1, message="the node's state to take effect within the cache time")
     reached = len(echo.seen)
-    response, data = request(hub_proxy, "GET", "/i/echo/queue", {"Cookie": cookie, "Accept": "text/html"})
-    assert response.status == 503
-    assert f"Its node &#x27;gpu-b&#x27; is {state}" in data.decode()
+    assert f"Its node &#x27;gpu-b&#x27; is {state}" in unavailable_page(hub_proxy, owner, "/i/echo/queue")
     assert len(echo.seen) == reached
 
 
