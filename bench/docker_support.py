@@ -33,6 +33,9 @@ def extra_env(token: str, **more) -> dict[str, str]:
         "COMFY_DEFAULT_INSTANCE": "false",
         # The instances it creates run the test double: COMFY_IMAGE's repository is what INSTANCE_IMAGES_ALLOWED allows.
         "COMFY_IMAGE": "comfyhub-comfyui-double:test",
+        # Container and network names of this run's own: they never meet a running hub's (`make run` on the same
+        # engine) nor an earlier run's.
+        "CONTAINER_NAME_PREFIX": f"bench-{token}-",
         **more,
     }
 
@@ -73,6 +76,34 @@ def remove_labelled(engine, token: str, workers: int = 4) -> int:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(remove, found))
     return len(found)
+
+
+def remove_labelled_networks(engine, token: str) -> int:
+    """Remove this run's networks (ComfyHub labels them with CONTAINER_EXTRA_LABELS, so they carry the run's token),
+    once its containers are gone; returns how many."""
+    import docker.errors
+
+    found = engine.api.networks(filters={"label": f"{BENCH_LABEL}={token}"})
+    for network in found:
+        try:
+            engine.api.remove_network(network["Id"])
+        except docker.errors.NotFound:
+            pass
+    return len(found)
+
+
+def clean_up(engine, name: str, token: str) -> None:
+    """Remove this run's containers, then its networks (also when removing a container failed), and close the
+    client; says what it removed."""
+    try:
+        removed = remove_labelled(engine, token)
+        print(f"{name}: removed {removed} container(s) labelled {BENCH_LABEL}={token}", flush=True)
+    finally:
+        try:
+            networks = remove_labelled_networks(engine, token)
+            print(f"{name}: removed {networks} network(s) labelled {BENCH_LABEL}={token}", flush=True)
+        finally:
+            engine.close()
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

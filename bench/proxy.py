@@ -77,37 +77,12 @@ def main() -> int:
         raise BenchError("Chromium is missing: apt-get install chromium.")
     token = docker_support.run_token(NAME)
     engine, image = docker_support.client()
-    # A container name prefix of this run's own (as its own data dir): its container and its `<prefix>instances`
-    # network never meet a running hub's (`make run`, same engine) nor an earlier run's.
-    extra_env = docker_support.extra_env(token, INSTANCE_PORT_RANGE="41900-41999",
-                                         CONTAINER_NAME_PREFIX=f"bench-{token}-")
+    extra_env = docker_support.extra_env(token, INSTANCE_PORT_RANGE="41900-41999")
     with PrivateEnvironment(NAME, extra_env=extra_env) as env:
         try:
             return _measure(env, nginx, image)
         finally:
-            try:
-                removed = docker_support.remove_labelled(engine, token)
-                print(f"{NAME}: removed {removed} container(s) labelled {docker_support.BENCH_LABEL}={token}",
-                      flush=True)
-            finally:
-                networks = _remove_labelled_networks(engine, token)
-                print(f"{NAME}: removed {networks} network(s) labelled {docker_support.BENCH_LABEL}={token}",
-                      flush=True)
-                engine.close()
-
-
-def _remove_labelled_networks(engine, token: str) -> int:
-    """Remove this run's networks (ComfyHub labels them with CONTAINER_EXTRA_LABELS, so they carry the run's token),
-    once its containers are gone; returns how many."""
-    import docker.errors
-
-    found = engine.api.networks(filters={"label": f"{docker_support.BENCH_LABEL}={token}"})
-    for network in found:
-        try:
-            engine.api.remove_network(network["Id"])
-        except docker.errors.NotFound:
-            pass
-    return len(found)
+            docker_support.clean_up(engine, NAME, token)
 
 
 def _measure(env, nginx, image) -> int:

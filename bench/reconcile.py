@@ -41,10 +41,8 @@ def main() -> int:
             return _measure(env, image, token)
         finally:
             begin = time.perf_counter()
-            removed = docker_support.remove_labelled(engine, token)
-            print(f"{NAME}: removed {removed} container(s) labelled {docker_support.BENCH_LABEL}={token} in "
-                  f"{time.perf_counter() - begin:.1f}s", flush=True)
-            engine.close()
+            docker_support.clean_up(engine, NAME, token)
+            print(f"{NAME}: cleaned up in {time.perf_counter() - begin:.1f}s", flush=True)
 
 
 def _measure(env, image, token) -> int:

@@ -72,9 +72,7 @@ def main() -> int:
         try:
             return _measure(env, engine, image, token)
         finally:
-            removed = docker_support.remove_labelled(engine, token)
-            print(f"{NAME}: removed {removed} container(s) labelled {docker_support.BENCH_LABEL}={token}", flush=True)
-            engine.close()
+            docker_support.clean_up(engine, NAME, token)
 
 
 def _measure(env, engine, image, token) -> int:

@@ -340,25 +340,43 @@ def ensure_network(engine, name: str, labels: dict, options: dict | None = None)
     """A user-defined bridge network `name` with these driver `options`, created when missing; returns its id. An
     existing network of that name without ComfyHub's labels, or without those options, is refused, never used."""
     with _translated(f"Could not create network {name}", engine):
-        for network in engine.api.networks(names=[name]):
-            if network.get("Name") == name:
-                theirs = network.get("Labels") or {}
-                if any(theirs.get(key) != value for key, value in labels.items()):
-                    raise EngineError(f"A Docker network named {name} exists and is not ComfyHub's (labels "
-                                      f"{theirs or 'none'}); rename or remove it.")
-                found = network.get("Options") or {}
-                if any(found.get(key) != value for key, value in (options or {}).items()):
-                    raise EngineError(f"The Docker network {name} lacks the options ComfyHub makes it with "
-                                      f"({options}); remove it (docker network rm {name}, with its containers "
-                                      "stopped) and ComfyHub makes it again.")
-                return network["Id"]
-        try:
-            return engine.api.create_network(name, driver="bridge", labels=labels, options=options or None,
-                                             check_duplicate=True)["Id"]
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # made meanwhile by another worker of this node: use it
-                raise
-            return engine.api.inspect_network(name)["Id"]
+        found = _networks_named(engine, name)
+        if not found:
+            try:
+                engine.api.create_network(name, driver="bridge", labels=labels, options=options or None,
+                                          check_duplicate=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # made meanwhile by another worker of this node: use it
+                    raise
+            found = _networks_named(engine, name)
+        for network in found:
+            _refuse_unless_ours(network, name, labels, options)
+        # Docker's duplicate check is best effort: workers making it at once can make several of that name, and then
+        # no container on it starts ("network ... is ambiguous"). Every caller keeps the same one (the lowest id) and
+        # removes the others while they hold no container.
+        keep, *extra = sorted(found, key=lambda network: network["Id"])
+        for network in extra:
+            try:
+                if not engine.api.inspect_network(network["Id"]).get("Containers"):
+                    engine.api.remove_network(network["Id"])
+            except docker.errors.NotFound:
+                pass  # another caller removed it
+        return keep["Id"]
+
+
+def _networks_named(engine, name: str) -> list[dict]:
+    return [network for network in engine.api.networks(names=[name]) if network.get("Name") == name]
+
+
+def _refuse_unless_ours(network: dict, name: str, labels: dict, options: dict | None) -> None:
+    theirs = network.get("Labels") or {}
+    if any(theirs.get(key) != value for key, value in labels.items()):
+        raise EngineError(f"A Docker network named {name} exists and is not ComfyHub's (labels "
+                          f"{theirs or 'none'}); rename or remove it.")
+    found = network.get("Options") or {}
+    if any(found.get(key) != value for key, value in (options or {}).items()):
+        raise EngineError(f"The Docker network {name} lacks the options ComfyHub makes it with ({options}); remove it "
+                          f"(docker network rm {name}, with its containers stopped) and ComfyHub makes it again.")
 
 
 def network_members(engine, name: str) -> dict[str, list[str]] | None:

@@ -42,6 +42,19 @@ def test_a_network_of_that_name_that_is_not_comfyhubs_is_refused(docker_engine):
     assert adapter.network_members(docker_engine, "chub-test-theirs") is None
 
 
+def test_two_networks_of_one_name_made_at_once_are_left_as_one_that_containers_start_on(docker_engine):
+    # What Docker's best-effort duplicate check lets through when workers make the network at the same moment.
+    labels = {**session_label(), "comfyhub.cluster": "c1"}
+    made = sorted(docker_engine.api.create_network("chub-test-twice", driver="bridge", labels=labels)["Id"]
+                  for _ in range(2))
+    kept = adapter.ensure_network(docker_engine, "chub-test-twice", labels)
+    assert kept == made[0]
+    assert [network.id for network in docker_engine.networks.list(names=["chub-test-twice"])] == [kept]
+    assert adapter.ensure_network(docker_engine, "chub-test-twice", labels) == kept  # every caller keeps that one
+    sleeper(docker_engine, "chub-test-on-it", network="chub-test-twice").reload()  # not "ambiguous": it starts
+    assert set(adapter.network_members(docker_engine, "chub-test-twice")) == {"chub-test-on-it"}
+
+
 def test_exec_output_from_inside_is_cut_at_the_limit_and_the_exit_code_kept(docker_engine):
     sleeper(docker_engine, "chub-test-noisy")
     result = adapter.exec_in(docker_engine, "chub-test-noisy",
