@@ -66,13 +66,15 @@ def original_method(request) -> str:
 
 # nginx's $comfyhub_per_request (docker/nginx): paths decided per request, whose answers are cached per method and
 # raw request line.
-_PER_REQUEST = re.compile(r"/i/[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?/(?:/|[^/?]*%|distributed(?:[/?]|\Z))")
-_REST = re.compile(r"/i/[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?P<rest>/[^?]*)")
+_PER_REQUEST = re.compile(
+    r"/i/[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?/(?:/|[^/?]*%|(?:api/)?(?:/|[^/?]*%|distributed(?:[/?]|\Z)))")
+_REST = re.compile(r"/i/[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?P<rest>/[^?#]*)")
 # ComfyUI-Distributed's routes that change whom an instance sends work to, what it launches or publishes (changes), or
 # make it fetch from a worker's address (reads): a share to use an instance does not let its holder point it at other
 # machines; operating it does (access.can_operate). ComfyHub writes a cluster's workers itself (docs/distribution.md).
 _DISTRIBUTED_CHANGES = re.compile(
-    r"/distributed/(?:config(?:/.*)?|launch_worker|stop_worker|worker/clear_launching|tunnel/.*)\Z", re.S)
+    r"/distributed/(?:config(?:/.*)?|launch_worker|stop_worker|worker/clear_launching|tunnel/.*|load_image|check_file)"
+    r"\Z", re.S)
 _DISTRIBUTED_READS = re.compile(r"/distributed/remote_worker_log/.*\Z", re.S)
 
 
@@ -83,15 +85,16 @@ def per_request_key(request) -> str:
 
 def needs_operate(request) -> bool:
     """Whether this request to an instance needs permission to operate it, not only to use it: ComfyUI-Distributed's
-    configuration, launch and tunnel routes, as the instance's server reads the path (percent-decoded), and any path
-    starting with an empty segment (never a frontend's)."""
+    configuration, launch, tunnel and file routes (also under /api/), as the instance's server reads the path
+    (percent-decoded), and any path starting with an empty segment (never a frontend's)."""
     match = _REST.match(original_uri(request))
     if match is None:
         return False
-    rest = match["rest"]
-    if rest.startswith("//"):
+    decoded = unquote(match["rest"])
+    if decoded.startswith("/api/"):  # ComfyUI serves every route under /api/ too
+        decoded = decoded[len("/api"):]
+    if decoded.startswith("//"):
         return True
-    decoded = unquote(rest)
     if _DISTRIBUTED_READS.match(decoded):
         return True
     return original_method(request) not in ("GET", "HEAD") and bool(_DISTRIBUTED_CHANGES.match(decoded))
@@ -196,7 +199,8 @@ def hub_auth(request):
     if instance is None or not access.can_use(caller.user, instance) or \
             (needs_operate(request) and not access.can_operate(caller.user, instance)):
         return _forbidden(request, instance_id, instance, caller.user) if forward_auth else _decision(403)
-    if proxy_refusal(instance) is not None:
+    upstream = upstream_of(instance)
+    if proxy_refusal(instance) is not None or upstream is None:
         # Nothing is proxied; nginx asks /_hub/denied/, which shows the unavailable page.
         return _unavailable(request, instance, caller.user) if forward_auth else _decision(403, cache=False)
     access.note_activity(instance)
@@ -206,7 +210,7 @@ def hub_auth(request):
     else:
         access.record_open(user=caller.user, instance=instance, via=InstanceOpen.Via.BROWSER)
     response = _decision(200)
-    response["X-ComfyHub-Upstream"] = upstream_of(instance)
+    response["X-ComfyHub-Upstream"] = upstream
     return response
 
 

@@ -230,7 +230,7 @@ def test_bad_paths_absolute_urls_and_host_games_never_reach_an_instance(hub_prox
     cookie = session_cookie(owner)
     for path in ("/i/echo/../echo/", "/i/a/../echo/", "/i/echo/%2e%2e/x", "/i/echo/.%2E/x", "/i/echo%2F..%2Fb/",
                  "/i/Echo/", "/i/ech%6F/", "/i/echo%2f/", "/i/echo%5c/", "/i/echo\\..\\x/", "/i/echo/a/..%2F..%2F",
-                 "/i/-echo/", "//i/echo/", "/i/../admin/"):
+                 "/i/-echo/", "//i/echo/", "/i/../admin/", "/i/echo/distributed/config#x", "/i/echo/view#frag"):
         response, _ = request(hub_proxy, "GET", path, {"Cookie": cookie})
         assert response.status == 400, path
     host = f"Host: 127.0.0.1:{hub_proxy.port}\r\nCookie: {cookie}\r\nConnection: close\r\n"
@@ -257,7 +257,7 @@ def test_bad_paths_absolute_urls_and_host_games_never_reach_an_instance(hub_prox
     "/i/echo/view?filename=evil.svg&type=input", "/i/echo/api/view?filename=evil.svg", "/i/echo/%76iew?filename=x",
     "/i/echo//view?filename=x", "/i/echo/userdata/workflows%2Fevil.html", "/i/echo/api/userdata/evil.html",
     "/i/echo/api/v2/userdata?path=x", "/i/echo/view_metadata/loras?filename=x",
-    "/i/echo/api/experiment/models/preview/checkpoints/0/x.webp",
+    "/i/echo/api/experiment/models/preview/checkpoints/0/x.webp", "/i/echo/api/assets/1234/content?disposition=inline",
 ])
 def test_files_users_uploaded_or_wrote_are_served_sandboxed_so_no_script_in_them_runs_as_the_hub(
         hub_proxy, echo, echo_instance, owner, path):
@@ -597,6 +597,13 @@ DISTRIBUTED_CHANGES = [
     ("POST", "/i/echo/%64istributed/config/update_worker"),
     ("POST", "/i/echo/distributed/%63onfig/update_worker"),
     ("POST", "/i/echo//distributed/config/update_worker"),
+    ("POST", "/i/echo/distributed/load_image"),
+    # ComfyUI serves every route under /api/ too.
+    ("POST", "/i/echo/api/distributed/config"),
+    ("GET", "/i/echo/api/distributed/remote_worker_log/w1"),
+    ("POST", "/i/echo/%61pi/distributed/launch_worker"),
+    ("POST", "/i/echo/api/%64istributed/tunnel/start"),
+    ("POST", "/i/echo/api//distributed/config"),
 ]
 
 
