@@ -218,17 +218,29 @@ def _addresses_of(host: str) -> set:
     return {ipaddress.ip_address(entry[4][0].split("%")[0]) for entry in found}
 
 
+def _listens_on_loopback_only() -> bool:
+    """The hub's own listen address (COMFYHUB_BIND) is loopback, or a unix socket: no container reaches it."""
+    bind = settings.SERVE_BIND
+    if bind.startswith("unix:"):
+        return True
+    host = bind.rsplit(":", 1)[0].strip("[]")
+    addresses = _addresses_of(host)
+    return bool(addresses) and all(address.is_loopback for address in addresses)
+
+
 def session_cookie_exposure() -> list[str]:
     """What is wrong when a browser would send the hub's session cookie to an instance's own server: over plain HTTP
     (the cookie is not HTTPS-only), a page of the instance asks http://<the hub's host>:<its port>/ and the browser
     adds the hub's cookie (cookies belong to a host, not a port). That happens where a node publishes instance ports
-    at an address the hub is served at. Loopback is left out: a container does not reach its host's loopback, so a
-    cookie for the hub there is of no use to it. One line per such node; none when the cookie is HTTPS-only."""
+    at an address the hub is served at. Loopback counts only when the hub listens beyond it: a container does not
+    reach its host's loopback, so a cookie for a hub there only is of no use to it. One line per such node; none
+    when the cookie is HTTPS-only."""
     if settings.SESSION_COOKIE_SECURE:
         return []
     hosts = {urlsplit(settings.HUB_ORIGIN).hostname or ""} | {
         host for host in settings.ALLOWED_HOSTS if host and host != "*" and not host.startswith(".")}
-    served = {address for host in hosts if host for address in _addresses_of(host) if not address.is_loopback}
+    served = {address for host in hosts if host for address in _addresses_of(host)
+              if not (address.is_loopback and _listens_on_loopback_only())}
     problems = []
     for node in Node.objects.order_by("name"):
         bind = ipaddress.ip_address(node.bind_address)

@@ -207,7 +207,7 @@ class InstanceAdminForm(forms.ModelForm):
             services.instance_update_check(
                 instance=instance, display_name=data.get("display_name", ""), description=data.get("description", ""),
                 image=data.get("image", ""), extra_args=data.get("extra_args"), extra_env=data.get("extra_env"),
-                host_port=None, gpu_indexes=[gpu.index for gpu in instance.assigned_gpus()],
+                host_port=None, gpu_indexes=instance.gpu_choice(),
                 image_arguments=data.get("image_arguments", instance.image_arguments),
                 idle_stop_after=data.get("idle_stop_after", instance.idle_stop_after),
                 owner=data.get("owner", services.KEEP))
@@ -260,7 +260,7 @@ class InstanceAdmin(SavedByServices):
             services.instance_update(
                 instance=instance, display_name=obj.display_name, description=obj.description, image=obj.image,
                 extra_args=obj.extra_args, extra_env=obj.extra_env, host_port=None,
-                gpu_indexes=[g.index for g in instance.assigned_gpus()], image_arguments=obj.image_arguments,
+                gpu_indexes=instance.gpu_choice(), image_arguments=obj.image_arguments,
                 idle_stop_after=obj.idle_stop_after, owner=obj.owner, user=request.user,
             )
         except ValidationError as exc:

@@ -477,7 +477,7 @@ def cluster_members(cluster: Cluster) -> list[dict]:
 
 def _cuda_device(instance: Instance):
     # Inside its container the first assigned GPU is cuda:0 (runtime orders them by host index).
-    return 0 if instance.assigned_gpus() else None
+    return 0 if instance.gpu_choice() else None
 
 
 def desired_sections(cluster: Cluster, instance: Instance) -> dict:

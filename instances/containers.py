@@ -223,6 +223,11 @@ def _wait_until_healthy(engine, instance: Instance, report) -> dict:
 
 def stop(instance: Instance, report, *, give_back_gpus: bool = False) -> dict:
     with instance_lock(instance, report):
+        if give_back_gpus:  # idle stop: a start asked since (and run first) wins
+            instance.refresh_from_db()
+            if instance.desired_state != Instance.DesiredState.STOPPED:
+                report.log(f"{instance} was started again meanwhile: left running, its GPUs kept.")
+                return {"stopped": None, "skipped": "started again meanwhile"}
         engine = engine_for(instance)
         try:
             report.progress(10, "remembering the node types it offers")

@@ -125,7 +125,7 @@ class InstanceForm(ServiceForm):
                 "extra_args": args_to_text(instance.extra_args),
                 "extra_env": env_to_text(instance.extra_env),
                 "host_port": instance.host_port,
-                "gpus": [str(gpu.index) for gpu in instance.assigned_gpus()],
+                "gpus": [str(index) for index in instance.gpu_choice()],
                 "owner": instance.owner.get_username() if instance.owner_id else "",
                 "idle_stop_after": instance.idle_stop_after,
                 **arguments_initial(instance.image_arguments),

@@ -282,6 +282,11 @@ class Instance(models.Model):
         """GPUs in index order; uses prefetched assignments when present."""
         return sorted((a.gpu for a in self.assignments.all()), key=lambda gpu: gpu.index)
 
+    def gpu_choice(self) -> list[int]:
+        """The GPU indexes it is meant to run on: those it holds, or those idle stop gave back (its next start takes
+        them again). What edits pass to keep its GPUs as they are."""
+        return [gpu.index for gpu in self.assigned_gpus()] or list(self.gpus_released)
+
     @property
     def hub_path(self):
         """Where people open it: through the hub's proxy (docker/nginx), which checks who may use it."""

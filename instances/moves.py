@@ -59,7 +59,7 @@ def move_plan(*, instance: Instance, target: Node) -> MovePlan:
     for node, role in ((source, "source"), (target, "target")):
         if refusal := node.refusal():
             raise ValidationError({"node": [f"Cannot move {instance} ({role} node): {refusal}"]})
-    gpu_count = len(instance.assigned_gpus())
+    gpu_count = len(instance.gpu_choice())  # GPUs idle stop gave back count: it runs on them
     placed = placement.place(gpu_count=gpu_count, node=target)
     port = services.instance_free_port(target, preferred=instance.host_port)
     if port is None:
@@ -227,7 +227,7 @@ def _switch(instance, target, host_port, gpu_indexes, container_id):
         with transaction.atomic():
             Instance.objects.filter(pk=instance.pk).update(
                 node=target, host_port=host_port, container_id=container_id, status=Instance.Status.HEALTHY,
-                status_detail="", checked_at=timezone.now())
+                status_detail="", checked_at=timezone.now(), gpus_released=[])
             GPUAssignment.objects.filter(instance=instance).delete()
             for gpu in gpus:
                 GPUAssignment.objects.create(instance=instance, gpu=gpu, exclusive=not gpu.shareable)

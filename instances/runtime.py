@@ -289,12 +289,13 @@ def mounts(instance) -> list[Mount]:
     return found
 
 
-def container_spec(instance, image_id: str = "") -> ContainerSpec:
+def container_spec(instance, image_id: str = "", gpus=None) -> ContainerSpec:
     """Everything Docker needs to run `instance`; its hash decides whether a container must be recreated.
 
     `image_id` is the id the instance's image reference names on its node now (docker_engine.image_id): with it, a
     tag rebuilt or re-pulled since the container was made gives another hash, so the next start recreates it."""
-    gpus = instance.assigned_gpus()
+    if gpus is None:  # else: the GPUs it would hold (idle stop gave its own back)
+        gpus = instance.assigned_gpus()
     environment = {str(k): str(v) for k, v in instance.extra_env.items()}
     # Python packages that custom nodes require live in the instance's own folder (see customnodes.py): installed
     # with pip --user under PYTHONUSERBASE, or (before) with --target straight into it, which PYTHONPATH keeps.

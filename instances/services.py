@@ -385,12 +385,14 @@ def instance_update(*, instance: Instance, display_name: str, description: str, 
         access["idle_stop_after"] = idle_stop_after
     if owner is not KEEP:
         access["owner"] = owner
+    # GPUs idle stop gave back, given again as they are: still given back. Any other choice is made now.
+    released = instance.gpus_released if _keeps_given_back(instance, gpu_indexes) else []
     try:
         with transaction.atomic():
             Instance.objects.filter(pk=instance.pk).update(
                 display_name=display_name, description=description, image=fields.image,
                 extra_args=fields.extra_args, extra_env=fields.extra_env, host_port=host_port,
-                image_arguments=fields.image_arguments, **access,
+                image_arguments=fields.image_arguments, gpus_released=released, **access,
             )
             _assign(instance, gpus)
     except IntegrityError as exc:
@@ -412,11 +414,19 @@ def instance_update_check(*, instance: Instance, display_name: str, description:
     if errors:
         raise ValidationError(errors)
     extra_args, extra_env = runtime.checked_config(extra_args, extra_env)
+    if _keeps_given_back(instance, gpu_indexes):
+        gpu_indexes = []  # nothing to check or assign now: its next start takes them again
     fields = InstanceFields(instance_id=instance.instance_id, display_name=display_name, description=description,
                             image=image or settings.COMFY_IMAGE, extra_args=extra_args, extra_env=extra_env,
                             host_port=host_port, gpu_indexes=list(gpu_indexes or []),
                             image_arguments=instance.image_arguments if image_arguments is None else image_arguments)
     return fields, _validate(fields, instance.node, instance)
+
+
+def _keeps_given_back(instance: Instance, gpu_indexes) -> bool:
+    """The GPUs asked for are exactly those idle stop gave back (gpu_choice), while it holds none."""
+    return bool(instance.gpus_released) and sorted(gpu_indexes or []) == sorted(instance.gpus_released) and \
+        not instance.assignments.exists()
 
 
 def instance_pending_changes(instance: Instance) -> bool:
@@ -445,9 +455,10 @@ def instance_pending_change_kinds(instance: Instance) -> set[str]:
     # Made before image ids counted: no label, the hash without one. Gone: the next start makes it from `now`.
     made_from = state.labels.get(runtime.LABEL_IMAGE_ID, "") if state else now
     kinds = set()
-    # GPUs idle stop gave back: which ones its start gets decides, so nothing is known of them until then.
-    if not instance.gpus_released and \
-            instance.config_hash != runtime.container_spec(instance, image_id=made_from).config_hash:
+    # GPUs idle stop gave back count as taken again, the same ones (its start takes those when free).
+    given_back = (list(GPU.objects.filter(node=instance.node, index__in=instance.gpus_released).order_by("index"))
+                  if instance.gpus_released else None)
+    if instance.config_hash != runtime.container_spec(instance, image_id=made_from, gpus=given_back).config_hash:
         kinds.add("configuration")
     if made_from and now and made_from != now:
         kinds.add("image")

@@ -128,7 +128,7 @@ def drift(instance: Instance) -> list[dict]:
     differs("image", template.image or instance.image, instance.image)
     differs("extra arguments", list(template.extra_args), list(instance.extra_args))
     differs("environment", dict(template.extra_env), dict(instance.extra_env))
-    differs("GPU count", template.gpu_count, len(instance.assigned_gpus()))
+    differs("GPU count", template.gpu_count, len(instance.gpu_choice()))
     if remote.served_here(instance.node):
         found.extend(_folder_drift(instance))
         return found

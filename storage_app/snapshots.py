@@ -109,7 +109,7 @@ def registry_config(instance) -> dict:
         "description": instance.description, "image": instance.image, "extra_args": list(instance.extra_args),
         "extra_env": dict(instance.extra_env), "image_arguments": instance.image_arguments,
         "host_port": instance.host_port,
-        "gpus": [gpu.index for gpu in instance.assigned_gpus()],
+        "gpus": instance.gpu_choice(),
         "template": instance.template.name if instance.template_id else None,
     }
 
@@ -1231,7 +1231,7 @@ def restore_into_instance(*, snapshot_pk, user_pk=None, report) -> dict:
                 description=config.get("description", instance.description),
                 image=config.get("image", instance.image), extra_args=config.get("extra_args", []),
                 extra_env=config.get("extra_env", {}), host_port=None,
-                gpu_indexes=[g.index for g in instance.assigned_gpus()],
+                gpu_indexes=instance.gpu_choice(),
                 image_arguments=config.get("image_arguments"), user=user)
             kept = ["GPUs and port stay as they are now"]
         except ValidationError as exc:

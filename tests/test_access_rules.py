@@ -263,7 +263,19 @@ def test_an_https_only_cookie_another_address_or_loopback_is_not_warned_of(setti
     local_publishing_at("10.1.2.4")
     assert access.session_cookie_exposure() == []
     # A container does not reach its host's loopback: the hub and its instances both there is what make run does.
+    settings.SERVE_BIND = "127.0.0.1:8000"
     settings.HUB_ORIGIN = "http://127.0.0.1:8000"
     settings.ALLOWED_HOSTS = ["localhost", "127.0.0.1"]
     local_publishing_at("127.0.0.1")
     assert access.session_cookie_exposure() == []
+
+
+def test_loopback_counts_when_the_hub_listens_beyond_it(settings):
+    # A container reaches the hub at its bridge gateway then, with the cookie a browser sent to localhost:<port>.
+    settings.SESSION_COOKIE_SECURE = False
+    settings.SERVE_BIND = "0.0.0.0:8000"
+    settings.HUB_ORIGIN = "http://localhost:8000"
+    settings.ALLOWED_HOSTS = ["localhost"]
+    local_publishing_at("127.0.0.1")
+    [problem] = access.session_cookie_exposure()
+    assert problem.startswith("Node local publishes instance ports at 127.0.0.1, where the hub is served over plain")

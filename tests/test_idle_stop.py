@@ -376,3 +376,36 @@ def test_work_in_a_workers_queue_keeps_its_whole_cluster_running(comfyui_asked, 
         "a-master": "it was used meanwhile (through the hub, or work in its cluster's queues)",
         "b-worker": "its queue has work (1 running, 0 pending), which counts as activity"}
     assert Instance.objects.get(pk=master.pk).desired_state == Instance.DesiredState.RUNNING
+
+
+def test_an_edit_keeps_given_back_gpus_unless_another_choice_is_made(image):
+    sleepy = services.instance_create(instance_id="sleepy", image=image, gpu_indexes=[1])
+    services.gpus_give_back(sleepy)
+    services.instance_create(instance_id="other", image=image, gpu_indexes=[1])  # GPU 1 is someone else's meanwhile
+    sleepy.refresh_from_db()
+    assert sleepy.gpu_choice() == [1]
+
+    def edit(instance, **changes):
+        return services.instance_update(**{
+            "instance": instance, "display_name": instance.display_name, "description": "", "image": instance.image,
+            "extra_args": [], "extra_env": {}, "host_port": None, "gpu_indexes": instance.gpu_choice(), **changes})
+
+    # Kept as they are (the edit page, `instances edit`, the admin pass gpu_choice): not checked, still given back.
+    edited = edit(sleepy, display_name="Renamed")
+    assert edited.display_name == "Renamed" and edited.gpus_released == [1] and not edited.assignments.exists()
+    # Another choice is made now: the CPU here.
+    edited = edit(edited, gpu_indexes=[])
+    assert edited.gpus_released == [] and edited.gpu_choice() == []
+
+
+def test_an_idle_stop_that_finds_the_instance_started_again_leaves_it_running(image):
+    from instances import containers
+
+    instance = services.instance_create(instance_id="sleepy", image=image, gpu_indexes=[1])
+    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.DesiredState.RUNNING)
+    report = Report()
+    assert containers.stop(instance, report, give_back_gpus=True) == {"stopped": None,
+                                                                     "skipped": "started again meanwhile"}
+    assert "was started again meanwhile: left running, its GPUs kept" in report.lines[-1]
+    instance.refresh_from_db()
+    assert instance.gpus_released == [] and [gpu.index for gpu in instance.assigned_gpus()] == [1]

@@ -218,7 +218,7 @@ class Command(cli.Command):
             display_name=instance.display_name if options["name"] is None else options["name"],
             description=instance.description if options["description"] is None else options["description"],
             image=instance.image, extra_args=instance.extra_args, extra_env=instance.extra_env, host_port=None,
-            gpu_indexes=[gpu.index for gpu in instance.assigned_gpus()], image_arguments=instance.image_arguments,
+            gpu_indexes=instance.gpu_choice(), image_arguments=instance.image_arguments,
             idle_stop_after=idle_stop, owner=owner)
         self.stdout.write(f"Saved instance '{instance}'.")
         self.stdout.write(f"  owner      {owner_text(instance)}")
