@@ -712,7 +712,8 @@ def _link_in_library(shared: Path, existing_rel: str, shared_rel: str, sha256: s
     except (OSError, safefs.UnsafePathError):
         return None
     try:
-        if not S_ISREG(os.fstat(existing_fd).st_mode):
+        held = os.fstat(existing_fd)
+        if not S_ISREG(held.st_mode):
             return None
         try:
             if _hash_fd(existing_fd, what=existing_rel).sha256 != sha256:
@@ -720,21 +721,28 @@ def _link_in_library(shared: Path, existing_rel: str, shared_rel: str, sha256: s
         except PromoteError:
             return None
         parent, name = PurePosixPath(shared_rel).parent, PurePosixPath(shared_rel).name
-        try:
-            with safefs.opened_dir(shared, parent, create=True, chown=False) as dst_fd:
-                try:
-                    # The descriptor's /proc entry names the very file that was hashed, never a path that could have
-                    # been swapped since; link() never replaces an existing name. Following that one entry is the
-                    # point (it is the kernel's handle on the open file, not a link anyone planted): the file was
-                    # opened with O_NOFOLLOW at every step, inside the shared tree containers mount read-only, and
-                    # the new name is made under a folder opened the same way.
-                    os.link(f"/proc/self/fd/{existing_fd}", name, dst_dir_fd=dst_fd, follow_symlinks=True)
-                except FileExistsError:
-                    raise PromoteError(f"{shared / shared_rel} appeared meanwhile; nothing was moved.") from None
-                except OSError:  # EXDEV, EPERM (fs.protected_hardlinks), EMLINK: a copy will do
-                    return None
-        except safefs.UnsafePathError as exc:
-            raise PromoteError(f"The library cannot receive {target_rel}: {exc} Nothing was moved.") from None
+        with contextlib.ExitStack() as folders:
+            try:
+                src_fd, src_name = folders.enter_context(safefs.parent_of(shared, existing_rel))
+            except (OSError, safefs.UnsafePathError):
+                return None
+            try:
+                dst_fd = folders.enter_context(safefs.opened_dir(shared, parent, create=True, chown=False))
+            except safefs.UnsafePathError as exc:
+                raise PromoteError(f"The library cannot receive {target_rel}: {exc} Nothing was moved.") from None
+            try:
+                # By name under folders reached without links, never following one (a link under that name would
+                # be linked itself, not its target); link() never replaces an existing name.
+                os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+            except FileExistsError:
+                raise PromoteError(f"{shared / shared_rel} appeared meanwhile; nothing was moved.") from None
+            except OSError:  # EXDEV, EPERM (fs.protected_hardlinks), EMLINK: a copy will do
+                return None
+            linked = os.stat(name, dir_fd=dst_fd, follow_symlinks=False)
+            if (linked.st_dev, linked.st_ino) != (held.st_dev, held.st_ino):
+                # The name no longer held the file that was hashed: take the new name back, and copy instead.
+                os.unlink(name, dir_fd=dst_fd)
+                return None
         return os.fstat(existing_fd)
     finally:
         os.close(existing_fd)
