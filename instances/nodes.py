@@ -3,6 +3,7 @@ operator approves a node before its agent takes jobs; whether a node is online f
 The Nodes page, the `hosts` command, the admin and the agent all go through these services."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ def node_queue_names(name: str) -> list[str]:
     return [queues.node_queue(name, "default"), queues.node_queue(name, "long")]
 
 
+@functools.cache  # a process keeps its boot and its network namespace: read once, not on every proxied request
 def network_identity() -> str:
     """Which loopback this process sees: the kernel's boot id and this process's network namespace. Two processes
     with the same identity reach the same 127.0.0.1 (an agent beside the hub, on its own Docker engine); any other
