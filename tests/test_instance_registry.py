@@ -51,15 +51,16 @@ def test_the_default_instance_id_comes_from_the_environment(settings):
 @pytest.mark.postgres
 def test_ports_are_allocated_from_the_range_skipping_taken_and_bound_ones():
     node = services.local_node()
-    # A range of its own, away from the ports other tests' containers publish.
-    Node.objects.filter(pk=node.pk).update(port_range_start=39188, port_range_end=39199)
+    # A range of its own, away from the ports other tests' containers publish and below the kernel's ephemeral
+    # range (32768 up), where another test's outgoing connection could hold a port for a moment.
+    Node.objects.filter(pk=node.pk).update(port_range_start=29188, port_range_end=29199)
     first = services.instance_create(instance_id="first")
-    assert first.host_port == 39188
+    assert first.host_port == 29188
     with socket.socket() as held:
-        held.bind(("127.0.0.1", 39189))
+        held.bind(("127.0.0.1", 29189))
         held.listen()
         second = services.instance_create(instance_id="second")
-    assert second.host_port == 39190
+    assert second.host_port == 29190
 
 
 @pytest.mark.parametrize("instance_id, message", [
