@@ -286,17 +286,18 @@ def test_nvml_only_discovery_says_when_there_is_no_driver(settings):
 def test_a_port_whose_last_connection_lingers_in_time_wait_is_free():
     with socket.socket() as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", 39250))
+        server.bind(("127.0.0.1", 0))  # a port the kernel knows to be free, not one another test may hold
+        port = server.getsockname()[1]
         server.listen()
-        client = socket.create_connection(("127.0.0.1", 39250))
+        client = socket.create_connection(("127.0.0.1", port))
         accepted, _ = server.accept()
-        accepted.close()  # the server side closes first: its end waits in TIME_WAIT on 39250
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT on the port
         client.close()
-    assert not services.port_bound_on_host("127.0.0.1", 39250)
+    assert not services.port_bound_on_host("127.0.0.1", port)
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 39251))
+        listener.bind(("127.0.0.1", 0))
         listener.listen()
-        assert services.port_bound_on_host("127.0.0.1", 39251)
+        assert services.port_bound_on_host("127.0.0.1", listener.getsockname()[1])
 
 
 # --- Validation without gaps (issue #10) ---------------------------------------------------------------------
