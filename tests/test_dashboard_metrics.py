@@ -134,6 +134,31 @@ def test_an_instance_past_its_idle_time_says_it_stops_at_the_next_check(client, 
     assert "idle past its time: stops at the next check if its queue is empty" in panel_of(client, busy)
 
 
+@pytest.mark.parametrize("approved, heartbeat_ago, why", [
+    (True, timedelta(hours=1), "is offline"),
+    (False, timedelta(seconds=1), "is not approved"),
+])
+def test_an_instance_on_a_node_taking_no_jobs_says_idle_stop_waits_for_it(client, stranger, busy, approved,
+                                                                           heartbeat_ago, why):
+    from instances.models import Node
+
+    away = Node.objects.create(name="gpu-b", approved=approved, last_heartbeat_at=timezone.now() - heartbeat_ago)
+    Instance.objects.filter(pk=busy.pk).update(node=away, last_activity_at=timezone.now() - timedelta(minutes=31))
+    client.force_login(stranger)
+    idle = panel_of(client, busy).split('data-testid="idle-stop">')[1].split("</dd>")[0]
+    assert f"idle stop waits: its node gpu-b {why}; the check after its agent takes jobs again stops it" in idle
+    assert "next check" not in idle
+
+
+def test_an_instance_on_an_online_approved_node_keeps_its_stop_time(client, stranger, busy):
+    from instances.models import Node
+
+    away = Node.objects.create(name="gpu-b", approved=True, last_heartbeat_at=timezone.now())
+    Instance.objects.filter(pk=busy.pk).update(node=away)
+    client.force_login(stranger)
+    assert "if still idle" in panel_of(client, busy).split('data-testid="idle-stop">')[1].split("</dd>")[0]
+
+
 def test_idle_stop_off_reads_off_and_a_stopped_instance_says_when_and_why(client, stranger, busy):
     stopped_at = timezone.now() - timedelta(minutes=5)
     Instance.objects.filter(pk=busy.pk).update(
