@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET
 from comfyhub import tokens
 
 from . import access, health, nodes
-from .models import LOCAL_NODE, Instance, InstanceOpen, node_state
+from .models import Instance, InstanceOpen
 
 # /i/<id>/... as nginx saw it (X-Original-URI: the raw request URI); nginx refuses every other shape before asking.
 _HUB_PATH = re.compile(r"/i/(?P<id>[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:[/?]|\Z)")
@@ -126,12 +126,10 @@ def proxy_refusal(instance: Instance) -> str | None:
     if instance.desired_state != Instance.DesiredState.RUNNING or instance.status not in PROXIED_STATUSES:
         return "not running"
     node = instance.node
-    if node.name != LOCAL_NODE:
-        state = node_state(node)
-        if not (state.online and state.approved):
-            # Its statuses are as old as its last heartbeat: whatever answers at its address now is unknown.
-            return (f"Its node '{node.name}' is {state.label}, so ComfyHub cannot tell what answers at its address "
-                    "now: it opens again once the node's agent reports and the node is approved.")
+    if node.refusal():  # it takes no jobs: not approved, or no heartbeat lately
+        # Its statuses are as old as its last heartbeat: whatever answers at its address now is unknown.
+        return (f"Its node '{node.name}' is {node.state().label}, so ComfyHub cannot tell what answers at its address "
+                "now: it opens again once the node's agent reports and the node is approved.")
     if upstream_of(instance) is None:
         kind = "the wildcard address" if node.bind_address in _WILDCARD_LOOPBACK else "its loopback address"
         return (f"Its node '{node.name}' publishes ports on {kind} {node.bind_address}, which only that machine "

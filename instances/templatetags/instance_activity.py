@@ -8,7 +8,6 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from instances import idle
-from instances.models import LOCAL_NODE, node_state
 
 register = template.Library()
 
@@ -40,10 +39,9 @@ def idle_stop_note(instance) -> str:
     if at is None:
         return ""
     node = instance.node
-    state = node_state(node)
-    if node.name != LOCAL_NODE and not (state.online and state.approved):
+    if node.refusal():
         # Its node's agent runs the stop (instances/idle.py): none is queued for a node that takes no jobs.
-        why = "is offline" if state.approved else "is not approved"
+        why = "is offline" if node.approved else "is not approved"
         return format_html("idle stop waits: its node {} {}; the check after its agent takes jobs again stops it if "
                            "it is still idle", node.name, why)
     if at <= timezone.now():
