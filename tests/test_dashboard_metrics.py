@@ -207,3 +207,17 @@ def test_a_health_record_from_before_these_columns_still_renders(client, strange
     assert '<span class="muted">—</span>' in cell(row, "instance-queue")
     assert '<span class="muted">—</span>' in cell(row, "instance-vram")
     assert "not known" in panel_of(client, busy)
+
+
+def test_gpus_idle_stop_gave_back_read_given_back_on_its_page_its_nodes_and_the_dashboard(client, operator, busy):
+    services.gpus_give_back(busy)
+    client.force_login(operator)
+    given_back = 'data-testid="gpus-released">given back (1)</span>'
+    instance_page = page(client, reverse("instance-detail", args=["busy"]))
+    assert given_back in instance_page.split('data-testid="instance-gpus">')[1].split("</dd>")[0]
+    node_page = page(client, reverse("node-detail", args=["local"]))
+    assert given_back in node_page.split(">busy</a>")[1].split("</tr>")[0]
+    assert given_back in row_of(client, "busy")
+    Instance.objects.filter(pk=busy.pk).update(gpus_released=[])
+    assert page(client, reverse("instance-detail", args=["busy"])).split(
+        'data-testid="instance-gpus">')[1].startswith("CPU</dd>")
